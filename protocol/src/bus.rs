@@ -1,0 +1,294 @@
+//! ZeroMQ plumbing shared by all stages: where the sockets live, how they are made
+//! (explicit high-water marks and linger), how a stage learns it must stop, and logging.
+//!
+//! Topology (binder first): the filter binds `raw` (PULL) and `changes` (PUB); the
+//! watcher connects a PUSH to `raw`; dispatchers and outsiders connect SUBs to `changes`.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::config::Config;
+
+/// High-water mark of every socket. Inside the pipeline PUSH blocks at this mark
+/// (back-pressure); a PUB drops for the subscriber that is this far behind, and the
+/// subscriber sees the gap in `seq`.
+pub const HWM: i32 = 100_000;
+/// How long a closing socket may spend flushing what it still holds.
+pub const LINGER: Duration = Duration::from_secs(2);
+/// Interval of the filter's heartbeats (an empty change batch per root).
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("zmq {op} `{endpoint}`: {source}")]
+    Zmq {
+        op: &'static str,
+        endpoint: String,
+        #[source]
+        source: zmq::Error,
+    },
+    #[error("runtime dir `{path}`: {message}")]
+    RuntimeDir { path: PathBuf, message: String },
+}
+
+/// The endpoints of one syncbus instance.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub raw: String,
+    pub changes: String,
+}
+
+impl Endpoints {
+    pub fn new(config: &Config) -> Self {
+        let ipc = |name: &str| format!("ipc://{}", config.runtime_dir.join(name).display());
+        Endpoints {
+            raw: ipc("raw.sock"),
+            changes: ipc("changes.sock"),
+        }
+    }
+}
+
+/// Creates the runtime dir with mode 0700, or checks that an existing one is ours and
+/// private: anyone who can write there can inject changes into the mirror.
+pub fn ensure_runtime_dir(path: &Path) -> Result<(), BusError> {
+    let err = |message: String| BusError::RuntimeDir {
+        path: path.to_path_buf(),
+        message,
+    };
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+    {
+        Ok(()) => {}
+        Err(e) => return Err(err(format!("cannot create: {e}"))),
+    }
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if meta.uid() != uid {
+        return Err(err(format!(
+            "owned by uid {}, not by us ({uid})",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(err(format!("mode {mode:04o}, expected 0700")));
+    }
+    Ok(())
+}
+
+/// A socket with the house settings: explicit HWMs, linger, fast reconnects.
+pub fn socket(ctx: &zmq::Context, kind: zmq::SocketType) -> Result<zmq::Socket, BusError> {
+    let s = ctx.socket(kind).map_err(|source| BusError::Zmq {
+        op: "socket",
+        endpoint: String::new(),
+        source,
+    })?;
+    let set = |r: zmq::Result<()>| {
+        r.map_err(|source| BusError::Zmq {
+            op: "setsockopt",
+            endpoint: String::new(),
+            source,
+        })
+    };
+    set(s.set_sndhwm(HWM))?;
+    set(s.set_rcvhwm(HWM))?;
+    set(s.set_linger(LINGER.as_millis() as i32))?;
+    set(s.set_reconnect_ivl(50))?;
+    set(s.set_reconnect_ivl_max(1000))?;
+    Ok(s)
+}
+
+pub fn bind(s: &zmq::Socket, endpoint: &str) -> Result<(), BusError> {
+    s.bind(endpoint).map_err(|source| BusError::Zmq {
+        op: "bind",
+        endpoint: endpoint.to_string(),
+        source,
+    })
+}
+
+pub fn connect(s: &zmq::Socket, endpoint: &str) -> Result<(), BusError> {
+    s.connect(endpoint).map_err(|source| BusError::Zmq {
+        op: "connect",
+        endpoint: endpoint.to_string(),
+        source,
+    })
+}
+
+/// Sends `[topic, msgpack(msg)]`, blocking while the peer is at its high-water mark.
+pub fn send<T: Serialize>(s: &zmq::Socket, topic: &str, msg: &T) -> Result<(), BusError> {
+    let payload = crate::wire::encode(msg);
+    s.send_multipart([topic.as_bytes(), &payload[..]], 0)
+        .map_err(|source| BusError::Zmq {
+            op: "send",
+            endpoint: topic.to_string(),
+            source,
+        })
+}
+
+/// Receives one `[topic, payload]` without blocking; `None` when nothing is queued.
+/// Malformed frames (wrong part count) are returned as an empty topic.
+pub fn try_recv(s: &zmq::Socket) -> Result<Option<(Vec<u8>, Vec<u8>)>, BusError> {
+    match s.recv_multipart(zmq::DONTWAIT) {
+        Ok(mut parts) if parts.len() == 2 => {
+            let payload = parts.pop().unwrap_or_default();
+            let topic = parts.pop().unwrap_or_default();
+            Ok(Some((topic, payload)))
+        }
+        Ok(_) => Ok(Some((Vec::new(), Vec::new()))),
+        Err(zmq::Error::EAGAIN) => Ok(None),
+        Err(source) => Err(BusError::Zmq {
+            op: "recv",
+            endpoint: String::new(),
+            source,
+        }),
+    }
+}
+
+/// SIGTERM / SIGINT / SIGHUP delivered as a readable fd (for `zmq::poll`) plus flags.
+/// The first SIGTERM or SIGINT asks for a drain; a second one means "now".
+pub struct Shutdown {
+    read: UnixStream,
+    _write: OwnedFd,
+    stop: Arc<AtomicBool>,
+    hup: Arc<AtomicBool>,
+    count: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Shutdown {
+    pub fn install() -> std::io::Result<Self> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let hup = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for sig in [SIGTERM, SIGINT] {
+            signal_hook::flag::register(sig, stop.clone())?;
+            let c = count.clone();
+            // SAFETY: the closure only does an atomic add, which is async-signal-safe.
+            unsafe {
+                signal_hook::low_level::register(sig, move || {
+                    c.fetch_add(1, Ordering::SeqCst);
+                })?;
+            }
+        }
+        signal_hook::flag::register(SIGHUP, hup.clone())?;
+        let write_fd = OwnedFd::from(write.try_clone()?);
+        for sig in [SIGTERM, SIGINT, SIGHUP] {
+            signal_hook::low_level::pipe::register(sig, write.try_clone()?)?;
+        }
+        Ok(Shutdown {
+            read,
+            _write: write_fd,
+            stop,
+            hup,
+            count,
+        })
+    }
+
+    /// The fd to poll: readable after any handled signal. Call [`Shutdown::drain`] then.
+    pub fn fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
+    /// Empties the wake-up pipe.
+    pub fn drain(&self) {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        while matches!((&self.read).read(&mut buf), Ok(n) if n > 0) {}
+    }
+
+    pub fn requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// A second SIGTERM/SIGINT: stop without draining.
+    pub fn urgent(&self) -> bool {
+        self.count.load(Ordering::SeqCst) >= 2
+    }
+
+    /// True once per SIGHUP.
+    pub fn take_hup(&self) -> bool {
+        self.hup.swap(false, Ordering::SeqCst)
+    }
+
+    /// A flag that turns true on the first SIGTERM/SIGINT, for worker threads.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+}
+
+/// Logging for operators: human lines on stderr, JSON lines with `json`; the level from
+/// `RUST_LOG` (default `info`).
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// A random epoch for a publisher that just started.
+pub fn new_epoch() -> u64 {
+    rand::random::<u64>() | 1
+}
+
+/// Asks the kernel to SIGTERM this process when its parent dies, so stages never outlive
+/// a killed `syncbus run`. Harmless when not supervised.
+pub fn die_with_parent() {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_dir_is_created_private_and_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("a/b");
+        ensure_runtime_dir(&d).unwrap();
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = ensure_runtime_dir(&d).unwrap_err().to_string();
+        assert!(e.contains("mode 0755, expected 0700"), "{e}");
+    }
+
+    #[test]
+    fn push_pull_round_trip_over_ipc() {
+        let t = tempfile::tempdir().unwrap();
+        let ep = format!("ipc://{}/x.sock", t.path().display());
+        let ctx = zmq::Context::new();
+        let pull = socket(&ctx, zmq::PULL).unwrap();
+        bind(&pull, &ep).unwrap();
+        let push = socket(&ctx, zmq::PUSH).unwrap();
+        connect(&push, &ep).unwrap();
+        send(&push, "raw/", &42u32).unwrap();
+        pull.set_rcvtimeo(5000).unwrap();
+        let parts = pull.recv_multipart(0).unwrap();
+        assert_eq!(parts[0], b"raw/");
+        assert_eq!(rmp_serde::from_slice::<u32>(&parts[1]).unwrap(), 42);
+    }
+}

@@ -1,0 +1,916 @@
+//! The configuration file (`syncbus.toml`): parsed into raw structs that keep every
+//! value's position, then validated into [`Config`] with *all* errors at once, each
+//! naming file, line and key. Unknown keys are errors. See README.md for every key.
+
+use std::fmt;
+use std::ops::Range;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::rules::Rules;
+
+/// Exit code for a bad config or command line (EX_USAGE); systemd units list it in
+/// `RestartPreventExitStatus`.
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+pub const DEFAULT_QUIET_MS: u64 = 10;
+pub const DEFAULT_MAX_HOLD_MS: u64 = 1000;
+pub const DEFAULT_TIMEOUT_S: u64 = 30;
+
+// ---------------------------------------------------------------- raw, as written
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    bus: RawBus,
+    #[serde(default)]
+    root: Vec<Spanned<RawRoot>>,
+    #[serde(default)]
+    target: Vec<Spanned<RawTarget>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    runtime_dir: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoot {
+    name: Spanned<String>,
+    path: Spanned<String>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude_glob: Vec<Spanned<String>>,
+    #[serde(default = "yes")]
+    builtin_excludes: bool,
+    quiet_ms: Option<Spanned<u64>>,
+    max_hold_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    events: Events,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Spanned<String>,
+    url: Spanned<String>,
+    roots: Option<Spanned<Vec<Spanned<String>>>>,
+    password_file: Option<Spanned<String>>,
+    timeout: Option<Spanned<u64>>,
+    bwlimit: Option<Spanned<String>>,
+    #[serde(default)]
+    extra_args: Vec<Spanned<String>>,
+    port: Option<Spanned<u16>>,
+    identity_file: Option<Spanned<String>>,
+    #[serde(default)]
+    ssh_options: Vec<Spanned<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Which kinds of change a root mirrors (sersync's `<inotify>` toggles). All on by
+/// default: sersync's defaults silently lose chmod and symlinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Events {
+    pub delete: bool,
+    pub create_folder: bool,
+    pub create_file: bool,
+    pub close_write: bool,
+    #[serde(rename = "move")]
+    pub moves: bool,
+    pub attrib: bool,
+    pub modify: bool,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            delete: true,
+            create_folder: true,
+            create_file: true,
+            close_write: true,
+            moves: true,
+            attrib: true,
+            modify: true,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- validated
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from (for messages and for the stages `syncbus run` spawns).
+    pub file: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub roots: Vec<Root>,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Root {
+    pub name: String,
+    pub path: PathBuf,
+    pub rules: Rules,
+    pub events: Events,
+    pub quiet: Duration,
+    pub max_hold: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub endpoint: Endpoint,
+    /// Names of the roots mirrored to this target.
+    pub roots: Vec<String>,
+    /// rsync `--timeout` in seconds (0: none).
+    pub timeout: u64,
+    pub bwlimit: Option<String>,
+    pub extra_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// An rsync daemon: `rsync://[user@]host[:port]/module/path/` (always ends in `/`).
+    Rsync {
+        url: String,
+        password_file: Option<PathBuf>,
+    },
+    /// rsync over ssh: `[user@]host:path/`.
+    Ssh {
+        dest: String,
+        port: Option<u16>,
+        identity_file: Option<PathBuf>,
+        options: Vec<String>,
+    },
+    /// A directory on this machine.
+    Local { path: PathBuf },
+}
+
+impl Target {
+    /// Where `root` lands on this target, with a trailing `/`. A target that mirrors
+    /// several roots keeps each in a subdirectory named after the root.
+    pub fn destination(&self, root: &str) -> String {
+        let base = match &self.endpoint {
+            Endpoint::Rsync { url, .. } => url.clone(),
+            Endpoint::Ssh { dest, .. } => dest.clone(),
+            Endpoint::Local { path } => format!("{}/", path.display()),
+        };
+        if self.roots.len() > 1 {
+            format!("{base}{root}/")
+        } else {
+            base
+        }
+    }
+}
+
+impl Config {
+    pub fn root(&self, name: &str) -> Option<&Root> {
+        self.roots.iter().find(|r| r.name == name)
+    }
+
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.to_path_buf(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read config file: {e}"),
+            }])
+        })?;
+        Config::parse(&text, file)
+    }
+
+    /// Validates `text` as if read from `file` (relative paths resolve against its dir).
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+        let mut v = Validator {
+            text,
+            file,
+            base: file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf(),
+            errors: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let (line, column) = e.span().map(|s| v.line_col(s.start)).unwrap_or((0, 0));
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: file.to_path_buf(),
+                    line,
+                    column,
+                    key: String::new(),
+                    message: e.message().trim().to_string(),
+                }]));
+            }
+        };
+        let config = v.config(raw);
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
+    }
+}
+
+// ---------------------------------------------------------------- errors
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the error has no position (e.g. the file is unreadable).
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key path, e.g. `target[1].password_file`; empty when not about one key.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---------------------------------------------------------------- validation
+
+struct Validator<'a> {
+    text: &'a str,
+    file: &'a Path,
+    base: PathBuf,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+        (line, column)
+    }
+
+    fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = self.line_col(span.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn name(&mut self, name: &Spanned<String>, key: &str, seen: &mut Vec<String>) -> String {
+        let n = name.get_ref();
+        let ok = !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !ok {
+            self.error(
+                name.span(),
+                key,
+                format!("invalid name `{n}`: use letters, digits, `_`, `-` and `.`"),
+            );
+        } else if seen.contains(n) {
+            self.error(name.span(), key, format!("duplicate name `{n}`"));
+        }
+        seen.push(n.clone());
+        n.clone()
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let runtime_dir = match raw.bus.runtime_dir {
+            Some(d) => self.resolve(d.get_ref()),
+            None => default_runtime_dir(),
+        };
+        let mut names = Vec::new();
+        let roots: Vec<Root> = raw
+            .root
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| self.root(i, r, &mut names))
+            .collect();
+        if roots.is_empty() {
+            self.error(0..0, "root", "no `[[root]]` defined: nothing to mirror");
+        }
+        let mut tnames = Vec::new();
+        let targets = raw
+            .target
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, t)| self.target(i, t, &roots, &mut tnames))
+            .collect();
+        Config {
+            file: self.file.to_path_buf(),
+            runtime_dir,
+            roots,
+            targets,
+        }
+    }
+
+    fn root(&mut self, i: usize, raw: Spanned<RawRoot>, names: &mut Vec<String>) -> Root {
+        let k = |f: &str| format!("root[{i}].{f}");
+        let raw = raw.into_inner();
+        let name = self.name(&raw.name, &k("name"), names);
+        let path = self.resolve(raw.path.get_ref());
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => self.error(
+                raw.path.span(),
+                k("path"),
+                format!("`{}` is not a directory", path.display()),
+            ),
+            Err(e) => self.error(
+                raw.path.span(),
+                k("path"),
+                format!("cannot use `{}`: {e}", path.display()),
+            ),
+        }
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        // Compile each pattern alone first, so an error points at its own line.
+        let mut regexes = Vec::new();
+        for (j, r) in raw.exclude.iter().enumerate() {
+            match Rules::new(std::slice::from_ref(r.get_ref()), &[], false) {
+                Ok(_) => regexes.push(r.get_ref().clone()),
+                Err(e) => self.error(r.span(), format!("{}[{j}]", k("exclude")), e.to_string()),
+            }
+        }
+        let mut globs = Vec::new();
+        for (j, g) in raw.exclude_glob.iter().enumerate() {
+            match Rules::new(&[], std::slice::from_ref(g.get_ref()), false) {
+                Ok(_) => globs.push(g.get_ref().clone()),
+                Err(e) => self.error(
+                    g.span(),
+                    format!("{}[{j}]", k("exclude_glob")),
+                    e.to_string(),
+                ),
+            }
+        }
+        let rules = Rules::new(&regexes, &globs, raw.builtin_excludes).unwrap_or_default();
+        let quiet = raw
+            .quiet_ms
+            .as_ref()
+            .map(|q| *q.get_ref())
+            .unwrap_or(DEFAULT_QUIET_MS);
+        let max_hold = match &raw.max_hold_ms {
+            Some(m) if *m.get_ref() == 0 || *m.get_ref() < quiet => {
+                self.error(
+                    m.span(),
+                    k("max_hold_ms"),
+                    format!("must be at least quiet_ms ({quiet}) and above 0"),
+                );
+                DEFAULT_MAX_HOLD_MS
+            }
+            Some(m) => *m.get_ref(),
+            None => DEFAULT_MAX_HOLD_MS.max(quiet),
+        };
+        Root {
+            name,
+            path,
+            rules,
+            events: raw.events,
+            quiet: Duration::from_millis(quiet),
+            max_hold: Duration::from_millis(max_hold),
+        }
+    }
+
+    fn target(
+        &mut self,
+        i: usize,
+        raw: Spanned<RawTarget>,
+        roots: &[Root],
+        names: &mut Vec<String>,
+    ) -> Option<Target> {
+        let k = |f: &str| format!("target[{i}].{f}");
+        let raw = raw.into_inner();
+        let name = self.name(&raw.name, &k("name"), names);
+        let bound: Vec<String> = match &raw.roots {
+            None => roots.iter().map(|r| r.name.clone()).collect(),
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.error(list.span(), k("roots"), "empty: bind at least one root");
+                }
+                for (j, r) in list.get_ref().iter().enumerate() {
+                    if !roots.iter().any(|x| &x.name == r.get_ref()) {
+                        self.error(
+                            r.span(),
+                            format!("{}[{j}]", k("roots")),
+                            format!("no root named `{}`", r.get_ref()),
+                        );
+                    }
+                }
+                list.get_ref().iter().map(|r| r.get_ref().clone()).collect()
+            }
+        };
+        let endpoint = match parse_url(raw.url.get_ref()) {
+            Ok(Url::Rsync(url)) => Endpoint::Rsync {
+                url,
+                password_file: raw.password_file.as_ref().map(|p| {
+                    let path = self.resolve(p.get_ref());
+                    if let Err(msg) = check_password_file(&path) {
+                        self.error(p.span(), k("password_file"), msg);
+                    }
+                    path
+                }),
+            },
+            Ok(Url::Ssh(dest)) => Endpoint::Ssh {
+                dest,
+                port: raw.port.as_ref().map(|p| *p.get_ref()),
+                identity_file: raw
+                    .identity_file
+                    .as_ref()
+                    .map(|p| self.resolve(p.get_ref())),
+                options: raw
+                    .ssh_options
+                    .iter()
+                    .map(|o| o.get_ref().clone())
+                    .collect(),
+            },
+            Ok(Url::Local(p)) => {
+                let path = self.resolve(&p);
+                let canon = canonical_prefix(&path);
+                for r in roots.iter().filter(|r| bound.contains(&r.name)) {
+                    if canon.starts_with(&r.path) || r.path.starts_with(&canon) {
+                        self.error(
+                            raw.url.span(),
+                            k("url"),
+                            format!(
+                                "local target `{}` overlaps root `{}` (`{}`): it would mirror into itself",
+                                path.display(),
+                                r.name,
+                                r.path.display()
+                            ),
+                        );
+                    }
+                }
+                Endpoint::Local { path }
+            }
+            Err(msg) => {
+                self.error(raw.url.span(), k("url"), msg);
+                Endpoint::Local {
+                    path: PathBuf::new(),
+                }
+            }
+        };
+        let is_ssh = matches!(endpoint, Endpoint::Ssh { .. });
+        if !matches!(endpoint, Endpoint::Rsync { .. }) {
+            if let Some(p) = &raw.password_file {
+                self.error(p.span(), k("password_file"), "only for rsync:// targets");
+            }
+        }
+        if !is_ssh {
+            let ssh_only = [
+                raw.port.as_ref().map(|p| ("port", p.span())),
+                raw.identity_file
+                    .as_ref()
+                    .map(|p| ("identity_file", p.span())),
+                raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
+            ];
+            for (key, span) in ssh_only.into_iter().flatten() {
+                self.error(span, k(key), "only for ssh targets (`[user@]host:path`)");
+            }
+        }
+        if let Some(b) = &raw.bwlimit {
+            let s = b.get_ref();
+            let digits = s.trim_end_matches(|c: char| "kKmMgGtTpPbB".contains(c));
+            if digits.is_empty() || digits.parse::<f64>().is_err() {
+                self.error(
+                    b.span(),
+                    k("bwlimit"),
+                    format!("`{s}` is not a rate like `500`, `1.5M` or `20m` (KiB/s by default)"),
+                );
+            }
+        }
+        for (j, a) in raw.extra_args.iter().enumerate() {
+            let arg = a.get_ref();
+            const OURS: &[&str] = &[
+                "--files-from",
+                "--from0",
+                "-0",
+                "--delete-missing-args",
+                "--exclude-from",
+                "--rsh",
+                "-e",
+                "--password-file",
+                "--timeout",
+                "--bwlimit",
+            ];
+            if let Some(o) = OURS
+                .iter()
+                .find(|o| arg == *o || arg.starts_with(&format!("{o}=")))
+            {
+                self.error(
+                    a.span(),
+                    format!("{}[{j}]", k("extra_args")),
+                    format!("`{o}` is set by syncbus itself (use the target's own key where there is one)"),
+                );
+            } else if !arg.starts_with('-') {
+                self.error(
+                    a.span(),
+                    format!("{}[{j}]", k("extra_args")),
+                    format!("`{arg}` is not an option: extra arguments must start with `-`"),
+                );
+            }
+        }
+        Some(Target {
+            name,
+            endpoint,
+            roots: bound,
+            timeout: raw
+                .timeout
+                .map(|t| t.into_inner())
+                .unwrap_or(DEFAULT_TIMEOUT_S),
+            bwlimit: raw.bwlimit.map(|b| b.into_inner()),
+            extra_args: raw.extra_args.into_iter().map(|a| a.into_inner()).collect(),
+        })
+    }
+}
+
+/// The longest existing ancestor canonicalized, with the rest appended (a local target
+/// need not exist yet).
+fn canonical_prefix(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut p = path.to_path_buf();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(&p) {
+            return rest
+                .iter()
+                .rev()
+                .fold(c, |acc: PathBuf, part| acc.join(part));
+        }
+        match (p.file_name().map(|n| n.to_os_string()), p.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                p = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+enum Url {
+    Rsync(String),
+    Ssh(String),
+    Local(String),
+}
+
+/// Reads a target URL the way rsync does: `rsync://…` and `host::module` are daemons,
+/// a `:` before the first `/` makes `[user@]host:path` (ssh), anything else is local.
+fn parse_url(url: &str) -> Result<Url, String> {
+    let with_slash = |s: String| if s.ends_with('/') { s } else { s + "/" };
+    if let Some(rest) = url.strip_prefix("rsync://") {
+        let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let host = hostport
+            .rsplit_once('@')
+            .map(|(_, h)| h)
+            .unwrap_or(hostport);
+        let host_only = match host.rsplit_once(':') {
+            Some((h, port)) if !h.ends_with(']') || host.starts_with('[') => {
+                if !port.is_empty() && port.parse::<u16>().is_err() && !h.contains(':') {
+                    return Err(format!("invalid port `{port}` in `{url}`"));
+                }
+                h
+            }
+            _ => host,
+        };
+        if host_only.is_empty() {
+            return Err(format!(
+                "no host in `{url}` (expected rsync://[user@]host[:port]/module/path)"
+            ));
+        }
+        if path.split('/').next().unwrap_or("").is_empty() {
+            return Err(format!(
+                "no module in `{url}` (expected rsync://[user@]host[:port]/module/path)"
+            ));
+        }
+        return Ok(Url::Rsync(with_slash(url.to_string())));
+    }
+    if url.contains("://") {
+        return Err(format!(
+            "unsupported URL scheme in `{url}` (rsync://, [user@]host:path or a directory)"
+        ));
+    }
+    if let Some((host, module)) = url.split_once("::") {
+        if !host.contains('/') {
+            if host.is_empty() || module.is_empty() {
+                return Err(format!(
+                    "`{url}` needs a host and a module (host::module/path)"
+                ));
+            }
+            return Ok(Url::Rsync(with_slash(format!("rsync://{host}/{module}"))));
+        }
+    }
+    if let Some(colon) = url.find(':') {
+        if !url[..colon].contains('/') {
+            let host = url[..colon]
+                .rsplit_once('@')
+                .map(|(_, h)| h)
+                .unwrap_or(&url[..colon]);
+            if host.is_empty() {
+                return Err(format!("no host in `{url}` (expected [user@]host:path)"));
+            }
+            let path = &url[colon + 1..];
+            return Ok(Url::Ssh(if path.is_empty() {
+                url.to_string()
+            } else {
+                with_slash(url.to_string())
+            }));
+        }
+    }
+    if url.is_empty() {
+        return Err("empty url".into());
+    }
+    Ok(Url::Local(url.to_string()))
+}
+
+/// rsync itself refuses a password file others can read; say so before it does.
+fn check_password_file(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read password file `{}`: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "password file `{}` has mode {mode:04o}, expected 0600 (chmod 600 it)",
+            path.display()
+        ));
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid != 0 && meta.uid() != uid {
+        return Err(format!(
+            "password file `{}` belongs to uid {}, not to the user running syncbus ({uid})",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
+/// `/run/syncbus` for root, `$XDG_RUNTIME_DIR/syncbus` or `/tmp/syncbus-UID` otherwise.
+pub fn default_runtime_dir() -> PathBuf {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/syncbus");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("syncbus"),
+        _ => PathBuf::from(format!("/tmp/syncbus-{uid}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("src")).unwrap();
+            Fixture { dir }
+        }
+        fn file(&self) -> PathBuf {
+            self.dir.path().join("syncbus.toml")
+        }
+        fn parse(&self, text: &str) -> Result<Config, ConfigErrors> {
+            Config::parse(text, &self.file())
+        }
+        fn errors(&self, text: &str) -> Vec<ConfigError> {
+            self.parse(text).expect_err("config should be rejected").0
+        }
+    }
+
+    const MINIMAL: &str = "[[root]]\nname = \"www\"\npath = \"src\"\n";
+
+    #[test]
+    fn minimal_config_gets_the_defaults() {
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}[[target]]\nname = \"m\"\nurl = \"mirror\"\n"
+            ))
+            .unwrap();
+        let r = &c.roots[0];
+        assert_eq!(
+            r.path,
+            std::fs::canonicalize(f.dir.path().join("src")).unwrap()
+        );
+        assert_eq!(r.events, Events::default());
+        assert!(
+            r.events.attrib && r.events.create_file,
+            "chmod and symlinks on by default"
+        );
+        assert_eq!(r.quiet, Duration::from_millis(DEFAULT_QUIET_MS));
+        assert!(
+            r.rules.excludes(&"x.swp".into(), false) || r.rules.excludes(&".x.swp".into(), false)
+        );
+        let t = &c.targets[0];
+        assert_eq!(t.roots, vec!["www"]);
+        assert_eq!(t.timeout, DEFAULT_TIMEOUT_S);
+        assert_eq!(
+            t.endpoint,
+            Endpoint::Local {
+                path: f.dir.path().join("mirror")
+            }
+        );
+        assert_eq!(
+            t.destination("www"),
+            format!("{}/", f.dir.path().join("mirror").display())
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let f = Fixture::new();
+        let e = f.errors(&format!("{MINIMAL}colour = \"red\"\n"));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].line, 4);
+        assert!(e[0].message.contains("colour"), "{}", e[0]);
+        assert!(e[0]
+            .to_string()
+            .starts_with(&format!("{}:4:", f.file().display())));
+    }
+
+    #[test]
+    fn all_errors_are_reported_at_once_with_their_lines() {
+        let f = Fixture::new();
+        let text = "\
+[[root]]
+name = \"www\"
+path = \"nope\"
+exclude = [\"(\"]
+[[target]]
+name = \"t\"
+url = \"rsync://host\"
+roots = [\"www\", \"other\"]
+";
+        let e = f.errors(text);
+        let got: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, "root[0].path"),
+                (4, "root[0].exclude[0]"),
+                (8, "target[0].roots[1]"),
+                (7, "target[0].url"),
+            ]
+        );
+    }
+
+    #[test]
+    fn target_urls_are_classified_like_rsync_does() {
+        let cases = [
+            ("rsync://u@h:8730/mod/sub", "rsync://u@h:8730/mod/sub/"),
+            ("h::mod/x", "rsync://h/mod/x/"),
+            ("u@host:/srv/m", "u@host:/srv/m/"),
+        ];
+        for (url, want) in cases {
+            let f = Fixture::new();
+            let c = f
+                .parse(&format!(
+                    "{MINIMAL}[[target]]\nname = \"t\"\nurl = \"{url}\"\n"
+                ))
+                .unwrap();
+            assert_eq!(c.targets[0].destination("www"), want, "{url}");
+        }
+        for bad in ["rsync://h", "rsync:///m", "http://x/y", ""] {
+            let f = Fixture::new();
+            let e = f.errors(&format!(
+                "{MINIMAL}[[target]]\nname = \"t\"\nurl = \"{bad}\"\n"
+            ));
+            assert_eq!(e[0].key, "target[0].url", "{bad}");
+        }
+    }
+
+    #[test]
+    fn password_file_must_be_private() {
+        let f = Fixture::new();
+        let pw = f.dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!(
+            "{MINIMAL}[[target]]\nname = \"t\"\nurl = \"rsync://h/m\"\npassword_file = \"pw\"\n"
+        );
+        let e = f.errors(&text);
+        assert_eq!(e[0].key, "target[0].password_file");
+        assert_eq!(e[0].line, 7);
+        assert!(
+            e[0].message.contains("mode 0644, expected 0600"),
+            "{}",
+            e[0]
+        );
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        f.parse(&text).unwrap();
+    }
+
+    #[test]
+    fn a_local_target_inside_its_root_is_refused() {
+        let f = Fixture::new();
+        let e = f.errors(&format!(
+            "{MINIMAL}[[target]]\nname = \"t\"\nurl = \"src/mirror\"\n"
+        ));
+        assert!(e[0].message.contains("mirror into itself"), "{}", e[0]);
+    }
+
+    #[test]
+    fn several_roots_on_one_target_get_subdirectories() {
+        let f = Fixture::new();
+        std::fs::create_dir(f.dir.path().join("b")).unwrap();
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}[[root]]\nname = \"b\"\npath = \"b\"\n[[target]]\nname = \"t\"\nurl = \"rsync://h/m\"\n"
+            ))
+            .unwrap();
+        assert_eq!(c.targets[0].destination("b"), "rsync://h/m/b/");
+    }
+
+    #[test]
+    fn misplaced_and_reserved_options_are_errors() {
+        let f = Fixture::new();
+        let e = f.errors(&format!(
+            "{MINIMAL}[[target]]\nname = \"t\"\nurl = \"/tmp/x\"\nport = 22\nextra_args = [\"--from0\", \"oops\"]\nbwlimit = \"fast\"\n"
+        ));
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "target[0].port",
+                "target[0].bwlimit",
+                "target[0].extra_args[0]",
+                "target[0].extra_args[1]"
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_and_invalid_names() {
+        let f = Fixture::new();
+        let e = f.errors(&format!("{MINIMAL}{}", MINIMAL.replace("www", "w w")));
+        assert_eq!(e[0].key, "root[1].name");
+        let e = f.errors(&format!("{MINIMAL}{MINIMAL}"));
+        assert!(e[0].message.contains("duplicate"));
+    }
+
+    #[test]
+    fn no_roots_is_an_error() {
+        let f = Fixture::new();
+        assert_eq!(f.errors("")[0].key, "root");
+    }
+}

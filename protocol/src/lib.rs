@@ -1,0 +1,28 @@
+//! What syncbus stages say to each other and what the config file says to them.
+//!
+//! Every crate of the pipeline depends on this one: [`config`] (the TOML model, validated
+//! with errors that name file, line and key), [`wire`] (the MessagePack messages on the
+//! bus), [`rules`] (exclude rules, shared by the filter and the dispatcher's full syncs),
+//! [`seq`] (loss detection) and [`bus`] (ZeroMQ sockets, endpoints, shutdown signals).
+//! Only `bus` does I/O on sockets; the message and config modules never import it.
+//!
+//! # Invariants
+//! - Paths are bytes ([`PathBytes`]) everywhere; they are never decoded as UTF-8.
+//! - Every message on the bus carries `version`, `epoch` and a gap-free `seq`.
+
+pub mod bus;
+pub mod config;
+pub mod path;
+pub mod rules;
+pub mod seq;
+pub mod wire;
+
+pub use path::PathBytes;
+
+/// Wall-clock microseconds since the Unix epoch, the time unit on the wire.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

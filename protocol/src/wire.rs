@@ -1,0 +1,241 @@
+//! The messages on the bus. See docs/wire-format.md for the outsider's view.
+//!
+//! Every message is a ZeroMQ multipart `[topic, payload]`; the payload is MessagePack
+//! with named fields (`rmp_serde::to_vec_named`), so readers in any language find fields
+//! by name and ignore the ones they do not know. `version` changes only when a field
+//! changes meaning; adding a field does not bump it.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::PathBytes;
+
+/// The wire version this build writes and understands.
+pub const VERSION: u16 = 1;
+
+/// Topic prefix of the public change stream; the full topic is `changes/<root>/`.
+pub const CHANGES_TOPIC: &str = "changes/";
+/// Topic of the watcher → filter stream (internal).
+pub const RAW_TOPIC: &str = "raw/";
+
+pub fn changes_topic(root: &str) -> String {
+    format!("{CHANGES_TOPIC}{root}/")
+}
+
+/// What inotify saw, translated to root-relative paths (watcher → filter).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawBatch {
+    pub version: u16,
+    pub epoch: u64,
+    pub seq: u64,
+    /// When the watcher read these events (µs since the Unix epoch).
+    pub time_us: u64,
+    pub events: Vec<RawEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawEvent {
+    pub root: String,
+    pub path: PathBytes,
+    pub kind: RawKind,
+    /// The entry is a directory.
+    #[serde(default)]
+    pub dir: bool,
+    /// Pairs a `moved_from` with its `moved_to`; 0 otherwise.
+    #[serde(default)]
+    pub cookie: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawKind {
+    Create,
+    Modify,
+    CloseWrite,
+    Attrib,
+    Delete,
+    MovedFrom,
+    MovedTo,
+    /// The watcher cannot vouch for `path` (a subtree; the root when empty): its watches
+    /// just went live, the kernel queue overflowed, or the root came back.
+    Resync,
+}
+
+/// One message of the public change stream (filter → dispatchers and anyone else).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeBatch {
+    pub version: u16,
+    pub epoch: u64,
+    /// Gap-free per topic (per root), starting at 1. An empty `changes` is a heartbeat.
+    pub seq: u64,
+    pub root: String,
+    /// When the filter published this batch (µs since the Unix epoch).
+    pub time_us: u64,
+    pub changes: Vec<Change>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub op: Op,
+    pub path: PathBytes,
+    /// The old path of a `move`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBytes>,
+    /// The entry is a directory.
+    #[serde(default)]
+    pub dir: bool,
+    /// The directory appeared as a whole (created or moved in): send its content too.
+    #[serde(default)]
+    pub recursive: bool,
+    /// When the first event behind this change was read (µs since the Unix epoch).
+    #[serde(default)]
+    pub since_us: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// The entry exists (new, content or attributes changed).
+    Upsert,
+    /// The entry no longer exists.
+    Delete,
+    /// The entry at `from` is now at `path`.
+    Move,
+    /// Everything under `path` must be compared in full (the root when empty).
+    Resync,
+}
+
+#[derive(Debug, Error)]
+pub enum WireError {
+    #[error("cannot decode message: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("unsupported wire version {0} (this build speaks {VERSION})")]
+    Version(u16),
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(msg).expect("wire types always serialize")
+}
+
+/// Decodes a message and rejects versions this build does not understand.
+pub fn decode<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, WireError> {
+    let msg: T = rmp_serde::from_slice(bytes)?;
+    if msg.version() != VERSION {
+        return Err(WireError::Version(msg.version()));
+    }
+    Ok(msg)
+}
+
+pub trait Versioned {
+    fn version(&self) -> u16;
+}
+
+impl Versioned for RawBatch {
+    fn version(&self) -> u16 {
+        self.version
+    }
+}
+
+impl Versioned for ChangeBatch {
+    fn version(&self) -> u16 {
+        self.version
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ChangeBatch {
+        ChangeBatch {
+            version: VERSION,
+            epoch: 0x1234_5678_9abc_def0,
+            seq: 7,
+            root: "www".into(),
+            time_us: 1_700_000_000_000_000,
+            changes: vec![
+                Change {
+                    op: Op::Upsert,
+                    path: PathBytes::new(b"dir/caf\xc3\xa9 \xff.txt".to_vec()),
+                    from: None,
+                    dir: false,
+                    recursive: false,
+                    since_us: 1_699_999_999_990_000,
+                },
+                Change {
+                    op: Op::Move,
+                    path: "new".into(),
+                    from: Some("old".into()),
+                    dir: true,
+                    recursive: true,
+                    since_us: 1_699_999_999_995_000,
+                },
+            ],
+        }
+    }
+
+    /// The golden fixture pins the bytes on the wire: a change here must be deliberate
+    /// (regenerate with `SYNCBUS_BLESS=1 cargo test -p syncbus-protocol`).
+    #[test]
+    fn change_batch_matches_golden_fixture() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let bytes = encode(&sample());
+        let json = serde_json::to_string_pretty(&sample()).unwrap() + "\n";
+        if std::env::var_os("SYNCBUS_BLESS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("change_batch.msgpack"), &bytes).unwrap();
+            std::fs::write(dir.join("change_batch.json"), &json).unwrap();
+        }
+        let golden = std::fs::read(dir.join("change_batch.msgpack")).unwrap();
+        assert_eq!(bytes, golden, "wire bytes changed");
+        let from_golden: ChangeBatch = decode(&golden).unwrap();
+        assert_eq!(from_golden, sample());
+        let golden_json = std::fs::read_to_string(dir.join("change_batch.json")).unwrap();
+        assert_eq!(json, golden_json, "readable twin out of date");
+    }
+
+    #[test]
+    fn raw_batch_round_trips_with_non_utf8_paths() {
+        let msg = RawBatch {
+            version: VERSION,
+            epoch: 1,
+            seq: 2,
+            time_us: 3,
+            events: vec![RawEvent {
+                root: "r".into(),
+                path: PathBytes::new(b"\xfe\n-x".to_vec()),
+                kind: RawKind::MovedTo,
+                dir: true,
+                cookie: 99,
+            }],
+        };
+        assert_eq!(decode::<RawBatch>(&encode(&msg)).unwrap(), msg);
+    }
+
+    #[test]
+    fn unknown_version_is_rejected() {
+        let mut msg = sample();
+        msg.version = VERSION + 1;
+        assert!(matches!(
+            decode::<ChangeBatch>(&encode(&msg)),
+            Err(WireError::Version(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        #[derive(Serialize)]
+        struct Newer<'a> {
+            #[serde(flatten)]
+            base: &'a ChangeBatch,
+            added_later: u32,
+        }
+        let s = sample();
+        let bytes = rmp_serde::to_vec_named(&Newer {
+            base: &s,
+            added_later: 5,
+        })
+        .unwrap();
+        assert_eq!(decode::<ChangeBatch>(&bytes).unwrap(), s);
+    }
+}
