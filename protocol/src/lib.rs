@@ -15,6 +15,7 @@ pub mod config;
 pub mod path;
 pub mod rules;
 pub mod seq;
+pub mod stage;
 pub mod wire;
 
 pub use path::PathBytes;
