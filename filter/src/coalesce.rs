@@ -1,0 +1,543 @@
+//! Per-path coalescing of raw events into changes, with time as a parameter.
+//!
+//! Each path collects its events until it has been quiet for the root's `quiet` window
+//! or has been held for `max_hold` (so a file written forever still syncs). The net
+//! effect is what is published: create+modify+close_write is one upsert, a path created
+//! and deleted inside the window is nothing, a `moved_from`/`moved_to` pair with the same
+//! cookie is one move (an unpaired half is a delete or an upsert).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use protocol::wire::{Change, Op, RawEvent, RawKind};
+use protocol::PathBytes;
+
+/// A move half waits this long for its partner (they normally arrive in the same read).
+const MOVE_PAIRING: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub quiet: Duration,
+    pub max_hold: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Net {
+    Upsert,
+    Delete,
+    Move(PathBytes),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    net: Net,
+    /// The path did not exist when its first event of this window arrived, so removing
+    /// it again leaves nothing to tell the targets.
+    created: bool,
+    dir: bool,
+    recursive: bool,
+    first: Instant,
+    last: Instant,
+    since_us: u64,
+    /// Bumped on every event; a deadline in the heap is live only with the current gen.
+    gen: u64,
+    /// First-seen order, so a batch lists changes in the order they began.
+    order: u64,
+}
+
+struct PendingMove {
+    root: String,
+    from: PathBytes,
+    existed: bool,
+    /// Gen of the delete entry the `moved_from` left behind (None if it left nothing).
+    delete_gen: Option<u64>,
+    /// First-seen order of the source, which the destination inherits.
+    order: Option<u64>,
+    at: Instant,
+}
+
+type Key = (String, PathBytes);
+
+#[derive(Default)]
+pub struct Coalescer {
+    timing: HashMap<String, Timing>,
+    entries: BTreeMap<Key, Entry>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64, Key)>>,
+    moves: HashMap<u32, PendingMove>,
+    resyncs: Vec<(String, Change)>,
+    counter: u64,
+}
+
+impl Coalescer {
+    pub fn new(timing: HashMap<String, Timing>) -> Self {
+        Coalescer {
+            timing,
+            ..Default::default()
+        }
+    }
+
+    /// Number of paths held back.
+    pub fn pending(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Takes one raw event (already filtered by rules and event toggles) seen at `now`,
+    /// read by the watcher at `since_us`.
+    pub fn push(&mut self, ev: &RawEvent, since_us: u64, now: Instant) {
+        let key = (ev.root.clone(), ev.path.clone());
+        match ev.kind {
+            RawKind::Resync => self.resyncs.push((
+                ev.root.clone(),
+                Change {
+                    op: Op::Resync,
+                    path: ev.path.clone(),
+                    from: None,
+                    dir: true,
+                    recursive: true,
+                    since_us,
+                },
+            )),
+            RawKind::Create => {
+                let e = self.touch(key, since_us, now, true);
+                if e.net == Net::Delete {
+                    e.net = Net::Upsert;
+                }
+                e.dir = ev.dir;
+                e.recursive |= ev.dir;
+            }
+            RawKind::Modify | RawKind::CloseWrite | RawKind::Attrib => {
+                let e = self.touch(key, since_us, now, false);
+                if e.net == Net::Delete {
+                    e.net = Net::Upsert;
+                }
+                e.dir = ev.dir;
+            }
+            RawKind::Delete => self.delete(key, ev.dir, since_us, now),
+            RawKind::MovedFrom => {
+                let existed = self.entries.get(&key).map(|e| !e.created).unwrap_or(true);
+                let order = self.entries.get(&key).map(|e| e.order);
+                self.delete(key.clone(), ev.dir, since_us, now);
+                let delete_gen = self.entries.get(&key).map(|e| e.gen);
+                self.moves.insert(
+                    ev.cookie,
+                    PendingMove {
+                        root: ev.root.clone(),
+                        from: ev.path.clone(),
+                        existed,
+                        delete_gen,
+                        order,
+                        at: now,
+                    },
+                );
+            }
+            RawKind::MovedTo => {
+                let pair = self.moves.remove(&ev.cookie).filter(|m| m.root == ev.root);
+                let mut net = Net::Upsert;
+                let mut unknown_before = false;
+                if let Some(m) = &pair {
+                    let from_key = (m.root.clone(), m.from.clone());
+                    let ours = m.delete_gen.is_some()
+                        && self.entries.get(&from_key).map(|e| e.gen) == m.delete_gen;
+                    if ev.dir {
+                        self.rekey_below(&m.root, &m.from, &ev.path, now);
+                    }
+                    if m.existed && ours {
+                        self.entries.remove(&from_key);
+                        net = Net::Move(m.from.clone());
+                    }
+                } else {
+                    unknown_before = true;
+                }
+                let e = self.touch(key, since_us, now, unknown_before);
+                if let Some(order) = pair.as_ref().and_then(|m| m.order) {
+                    e.order = e.order.min(order);
+                }
+                e.net = net;
+                e.dir = ev.dir;
+                e.recursive |= ev.dir;
+            }
+        }
+    }
+
+    /// The entry for `key`, created if absent (then `created` says whether the path is
+    /// known not to have existed before), with its deadline refreshed.
+    fn touch(&mut self, key: Key, since_us: u64, now: Instant, created: bool) -> &mut Entry {
+        self.counter += 1;
+        let gen = self.counter;
+        let timing = self.timing_of(&key.0);
+        let e = self.entries.entry(key.clone()).or_insert_with(|| Entry {
+            net: Net::Upsert,
+            created,
+            dir: false,
+            recursive: false,
+            first: now,
+            last: now,
+            since_us,
+            gen,
+            order: gen,
+        });
+        e.last = now;
+        e.gen = gen;
+        let deadline = (e.last + timing.quiet).min(e.first + timing.max_hold);
+        self.deadlines.push(Reverse((deadline, gen, key)));
+        e
+    }
+
+    fn delete(&mut self, key: Key, dir: bool, since_us: u64, now: Instant) {
+        match self.entries.get(&key).map(|e| (e.created, e.net.clone())) {
+            Some((true, Net::Upsert)) => {
+                self.entries.remove(&key);
+            }
+            Some((_, Net::Move(from))) => {
+                // The move's destination is gone again: the source is gone as well.
+                let from_key = (key.0.clone(), from);
+                if !self.entries.contains_key(&from_key) {
+                    let e = self.touch(from_key, since_us, now, false);
+                    e.net = Net::Delete;
+                    e.dir = dir;
+                }
+                let e = self.touch(key, since_us, now, false);
+                e.net = Net::Delete;
+                e.recursive = false;
+            }
+            _ => {
+                let e = self.touch(key, since_us, now, false);
+                e.net = Net::Delete;
+                e.dir = dir;
+                e.recursive = false;
+            }
+        }
+    }
+
+    /// A directory moved: what was pending below its old path is now below the new one.
+    fn rekey_below(&mut self, root: &str, from: &PathBytes, to: &PathBytes, now: Instant) {
+        let lo = (root.to_string(), from.join(b""));
+        let mut hi_bytes = from.as_bytes().to_vec();
+        hi_bytes.push(b'/' + 1);
+        let hi = (root.to_string(), PathBytes::new(hi_bytes));
+        let keys: Vec<Key> = self.entries.range(lo..hi).map(|(k, _)| k.clone()).collect();
+        for k in keys {
+            if !k.1.is_below(from) {
+                continue;
+            }
+            let mut e = self.entries.remove(&k).expect("key from range");
+            let new_key = (k.0.clone(), k.1.rebase(from, to));
+            self.counter += 1;
+            e.gen = self.counter;
+            let timing = self.timing_of(root);
+            let deadline = (e.last + timing.quiet)
+                .min(e.first + timing.max_hold)
+                .max(now);
+            self.deadlines
+                .push(Reverse((deadline, e.gen, new_key.clone())));
+            self.entries.insert(new_key, e);
+        }
+    }
+
+    fn timing_of(&self, root: &str) -> Timing {
+        self.timing.get(root).copied().unwrap_or(Timing {
+            quiet: Duration::from_millis(protocol::config::DEFAULT_QUIET_MS),
+            max_hold: Duration::from_millis(protocol::config::DEFAULT_MAX_HOLD_MS),
+        })
+    }
+
+    /// When `pop_ready` will next have something to return.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.resyncs.is_empty() {
+            return Some(Instant::now());
+        }
+        self.deadlines.peek().map(|Reverse((d, _, _))| *d)
+    }
+
+    /// Every change whose path has been quiet long enough (or held too long), resyncs
+    /// first, then in first-seen order.
+    pub fn pop_ready(&mut self, now: Instant) -> Vec<(String, Change)> {
+        let mut out: Vec<(String, Change)> = std::mem::take(&mut self.resyncs);
+        let mut ready: Vec<(u64, Key, Entry)> = Vec::new();
+        while let Some(Reverse((deadline, gen, _))) = self.deadlines.peek() {
+            if *deadline > now {
+                break;
+            }
+            let gen = *gen;
+            let Some(Reverse((_, _, key))) = self.deadlines.pop() else {
+                break;
+            };
+            if self.entries.get(&key).is_some_and(|e| e.gen == gen) {
+                let e = self.entries.remove(&key).expect("checked above");
+                ready.push((e.order, key, e));
+            }
+        }
+        ready.sort_by_key(|(order, _, _)| *order);
+        out.extend(
+            ready
+                .into_iter()
+                .map(|(_, (root, path), e)| (root, to_change(path, e))),
+        );
+        self.moves
+            .retain(|_, m| now.duration_since(m.at) < MOVE_PAIRING);
+        out
+    }
+
+    /// Everything still held, at once (shutdown).
+    pub fn flush_all(&mut self) -> Vec<(String, Change)> {
+        let mut out: Vec<(String, Change)> = std::mem::take(&mut self.resyncs);
+        let mut all: Vec<(Key, Entry)> = std::mem::take(&mut self.entries).into_iter().collect();
+        all.sort_by_key(|(_, e)| e.order);
+        out.extend(
+            all.into_iter()
+                .map(|((root, path), e)| (root, to_change(path, e))),
+        );
+        self.deadlines.clear();
+        self.moves.clear();
+        out
+    }
+}
+
+fn to_change(path: PathBytes, e: Entry) -> Change {
+    let (op, from) = match e.net {
+        Net::Upsert => (Op::Upsert, None),
+        Net::Delete => (Op::Delete, None),
+        Net::Move(from) => (Op::Move, Some(from)),
+    };
+    Change {
+        op,
+        path,
+        from,
+        dir: e.dir,
+        recursive: e.recursive && op != Op::Delete,
+        since_us: e.since_us,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const Q: Duration = Duration::from_millis(10);
+    const HOLD: Duration = Duration::from_millis(100);
+
+    struct Sim {
+        c: Coalescer,
+        t0: Instant,
+        now: Instant,
+    }
+
+    impl Sim {
+        fn new() -> Self {
+            let mut timing = HashMap::new();
+            timing.insert(
+                "r".to_string(),
+                Timing {
+                    quiet: Q,
+                    max_hold: HOLD,
+                },
+            );
+            let t0 = Instant::now();
+            Sim {
+                c: Coalescer::new(timing),
+                t0,
+                now: t0,
+            }
+        }
+        fn ev(&mut self, kind: RawKind, path: &str, dir: bool, cookie: u32) -> &mut Self {
+            let ev = RawEvent {
+                root: "r".into(),
+                path: path.into(),
+                kind,
+                dir,
+                cookie,
+            };
+            self.c.push(&ev, 0, self.now);
+            self
+        }
+        fn f(&mut self, kind: RawKind, path: &str) -> &mut Self {
+            self.ev(kind, path, false, 0)
+        }
+        fn at_ms(&mut self, ms: u64) -> &mut Self {
+            self.now = self.t0 + Duration::from_millis(ms);
+            self
+        }
+        /// (op, path, from, recursive) of everything ready now.
+        fn out(&mut self) -> Vec<(Op, String, Option<String>, bool)> {
+            self.c
+                .pop_ready(self.now)
+                .into_iter()
+                .map(|(_, c)| {
+                    (
+                        c.op,
+                        c.path.to_string(),
+                        c.from.map(|f| f.to_string()),
+                        c.recursive,
+                    )
+                })
+                .collect()
+        }
+    }
+
+    use RawKind::*;
+
+    fn up(p: &str) -> (Op, String, Option<String>, bool) {
+        (Op::Upsert, p.into(), None, false)
+    }
+    fn del(p: &str) -> (Op, String, Option<String>, bool) {
+        (Op::Delete, p.into(), None, false)
+    }
+
+    #[test]
+    fn create_modify_close_write_is_one_upsert_after_the_quiet_window() {
+        let mut s = Sim::new();
+        s.f(Create, "a").f(Modify, "a").f(CloseWrite, "a");
+        assert!(s.out().is_empty(), "held during the quiet window");
+        s.at_ms(10);
+        assert_eq!(s.out(), vec![up("a")]);
+        s.at_ms(50);
+        assert!(s.out().is_empty(), "emitted once");
+    }
+
+    #[test]
+    fn created_then_deleted_inside_the_window_is_nothing() {
+        let mut s = Sim::new();
+        s.f(Create, "tmp")
+            .f(CloseWrite, "tmp")
+            .f(Delete, "tmp")
+            .at_ms(20);
+        assert!(s.out().is_empty());
+        assert_eq!(s.c.pending(), 0);
+    }
+
+    #[test]
+    fn existing_file_modified_then_deleted_is_a_delete() {
+        let mut s = Sim::new();
+        s.f(Modify, "a").f(Delete, "a").at_ms(20);
+        assert_eq!(s.out(), vec![del("a")]);
+    }
+
+    #[test]
+    fn deleted_then_recreated_is_an_upsert() {
+        let mut s = Sim::new();
+        s.f(Delete, "a").f(Create, "a").f(CloseWrite, "a").at_ms(20);
+        assert_eq!(s.out(), vec![up("a")]);
+    }
+
+    #[test]
+    fn a_file_written_forever_still_syncs_at_max_hold() {
+        let mut s = Sim::new();
+        let mut seen = Vec::new();
+        for ms in (0..=250).step_by(5) {
+            s.at_ms(ms).f(Modify, "log");
+            seen.extend(s.out().into_iter().map(|_| ms));
+        }
+        assert_eq!(seen, vec![100, 205], "one upsert per max_hold, not never");
+    }
+
+    #[test]
+    fn paired_move_of_an_existing_file_is_one_move() {
+        let mut s = Sim::new();
+        s.ev(MovedFrom, "a", false, 7)
+            .ev(MovedTo, "b", false, 7)
+            .at_ms(10);
+        assert_eq!(
+            s.out(),
+            vec![(Op::Move, "b".into(), Some("a".into()), false)]
+        );
+    }
+
+    #[test]
+    fn unpaired_halves_are_a_delete_and_an_upsert() {
+        let mut s = Sim::new();
+        s.ev(MovedFrom, "out", false, 1)
+            .ev(MovedTo, "in", true, 2)
+            .at_ms(10);
+        assert_eq!(
+            s.out(),
+            vec![del("out"), (Op::Upsert, "in".into(), None, true)]
+        );
+    }
+
+    #[test]
+    fn temp_file_renamed_over_the_target_is_an_upsert_of_the_target_only() {
+        let mut s = Sim::new();
+        s.f(Create, ".doc.1a2b.tmp")
+            .f(CloseWrite, ".doc.1a2b.tmp")
+            .ev(MovedFrom, ".doc.1a2b.tmp", false, 3)
+            .ev(MovedTo, "doc", false, 3)
+            .at_ms(10);
+        assert_eq!(s.out(), vec![up("doc")]);
+    }
+
+    #[test]
+    fn vim_style_save_with_excluded_backup_is_an_upsert() {
+        // rename doc -> doc~ (the `~` half is excluded upstream), write doc, delete doc~.
+        let mut s = Sim::new();
+        s.ev(MovedFrom, "doc", false, 9)
+            .f(Create, "doc")
+            .f(CloseWrite, "doc")
+            .at_ms(10);
+        assert_eq!(s.out(), vec![up("doc")]);
+    }
+
+    #[test]
+    fn directory_move_carries_pending_children_along() {
+        let mut s = Sim::new();
+        s.ev(Create, "d", true, 0)
+            .f(Create, "d/f")
+            .ev(MovedFrom, "d", true, 4)
+            .ev(MovedTo, "e", true, 4)
+            .at_ms(10);
+        let out = s.out();
+        assert_eq!(out, vec![(Op::Upsert, "e".into(), None, true), up("e/f")]);
+    }
+
+    #[test]
+    fn moved_file_then_deleted_deletes_both_names() {
+        let mut s = Sim::new();
+        s.ev(MovedFrom, "a", false, 5)
+            .ev(MovedTo, "b", false, 5)
+            .f(Delete, "b")
+            .at_ms(10);
+        let mut out = s.out();
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        assert_eq!(out, vec![del("a"), del("b")]);
+    }
+
+    #[test]
+    fn rename_churn_y_to_y2_and_back() {
+        let mut s = Sim::new();
+        s.ev(MovedFrom, "y", true, 1)
+            .ev(MovedTo, "y2", true, 1)
+            .ev(MovedFrom, "y2", true, 2)
+            .ev(MovedTo, "y", true, 2)
+            .at_ms(10);
+        let out = s.out();
+        // y2 never existed on the target; y is sent again whole. Nothing claims y is gone.
+        assert!(
+            out.iter().all(|c| !(c.1 == "y" && c.0 == Op::Delete)),
+            "{out:?}"
+        );
+        assert!(out.iter().any(|c| c.1 == "y" && c.3), "{out:?}");
+    }
+
+    #[test]
+    fn resync_is_emitted_at_once() {
+        let mut s = Sim::new();
+        s.f(Resync, "");
+        assert_eq!(s.c.next_deadline().map(|d| d <= Instant::now()), Some(true));
+        let out = s.out();
+        assert_eq!(out, vec![(Op::Resync, ".".into(), None, true)]);
+    }
+
+    #[test]
+    fn changes_keep_first_seen_order_and_flush_all_empties() {
+        let mut s = Sim::new();
+        s.f(Modify, "b").f(Modify, "a");
+        let all: Vec<String> =
+            s.c.flush_all()
+                .into_iter()
+                .map(|(_, c)| c.path.to_string())
+                .collect();
+        assert_eq!(all, vec!["b", "a"]);
+        assert_eq!(s.c.pending(), 0);
+        assert_eq!(s.c.next_deadline(), None);
+    }
+}
