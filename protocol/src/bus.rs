@@ -136,9 +136,12 @@ pub fn send<T: Serialize>(s: &zmq::Socket, topic: &str, msg: &T) -> Result<(), B
         })
 }
 
+/// One received `[topic, payload]`.
+pub type Frame = (Vec<u8>, Vec<u8>);
+
 /// Receives one `[topic, payload]` without blocking; `None` when nothing is queued.
 /// Malformed frames (wrong part count) are returned as an empty topic.
-pub fn try_recv(s: &zmq::Socket) -> Result<Option<(Vec<u8>, Vec<u8>)>, BusError> {
+pub fn try_recv(s: &zmq::Socket) -> Result<Option<Frame>, BusError> {
     match s.recv_multipart(zmq::DONTWAIT) {
         Ok(mut parts) if parts.len() == 2 => {
             let payload = parts.pop().unwrap_or_default();
