@@ -1,1 +1,110 @@
-fn main() {}
+//! `syncbus`, the one command users type: `run` supervises the whole pipeline on this
+//! machine, `watcher` / `filter` / `dispatcher` run one stage (for systemd or supervisor
+//! units), `check-config` validates a config file, `demo` mirrors a local demo tree.
+
+mod supervisor;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use protocol::config::{Config, EXIT_BAD_CONFIG};
+
+#[derive(Parser)]
+#[command(
+    name = "syncbus",
+    version,
+    about = "Mirror directory trees to other machines in real time (inotify + rsync on a ZeroMQ bus)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the whole pipeline (watcher, filter, dispatcher) and keep it running.
+    ///
+    /// Either `--config FILE`, or `--source DIR` with one or more `--target URL`
+    /// (like `lsyncd -rsync SRC TARGET`). URL is `rsync://[user@]host[:port]/module/path`,
+    /// `[user@]host:path` (ssh) or a local directory.
+    Run(supervisor::RunArgs),
+    /// Validate a config file: every error with file, line and key; exit 64 if bad.
+    CheckConfig {
+        /// The config file (syncbus.toml).
+        file: PathBuf,
+    },
+    /// Mirror a demo tree (`demo/src` → `demo/mirror`) with an embedded config.
+    Demo {
+        /// Where to put the demo tree and its config.
+        #[arg(long, default_value = "demo")]
+        dir: PathBuf,
+    },
+    /// Run the watcher stage alone: `syncbus watcher --config FILE`.
+    #[command(disable_help_flag = true)]
+    Watcher {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the filter stage alone: `syncbus filter --config FILE`.
+    #[command(disable_help_flag = true)]
+    Filter {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the dispatcher stage alone: `syncbus dispatcher --config FILE [--target NAME]…`.
+    #[command(disable_help_flag = true)]
+    Dispatcher {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_BAD_CONFIG as u8)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Cmd::Run(args) => supervisor::run(args),
+        Cmd::CheckConfig { file } => check_config(&file),
+        Cmd::Demo { dir } => supervisor::demo(&dir),
+        Cmd::Watcher { args } => {
+            protocol::stage::stage_main("watcher", args, |c, _, s| watcher::run(c, s))
+        }
+        Cmd::Filter { args } => {
+            protocol::stage::stage_main("filter", args, |c, _, s| filter::run(c, s))
+        }
+        Cmd::Dispatcher { args } => protocol::stage::stage_main("dispatcher", args, |c, a, s| {
+            dispatcher::run(c, &a.targets, s)
+        }),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} root{}, {} target{})",
+                file.display(),
+                c.roots.len(),
+                if c.roots.len() == 1 { "" } else { "s" },
+                c.targets.len(),
+                if c.targets.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::from(EXIT_BAD_CONFIG as u8)
+        }
+    }
+}

@@ -601,6 +601,11 @@ fn canonical_prefix(path: &Path) -> PathBuf {
     }
 }
 
+/// True when rsync would read `url` as a directory on this machine.
+pub fn is_local_url(url: &str) -> bool {
+    matches!(parse_url(url), Ok(Url::Local(_)))
+}
+
 enum Url {
     Rsync(String),
     Ssh(String),

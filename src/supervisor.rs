@@ -1,0 +1,524 @@
+//! `syncbus run`: starts the stages as child processes of this one, restarts any that
+//! dies (with backoff), stops them upstream first on SIGTERM so each can drain into the
+//! next, and re-reads the config on SIGHUP. It holds no business logic.
+//!
+//! # Invariants
+//! - One `syncbus run` per runtime dir (an flock on `run.lock`).
+//! - Children are in their own process group (a terminal's Ctrl-C reaches only us, so
+//!   the stop order holds) and get SIGTERM from the kernel if we die
+//!   (`PR_SET_PDEATHSIG`), so no stage outlives a killed supervisor.
+//! - A stage that exits 64 (bad config) or 78 (environment limit) is not restarted:
+//!   everything stops and `syncbus run` exits with that code.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use protocol::bus::{self, Shutdown};
+use protocol::config::{self, Config, EXIT_BAD_CONFIG};
+use protocol::stage::EXIT_ENVIRONMENT;
+
+/// Start order: the binders first, the watcher last. Stop order is the reverse of the
+/// data flow: watcher, filter, dispatcher.
+const START_ORDER: [&str; 3] = ["filter", "dispatcher", "watcher"];
+const STOP_ORDER: [(&str, Duration); 3] = [
+    ("watcher", Duration::from_secs(5)),
+    ("filter", Duration::from_secs(5)),
+    // The dispatcher's own drain grace is 10 s; give it room to finish.
+    ("dispatcher", Duration::from_secs(15)),
+];
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A stage that ran this long before dying starts again from the shortest backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The config file (syncbus.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Mirror this directory, without a config file (needs `--target`).
+    #[arg(long, conflicts_with = "config", requires = "targets")]
+    source: Option<PathBuf>,
+    /// Where `--source` goes (repeatable): rsync://…, [user@]host:path or a directory.
+    #[arg(long = "target", conflicts_with = "config", requires = "source")]
+    targets: Vec<String>,
+    /// Directory for the bus sockets (mode 0700). Default: the config's `bus.runtime_dir`.
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    /// Log JSON lines instead of human text (passed on to every stage).
+    #[arg(long)]
+    log_json: bool,
+}
+
+struct Stage {
+    name: &'static str,
+    child: Option<Child>,
+    started: Instant,
+    restarts: u32,
+    backoff: Duration,
+    next_start: Option<Instant>,
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    bus::init_logging(args.log_json);
+    let file = match config_file(&args) {
+        Ok(f) => f,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    let config = match Config::load(&file) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            if args.source.is_some() {
+                eprintln!("(in the config generated from --source/--target)");
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    if let Err(e) = bus::ensure_runtime_dir(&config.runtime_dir) {
+        tracing::error!(error = %e, "cannot use the runtime dir");
+        return ExitCode::from(EXIT_ENVIRONMENT as u8);
+    }
+    let _lock = match lock(&config.runtime_dir) {
+        Ok(l) => l,
+        Err(msg) => {
+            tracing::error!("{msg}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let shutdown = match Shutdown::install() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot find my own executable");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        config = %file.display(),
+        runtime_dir = %config.runtime_dir.display(),
+        roots = config.roots.len(),
+        targets = config.targets.len(),
+        "syncbus starting"
+    );
+    let mut sup = Supervisor {
+        exe,
+        file,
+        log_json: args.log_json,
+        stages: START_ORDER
+            .iter()
+            .map(|&name| Stage {
+                name,
+                child: None,
+                started: Instant::now(),
+                restarts: 0,
+                backoff: BACKOFF_MIN,
+                next_start: Some(Instant::now()),
+            })
+            .collect(),
+    };
+    let code = sup.supervise(&shutdown);
+    tracing::info!(code, "syncbus stopped");
+    ExitCode::from(code)
+}
+
+/// The config file to use: `--config`, or one generated from `--source`/`--target`.
+fn config_file(args: &RunArgs) -> Result<PathBuf, String> {
+    if let Some(c) = &args.config {
+        if args.runtime_dir.is_none() {
+            return Ok(c.clone());
+        }
+        // An override of the runtime dir: append it to a private copy of the config.
+        let text =
+            std::fs::read_to_string(c).map_err(|e| format!("{}: cannot read: {e}", c.display()))?;
+        let dir = args.runtime_dir.clone().unwrap_or_default();
+        let mut table: toml::Table = toml::from_str(&text).map_err(|_| {
+            // Let the normal loader report the syntax error with its position.
+            match Config::load(c) {
+                Err(e) => e.to_string(),
+                Ok(_) => format!("{}: cannot parse", c.display()),
+            }
+        })?;
+        let bus = table
+            .entry("bus")
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        if let toml::Value::Table(b) = bus {
+            b.insert(
+                "runtime_dir".into(),
+                toml::Value::String(absolute(&dir)?.to_string_lossy().into_owned()),
+            );
+        }
+        let base = c
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        absolutize_paths(&mut table, &absolute(base)?);
+        return write_generated(&dir, &table);
+    }
+    let Some(source) = &args.source else {
+        return Err("syncbus run: give `--config FILE`, or `--source DIR --target URL` (see `syncbus run --help`)".into());
+    };
+    let src = std::fs::canonicalize(source)
+        .map_err(|e| format!("--source `{}`: {e}", source.display()))?;
+    let src = src.to_str().ok_or_else(|| {
+        format!(
+            "--source `{}`: a non-UTF-8 path cannot go in a config file",
+            src.display()
+        )
+    })?;
+    let name = Path::new(src)
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect::<String>()
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "source".into());
+    let mut root = toml::Table::new();
+    root.insert("name".into(), name.into());
+    root.insert("path".into(), src.into());
+    let mut targets = Vec::new();
+    for (i, url) in args.targets.iter().enumerate() {
+        let url = if config::is_local_url(url) {
+            absolute(Path::new(url))?.to_string_lossy().into_owned()
+        } else {
+            url.clone()
+        };
+        let mut t = toml::Table::new();
+        t.insert("name".into(), format!("target{}", i + 1).into());
+        t.insert("url".into(), url.into());
+        targets.push(toml::Value::Table(t));
+    }
+    let dir = match &args.runtime_dir {
+        Some(d) => absolute(d)?,
+        None => config::default_runtime_dir(),
+    };
+    let mut bus = toml::Table::new();
+    bus.insert(
+        "runtime_dir".into(),
+        dir.to_string_lossy().into_owned().into(),
+    );
+    let mut table = toml::Table::new();
+    table.insert("bus".into(), toml::Value::Table(bus));
+    table.insert(
+        "root".into(),
+        toml::Value::Array(vec![toml::Value::Table(root)]),
+    );
+    table.insert("target".into(), toml::Value::Array(targets));
+    write_generated(&dir, &table)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(p).map_err(|e| format!("`{}`: {e}", p.display()))
+}
+
+/// Makes the relative paths of a config absolute, so a copy elsewhere means the same.
+fn absolutize_paths(table: &mut toml::Table, base: &Path) {
+    let fix = |v: &mut toml::Value, local_only: bool| {
+        if let toml::Value::String(s) = v {
+            if !Path::new(s.as_str()).is_absolute() && (!local_only || config::is_local_url(s)) {
+                *s = base.join(s.as_str()).to_string_lossy().into_owned();
+            }
+        }
+    };
+    for (section, keys) in [
+        ("root", &["path"][..]),
+        ("target", &["url", "password_file", "identity_file"][..]),
+    ] {
+        if let Some(toml::Value::Array(items)) = table.get_mut(section) {
+            for item in items {
+                if let toml::Value::Table(t) = item {
+                    for key in keys {
+                        if let Some(v) = t.get_mut(*key) {
+                            fix(v, *key == "url");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn write_generated(dir: &Path, table: &toml::Table) -> Result<PathBuf, String> {
+    bus::ensure_runtime_dir(dir).map_err(|e| e.to_string())?;
+    let file = dir.join("generated.toml");
+    let text = format!(
+        "# Generated by `syncbus run`; edit your own config instead.\n{}",
+        toml::to_string(table).map_err(|e| e.to_string())?
+    );
+    std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(file)
+}
+
+/// Takes the runtime dir's lock, so two instances never share sockets.
+fn lock(dir: &Path) -> Result<File, String> {
+    let path = dir.join("run.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(format!(
+            "another `syncbus run` (pid {}) uses the runtime dir `{}`; stop it or set `bus.runtime_dir`",
+            holder.trim(),
+            dir.display()
+        ));
+    }
+    use std::io::Write;
+    let _ = f.set_len(0);
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
+}
+
+struct Supervisor {
+    exe: PathBuf,
+    file: PathBuf,
+    log_json: bool,
+    stages: Vec<Stage>,
+}
+
+impl Supervisor {
+    fn supervise(&mut self, shutdown: &Shutdown) -> u8 {
+        loop {
+            self.start_due();
+            let mut pfd = libc::pollfd {
+                fd: shutdown.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            shutdown.drain();
+            if shutdown.requested() {
+                tracing::info!("stopping: watcher first, then filter, then dispatcher");
+                self.stop_all(shutdown);
+                return 0;
+            }
+            if shutdown.take_hup() {
+                self.reload(shutdown);
+            }
+            if let Some(code) = self.reap() {
+                self.stop_all(shutdown);
+                return code;
+            }
+        }
+    }
+
+    fn spawn(&self, name: &str) -> std::io::Result<Child> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg(name).arg("--config").arg(&self.file);
+        if self.log_json {
+            cmd.arg("--log-json");
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        // SAFETY: between fork and exec we only call async-signal-safe functions.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setpgid(0, 0);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        cmd.spawn()
+    }
+
+    fn start_due(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.stages.len() {
+            let due = self.stages[i].next_start.is_some_and(|t| t <= now);
+            if !due || self.stages[i].child.is_some() {
+                continue;
+            }
+            let name = self.stages[i].name;
+            match self.spawn(name) {
+                Ok(child) => {
+                    tracing::info!(
+                        stage = name,
+                        pid = child.id(),
+                        restarts = self.stages[i].restarts,
+                        "stage started"
+                    );
+                    let s = &mut self.stages[i];
+                    s.child = Some(child);
+                    s.started = now;
+                    s.next_start = None;
+                }
+                Err(e) => {
+                    let s = &mut self.stages[i];
+                    tracing::error!(stage = name, error = %e, "cannot start stage");
+                    s.next_start = Some(now + s.backoff);
+                    s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Notices dead stages and schedules their restart; `Some(code)` when one died in
+    /// a way a restart cannot fix.
+    fn reap(&mut self) -> Option<u8> {
+        for s in &mut self.stages {
+            let Some(child) = s.child.as_mut() else {
+                continue;
+            };
+            let Ok(Some(status)) = child.try_wait() else {
+                continue;
+            };
+            s.child = None;
+            let code = status.code();
+            if matches!(code, Some(EXIT_BAD_CONFIG) | Some(EXIT_ENVIRONMENT)) {
+                tracing::error!(
+                    stage = s.name,
+                    code,
+                    "stage cannot run with this config on this machine; stopping"
+                );
+                return code.map(|c| c as u8);
+            }
+            if s.started.elapsed() >= HEALTHY_AFTER {
+                s.backoff = BACKOFF_MIN;
+            }
+            s.restarts += 1;
+            tracing::warn!(
+                stage = s.name,
+                code,
+                signal = status.signal(),
+                restart_in_ms = s.backoff.as_millis() as u64,
+                restarts = s.restarts,
+                "stage died; restarting"
+            );
+            s.next_start = Some(Instant::now() + s.backoff);
+            s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+        }
+        None
+    }
+
+    fn stop_all(&mut self, shutdown: &Shutdown) {
+        for (name, grace) in STOP_ORDER {
+            let Some(s) = self.stages.iter_mut().find(|s| s.name == name) else {
+                continue;
+            };
+            s.next_start = None;
+            let Some(mut child) = s.child.take() else {
+                continue;
+            };
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + grace;
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline || shutdown.urgent() {
+                    tracing::warn!(stage = name, "stage did not stop in time; killing it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// SIGHUP: a valid new config restarts the stages with it (each resyncs on start, so
+    /// nothing is lost); an invalid one is reported and the running pipeline kept.
+    fn reload(&mut self, shutdown: &Shutdown) {
+        match Config::load(&self.file) {
+            Err(errors) => {
+                tracing::error!(errors = %errors, "SIGHUP: new config is invalid; keeping the running one");
+            }
+            Ok(_) => {
+                tracing::info!("SIGHUP: config valid; restarting the stages with it");
+                self.stop_all(shutdown);
+                for s in &mut self.stages {
+                    s.next_start = Some(Instant::now());
+                    s.backoff = BACKOFF_MIN;
+                }
+            }
+        }
+    }
+}
+
+const DEMO_CONFIG: &str = include_str!("../deploy/demo.toml");
+
+/// `syncbus demo`: a local mirror with the embedded config, no remote server needed.
+pub fn demo(dir: &Path) -> ExitCode {
+    let rsync_ok = Command::new("rsync")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !rsync_ok {
+        eprintln!("syncbus needs rsync: install it with `apt-get install rsync` (scripts/demo.sh does this for you)");
+        return ExitCode::from(EXIT_UNAVAILABLE);
+    }
+    let (src, mirror, file) = (
+        dir.join("src"),
+        dir.join("mirror"),
+        dir.join("syncbus.toml"),
+    );
+    for d in [&src, &mirror] {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            eprintln!("cannot create `{}`: {e}", d.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let hello = src.join("hello.txt");
+    if !hello.exists() {
+        let _ = std::fs::write(
+            &hello,
+            "Edit me: every change appears in demo/mirror within milliseconds.\n",
+        );
+    }
+    if let Err(e) = std::fs::write(&file, DEMO_CONFIG) {
+        eprintln!("cannot write `{}`: {e}", file.display());
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "syncbus demo: mirroring {} → {} (config: {}).\n\
+         Try, in another terminal:  echo hi > {}/new.txt; ls -l {}\n\
+         Stop with Ctrl-C.",
+        src.display(),
+        mirror.display(),
+        file.display(),
+        src.display(),
+        mirror.display()
+    );
+    run(RunArgs {
+        config: Some(file),
+        source: None,
+        targets: Vec::new(),
+        runtime_dir: None,
+        log_json: false,
+    })
+}
