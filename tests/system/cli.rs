@@ -1,0 +1,119 @@
+//! The `syncbus` command as a user meets it: config errors, stopping, restarting.
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{bin, Mirror};
+
+#[test]
+fn check_config_names_file_line_and_key_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("src")).unwrap();
+    let file = dir.path().join("bad.toml");
+    fs::write(
+        &file,
+        "[[root]]\nname = \"r\"\npath = \"src\"\n\n[[target]]\nname = \"t\"\nurl = \"rsync://h/m\"\nroots = [\"nope\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(bin()).arg("check-config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:8:", file.display())) && err.contains("target[0].roots[0]") && err.contains("no root named `nope`"),
+        "{err}"
+    );
+
+    fs::write(&file, "[[root]]\nname = \"r\"\npath = \"src\"\nspeed = 11\n").unwrap();
+    let out = Command::new(bin()).arg("check-config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(":4:") && err.contains("speed"), "{err}");
+
+    // `syncbus run` refuses the same file the same way, before starting anything.
+    let out = Command::new(bin()).args(["run", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+
+    fs::write(&file, "[[root]]\nname = \"r\"\npath = \"src\"\n").unwrap();
+    let out = Command::new(bin()).arg("check-config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn every_example_config_in_deploy_is_valid() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut checked = 0;
+    for entry in fs::read_dir(&deploy).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        // Examples name paths relative to themselves; give them a tree to point at.
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join(path.file_name().unwrap());
+        fs::copy(&path, &copy).unwrap();
+        for sub in ["src", "data/www", "data/uploads"] {
+            fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let out = Command::new(bin()).arg("check-config").arg(&copy).output().unwrap();
+        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        checked += 1;
+    }
+    assert!(checked >= 1, "no example configs found in deploy/");
+}
+
+#[test]
+fn sigterm_stops_every_stage_and_exits_zero() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    let p = m.proc.as_mut().unwrap();
+    p.signal(libc::SIGTERM);
+    let status = p.wait_exit(Duration::from_secs(30)).expect("syncbus run stops on SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", p.log_text());
+    let log = p.log_text();
+    let order: Vec<usize> = ["stage=\"watcher\"", "stage=\"filter\"", "stage=\"dispatcher\""]
+        .iter()
+        .map(|s| log.rfind(&format!("stage stopped {s}")).or_else(|| log.rfind(*s)).unwrap_or(0))
+        .collect();
+    assert!(log.contains("syncbus stopped"), "{log}");
+    assert!(order.iter().all(|&i| i > 0), "every stage logged: {log}");
+}
+
+#[test]
+fn a_killed_stage_is_restarted_and_the_mirror_goes_on() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    for stage in ["filter", "watcher", "dispatcher"] {
+        let pid = stage_pid(&m.proc.as_ref().unwrap().log_text(), stage);
+        // SAFETY: kill(2) with a pid we read from our child's log.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        testkit::eventually(&format!("{stage} restarted"), crate::CONVERGE, || {
+            let now = stage_pid(&m.proc.as_ref().unwrap().log_text(), stage);
+            (now != pid).then_some(())
+        });
+        fs::write(m.s(&format!("after-{stage}-kill")), stage).unwrap();
+        m.wait_ready();
+        m.converge();
+    }
+}
+
+#[test]
+fn a_second_run_on_the_same_runtime_dir_is_refused() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    let out = Command::new(bin()).args(["run", "--config"]).arg(&m.config).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another `syncbus run`"), "{err}");
+    // …and the first one still mirrors.
+    m.wait_ready();
+}
+
+/// The pid of the newest start of `stage` in a supervisor log.
+fn stage_pid(log: &str, stage: &str) -> i32 {
+    log.lines()
+        .filter(|l| l.contains("stage started") && l.contains(&format!("stage=\"{stage}\"")))
+        .filter_map(|l| l.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .last()
+        .unwrap_or_else(|| panic!("no start of {stage} in log:\n{log}"))
+}
