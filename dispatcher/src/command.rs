@@ -266,14 +266,20 @@ pub fn run(
                 let _ = child.kill();
                 killed = true;
             }
-            wait = (wait * 2).min(Duration::from_millis(20));
+            // Short polls: a local or TCP_NODELAY run takes a few ms, and latency is
+            // what a live mirror is judged by.
+            wait = (wait * 2).min(Duration::from_millis(5));
         };
         let tail = reader.join().unwrap_or_default();
         let tail = String::from_utf8_lossy(&tail).trim().to_string();
         match status {
             Ok(st) if killed => RunResult {
                 outcome: Outcome::Retry,
-                error: format!("stopped by shutdown ({st}); {tail}"),
+                error: if tail.is_empty() {
+                    format!("stopped by the shutdown deadline ({st})")
+                } else {
+                    format!("stopped by the shutdown deadline ({st}): {tail}")
+                },
             },
             Ok(st) => {
                 let outcome = classify_status(st);

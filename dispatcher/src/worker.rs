@@ -217,7 +217,9 @@ impl Worker {
                     let attempt = self.failing.get(&root).map_or(1, |f| f.attempt + 1);
                     let delay = backoff(attempt, result.outcome, rand::random::<f64>());
                     let paths = work.paths.len() + work.resyncs.len();
-                    if result.outcome == Outcome::Fatal {
+                    if intake.closed {
+                        tracing::warn!(target = %self.target.name, root = %root, attempt, paths, error = %result.error, "rsync failed during shutdown; its work is abandoned");
+                    } else if result.outcome == Outcome::Fatal {
                         tracing::error!(target = %self.target.name, root = %root, attempt, paths, error = %result.error, retry_in_s = delay.as_secs(), "rsync failed and will not succeed until something changes; retrying rarely");
                     } else {
                         tracing::warn!(target = %self.target.name, root = %root, attempt, paths, error = %result.error, retry_in_ms = delay.as_millis() as u64, "rsync failed; will retry");
