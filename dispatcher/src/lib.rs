@@ -33,10 +33,10 @@
 //!   directory sends the big one whole (correct, just more work).
 //! - Backoff is per (target, root); a target that is down for all roots is probed once
 //!   per root.
-//! - Regex excludes are listed by walking the source before each run that sends a
-//!   directory whole (rsync has no regexes); a file created between the walk and the
-//!   run slips through until the filter's own event for it, which the filter drops —
-//!   so it can reach the target.
+//! - Regex excludes are listed by walking the source just before each run that sends
+//!   a directory whole (rsync has no regexes). A regex-excluded file created inside
+//!   that directory between the walk and the run reaches the target, and stays there:
+//!   the filter drops its events and `--delete` protects excluded receiver files.
 //! - SIGHUP is ignored (no config reload yet).
 
 pub mod batch;
@@ -313,4 +313,28 @@ fn dispatch(root: &str, job: Job, routes: &HashMap<String, Vec<Served>>) -> Resu
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_target_names_are_refused_with_the_known_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[[root]]\nname = \"r\"\npath = {:?}\n[[target]]\nname = \"a\"\nurl = {:?}\n",
+            d.path().display().to_string(),
+            d.path().join("../elsewhere").display().to_string(),
+        );
+        let config = Config::parse(&text, &d.path().join("c.toml")).unwrap();
+        assert_eq!(select(&config, &[]).unwrap().len(), 1);
+        assert_eq!(select(&config, &["a".into()]).unwrap()[0].name, "a");
+        match select(&config, &["b".into()]) {
+            Err(StageError::Failed(m)) => {
+                assert!(m.contains("unknown target `b` (configured: a)"), "{m}")
+            }
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+    }
 }

@@ -502,3 +502,29 @@ fn a_vanished_source_root_never_wipes_the_target() {
     fs::write(h.src().join("after"), b"back").unwrap();
     h.converge("retry after the root is back", "dst");
 }
+
+#[test]
+fn a_burst_of_messages_becomes_a_few_batches() {
+    let h = Harness::start(&[("local", "{dir}/dst")], "", |_| {});
+    h.converge("initial resync", "dst");
+    let before = h.log().matches("batch sent").count();
+    const N: usize = 300;
+    for i in 0..N {
+        let name = format!("f{i:04}");
+        fs::write(h.src().join(&name), name.as_bytes()).unwrap();
+        // One message per file, as a filter with a tiny quiet period would send them.
+        h.publish(vec![upsert(name.as_bytes())]);
+    }
+    h.converge("the burst arrives", "dst");
+    // The run is logged just after rsync returns, so possibly after the trees match.
+    eventually("the last run is logged", &h, || {
+        h.log().matches("batch sent").count() > before
+    });
+    assert!(!h.log().contains("messages lost"), "{}", h.log());
+    let runs = h.log().matches("batch sent").count() - before;
+    eprintln!("{runs} rsync runs for {N} messages");
+    assert!(
+        (1..N / 10).contains(&runs),
+        "{runs} rsync runs for {N} messages: batching does not merge"
+    );
+}
