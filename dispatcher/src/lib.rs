@@ -1,1 +1,340 @@
+//! The dispatcher stage: turns the public change stream into rsync runs, one worker
+//! per target.
+//!
+//! **In:** `ChangeBatch`es on the `changes` SUB socket (one topic per root, heartbeats
+//! included). **Out:** rsync processes, one per root per batch per target
+//! (`--files-from=- --from0` for touched paths, `--delete` with a filter for resyncs).
+//!
+//! The SUB loop ([`run`]) only decodes, checks sequence numbers and hands jobs to the
+//! workers over unbounded channels; each worker ([`worker`]) merges whatever arrives
+//! while its rsync runs into the next batch ([`batch::Batcher`]), so batching adapts to
+//! the target's speed: one run when idle, bigger batches when busy. The command line
+//! and the meaning of exit codes live in [`command`], the file lists and filter rules
+//! in [`plan`].
+//!
+//! # Invariants
+//! - The SUB loop never blocks on a worker; a slow or dead target delays no other.
+//! - Anything but the next in-order message of a root (first sight, gap, new epoch,
+//!   undecodable message) queues a resync of the whole root for every target bound
+//!   to it. The first heartbeat after start is how the initial sync happens.
+//! - Never one rsync per file: a worker runs at most one incremental and one resync
+//!   rsync per root per batch.
+//! - Nothing is dropped silently: failed work stays in the worker, merged with new
+//!   work, and is retried with backoff; at shutdown what is left is counted at WARN.
+//! - rsync never runs from a missing source root (`--delete` would wipe the mirror).
+//! - File names reach rsync as bytes on stdin, `./`-prefixed and NUL-separated; no
+//!   shell anywhere ([`command`] is the only place that spawns processes).
+//!
+//! # Known problems
+//! - Failed work is kept in memory only until the durable retrier exists; a restart
+//!   loses it, but the restart itself triggers a full resync of every root.
+//! - `-r` applies to every directory of an incremental run as soon as one entry is
+//!   recursive, so an attribute change of a big directory in the same batch as a new
+//!   directory sends the big one whole (correct, just more work).
+//! - Backoff is per (target, root); a target that is down for all roots is probed once
+//!   per root.
+//! - Regex excludes are listed by walking the source just before each run that sends
+//!   a directory whole (rsync has no regexes). A regex-excluded file created inside
+//!   that directory between the walk and the run reaches the target, and stays there:
+//!   the filter drops its events and `--delete` protects excluded receiver files.
+//! - SIGHUP is ignored (no config reload yet).
 
+pub mod batch;
+pub mod command;
+pub mod plan;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::bus::{self, Endpoints, Shutdown};
+use protocol::config::{Config, Target};
+use protocol::seq::{Seen, SeqTracker};
+use protocol::stage::StageError;
+use protocol::wire::{self, ChangeBatch};
+
+use worker::{Control, Job, RootInfo, Worker};
+
+/// How long a drain may take after the first SIGTERM/SIGINT.
+pub const GRACE: Duration = Duration::from_secs(10);
+
+struct Served {
+    target: String,
+    tx: Sender<Job>,
+}
+
+/// Selects the targets to serve: all of them, or the ones named.
+fn select<'a>(config: &'a Config, only: &[String]) -> Result<Vec<&'a Target>, StageError> {
+    if only.is_empty() {
+        if config.targets.is_empty() {
+            return Err(StageError::Failed(
+                "no `[[target]]` in the config: nothing to dispatch to".into(),
+            ));
+        }
+        return Ok(config.targets.iter().collect());
+    }
+    let known: Vec<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
+    only.iter()
+        .map(|n| {
+            config.target(n).ok_or_else(|| {
+                StageError::Failed(format!(
+                    "unknown target `{n}` (configured: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Runs the dispatcher until `shutdown`: serves `only_targets` (all when empty).
+pub fn run(
+    config: &Config,
+    only_targets: &[String],
+    shutdown: &Shutdown,
+) -> Result<(), StageError> {
+    let targets = select(config, only_targets)?;
+    let control = Arc::new(Control::default());
+    // root name → the workers bound to it
+    let mut routes: HashMap<String, Vec<Served>> = HashMap::new();
+    let (done_tx, done_rx) = mpsc::channel::<String>();
+    let mut workers = 0usize;
+    for t in &targets {
+        let mut roots = HashMap::new();
+        for r in &t.roots {
+            let root = config.root(r).ok_or_else(|| {
+                StageError::Failed(format!("target `{}` names unknown root `{r}`", t.name))
+            })?;
+            roots.insert(
+                r.clone(),
+                RootInfo {
+                    path: root.path.clone(),
+                    rules: root.rules.clone(),
+                },
+            );
+        }
+        let w = Worker::new((*t).clone(), roots, &config.runtime_dir, control.clone()).map_err(
+            |e| {
+                StageError::Failed(format!(
+                    "cannot create a scratch dir in `{}`: {e}",
+                    config.runtime_dir.display()
+                ))
+            },
+        )?;
+        let (tx, rx) = mpsc::channel();
+        for r in &t.roots {
+            routes.entry(r.clone()).or_default().push(Served {
+                target: t.name.clone(),
+                tx: tx.clone(),
+            });
+        }
+        let done = done_tx.clone();
+        let name = t.name.clone();
+        std::thread::Builder::new()
+            .name(format!("target-{}", t.name))
+            .spawn(move || {
+                w.run(rx);
+                let _ = done.send(name);
+            })
+            .map_err(|e| StageError::Failed(format!("cannot start a worker thread: {e}")))?;
+        workers += 1;
+    }
+    drop(done_tx);
+
+    let ctx = zmq::Context::new();
+    let sub = bus::socket(&ctx, zmq::SUB)?;
+    let endpoint = Endpoints::new(config).changes;
+    let mut topics: HashMap<Vec<u8>, String> = HashMap::new();
+    for root in routes.keys() {
+        let topic = wire::changes_topic(root);
+        sub.set_subscribe(topic.as_bytes())
+            .map_err(|e| StageError::Failed(format!("cannot subscribe to `{topic}`: {e}")))?;
+        topics.insert(topic.into_bytes(), root.clone());
+    }
+    bus::connect(&sub, &endpoint)?;
+    tracing::info!(endpoint = %endpoint, targets = workers, roots = routes.len(), "dispatcher listening");
+
+    let mut trackers: HashMap<String, SeqTracker> = HashMap::new();
+    let result = loop {
+        if shutdown.requested() {
+            break Ok(());
+        }
+        let mut items = [
+            sub.as_poll_item(zmq::POLLIN),
+            zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
+        ];
+        if let Err(e) = zmq::poll(&mut items, 1000) {
+            if e == zmq::Error::EINTR {
+                continue;
+            }
+            break Err(StageError::Failed(format!("zmq poll: {e}")));
+        }
+        if items[1].is_readable() {
+            shutdown.drain();
+            if shutdown.take_hup() {
+                tracing::info!("SIGHUP ignored (no config reload yet)");
+            }
+        }
+        if !items[0].is_readable() {
+            continue;
+        }
+        let mut failed = None;
+        while let Some((topic, payload)) = bus::try_recv(&sub)? {
+            if let Err(e) = handle(&topic, &payload, &topics, &mut trackers, &routes) {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+    };
+
+    // Drain: stop intake, let each worker finish its run and one more pass.
+    let deadline = Instant::now() + GRACE;
+    let _ = control.deadline.set(deadline);
+    drop(routes);
+    drop(sub);
+    if result.is_ok() {
+        tracing::info!(grace_s = GRACE.as_secs(), "draining workers");
+    }
+    let mut left = workers;
+    while left > 0 {
+        if shutdown.urgent() {
+            control.abort.store(true, Ordering::SeqCst);
+            tracing::warn!(workers = left, "second signal: stopping now");
+            break;
+        }
+        match done_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(_) => left -= 1,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Workers kill their rsync at the deadline; allow them a moment to say so.
+                if Instant::now() > deadline + Duration::from_secs(2) {
+                    tracing::warn!(
+                        workers = left,
+                        "workers did not stop within the grace period"
+                    );
+                    control.abort.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    result
+}
+
+/// One message from the SUB socket.
+fn handle(
+    topic: &[u8],
+    payload: &[u8],
+    topics: &HashMap<Vec<u8>, String>,
+    trackers: &mut HashMap<String, SeqTracker>,
+    routes: &HashMap<String, Vec<Served>>,
+) -> Result<(), StageError> {
+    let Some(root) = topics.get(topic) else {
+        tracing::warn!(topic = %String::from_utf8_lossy(topic), "message on an unexpected topic ignored");
+        return Ok(());
+    };
+    let batch = match wire::decode::<ChangeBatch>(payload) {
+        Ok(b) if &b.root == root => b,
+        Ok(b) => {
+            tracing::warn!(root = %root, claimed = %b.root, "message names another root than its topic; resyncing");
+            return dispatch(
+                root,
+                Job::Resync {
+                    root: root.as_str().into(),
+                },
+                routes,
+            );
+        }
+        Err(e) => {
+            // Whatever it said is lost to us: answer with a resync.
+            tracing::warn!(root = %root, error = %e, "undecodable message; resyncing the root");
+            return dispatch(
+                root,
+                Job::Resync {
+                    root: root.as_str().into(),
+                },
+                routes,
+            );
+        }
+    };
+    let seen = trackers
+        .entry(root.clone())
+        .or_default()
+        .observe(batch.epoch, batch.seq);
+    match seen {
+        Seen::InOrder => {}
+        Seen::First { seq } => {
+            tracing::info!(root = %root, epoch = batch.epoch, seq, "first message from the filter; resyncing the root")
+        }
+        Seen::Gap { missed } => {
+            tracing::warn!(root = %root, epoch = batch.epoch, seq = batch.seq, missed, "messages lost; resyncing the root")
+        }
+        Seen::NewEpoch => {
+            tracing::warn!(root = %root, epoch = batch.epoch, seq = batch.seq, "the filter restarted; resyncing the root")
+        }
+    }
+    let shared: Arc<str> = root.as_str().into();
+    if seen != Seen::InOrder {
+        dispatch(
+            root,
+            Job::Resync {
+                root: shared.clone(),
+            },
+            routes,
+        )?;
+    }
+    if !batch.changes.is_empty() {
+        let job = Job::Changes {
+            root: shared,
+            changes: Arc::new(batch.changes),
+        };
+        dispatch(root, job, routes)?;
+    }
+    Ok(())
+}
+
+fn dispatch(root: &str, job: Job, routes: &HashMap<String, Vec<Served>>) -> Result<(), StageError> {
+    for s in routes.get(root).into_iter().flatten() {
+        // Unbounded: never blocks. A closed channel means the worker thread died.
+        s.tx.send(job.clone()).map_err(|_| {
+            StageError::Failed(format!(
+                "the worker of target `{}` stopped unexpectedly",
+                s.target
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_target_names_are_refused_with_the_known_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[[root]]\nname = \"r\"\npath = {:?}\n[[target]]\nname = \"a\"\nurl = {:?}\n",
+            d.path().display().to_string(),
+            d.path().join("../elsewhere").display().to_string(),
+        );
+        let config = Config::parse(&text, &d.path().join("c.toml")).unwrap();
+        assert_eq!(select(&config, &[]).unwrap().len(), 1);
+        assert_eq!(select(&config, &["a".into()]).unwrap()[0].name, "a");
+        match select(&config, &["b".into()]) {
+            Err(StageError::Failed(m)) => {
+                assert!(m.contains("unknown target `b` (configured: a)"), "{m}")
+            }
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The batcher: everything a target still needs, merged per root, so that one rsync per
+//! root covers whatever arrived while the previous one ran. Pure: no I/O, no clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use protocol::wire::{Change, Op};
+use protocol::PathBytes;
+
+/// How a path was touched since the last batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Touch {
+    /// A directory that appeared whole (created or moved in): send its content too.
+    pub recursive: bool,
+    /// The path was deleted or moved away at some point (kept even below a recursive
+    /// entry, because `rsync -r` of the directory does not delete on the receiver).
+    pub deleted: bool,
+}
+
+impl Touch {
+    fn merge(&mut self, other: Touch) {
+        self.recursive |= other.recursive;
+        self.deleted |= other.deleted;
+    }
+}
+
+/// What one root needs on one target.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootWork {
+    /// Subtrees to compare in full (the root when empty); none lies within another.
+    pub resyncs: BTreeSet<PathBytes>,
+    /// Touched paths; none lies within a resync subtree.
+    pub paths: BTreeMap<PathBytes, Touch>,
+}
+
+impl RootWork {
+    pub fn is_empty(&self) -> bool {
+        self.resyncs.is_empty() && self.paths.is_empty()
+    }
+
+    fn covered(&self, path: &PathBytes) -> bool {
+        self.resyncs.iter().any(|s| path.is_within(s))
+    }
+
+    fn touch(&mut self, path: PathBytes, touch: Touch) {
+        if self.covered(&path) {
+            return;
+        }
+        self.paths.entry(path).or_default().merge(touch);
+    }
+
+    fn resync(&mut self, subtree: PathBytes) {
+        if self.covered(&subtree) {
+            return;
+        }
+        self.resyncs.retain(|s| !s.is_within(&subtree));
+        self.paths.retain(|p, _| !p.is_within(&subtree));
+        self.resyncs.insert(subtree);
+    }
+
+    fn merge(&mut self, other: RootWork) {
+        for s in other.resyncs {
+            self.resync(s);
+        }
+        for (p, t) in other.paths {
+            self.touch(p, t);
+        }
+    }
+
+    /// Drops upserts strictly below a recursive directory entry: `rsync -r` sends them
+    /// with the directory anyway. Deletes stay.
+    fn normalize(&mut self) {
+        let recursive: BTreeSet<PathBytes> = self
+            .paths
+            .iter()
+            .filter(|(_, t)| t.recursive)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if recursive.is_empty() {
+            return;
+        }
+        self.paths.retain(|p, t| {
+            t.deleted
+                || !p
+                    .ancestors()
+                    .any(|a| recursive.contains(&PathBytes::new(a.to_vec())))
+        });
+    }
+}
+
+/// One batch: the work of every root that was ready when it was taken.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub roots: BTreeMap<String, RootWork>,
+}
+
+#[derive(Debug, Default)]
+pub struct Batcher {
+    roots: BTreeMap<String, RootWork>,
+}
+
+impl Batcher {
+    pub fn new() -> Self {
+        Batcher::default()
+    }
+
+    /// Records one change of `root`.
+    pub fn push(&mut self, root: &str, change: &Change) {
+        let work = self.roots.entry(root.to_string()).or_default();
+        match change.op {
+            Op::Upsert => work.touch(
+                change.path.clone(),
+                Touch {
+                    recursive: change.recursive,
+                    deleted: false,
+                },
+            ),
+            Op::Delete => work.touch(
+                change.path.clone(),
+                Touch {
+                    recursive: false,
+                    deleted: true,
+                },
+            ),
+            Op::Move => {
+                if let Some(from) = &change.from {
+                    work.touch(
+                        from.clone(),
+                        Touch {
+                            recursive: false,
+                            deleted: true,
+                        },
+                    );
+                }
+                work.touch(
+                    change.path.clone(),
+                    Touch {
+                        recursive: change.dir || change.recursive,
+                        deleted: false,
+                    },
+                );
+            }
+            Op::Resync => work.resync(change.path.clone()),
+        }
+    }
+
+    /// Asks for a full comparison of `subtree` of `root` (the root when empty).
+    pub fn resync(&mut self, root: &str, subtree: PathBytes) {
+        self.roots
+            .entry(root.to_string())
+            .or_default()
+            .resync(subtree);
+    }
+
+    /// Puts back work that failed, merged with whatever arrived since.
+    pub fn merge(&mut self, root: &str, work: RootWork) {
+        self.roots.entry(root.to_string()).or_default().merge(work);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.roots.values().all(RootWork::is_empty)
+    }
+
+    /// Roots that have pending work.
+    pub fn pending_roots(&self) -> impl Iterator<Item = &str> {
+        self.roots
+            .iter()
+            .filter(|(_, w)| !w.is_empty())
+            .map(|(r, _)| r.as_str())
+    }
+
+    /// `(paths, resyncs)` still pending, for the shutdown report.
+    pub fn pending_counts(&self) -> (usize, usize) {
+        self.roots
+            .values()
+            .fold((0, 0), |(p, r), w| (p + w.paths.len(), r + w.resyncs.len()))
+    }
+
+    /// Everything pending, as one batch.
+    pub fn take(&mut self) -> Option<Batch> {
+        self.take_where(|_| true)
+    }
+
+    /// The pending work of the roots for which `ready` says yes (the others wait, e.g.
+    /// for their retry backoff).
+    pub fn take_where(&mut self, ready: impl Fn(&str) -> bool) -> Option<Batch> {
+        let names: Vec<String> = self
+            .roots
+            .iter()
+            .filter(|(r, w)| !w.is_empty() && ready(r))
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut batch = Batch::default();
+        for name in names {
+            if let Some(mut work) = self.roots.remove(&name) {
+                work.normalize();
+                batch.roots.insert(name, work);
+            }
+        }
+        (!batch.roots.is_empty()).then_some(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(op: Op, path: &str) -> Change {
+        Change {
+            op,
+            path: path.into(),
+            from: None,
+            dir: false,
+            recursive: false,
+            since_us: 0,
+        }
+    }
+    fn up(p: &str) -> Change {
+        ch(Op::Upsert, p)
+    }
+    fn del(p: &str) -> Change {
+        ch(Op::Delete, p)
+    }
+    fn rdir(p: &str) -> Change {
+        Change {
+            dir: true,
+            recursive: true,
+            ..ch(Op::Upsert, p)
+        }
+    }
+    fn mv(from: &str, to: &str, dir: bool) -> Change {
+        Change {
+            from: Some(from.into()),
+            dir,
+            ..ch(Op::Move, to)
+        }
+    }
+    fn resync(p: &str) -> Change {
+        ch(Op::Resync, p)
+    }
+
+    /// (path, recursive, deleted)
+    type Want<'a> = (&'a [(&'a str, bool, bool)], &'a [&'a str]);
+
+    #[test]
+    fn merge_rules_table() {
+        let cases: &[(&str, Vec<Change>, Want)] = &[
+            (
+                "upserts and deletes merge per path",
+                vec![up("a"), up("a"), del("a"), up("b")],
+                (&[("a", false, true), ("b", false, false)], &[]),
+            ),
+            (
+                "a move touches both ends; a moved dir is recursive",
+                vec![mv("old", "new", true), mv("f1", "f2", false)],
+                (
+                    &[
+                        ("f1", false, true),
+                        ("f2", false, false),
+                        ("new", true, false),
+                        ("old", false, true),
+                    ],
+                    &[],
+                ),
+            ),
+            (
+                "upserts below a recursive dir are dropped, deletes kept",
+                vec![up("d/x"), del("d/y"), rdir("d"), up("d/e/z"), up("dd/x")],
+                (
+                    &[
+                        ("d", true, false),
+                        ("d/y", false, true),
+                        ("dd/x", false, false),
+                    ],
+                    &[],
+                ),
+            ),
+            (
+                "a resync covers the paths within it, before and after",
+                vec![
+                    up("s/a"),
+                    del("s"),
+                    resync("s"),
+                    up("s/b"),
+                    up("sx"),
+                    del("t"),
+                ],
+                (&[("sx", false, false), ("t", false, true)], &["s"]),
+            ),
+            (
+                "a resync of the root covers everything",
+                vec![up("a"), resync("x/y"), resync(""), mv("b", "c", true)],
+                (&[], &[""]),
+            ),
+            (
+                "nested resyncs keep only the outermost",
+                vec![
+                    resync("a/b"),
+                    resync("a/c"),
+                    resync("a"),
+                    resync("a/d"),
+                    resync("b"),
+                ],
+                (&[], &["a", "b"]),
+            ),
+        ];
+        for (name, changes, (paths, resyncs)) in cases {
+            let mut b = Batcher::new();
+            for c in changes {
+                b.push("r", c);
+            }
+            let batch = b.take().expect(name);
+            assert!(b.take().is_none(), "{name}: take empties the batcher");
+            let w = &batch.roots["r"];
+            let got: Vec<(String, bool, bool)> = w
+                .paths
+                .iter()
+                .map(|(p, t)| (p.to_string(), t.recursive, t.deleted))
+                .collect();
+            let want: Vec<(String, bool, bool)> = paths
+                .iter()
+                .map(|&(p, r, d)| (p.to_string(), r, d))
+                .collect();
+            assert_eq!(got, want, "{name}: paths");
+            let got: Vec<String> = w
+                .resyncs
+                .iter()
+                .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned())
+                .collect();
+            assert_eq!(got, *resyncs, "{name}: resyncs");
+        }
+    }
+
+    #[test]
+    fn roots_are_separate_and_failed_work_merges_back() {
+        let mut b = Batcher::new();
+        b.push("r1", &up("a"));
+        b.push("r2", &up("a"));
+        let batch = b.take_where(|r| r == "r1").unwrap();
+        assert_eq!(batch.roots.keys().collect::<Vec<_>>(), ["r1"]);
+        assert_eq!(b.pending_roots().collect::<Vec<_>>(), ["r2"]);
+        // r1 failed; meanwhile a resync of r1 arrived: the failed paths merge under it.
+        b.resync("r1", "".into());
+        b.merge("r1", batch.roots["r1"].clone());
+        assert_eq!(b.pending_counts(), (1, 1));
+        let all = b.take().unwrap();
+        assert!(all.roots["r1"].paths.is_empty());
+        assert!(b.is_empty());
+    }
+}

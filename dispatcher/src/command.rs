@@ -1,0 +1,471 @@
+//! The rsync command line per target kind, the one place that spawns a process, and
+//! what its exit code means. argv only, never a shell: file names travel on stdin,
+//! NUL-separated.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use protocol::config::{Endpoint, Target};
+
+/// How many bytes of rsync's stderr are kept for the error message.
+const STDERR_TAIL: usize = 4096;
+
+/// What to do after a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// Transient (network, target busy, partial transfer): try again soon.
+    Retry,
+    /// Retrying will not help until someone changes something: try again rarely, loudly.
+    Fatal,
+}
+
+/// rsync's exit code (`None`: killed by a signal) → what to do.
+pub fn classify(code: Option<i32>) -> Outcome {
+    match code {
+        // 24: some source files vanished — they are gone, and their delete is on its way.
+        Some(0 | 24) => Outcome::Success,
+        // syntax/usage, protocol incompatibility, action not supported, --max-delete.
+        Some(1 | 2 | 4 | 25) => Outcome::Fatal,
+        // 3 file selection, 5 starting protocol, 6 daemon log, 10 socket I/O, 11 file I/O,
+        // 12 protocol stream, 13 diagnostics, 14 IPC, 20 signal, 21 waitpid, 22 memory,
+        // 23 partial transfer, 30 timeout, 35 connect timeout, 255 ssh, a signal, or
+        // anything unknown: transient until proven otherwise.
+        _ => Outcome::Retry,
+    }
+}
+
+pub fn classify_status(status: ExitStatus) -> Outcome {
+    classify(status.code())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// `--files-from=-` with the touched paths; `-r` when a directory appeared whole.
+    Incremental { recursive: bool },
+    /// `--delete` of the whole transfer, restricted by the rules file.
+    Resync,
+}
+
+/// A command line that cannot be built (a retryable failure: the config may be fixed).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ArgError(String);
+
+/// The program to run: `$SYNCBUS_RSYNC` or `rsync` from PATH.
+pub fn rsync_program() -> OsString {
+    std::env::var_os("SYNCBUS_RSYNC")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "rsync".into())
+}
+
+/// rsync's `-e` value for an ssh target. rsync splits it on spaces honouring quotes, so
+/// each word is single-quoted; a word with a `'` is refused rather than guessed at.
+pub fn ssh_command(
+    port: Option<u16>,
+    identity: Option<&Path>,
+    options: &[String],
+) -> Result<String, ArgError> {
+    let mut words: Vec<String> = vec!["ssh".into()];
+    if let Some(p) = port {
+        words.push("-p".into());
+        words.push(p.to_string());
+    }
+    if let Some(i) = identity {
+        words.push("-i".into());
+        words.push(i.to_str().map(str::to_string).ok_or_else(|| {
+            ArgError(format!(
+                "identity file `{}` is not UTF-8, which rsync's -e cannot carry",
+                i.display()
+            ))
+        })?);
+    }
+    words.extend(options.iter().cloned());
+    let mut out = String::new();
+    for w in &words {
+        if w.contains('\'') {
+            return Err(ArgError(format!(
+                "ssh word `{w}` contains a single quote, which rsync's -e splitting cannot carry"
+            )));
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push('\'');
+        out.push_str(w);
+        out.push('\'');
+    }
+    Ok(out)
+}
+
+/// The arguments every run to `target` shares, after the mode's own.
+fn common_args(target: &Target) -> Result<Vec<OsString>, ArgError> {
+    let mut a: Vec<OsString> = Vec::new();
+    if target.timeout > 0 {
+        a.push(format!("--timeout={}", target.timeout).into());
+    }
+    if let Some(b) = &target.bwlimit {
+        a.push(format!("--bwlimit={b}").into());
+    }
+    // The destination directory may not exist yet (first run, new root subdirectory).
+    a.push("--mkpath".into());
+    match &target.endpoint {
+        Endpoint::Rsync { password_file, .. } => {
+            // Nagle + delayed ACK cost 90–170 ms per run on loopback; 5 ms without.
+            a.push("--sockopts=TCP_NODELAY".into());
+            a.push("--contimeout=10".into());
+            if let Some(f) = password_file {
+                let mut s = OsString::from("--password-file=");
+                s.push(f);
+                a.push(s);
+            }
+        }
+        Endpoint::Ssh {
+            port,
+            identity_file,
+            options,
+            ..
+        } => {
+            a.push("-e".into());
+            a.push(ssh_command(*port, identity_file.as_deref(), options)?.into());
+        }
+        Endpoint::Local { .. } => {}
+    }
+    a.extend(target.extra_args.iter().map(OsString::from));
+    Ok(a)
+}
+
+/// The full argv (without the program) of one run from `root` to `dest`.
+pub fn build_args(
+    target: &Target,
+    mode: &Mode,
+    rules_file: Option<&Path>,
+    root: &Path,
+    dest: &str,
+) -> Result<Vec<OsString>, ArgError> {
+    let mut a: Vec<OsString> = vec!["-a".into()];
+    match mode {
+        Mode::Incremental { recursive } => {
+            if *recursive {
+                a.push("-r".into());
+            }
+            a.push("--force".into());
+            a.push("--delete-missing-args".into());
+            a.push("--files-from=-".into());
+        }
+        Mode::Resync => {
+            a.push("--delete".into());
+            a.push("--force".into());
+        }
+    }
+    // Also makes rsync read the merged rules file NUL-separated.
+    a.push("--from0".into());
+    if let Some(f) = rules_file {
+        let mut s = OsString::from("--filter=merge ");
+        s.push(f);
+        a.push(s);
+    }
+    a.extend(common_args(target)?);
+    let mut src = root.as_os_str().to_os_string();
+    src.push("/");
+    a.push(src);
+    a.push(dest.into());
+    Ok(a)
+}
+
+/// How one run ended.
+#[derive(Debug)]
+pub struct RunResult {
+    pub outcome: Outcome,
+    /// Empty on success; rsync's stderr tail or the reason it could not run.
+    pub error: String,
+}
+
+/// Runs `program args` with `stdin` on its standard input. `tick(wait)` is called while
+/// the child runs (it may block up to `wait`, e.g. to take in new work); when it returns
+/// true the child is killed.
+pub fn run(
+    program: &OsString,
+    args: &[OsString],
+    stdin: &[u8],
+    mut tick: impl FnMut(Duration) -> bool,
+) -> RunResult {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl only sets a flag on the child and is async-signal-safe. The signal
+    // fires when the spawning *thread* ends, which is the worker: it outlives its runs.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return RunResult {
+                outcome: Outcome::Fatal,
+                error: format!(
+                    "cannot run `{}`: not found (install rsync, or set SYNCBUS_RSYNC)",
+                    program.to_string_lossy()
+                ),
+            }
+        }
+        Err(e) => {
+            return RunResult {
+                outcome: Outcome::Retry,
+                error: format!("cannot run `{}`: {e}", program.to_string_lossy()),
+            }
+        }
+    };
+    let mut input = child.stdin.take();
+    let mut err_pipe = child.stderr.take();
+    std::thread::scope(|s| {
+        // Writing and reading on their own threads: a large list must not deadlock
+        // against a child that is blocked writing its stderr.
+        s.spawn(move || {
+            if let Some(mut w) = input.take() {
+                // A child that exits early closes the pipe: its exit code tells why.
+                let _ = w.write_all(stdin);
+            }
+        });
+        let reader = s.spawn(move || {
+            let mut tail: Vec<u8> = Vec::new();
+            if let Some(r) = err_pipe.as_mut() {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > STDERR_TAIL {
+                        tail.drain(..tail.len() - STDERR_TAIL);
+                    }
+                }
+            }
+            tail
+        });
+        let mut wait = Duration::from_millis(1);
+        let mut killed = false;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break Ok(st),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            if killed {
+                std::thread::sleep(wait);
+            } else if tick(wait) {
+                let _ = child.kill();
+                killed = true;
+            }
+            // Short polls: a local or TCP_NODELAY run takes a few ms, and latency is
+            // what a live mirror is judged by.
+            wait = (wait * 2).min(Duration::from_millis(5));
+        };
+        let tail = reader.join().unwrap_or_default();
+        let tail = String::from_utf8_lossy(&tail).trim().to_string();
+        match status {
+            Ok(st) if killed => RunResult {
+                outcome: Outcome::Retry,
+                error: if tail.is_empty() {
+                    format!("stopped by the shutdown deadline ({st})")
+                } else {
+                    format!("stopped by the shutdown deadline ({st}): {tail}")
+                },
+            },
+            Ok(st) => {
+                let outcome = classify_status(st);
+                let error = match outcome {
+                    Outcome::Success => String::new(),
+                    _ => {
+                        let how = match (st.code(), st.signal()) {
+                            (Some(c), _) => format!("rsync exited with code {c}"),
+                            (None, Some(sig)) => format!("rsync killed by signal {sig}"),
+                            _ => format!("rsync ended: {st}"),
+                        };
+                        if tail.is_empty() {
+                            how
+                        } else {
+                            format!("{how}: {tail}")
+                        }
+                    }
+                };
+                RunResult { outcome, error }
+            }
+            Err(e) => RunResult {
+                outcome: Outcome::Retry,
+                error: format!("cannot wait for rsync: {e}"),
+            },
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn exit_code_table() {
+        use Outcome::*;
+        let table: &[(Option<i32>, Outcome)] = &[
+            (Some(0), Success),
+            (Some(24), Success),
+            (Some(1), Fatal),
+            (Some(2), Fatal),
+            (Some(4), Fatal),
+            (Some(25), Fatal),
+            (Some(3), Retry),
+            (Some(5), Retry),
+            (Some(6), Retry),
+            (Some(10), Retry),
+            (Some(11), Retry),
+            (Some(12), Retry),
+            (Some(13), Retry),
+            (Some(14), Retry),
+            (Some(20), Retry),
+            (Some(21), Retry),
+            (Some(22), Retry),
+            (Some(23), Retry),
+            (Some(30), Retry),
+            (Some(35), Retry),
+            (Some(255), Retry),
+            (Some(77), Retry),
+            (None, Retry),
+        ];
+        for &(code, want) in table {
+            assert_eq!(classify(code), want, "exit {code:?}");
+        }
+        assert_eq!(classify_status(ExitStatus::from_raw(9)), Retry, "SIGKILL");
+        assert_eq!(classify_status(ExitStatus::from_raw(24 << 8)), Success);
+    }
+
+    fn target(endpoint: Endpoint) -> Target {
+        Target {
+            name: "t".into(),
+            endpoint,
+            roots: vec!["www".into()],
+            timeout: 30,
+            bwlimit: None,
+            extra_args: vec!["--chmod=D755".into()],
+        }
+    }
+
+    fn strings(a: Vec<OsString>) -> Vec<String> {
+        a.into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect::<Vec<_>>()
+    }
+
+    #[test]
+    fn argv_for_an_rsync_daemon() {
+        let mut t = target(Endpoint::Rsync {
+            url: "rsync://h:8730/m/".into(),
+            password_file: Some(PathBuf::from("/etc/p w")),
+        });
+        t.bwlimit = Some("2M".into());
+        let a = build_args(
+            &t,
+            &Mode::Incremental { recursive: true },
+            Some(Path::new("/run/x/rules")),
+            Path::new("/srv/www"),
+            &t.destination("www"),
+        )
+        .unwrap();
+        assert_eq!(
+            strings(a),
+            [
+                "-a",
+                "-r",
+                "--force",
+                "--delete-missing-args",
+                "--files-from=-",
+                "--from0",
+                "--filter=merge /run/x/rules",
+                "--timeout=30",
+                "--bwlimit=2M",
+                "--mkpath",
+                "--sockopts=TCP_NODELAY",
+                "--contimeout=10",
+                "--password-file=/etc/p w",
+                "--chmod=D755",
+                "/srv/www/",
+                "rsync://h:8730/m/",
+            ]
+        );
+    }
+
+    #[test]
+    fn argv_for_ssh_quotes_every_word() {
+        let t = target(Endpoint::Ssh {
+            dest: "u@h:/data/".into(),
+            port: Some(2222),
+            identity_file: Some(PathBuf::from("/k/id ed")),
+            options: vec!["-o".into(), "StrictHostKeyChecking=yes".into()],
+        });
+        let a = build_args(&t, &Mode::Resync, None, Path::new("/srv"), "u@h:/data/").unwrap();
+        assert_eq!(
+            strings(a),
+            [
+                "-a",
+                "--delete",
+                "--force",
+                "--from0",
+                "--timeout=30",
+                "--mkpath",
+                "-e",
+                "'ssh' '-p' '2222' '-i' '/k/id ed' '-o' 'StrictHostKeyChecking=yes'",
+                "--chmod=D755",
+                "/srv/",
+                "u@h:/data/",
+            ]
+        );
+        let e = ssh_command(None, None, &["-o".into(), "ProxyCommand=it's".into()]);
+        assert!(e.unwrap_err().to_string().contains("single quote"));
+    }
+
+    #[test]
+    fn argv_for_a_local_dir_has_nothing_extra() {
+        let mut t = target(Endpoint::Local {
+            path: PathBuf::from("/backup"),
+        });
+        t.timeout = 0;
+        t.extra_args.clear();
+        let a = build_args(
+            &t,
+            &Mode::Incremental { recursive: false },
+            None,
+            Path::new("/srv"),
+            "/backup/",
+        )
+        .unwrap();
+        assert_eq!(
+            strings(a),
+            [
+                "-a",
+                "--force",
+                "--delete-missing-args",
+                "--files-from=-",
+                "--from0",
+                "--mkpath",
+                "/srv/",
+                "/backup/"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_program_is_fatal_and_says_so() {
+        let r = run(&"/nonexistent/rsync".into(), &[], b"", |_| false);
+        assert_eq!(r.outcome, Outcome::Fatal);
+        assert!(r.error.contains("install rsync"), "{}", r.error);
+    }
+}

@@ -1,0 +1,261 @@
+//! What one rsync run is given: the file list of an incremental batch and the filter
+//! rules of either kind of run. Reads the source tree (existence, regex excludes), never
+//! spawns anything.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use protocol::rules::{rsync_literal_rule, Rules};
+use protocol::PathBytes;
+
+use crate::batch::Touch;
+
+/// True when nothing exists at `path` under `root` (a dangling symlink exists).
+fn missing(root: &Path, path: &PathBytes) -> bool {
+    match std::fs::symlink_metadata(path.under(root)) {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+        ),
+    }
+}
+
+/// The highest missing ancestor-or-self of a missing `path` (its parent exists).
+fn topmost_missing(root: &Path, path: &PathBytes) -> PathBytes {
+    let mut top = path.clone();
+    for a in path.ancestors() {
+        let a = PathBytes::new(a.to_vec());
+        if !missing(root, &a) {
+            break;
+        }
+        top = a;
+    }
+    top
+}
+
+/// The entries of an incremental run. A path that no longer exists is replaced by its
+/// topmost missing ancestor: rsync's `--delete-missing-args` does not delete `a/b` when
+/// `a` is missing too ("parent dir is absent in the file list"), but listing `a` deletes
+/// the whole directory (with `--force`). Entries inside another missing entry go.
+pub fn incremental_entries(
+    root: &Path,
+    paths: &BTreeMap<PathBytes, Touch>,
+) -> BTreeMap<PathBytes, Touch> {
+    let mut out: BTreeMap<PathBytes, Touch> = BTreeMap::new();
+    let mut gone: Vec<PathBytes> = Vec::new();
+    for (p, t) in paths {
+        if !p.is_root() && missing(root, p) {
+            let top = topmost_missing(root, p);
+            gone.push(top.clone());
+            out.insert(
+                top,
+                Touch {
+                    recursive: false,
+                    deleted: true,
+                },
+            );
+        } else {
+            out.entry(p.clone()).or_default().recursive |= t.recursive;
+        }
+    }
+    out.retain(|p, _| !gone.iter().any(|g| p.is_below(g)));
+    out
+}
+
+/// The `--files-from=- --from0` input: `./path\0` per entry. The `./` is required:
+/// rsync silently skips entries starting with `#` or `;` as comments, even with
+/// `--from0`.
+pub fn files_from(entries: &BTreeMap<PathBytes, Touch>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in entries.keys() {
+        out.extend_from_slice(b"./");
+        out.extend_from_slice(p.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// The missing subtrees of a resync replaced by their topmost missing ancestor, so
+/// that the parent of every subtree exists on the source and `--delete` removes it.
+pub fn resync_subtrees<'a>(
+    root: &Path,
+    subtrees: impl IntoIterator<Item = &'a PathBytes>,
+) -> Vec<PathBytes> {
+    let mut out: Vec<PathBytes> = Vec::new();
+    for s in subtrees {
+        let s = if !s.is_root() && missing(root, s) {
+            topmost_missing(root, s)
+        } else {
+            s.clone()
+        };
+        if !out.iter().any(|o| s.is_within(o)) {
+            out.retain(|o| !o.is_within(&s));
+            out.push(s);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `/path` with rsync's wildcard escaping applied unconditionally, for a pattern that
+/// gets a wildcard suffix (where `\` becomes an escape character).
+fn wild_prefix(path: &PathBytes) -> Vec<u8> {
+    let mut out = vec![b'/'];
+    for &b in path.as_bytes() {
+        if matches!(b, b'*' | b'?' | b'[' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out
+}
+
+fn rule(out: &mut Vec<u8>, sign: u8, pattern: &[u8]) {
+    out.push(sign);
+    out.push(b' ');
+    out.extend_from_slice(pattern);
+    out.push(0);
+}
+
+/// The exclude rules of `rules` for a run that sends `recursive_dirs` whole: every glob
+/// as written, and the paths a regex excludes inside those directories as anchored
+/// literals (regexes have no rsync equivalent).
+pub fn exclude_rules(rules: &Rules, root: &Path, recursive_dirs: &[PathBytes]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for g in rules.rsync_globs() {
+        rule(&mut out, b'-', g.as_bytes());
+    }
+    if rules.has_regexes() {
+        for d in recursive_dirs {
+            for rel in rules.excluded_below(root, d) {
+                let full = if d.is_root() {
+                    rel
+                } else {
+                    d.join(rel.as_bytes())
+                };
+                rule(&mut out, b'-', &rsync_literal_rule(&full));
+            }
+        }
+    }
+    out
+}
+
+/// The rules of a resync of `subtrees` (none within another): `excludes`, then the
+/// include chain that lets rsync reach each subtree, then `- *`. Files outside the
+/// subtrees are excluded on both sides, so `--delete` leaves them alone. A resync of the
+/// root is just the excludes.
+pub fn resync_rules(excludes: &[u8], subtrees: &[PathBytes]) -> Vec<u8> {
+    let mut out = excludes.to_vec();
+    if subtrees.iter().any(PathBytes::is_root) {
+        return out;
+    }
+    let mut ancestors: Vec<PathBytes> = subtrees
+        .iter()
+        .flat_map(|s| s.ancestors().map(|a| PathBytes::new(a.to_vec())))
+        .collect();
+    ancestors.sort();
+    ancestors.dedup();
+    for a in &ancestors {
+        let mut p = rsync_literal_rule(a);
+        p.push(b'/');
+        rule(&mut out, b'+', &p);
+    }
+    for s in subtrees {
+        // `/S/***` alone does not match S when S is a file.
+        rule(&mut out, b'+', &rsync_literal_rule(s));
+        let mut p = wild_prefix(s);
+        p.extend_from_slice(b"/***");
+        rule(&mut out, b'+', &p);
+    }
+    rule(&mut out, b'-', b"*");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(recursive: bool, deleted: bool) -> Touch {
+        Touch { recursive, deleted }
+    }
+
+    #[test]
+    fn missing_paths_collapse_to_their_topmost_missing_ancestor() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("keep/sub")).unwrap();
+        std::fs::write(d.path().join("keep/f"), b"").unwrap();
+        std::fs::create_dir_all(d.path().join("here")).unwrap();
+        std::os::unix::fs::symlink("nowhere", d.path().join("dangling")).unwrap();
+        let mut paths = BTreeMap::new();
+        paths.insert("gone/a/b".into(), t(false, true));
+        paths.insert("gone/a".into(), t(true, false));
+        paths.insert("gone/c".into(), t(false, false));
+        paths.insert("keep/sub/x/y".into(), t(false, true));
+        paths.insert("keep/f".into(), t(false, false));
+        paths.insert("keep/f/below-a-file".into(), t(false, true));
+        paths.insert("here".into(), t(true, false));
+        paths.insert("dangling".into(), t(false, false));
+        let got: Vec<(String, bool, bool)> = incremental_entries(d.path(), &paths)
+            .into_iter()
+            .map(|(p, t)| (p.to_string(), t.recursive, t.deleted))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("dangling".into(), false, false),
+                ("gone".into(), false, true),
+                ("here".into(), true, false),
+                ("keep/f".into(), false, false),
+                ("keep/f/below-a-file".into(), false, true),
+                ("keep/sub/x".into(), false, true),
+            ]
+        );
+        let list = files_from(&incremental_entries(d.path(), &paths));
+        assert!(list.starts_with(b"./dangling\0./gone\0./here\0"));
+    }
+
+    #[test]
+    fn missing_resync_subtrees_collapse_too() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a")).unwrap();
+        let s = [
+            PathBytes::from("a/x/y"),
+            PathBytes::from("a/x/z"),
+            PathBytes::from("a"),
+        ];
+        assert_eq!(resync_subtrees(d.path(), &s[..2]), vec!["a/x".into()]);
+        assert_eq!(resync_subtrees(d.path(), &s), vec!["a".into()]);
+    }
+
+    #[test]
+    fn subtree_resync_rules_file() {
+        let rules = Rules::new(&[], &["*.log".into(), "#*#".into()], false).unwrap();
+        let excludes = exclude_rules(&rules, Path::new("/nonexistent"), &[]);
+        let got = resync_rules(&excludes, &["a/b c/d".into(), "a/x*".into()]);
+        let want: &[&[u8]] = &[
+            b"- *.log",
+            b"- #*#",
+            b"+ /a/",
+            b"+ /a/b c/",
+            b"+ /a/b c/d",
+            b"+ /a/b c/d/***",
+            b"+ /a/x\\*",
+            b"+ /a/x\\*/***",
+            b"- *",
+        ];
+        let got: Vec<&[u8]> = got.split(|&b| b == 0).filter(|r| !r.is_empty()).collect();
+        assert_eq!(got, want);
+        assert_eq!(resync_rules(&excludes, &["".into()]), excludes);
+    }
+
+    #[test]
+    fn regex_excludes_become_anchored_literals_below_recursive_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("new/.svn/x")).unwrap();
+        std::fs::create_dir_all(d.path().join("old/.svn")).unwrap();
+        let rules = Rules::new(&[r"(.*/)?\.svn".into()], &[], false).unwrap();
+        let got = exclude_rules(&rules, d.path(), &["new".into()]);
+        assert_eq!(got, b"- /new/.svn\0");
+    }
+}
