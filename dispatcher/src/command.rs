@@ -155,6 +155,9 @@ pub fn build_args(
             }
             a.push("--force".into());
             a.push("--delete-missing-args".into());
+            // Every listed path is known to have changed: rsync's quick check (same
+            // size, same mtime second) would skip a quick rewrite, so skip the check.
+            a.push("--ignore-times".into());
             a.push("--files-from=-".into());
         }
         Mode::Resync => {
@@ -387,6 +390,7 @@ mod tests {
                 "-r",
                 "--force",
                 "--delete-missing-args",
+                "--ignore-times",
                 "--files-from=-",
                 "--from0",
                 "--filter=merge /run/x/rules",
@@ -453,6 +457,7 @@ mod tests {
                 "-a",
                 "--force",
                 "--delete-missing-args",
+                "--ignore-times",
                 "--files-from=-",
                 "--from0",
                 "--mkpath",

@@ -98,7 +98,14 @@ impl Filter {
             );
             self.resync_all(now);
         }
+        tracing::debug!(
+            epoch = batch.epoch,
+            seq = batch.seq,
+            events = batch.events.len(),
+            "raw batch"
+        );
         for ev in &batch.events {
+            tracing::trace!(root = %ev.root, path = %ev.path, kind = ?ev.kind, dir = ev.dir, cookie = ev.cookie, "raw event");
             self.push_event(ev, batch.time_us, now);
         }
     }

@@ -16,27 +16,54 @@ fn check_config_names_file_line_and_key_and_exits_64() {
         "[[root]]\nname = \"r\"\npath = \"src\"\n\n[[target]]\nname = \"t\"\nurl = \"rsync://h/m\"\nroots = [\"nope\"]\n",
     )
     .unwrap();
-    let out = Command::new(bin()).arg("check-config").arg(&file).output().unwrap();
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("{}:8:", file.display())) && err.contains("target[0].roots[0]") && err.contains("no root named `nope`"),
+        err.contains(&format!("{}:8:", file.display()))
+            && err.contains("target[0].roots[0]")
+            && err.contains("no root named `nope`"),
         "{err}"
     );
 
-    fs::write(&file, "[[root]]\nname = \"r\"\npath = \"src\"\nspeed = 11\n").unwrap();
-    let out = Command::new(bin()).arg("check-config").arg(&file).output().unwrap();
+    fs::write(
+        &file,
+        "[[root]]\nname = \"r\"\npath = \"src\"\nspeed = 11\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(":4:") && err.contains("speed"), "{err}");
 
     // `syncbus run` refuses the same file the same way, before starting anything.
-    let out = Command::new(bin()).args(["run", "--config"]).arg(&file).output().unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
 
     fs::write(&file, "[[root]]\nname = \"r\"\npath = \"src\"\n").unwrap();
-    let out = Command::new(bin()).arg("check-config").arg(&file).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -55,8 +82,17 @@ fn every_example_config_in_deploy_is_valid() {
         for sub in ["src", "data/www", "data/uploads"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        let out = Command::new(bin()).arg("check-config").arg(&copy).output().unwrap();
-        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(bin())
+            .arg("check-config")
+            .arg(&copy)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         checked += 1;
     }
     assert!(checked >= 1, "no example configs found in deploy/");
@@ -68,13 +104,23 @@ fn sigterm_stops_every_stage_and_exits_zero() {
     m.start().wait_ready();
     let p = m.proc.as_mut().unwrap();
     p.signal(libc::SIGTERM);
-    let status = p.wait_exit(Duration::from_secs(30)).expect("syncbus run stops on SIGTERM");
+    let status = p
+        .wait_exit(Duration::from_secs(30))
+        .expect("syncbus run stops on SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", p.log_text());
     let log = p.log_text();
-    let order: Vec<usize> = ["stage=\"watcher\"", "stage=\"filter\"", "stage=\"dispatcher\""]
-        .iter()
-        .map(|s| log.rfind(&format!("stage stopped {s}")).or_else(|| log.rfind(*s)).unwrap_or(0))
-        .collect();
+    let order: Vec<usize> = [
+        "stage=\"watcher\"",
+        "stage=\"filter\"",
+        "stage=\"dispatcher\"",
+    ]
+    .iter()
+    .map(|s| {
+        log.rfind(&format!("stage stopped {s}"))
+            .or_else(|| log.rfind(*s))
+            .unwrap_or(0)
+    })
+    .collect();
     assert!(log.contains("syncbus stopped"), "{log}");
     assert!(order.iter().all(|&i| i > 0), "every stage logged: {log}");
 }
@@ -101,7 +147,11 @@ fn a_killed_stage_is_restarted_and_the_mirror_goes_on() {
 fn a_second_run_on_the_same_runtime_dir_is_refused() {
     let mut m = Mirror::new(1, "");
     m.start().wait_ready();
-    let out = Command::new(bin()).args(["run", "--config"]).arg(&m.config).output().unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&m.config)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another `syncbus run`"), "{err}");
@@ -113,7 +163,14 @@ fn a_second_run_on_the_same_runtime_dir_is_refused() {
 fn stage_pid(log: &str, stage: &str) -> i32 {
     log.lines()
         .filter(|l| l.contains("stage started") && l.contains(&format!("stage=\"{stage}\"")))
-        .filter_map(|l| l.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("pid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .last()
         .unwrap_or_else(|| panic!("no start of {stage} in log:\n{log}"))
 }

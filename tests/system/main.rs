@@ -42,17 +42,35 @@ impl Mirror {
         for i in 0..targets {
             let dst = dir.path().join(format!("dst{i}"));
             let d = RsyncDaemon::start(&dst);
-            text.push_str(&format!("\n[[target]]\nname = \"t{i}\"\nurl = \"{}\"\ntimeout = 10\n", d.url()));
+            text.push_str(&format!(
+                "\n[[target]]\nname = \"t{i}\"\nurl = \"{}\"\ntimeout = 10\n",
+                d.url()
+            ));
             daemons.push(d);
             dsts.push(dst);
         }
         let config = dir.path().join("syncbus.toml");
         fs::write(&config, text).unwrap();
-        Mirror { dir, src, dsts, daemons, config, proc: None, ready_n: 0 }
+        Mirror {
+            dir,
+            src,
+            dsts,
+            daemons,
+            config,
+            proc: None,
+            ready_n: 0,
+        }
     }
 
     pub fn start(&mut self) -> &mut Self {
-        self.proc = Some(Proc::start(bin(), [std::ffi::OsStr::new("run"), std::ffi::OsStr::new("--config"), self.config.as_os_str()]));
+        self.proc = Some(Proc::start(
+            bin(),
+            [
+                std::ffi::OsStr::new("run"),
+                std::ffi::OsStr::new("--config"),
+                self.config.as_os_str(),
+            ],
+        ));
         self
     }
 
@@ -64,12 +82,15 @@ impl Mirror {
         fs::write(self.src.join(name), &content).unwrap();
         for dst in &self.dsts {
             let p = dst.join(name);
-            let log = self.proc.as_ref().map(|p| p.log.clone());
-            eventually(
-                &format!("sentinel in {} (log: {:?})", dst.display(), log),
-                CONVERGE,
-                || (fs::read_to_string(&p).ok()? == content).then_some(()),
-            );
+            let r = std::panic::catch_unwind(|| {
+                eventually(&format!("sentinel in {}", dst.display()), CONVERGE, || {
+                    (fs::read_to_string(&p).ok()? == content).then_some(())
+                })
+            });
+            if let Err(e) = r {
+                eprintln!("--- syncbus log ---\n{}", self.log());
+                std::panic::resume_unwind(e);
+            }
         }
         self
     }

@@ -24,7 +24,11 @@ fn existing_tree_is_synced_at_start_and_a_burst_of_thousands_converges() {
         let dir = m.s(&format!("new/d{d:02}"));
         fs::create_dir_all(&dir).unwrap();
         for i in 0..50 {
-            fs::write(dir.join(format!("f{i}")), format!("{d}/{i}\n").repeat(i + 1)).unwrap();
+            fs::write(
+                dir.join(format!("f{i}")),
+                format!("{d}/{i}\n").repeat(i + 1),
+            )
+            .unwrap();
         }
     }
     for i in 0..1000 {
@@ -135,7 +139,10 @@ fn editor_saves_converge_and_no_temp_file_ever_reaches_the_target() {
     m.converge();
     let log = m.daemons[0].log_text();
     let received: Vec<&str> = log.lines().filter(|l| l.contains(" recv ")).collect();
-    assert!(!received.is_empty(), "the transfer log records received files");
+    assert!(
+        !received.is_empty(),
+        "the transfer log records received files"
+    );
     for line in &received {
         let name = line.rsplit('/').next().unwrap_or(line);
         let temp = name.ends_with(".swp")
@@ -153,7 +160,8 @@ fn editor_saves_converge_and_no_temp_file_ever_reaches_the_target() {
 fn odd_file_names_arrive_byte_for_byte_and_nothing_is_run() {
     let mut m = Mirror::new(1, "");
     m.start().wait_ready();
-    let canary = m.dir.path().join("pwned");
+    // A shell would run these in the stages' working directory (inherited from here).
+    let canary = std::env::current_dir().unwrap().join("syncbus-canary");
     let names: Vec<Vec<u8>> = vec![
         b"with space".to_vec(),
         b" leading space".to_vec(),
@@ -164,8 +172,8 @@ fn odd_file_names_arrive_byte_for_byte_and_nothing_is_run() {
         b"--delete".to_vec(),
         b"#hash first".to_vec(),
         b";semicolon first".to_vec(),
-        format!("`touch {}`", canary.display()).into_bytes(),
-        format!("$(touch {})", canary.display()).into_bytes(),
+        b"`touch syncbus-canary`".to_vec(),
+        b"$(touch syncbus-canary)".to_vec(),
         b"quote's \"double\"".to_vec(),
         b"back\\slash".to_vec(),
         b"glob*?[x]".to_vec(),
@@ -212,7 +220,10 @@ fn one_target_down_never_delays_the_other_and_catches_up_when_back() {
 
 #[test]
 fn excludes_from_config_and_builtin_set_are_never_mirrored() {
-    let mut m = Mirror::new(1, "exclude = ['(.*)\\.svn', 'cache/.*']\nexclude_glob = ['*.log']\n");
+    let mut m = Mirror::new(
+        1,
+        "exclude = ['(.*)\\.svn', 'cache/.*']\nexclude_glob = ['*.log']\n",
+    );
     fs::create_dir_all(m.s("pre/.svn")).unwrap();
     fs::write(m.s("pre/.svn/entries"), "svn").unwrap();
     fs::write(m.s("pre/app.log"), "log").unwrap();
@@ -226,9 +237,18 @@ fn excludes_from_config_and_builtin_set_are_never_mirrored() {
     fs::write(m.s("fresh/a.log"), "log").unwrap();
     fs::write(m.s("fresh/keep"), "keep").unwrap();
     let dst = m.dsts[0].clone();
-    testkit::eventually("fresh/keep mirrored", crate::CONVERGE, || dst.join("fresh/keep").exists().then_some(()));
+    testkit::eventually("fresh/keep mirrored", crate::CONVERGE, || {
+        dst.join("fresh/keep").exists().then_some(())
+    });
     m.wait_ready();
-    let excluded = ["pre/.svn", "pre/app.log", "cache/sub", "fresh/.svn", "fresh/.notes.txt.swp", "fresh/a.log"];
+    let excluded = [
+        "pre/.svn",
+        "pre/app.log",
+        "cache/sub",
+        "fresh/.svn",
+        "fresh/.notes.txt.swp",
+        "fresh/a.log",
+    ];
     for e in excluded {
         assert!(!dst.join(e).exists(), "{e} was mirrored");
     }
@@ -280,4 +300,29 @@ fn a_target_that_is_a_plain_directory_and_one_given_on_the_command_line() {
     fs::write(src.join("after"), "a").unwrap();
     testkit::wait_trees_equal(&src, &local, crate::CONVERGE);
     testkit::wait_trees_equal(&src, &daemon_dst, crate::CONVERGE);
+}
+
+#[test]
+fn a_rewrite_with_the_same_size_and_mtime_still_reaches_the_target() {
+    // Regression (issue #2): rsync's quick check skipped such a rewrite until the
+    // incremental runs got --ignore-times.
+    let mut m = Mirror::new(1, "");
+    let p = m.s("same-size");
+    fs::write(&p, "aaaa").unwrap();
+    m.start().wait_ready();
+    m.converge();
+    let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    use std::io::Write;
+    (&f).write_all(b"bbbb").unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let dst = m.dsts[0].join("same-size");
+    testkit::eventually("the rewrite on the target", crate::CONVERGE, || {
+        (fs::read(&dst).ok()? == b"bbbb").then_some(())
+    });
 }
