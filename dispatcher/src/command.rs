@@ -163,6 +163,10 @@ pub fn build_args(
         Mode::Resync => {
             a.push("--delete".into());
             a.push("--force".into());
+            // Compare mtimes to the nanosecond (rsync >= 3.1.3): a rewrite of the same
+            // size within the same second, made while no event could be seen, must
+            // not pass the quick check.
+            a.push("--modify-window=-1".into());
         }
     }
     // Also makes rsync read the merged rules file NUL-separated.
@@ -422,6 +426,7 @@ mod tests {
                 "-a",
                 "--delete",
                 "--force",
+                "--modify-window=-1",
                 "--from0",
                 "--timeout=30",
                 "--mkpath",

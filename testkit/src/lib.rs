@@ -201,7 +201,9 @@ impl RsyncDaemon {
     }
 
     fn spawn(&mut self) -> bool {
+        use std::os::unix::process::CommandExt;
         let child = Command::new("rsync")
+            .process_group(0)
             .arg("--daemon")
             .arg("--no-detach")
             .arg(format!("--config={}", self.conf.display()))
@@ -229,10 +231,14 @@ impl RsyncDaemon {
         false
     }
 
-    /// Kills the daemon with SIGKILL (a target that just went down).
+    /// Kills the daemon and every connection it forked with SIGKILL (a target that
+    /// just went down: forked children hold the listening socket too).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
+            // SAFETY: kill(2) on the process group we created for the daemon.
+            unsafe {
+                libc::kill(-(c.id() as i32), libc::SIGKILL);
+            }
             let _ = c.wait();
         }
     }
