@@ -162,6 +162,7 @@ fn a_second_run_on_the_same_runtime_dir_is_refused() {
 /// The pid of the newest start of `stage` in a supervisor log.
 fn stage_pid(log: &str, stage: &str) -> i32 {
     log.lines()
+        .rev()
         .filter(|l| l.contains("stage started") && l.contains(&format!("stage=\"{stage}\"")))
         .filter_map(|l| {
             l.split("pid=")
@@ -171,6 +172,6 @@ fn stage_pid(log: &str, stage: &str) -> i32 {
                 .parse()
                 .ok()
         })
-        .last()
+        .next()
         .unwrap_or_else(|| panic!("no start of {stage} in log:\n{log}"))
 }
