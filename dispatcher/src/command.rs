@@ -104,10 +104,10 @@ pub fn ssh_command(
 
 /// The arguments every run to `target` shares, after the mode's own.
 fn common_args(target: &Target) -> Result<Vec<OsString>, ArgError> {
+    // No `--timeout`: with it, every run to a daemon without TCP_NODELAY on its side
+    // costs ~20 ms more (measured: 33 → 52 ms per run on loopback). `run` enforces the
+    // same I/O-inactivity limit from outside instead.
     let mut a: Vec<OsString> = Vec::new();
-    if target.timeout > 0 {
-        a.push(format!("--timeout={}", target.timeout).into());
-    }
     if let Some(b) = &target.bwlimit {
         a.push(format!("--bwlimit={b}").into());
     }
@@ -184,6 +184,56 @@ pub fn build_args(
     Ok(a)
 }
 
+/// Notices a child whose I/O counters (`/proc/PID/io`: bytes read and written through
+/// any fd, pipes and sockets included) stop moving for `limit`.
+struct IdleWatch {
+    io_path: String,
+    limit: Duration,
+    last: Option<u64>,
+    since: std::time::Instant,
+    next_check: std::time::Instant,
+}
+
+impl IdleWatch {
+    fn new(pid: u32, limit: Duration) -> Self {
+        let now = std::time::Instant::now();
+        IdleWatch {
+            io_path: format!("/proc/{pid}/io"),
+            limit,
+            last: None,
+            since: now,
+            next_check: now,
+        }
+    }
+
+    fn stalled(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if now < self.next_check {
+            return false;
+        }
+        self.next_check = now + Duration::from_millis(250);
+        let Some(total) = io_total(&self.io_path) else {
+            return false;
+        };
+        if self.last != Some(total) {
+            self.last = Some(total);
+            self.since = now;
+            return false;
+        }
+        now.duration_since(self.since) >= self.limit
+    }
+}
+
+/// `rchar + wchar` of one process.
+fn io_total(path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    Some(field("rchar:")? + field("wchar:")?)
+}
+
 /// How one run ended.
 #[derive(Debug)]
 pub struct RunResult {
@@ -194,11 +244,13 @@ pub struct RunResult {
 
 /// Runs `program args` with `stdin` on its standard input. `tick(wait)` is called while
 /// the child runs (it may block up to `wait`, e.g. to take in new work); when it returns
-/// true the child is killed.
+/// true the child is killed. A child that reads and writes nothing for `idle` (rsync's
+/// `--timeout`, enforced from outside) is killed too and the run is retried.
 pub fn run(
     program: &OsString,
     args: &[OsString],
     stdin: &[u8],
+    idle: Option<Duration>,
     mut tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
     let mut cmd = Command::new(program);
@@ -261,6 +313,8 @@ pub fn run(
         });
         let mut wait = Duration::from_millis(1);
         let mut killed = false;
+        let mut stalled = false;
+        let mut watchdog = idle.map(|limit| IdleWatch::new(child.id(), limit));
         let status = loop {
             match child.try_wait() {
                 Ok(Some(st)) => break Ok(st),
@@ -272,6 +326,10 @@ pub fn run(
             } else if tick(wait) {
                 let _ = child.kill();
                 killed = true;
+            } else if watchdog.as_mut().is_some_and(|w| w.stalled()) {
+                let _ = child.kill();
+                killed = true;
+                stalled = true;
             }
             // Short polls: a local or TCP_NODELAY run takes a few ms, and latency is
             // what a live mirror is judged by.
@@ -280,6 +338,14 @@ pub fn run(
         let tail = reader.join().unwrap_or_default();
         let tail = String::from_utf8_lossy(&tail).trim().to_string();
         match status {
+            Ok(_) if stalled => RunResult {
+                outcome: Outcome::Retry,
+                error: format!(
+                    "no I/O for {} s (the target's timeout): killed{}{tail}",
+                    idle.unwrap_or_default().as_secs(),
+                    if tail.is_empty() { "" } else { ": " }
+                ),
+            },
             Ok(st) if killed => RunResult {
                 outcome: Outcome::Retry,
                 error: if tail.is_empty() {
@@ -398,7 +464,6 @@ mod tests {
                 "--files-from=-",
                 "--from0",
                 "--filter=merge /run/x/rules",
-                "--timeout=30",
                 "--bwlimit=2M",
                 "--mkpath",
                 "--sockopts=TCP_NODELAY",
@@ -428,7 +493,6 @@ mod tests {
                 "--force",
                 "--modify-window=-1",
                 "--from0",
-                "--timeout=30",
                 "--mkpath",
                 "-e",
                 "'ssh' '-p' '2222' '-i' '/k/id ed' '-o' 'StrictHostKeyChecking=yes'",
@@ -474,8 +538,52 @@ mod tests {
 
     #[test]
     fn a_missing_program_is_fatal_and_says_so() {
-        let r = run(&"/nonexistent/rsync".into(), &[], b"", |_| false);
+        let r = run(&"/nonexistent/rsync".into(), &[], b"", None, |_| false);
         assert_eq!(r.outcome, Outcome::Fatal);
         assert!(r.error.contains("install rsync"), "{}", r.error);
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::*;
+
+    #[test]
+    fn a_child_without_io_is_killed_after_the_idle_limit_and_retried() {
+        let started = std::time::Instant::now();
+        let r = run(
+            &"sleep".into(),
+            &["30".into()],
+            b"",
+            Some(Duration::from_secs(1)),
+            |w| {
+                std::thread::sleep(w);
+                false
+            },
+        );
+        assert_eq!(r.outcome, Outcome::Retry);
+        assert!(r.error.contains("no I/O for 1 s"), "{}", r.error);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "killed long before sleep ends"
+        );
+    }
+
+    #[test]
+    fn a_busy_child_is_not_killed() {
+        // `cat /dev/zero` reads and writes all the time; only the tick stops it, after
+        // twice the idle limit.
+        let started = std::time::Instant::now();
+        let r = run(
+            &"cat".into(),
+            &["/dev/zero".into()],
+            b"",
+            Some(Duration::from_secs(1)),
+            |w| {
+                std::thread::sleep(w);
+                started.elapsed() > Duration::from_secs(2)
+            },
+        );
+        assert!(r.error.contains("shutdown deadline"), "{}", r.error);
     }
 }

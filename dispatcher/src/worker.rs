@@ -345,7 +345,8 @@ impl Worker {
             }
         };
         let control = self.control.clone();
-        command::run(&command::rsync_program(), &args, stdin, |wait| {
+        let idle = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
+        command::run(&command::rsync_program(), &args, stdin, idle, |wait| {
             intake.wait(Some(wait));
             control.must_stop()
         })

@@ -332,11 +332,14 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
+        let runtime_span = raw.bus.runtime_dir.as_ref().map(|d| d.span());
         let runtime_dir = match raw.bus.runtime_dir {
             Some(d) => self.resolve(d.get_ref()),
             None => default_runtime_dir(),
         };
         let mut names = Vec::new();
+        let root_spans: Vec<Range<usize>> =
+            raw.root.iter().map(|r| r.get_ref().path.span()).collect();
         let roots: Vec<Root> = raw
             .root
             .into_iter()
@@ -345,6 +348,38 @@ impl Validator<'_> {
             .collect();
         if roots.is_empty() {
             self.error(0..0, "root", "no `[[root]]` defined: nothing to mirror");
+        }
+        // inotify gives one watch per directory: overlapping roots would share them.
+        for (i, (a, span)) in roots.iter().zip(&root_spans).enumerate() {
+            if let Some(b) = roots[..i]
+                .iter()
+                .find(|b| a.path.starts_with(&b.path) || b.path.starts_with(&a.path))
+            {
+                self.error(
+                    span.clone(),
+                    format!("root[{i}].path"),
+                    format!(
+                        "`{}` overlaps root `{}` (`{}`): roots must not contain each other",
+                        a.path.display(),
+                        b.name,
+                        b.path.display()
+                    ),
+                );
+            }
+        }
+        // A Unix socket path holds at most 107 bytes.
+        let longest = runtime_dir.join("changes.sock");
+        if longest.as_os_str().len() > 107 {
+            let span = runtime_span.clone().unwrap_or(0..0);
+            self.error(
+                span,
+                "bus.runtime_dir",
+                format!(
+                    "`{}` is too long for a socket path ({} bytes, at most 107): choose a shorter runtime_dir",
+                    longest.display(),
+                    longest.as_os_str().len()
+                ),
+            );
         }
         let mut tnames = Vec::new();
         let targets = raw
@@ -911,6 +946,20 @@ roots = [\"www\", \"other\"]
         assert_eq!(e[0].key, "root[1].name");
         let e = f.errors(&format!("{MINIMAL}{MINIMAL}"));
         assert!(e[0].message.contains("duplicate"));
+    }
+
+    #[test]
+    fn overlapping_roots_and_long_socket_paths_are_refused() {
+        let f = Fixture::new();
+        std::fs::create_dir(f.dir.path().join("src/inner")).unwrap();
+        let e = f.errors(&format!(
+            "{MINIMAL}[[root]]\nname = \"in\"\npath = \"src/inner\"\n"
+        ));
+        assert_eq!((e[0].key.as_str(), e[0].line), ("root[1].path", 6));
+        assert!(e[0].message.contains("overlaps root `www`"), "{}", e[0]);
+        let long = "x".repeat(120);
+        let e = f.errors(&format!("[bus]\nruntime_dir = \"/tmp/{long}\"\n{MINIMAL}"));
+        assert_eq!((e[0].key.as_str(), e[0].line), ("bus.runtime_dir", 2));
     }
 
     #[test]

@@ -35,9 +35,8 @@
 //!   since changed; the resync that follows makes them harmless.
 //! - A rename pair split across a `MAX_BATCH` boundary lands in two batches (the filter
 //!   pairs by cookie).
-//! - Roots that overlap (one inside another, or the same directory twice) share inodes,
-//!   and the kernel gives one wd per inode: the shared directories report for whichever
-//!   root watched them last. Config validation does not reject overlapping roots yet.
+//! - Roots that overlap would share inodes (one wd per inode); config validation refuses
+//!   them, but a bind mount or a symlinked root can still make two roots meet.
 //! - A chmod of a subdirectory arrives twice (`Attrib` from its parent and from its own
 //!   watch); the filter's coalescing makes that one change.
 //! - A root that is missing when the config is loaded is refused by `Config::load`, so the
