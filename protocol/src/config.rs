@@ -134,7 +134,7 @@ pub struct Target {
     pub endpoint: Endpoint,
     /// Names of the roots mirrored to this target.
     pub roots: Vec<String>,
-    /// rsync `--timeout` in seconds (0: none).
+    /// Seconds without I/O before an rsync run is killed and retried (0: never).
     pub timeout: u64,
     pub bwlimit: Option<String>,
     pub extra_args: Vec<String>,
