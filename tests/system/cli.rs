@@ -159,6 +159,14 @@ fn a_second_run_on_the_same_runtime_dir_is_refused() {
     m.wait_ready();
 }
 
+fn check_config(file: &std::path::Path) -> std::process::Output {
+    Command::new(bin())
+        .arg("check-config")
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 /// The pid of the newest start of `stage` in a supervisor log.
 fn stage_pid(log: &str, stage: &str) -> i32 {
     log.lines()

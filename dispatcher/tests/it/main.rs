@@ -3,7 +3,6 @@
 //! publishes change batches (and heartbeats, whose first sighting makes the dispatcher
 //! resync each root).
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -36,47 +35,6 @@ fn eventually(what: &str, h: &Harness, mut cond: impl FnMut() -> bool) {
 
 fn b(s: &[u8]) -> &Path {
     Path::new(OsStr::from_bytes(s))
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Node {
-    Dir,
-    File(Vec<u8>),
-    Link(Vec<u8>),
-}
-
-/// Every entry under `root`, by relative path bytes.
-fn tree(root: &Path) -> BTreeMap<Vec<u8>, Node> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let Ok(rd) = fs::read_dir(root.join(&rel)) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let r = rel.join(e.file_name());
-            let full = root.join(&r);
-            let Ok(meta) = fs::symlink_metadata(&full) else {
-                continue;
-            };
-            let node = if meta.is_dir() {
-                stack.push(r.clone());
-                Node::Dir
-            } else if meta.file_type().is_symlink() {
-                Node::Link(
-                    fs::read_link(&full)
-                        .unwrap()
-                        .as_os_str()
-                        .as_bytes()
-                        .to_vec(),
-                )
-            } else {
-                Node::File(fs::read(&full).unwrap_or_default())
-            };
-            out.insert(r.as_os_str().as_bytes().to_vec(), node);
-        }
-    }
-    out
 }
 
 struct Publisher {
@@ -198,7 +156,7 @@ impl Harness {
 
     fn converge(&self, what: &str, target: &str) {
         let (src, dst) = (self.src(), self.path(target));
-        eventually(what, self, || tree(&src) == tree(&dst));
+        eventually(what, self, || testkit::tree_diff(&src, &dst).is_empty());
     }
 
     fn sigterm(&self) {
@@ -356,7 +314,7 @@ fn subtree_resync_leaves_the_rest_of_the_target_alone() {
     fs::write(h.src().join("s/in/new"), b"unannounced").unwrap();
     h.publish(vec![change(Op::Resync, b"s")]);
     eventually("subtree converges", &h, || {
-        tree(&h.src().join("s")) == tree(&dst.join("s"))
+        testkit::tree_diff(&h.src().join("s"), &dst.join("s")).is_empty()
     });
     assert_eq!(fs::read(dst.join("other/o")).unwrap(), b"target differs");
     assert_eq!(
