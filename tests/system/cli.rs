@@ -16,11 +16,7 @@ fn check_config_names_file_line_and_key_and_exits_64() {
         "[[root]]\nname = \"r\"\npath = \"src\"\n\n[[target]]\nname = \"t\"\nurl = \"rsync://h/m\"\nroots = [\"nope\"]\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = check_config(&file);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -35,11 +31,7 @@ fn check_config_names_file_line_and_key_and_exits_64() {
         "[[root]]\nname = \"r\"\npath = \"src\"\nspeed = 11\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = check_config(&file);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(":4:") && err.contains("speed"), "{err}");
@@ -53,11 +45,7 @@ fn check_config_names_file_line_and_key_and_exits_64() {
     assert_eq!(out.status.code(), Some(64));
 
     fs::write(&file, "[[root]]\nname = \"r\"\npath = \"src\"\n").unwrap();
-    let out = Command::new(bin())
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = check_config(&file);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -82,11 +70,7 @@ fn every_example_config_in_deploy_is_valid() {
         for sub in ["src", "data/www", "data/uploads"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        let out = Command::new(bin())
-            .arg("check-config")
-            .arg(&copy)
-            .output()
-            .unwrap();
+        let out = check_config(&copy);
         assert!(
             out.status.success(),
             "{}: {}",
