@@ -288,7 +288,7 @@ fn lock(dir: &Path) -> Result<File, String> {
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
         return Err(format!(
-            "another `syncbus run` (pid {}) uses the runtime dir `{}`; stop it or set `bus.runtime_dir`",
+            "another `syncbus run` (pid {}) uses the runtime dir `{}`; stop it, or give this one its own (`bus.runtime_dir` or `--runtime-dir`)",
             holder.trim(),
             dir.display()
         ));

@@ -167,3 +167,41 @@ fn stage_pid(log: &str, stage: &str) -> i32 {
         .next()
         .unwrap_or_else(|| panic!("no start of {stage} in log:\n{log}"))
 }
+
+#[test]
+fn sighup_applies_a_valid_config_and_keeps_running_on_a_bad_one() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    let good = fs::read_to_string(&m.config).unwrap();
+
+    fs::write(&m.config, format!("{good}\nbogus_key = 1\n")).unwrap();
+    m.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    testkit::eventually("the bad config reported", crate::CONVERGE, || {
+        m.log().contains("new config is invalid").then_some(())
+    });
+    m.wait_ready(); // still mirroring with the old config
+
+    // A new exclude, applied by the restarted stages.
+    let with_exclude = good.replace(
+        "path = \"src\"\n",
+        "path = \"src\"\nexclude_glob = [\"*.skip\"]\n",
+    );
+    assert_ne!(with_exclude, good);
+    fs::write(&m.config, with_exclude).unwrap();
+    m.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    testkit::eventually("the stages restarted", crate::CONVERGE, || {
+        m.log().contains("restarting the stages").then_some(())
+    });
+    m.wait_ready();
+    fs::write(m.s("after.skip"), "excluded now").unwrap();
+    fs::write(m.s("after.keep"), "mirrored").unwrap();
+    let dst = m.dsts[0].clone();
+    testkit::eventually("after.keep mirrored", crate::CONVERGE, || {
+        dst.join("after.keep").exists().then_some(())
+    });
+    m.wait_ready();
+    assert!(
+        !dst.join("after.skip").exists(),
+        "the reloaded exclude was not applied"
+    );
+}
