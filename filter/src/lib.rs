@@ -38,6 +38,8 @@ pub use coalesce::{Coalescer, Timing};
 const MAX_CHANGES_PER_MESSAGE: usize = 1000;
 /// Watchers remembered for gap detection.
 const MAX_WATCHERS: usize = 16;
+/// Directory exclusion decisions remembered (then forgotten all at once).
+const MAX_CACHED_DIRS: usize = 65_536;
 
 /// True when the root's event toggles let this kind of event through.
 pub fn wanted(events: &Events, ev: &RawEvent) -> bool {
@@ -58,6 +60,9 @@ pub struct Filter {
     roots: HashMap<String, Root>,
     coalescer: Coalescer,
     watchers: Vec<(u64, SeqTracker)>,
+    /// Whether a directory (root, path) is excluded by itself. Events share their
+    /// ancestors, so this saves most of the pattern matching in a burst.
+    dir_cache: HashMap<(String, Vec<u8>), bool>,
 }
 
 impl Filter {
@@ -83,6 +88,7 @@ impl Filter {
                 .collect(),
             coalescer: Coalescer::new(timing),
             watchers: Vec::new(),
+            dir_cache: HashMap::new(),
         }
     }
 
@@ -148,10 +154,37 @@ impl Filter {
         if !wanted(&root.events, ev) {
             return;
         }
-        if ev.kind != RawKind::Resync && root.rules.excludes(&ev.path, ev.dir) {
+        if ev.kind != RawKind::Resync && self.excluded(ev) {
             return;
         }
         self.coalescer.push(ev, since_us, now);
+    }
+
+    /// `Rules::excludes`, with the decisions for ancestor directories cached.
+    fn excluded(&mut self, ev: &RawEvent) -> bool {
+        let Some(root) = self.roots.get(&ev.root) else {
+            return false;
+        };
+        if ev.path.is_root() {
+            return false;
+        }
+        if root.rules.matches(ev.path.as_bytes(), ev.dir) {
+            return true;
+        }
+        if self.dir_cache.len() > MAX_CACHED_DIRS {
+            self.dir_cache.clear();
+        }
+        for dir in ev.path.ancestors() {
+            let key = (ev.root.clone(), dir.to_vec());
+            let hit = *self
+                .dir_cache
+                .entry(key)
+                .or_insert_with(|| root.rules.matches(dir, true));
+            if hit {
+                return true;
+            }
+        }
+        false
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -267,8 +300,11 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
             pull.as_poll_item(zmq::POLLIN),
             zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
         ];
-        zmq::poll(&mut items, poll_ms(timeout))
-            .map_err(|e| StageError::Failed(format!("zmq poll: {e}")))?;
+        match zmq::poll(&mut items, poll_ms(timeout)) {
+            // A signal interrupted the wait: the loop looks at it below.
+            Ok(_) | Err(zmq::Error::EINTR) => {}
+            Err(e) => return Err(StageError::Failed(format!("zmq poll: {e}"))),
+        }
         if items[1].is_readable() {
             shutdown.drain();
         }
@@ -364,6 +400,27 @@ mod tests {
         );
         let out = f.ready(t0 + Duration::from_secs(2));
         assert_eq!(paths(&out), vec!["kept"]);
+    }
+
+    #[test]
+    fn cached_directory_decisions_agree_with_the_rules() {
+        let (_t, c) = config("exclude_glob = ['cache/']\n");
+        let mut f = Filter::new(&c);
+        let t0 = Instant::now();
+        let written = [
+            "a/cache/x",
+            "a/cache/y",
+            "a/b/x",
+            "cache",
+            "a/cachex/z",
+            "a/cache",
+        ];
+        let events: Vec<RawEvent> = written.iter().map(|p| ev(RawKind::CloseWrite, p)).collect();
+        f.push_batch(&raw(1, events.clone()), t0);
+        f.push_batch(&raw(2, events), t0);
+        let out = f.ready(t0 + Duration::from_secs(2));
+        // `cache` and `a/cache` are files here (dir = false): only dirs match `cache/`.
+        assert_eq!(paths(&out), vec!["a/b/x", "cache", "a/cachex/z", "a/cache"]);
     }
 
     #[test]

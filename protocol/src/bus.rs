@@ -103,7 +103,10 @@ pub fn socket(ctx: &zmq::Context, kind: zmq::SocketType) -> Result<zmq::Socket, 
     };
     set(s.set_sndhwm(HWM))?;
     set(s.set_rcvhwm(HWM))?;
-    set(s.set_linger(LINGER.as_millis() as i32))?;
+    // Only what a socket sends is worth lingering for; a receiving socket's queued
+    // subscriptions to a peer that is gone would hold up the exit for nothing.
+    let sends = matches!(kind, zmq::PUSH | zmq::PUB);
+    set(s.set_linger(if sends { LINGER.as_millis() as i32 } else { 0 }))?;
     set(s.set_reconnect_ivl(50))?;
     set(s.set_reconnect_ivl_max(1000))?;
     Ok(s)
