@@ -18,19 +18,15 @@ use protocol::PathBytes;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// Polls `cond` until it holds or the deadline passes.
+/// Polls `cond` until it holds or the deadline passes; shows the dispatcher's log if not.
 fn eventually(what: &str, h: &Harness, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while Instant::now() < end {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        testkit::eventually(what, DEADLINE, || cond().then_some(()))
+    }));
+    if let Err(e) = waited {
+        eprintln!("--- dispatcher log ---\n{}", h.log());
+        std::panic::resume_unwind(e);
     }
-    panic!(
-        "timed out waiting for: {what}\n--- dispatcher log ---\n{}",
-        h.log()
-    );
 }
 
 fn b(s: &[u8]) -> &Path {
@@ -125,6 +121,7 @@ impl Harness {
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     p.lock().unwrap().send(ROOT, vec![]);
+                    // The heartbeat period (the filter's is 500 ms), not a wait.
                     std::thread::sleep(Duration::from_millis(100));
                 }
             });
