@@ -107,13 +107,11 @@ impl Batcher {
     pub fn push(&mut self, root: &str, change: &Change) {
         let work = self.roots.entry(root.to_string()).or_default();
         match change.op {
-            Op::Upsert => work.touch(
-                change.path.clone(),
-                Touch {
-                    recursive: change.recursive,
-                    deleted: false,
-                },
-            ),
+            // A directory that appeared whole may replace one the target still has with
+            // other content: compare it in full, `--delete` included (an `-r` entry in
+            // an incremental run would leave the old files there).
+            Op::Upsert if change.recursive => work.resync(change.path.clone()),
+            Op::Upsert => work.touch(change.path.clone(), Touch::default()),
             Op::Delete => work.touch(
                 change.path.clone(),
                 Touch {
@@ -131,13 +129,11 @@ impl Batcher {
                         },
                     );
                 }
-                work.touch(
-                    change.path.clone(),
-                    Touch {
-                        recursive: change.dir || change.recursive,
-                        deleted: false,
-                    },
-                );
+                if change.dir || change.recursive {
+                    work.resync(change.path.clone());
+                } else {
+                    work.touch(change.path.clone(), Touch::default());
+                }
             }
             Op::Resync => work.resync(change.path.clone()),
         }
@@ -250,29 +246,22 @@ mod tests {
                 (&[("a", false, true), ("b", false, false)], &[]),
             ),
             (
-                "a move touches both ends; a moved dir is recursive",
+                "a move touches both ends; a moved dir is compared in full",
                 vec![mv("old", "new", true), mv("f1", "f2", false)],
                 (
                     &[
                         ("f1", false, true),
                         ("f2", false, false),
-                        ("new", true, false),
                         ("old", false, true),
                     ],
-                    &[],
+                    &["new"],
                 ),
             ),
             (
-                "upserts below a recursive dir are dropped, deletes kept",
+                // The directory may replace one the target still has with other files.
+                "a directory that appeared whole is a subtree resync covering its content",
                 vec![up("d/x"), del("d/y"), rdir("d"), up("d/e/z"), up("dd/x")],
-                (
-                    &[
-                        ("d", true, false),
-                        ("d/y", false, true),
-                        ("dd/x", false, false),
-                    ],
-                    &[],
-                ),
+                (&[("dd/x", false, false)], &["d"]),
             ),
             (
                 "a resync covers the paths within it, before and after",

@@ -184,11 +184,21 @@ pub fn run(
         if !items[0].is_readable() {
             continue;
         }
+        // An error ends the loop but not the stage's duty: the drain below still runs.
         let mut failed = None;
-        while let Some((topic, payload)) = bus::try_recv(&sub)? {
-            if let Err(e) = handle(&topic, &payload, &topics, &mut trackers, &routes) {
-                failed = Some(e);
-                break;
+        loop {
+            match bus::try_recv(&sub) {
+                Ok(Some((topic, payload))) => {
+                    if let Err(e) = handle(&topic, &payload, &topics, &mut trackers, &routes) {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(e.into());
+                    break;
+                }
             }
         }
         if let Some(e) = failed {

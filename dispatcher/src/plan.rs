@@ -2,7 +2,7 @@
 //! rules of either kind of run. Reads the source tree (existence, regex excludes), never
 //! spawns anything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use protocol::rules::{rsync_literal_rule, Rules};
@@ -43,11 +43,11 @@ pub fn incremental_entries(
     paths: &BTreeMap<PathBytes, Touch>,
 ) -> BTreeMap<PathBytes, Touch> {
     let mut out: BTreeMap<PathBytes, Touch> = BTreeMap::new();
-    let mut gone: Vec<PathBytes> = Vec::new();
+    let mut gone: BTreeSet<Vec<u8>> = BTreeSet::new();
     for (p, t) in paths {
         if !p.is_root() && missing(root, p) {
             let top = topmost_missing(root, p);
-            gone.push(top.clone());
+            gone.insert(top.as_bytes().to_vec());
             out.insert(
                 top,
                 Touch {
@@ -59,7 +59,9 @@ pub fn incremental_entries(
             out.entry(p.clone()).or_default().recursive |= t.recursive;
         }
     }
-    out.retain(|p, _| !gone.iter().any(|g| p.is_below(g)));
+    // One lookup per ancestor, not one comparison per missing path: a mass delete in
+    // a directory that stays lists tens of thousands of entries.
+    out.retain(|p, _| !p.ancestors().any(|a| gone.contains(a)));
     out
 }
 

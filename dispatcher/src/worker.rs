@@ -275,14 +275,24 @@ impl Worker {
             let excludes = plan::exclude_rules(&info.rules, &src, &subtrees);
             let rules = plan::resync_rules(&excludes, &subtrees);
             let shown: Vec<String> = subtrees.iter().map(|s| s.to_string()).collect();
-            tracing::info!(target = %self.target.name, root, paths = ?shown, "resync started");
+            // A whole root is a lifecycle event; a new directory's subtree is not.
+            let whole = subtrees.iter().any(PathBytes::is_root);
+            if whole {
+                tracing::info!(target = %self.target.name, root, paths = ?shown, "resync started");
+            } else {
+                tracing::debug!(target = %self.target.name, root, paths = ?shown, "subtree resync started");
+            }
             let started = Instant::now();
             let result = self.rsync(Mode::Resync, &rules, &src, &dest, b"", intake);
             let duration_ms = started.elapsed().as_millis() as u64;
             if result.outcome != Outcome::Success {
                 return Some((work, result));
             }
-            tracing::info!(target = %self.target.name, root, paths = ?shown, duration_ms, "resync finished");
+            if whole {
+                tracing::info!(target = %self.target.name, root, paths = ?shown, duration_ms, "resync finished");
+            } else {
+                tracing::debug!(target = %self.target.name, root, paths = ?shown, duration_ms, "subtree resync finished");
+            }
         }
         if !work.paths.is_empty() {
             let info = &self.roots[root];

@@ -134,7 +134,6 @@ impl Coalescer {
             RawKind::MovedTo => {
                 let pair = self.moves.remove(&ev.cookie).filter(|m| m.root == ev.root);
                 let mut net = Net::Upsert;
-                let mut unknown_before = false;
                 if let Some(m) = &pair {
                     let from_key = (m.root.clone(), m.from.clone());
                     let ours = m.delete_gen.is_some()
@@ -146,10 +145,11 @@ impl Coalescer {
                         self.entries.remove(&from_key);
                         net = Net::Move(m.from.clone());
                     }
-                } else {
-                    unknown_before = true;
                 }
-                let e = self.touch(key, since_us, now, unknown_before);
+                // Never `created`: a rename over an existing file (or one from an
+                // excluded temp name) arrives as a lone `moved_to`, and deleting it
+                // again must still reach the targets.
+                let e = self.touch(key, since_us, now, false);
                 if let Some(order) = pair.as_ref().and_then(|m| m.order) {
                     e.order = e.order.min(order);
                 }
@@ -453,6 +453,15 @@ mod tests {
             s.out(),
             vec![del("out"), (Op::Upsert, "in".into(), None, true)]
         );
+    }
+
+    #[test]
+    fn a_file_renamed_in_over_an_existing_one_then_deleted_is_a_delete() {
+        // The `moved_from` half was excluded (e.g. `.goutputstream-X`): `doc` existed
+        // before, so removing it must reach the targets.
+        let mut s = Sim::new();
+        s.ev(MovedTo, "doc", false, 8).f(Delete, "doc").at_ms(10);
+        assert_eq!(s.out(), vec![del("doc")]);
     }
 
     #[test]

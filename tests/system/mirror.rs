@@ -326,3 +326,50 @@ fn a_rewrite_with_the_same_size_and_mtime_still_reaches_the_target() {
         (fs::read(&dst).ok()? == b"bbbb").then_some(())
     });
 }
+
+#[test]
+fn a_replaced_directory_leaves_none_of_its_old_files_on_the_target() {
+    // Found in review (issue #2): an incremental `-r` of the new directory kept the
+    // files only the old one had.
+    let mut m = Mirror::new(1, "");
+    for (dir, files) in [
+        ("site", &["a", "only-old"][..]),
+        ("site.new", &["a", "only-new"][..]),
+        ("e", &["old"][..]),
+    ] {
+        fs::create_dir(m.s(dir)).unwrap();
+        for f in files {
+            fs::write(m.s(&format!("{dir}/{f}")), format!("{dir}/{f}")).unwrap();
+        }
+    }
+    m.start().wait_ready();
+    m.converge();
+    // The deploy swap.
+    fs::rename(m.s("site"), m.s("site.old")).unwrap();
+    fs::rename(m.s("site.new"), m.s("site")).unwrap();
+    // A directory moved out of the tree and a new one made in its place.
+    fs::rename(m.s("e"), m.dir.path().join("e-outside")).unwrap();
+    fs::create_dir(m.s("e")).unwrap();
+    fs::write(m.s("e/new"), "new").unwrap();
+    m.converge();
+}
+
+#[test]
+fn a_file_renamed_over_from_an_excluded_temp_name_then_deleted_is_deleted_on_the_target() {
+    // Found in review (issue #2): the lone `moved_to` counted as "did not exist before",
+    // so the delete right after it was dropped.
+    let mut m = Mirror::new(1, "");
+    fs::write(m.s("doc"), "v1").unwrap();
+    m.start().wait_ready();
+    m.converge();
+    for i in 0..5 {
+        let tmp = m.s(&format!(".goutputstream-T{i}"));
+        fs::write(&tmp, format!("v{i}")).unwrap();
+        fs::rename(&tmp, m.s("doc")).unwrap();
+        fs::remove_file(m.s("doc")).unwrap();
+        fs::write(m.s(&format!("keep{i}")), "k").unwrap();
+        m.converge();
+        fs::write(m.s("doc"), "again").unwrap();
+        m.converge();
+    }
+}
