@@ -9,16 +9,12 @@ use protocol::PathBytes;
 /// How a path was touched since the last batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Touch {
-    /// A directory that appeared whole (created or moved in): send its content too.
-    pub recursive: bool,
-    /// The path was deleted or moved away at some point (kept even below a recursive
-    /// entry, because `rsync -r` of the directory does not delete on the receiver).
+    /// The path was deleted or moved away at some point.
     pub deleted: bool,
 }
 
 impl Touch {
     fn merge(&mut self, other: Touch) {
-        self.recursive |= other.recursive;
         self.deleted |= other.deleted;
     }
 }
@@ -65,26 +61,6 @@ impl RootWork {
             self.touch(p, t);
         }
     }
-
-    /// Drops upserts strictly below a recursive directory entry: `rsync -r` sends them
-    /// with the directory anyway. Deletes stay.
-    fn normalize(&mut self) {
-        let recursive: BTreeSet<PathBytes> = self
-            .paths
-            .iter()
-            .filter(|(_, t)| t.recursive)
-            .map(|(p, _)| p.clone())
-            .collect();
-        if recursive.is_empty() {
-            return;
-        }
-        self.paths.retain(|p, t| {
-            t.deleted
-                || !p
-                    .ancestors()
-                    .any(|a| recursive.contains(&PathBytes::new(a.to_vec())))
-        });
-    }
 }
 
 /// One batch: the work of every root that was ready when it was taken.
@@ -112,22 +88,10 @@ impl Batcher {
             // an incremental run would leave the old files there).
             Op::Upsert if change.recursive => work.resync(change.path.clone()),
             Op::Upsert => work.touch(change.path.clone(), Touch::default()),
-            Op::Delete => work.touch(
-                change.path.clone(),
-                Touch {
-                    recursive: false,
-                    deleted: true,
-                },
-            ),
+            Op::Delete => work.touch(change.path.clone(), Touch { deleted: true }),
             Op::Move => {
                 if let Some(from) = &change.from {
-                    work.touch(
-                        from.clone(),
-                        Touch {
-                            recursive: false,
-                            deleted: true,
-                        },
-                    );
+                    work.touch(from.clone(), Touch { deleted: true });
                 }
                 if change.dir || change.recursive {
                     work.resync(change.path.clone());
@@ -187,8 +151,7 @@ impl Batcher {
             .collect();
         let mut batch = Batch::default();
         for name in names {
-            if let Some(mut work) = self.roots.remove(&name) {
-                work.normalize();
+            if let Some(work) = self.roots.remove(&name) {
                 batch.roots.insert(name, work);
             }
         }
@@ -234,8 +197,8 @@ mod tests {
         ch(Op::Resync, p)
     }
 
-    /// (path, recursive, deleted)
-    type Want<'a> = (&'a [(&'a str, bool, bool)], &'a [&'a str]);
+    /// (path, deleted)
+    type Want<'a> = (&'a [(&'a str, bool)], &'a [&'a str]);
 
     #[test]
     fn merge_rules_table() {
@@ -243,25 +206,18 @@ mod tests {
             (
                 "upserts and deletes merge per path",
                 vec![up("a"), up("a"), del("a"), up("b")],
-                (&[("a", false, true), ("b", false, false)], &[]),
+                (&[("a", true), ("b", false)], &[]),
             ),
             (
                 "a move touches both ends; a moved dir is compared in full",
                 vec![mv("old", "new", true), mv("f1", "f2", false)],
-                (
-                    &[
-                        ("f1", false, true),
-                        ("f2", false, false),
-                        ("old", false, true),
-                    ],
-                    &["new"],
-                ),
+                (&[("f1", true), ("f2", false), ("old", true)], &["new"]),
             ),
             (
                 // The directory may replace one the target still has with other files.
                 "a directory that appeared whole is a subtree resync covering its content",
                 vec![up("d/x"), del("d/y"), rdir("d"), up("d/e/z"), up("dd/x")],
-                (&[("dd/x", false, false)], &["d"]),
+                (&[("dd/x", false)], &["d"]),
             ),
             (
                 "a resync covers the paths within it, before and after",
@@ -273,7 +229,7 @@ mod tests {
                     up("sx"),
                     del("t"),
                 ],
-                (&[("sx", false, false), ("t", false, true)], &["s"]),
+                (&[("sx", false), ("t", true)], &["s"]),
             ),
             (
                 "a resync of the root covers everything",
@@ -300,15 +256,13 @@ mod tests {
             let batch = b.take().expect(name);
             assert!(b.take().is_none(), "{name}: take empties the batcher");
             let w = &batch.roots["r"];
-            let got: Vec<(String, bool, bool)> = w
+            let got: Vec<(String, bool)> = w
                 .paths
                 .iter()
-                .map(|(p, t)| (p.to_string(), t.recursive, t.deleted))
+                .map(|(p, t)| (p.to_string(), t.deleted))
                 .collect();
-            let want: Vec<(String, bool, bool)> = paths
-                .iter()
-                .map(|&(p, r, d)| (p.to_string(), r, d))
-                .collect();
+            let want: Vec<(String, bool)> =
+                paths.iter().map(|&(p, d)| (p.to_string(), d)).collect();
             assert_eq!(got, want, "{name}: paths");
             let got: Vec<String> = w
                 .resyncs

@@ -46,7 +46,7 @@ pub fn classify_status(status: ExitStatus) -> Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     /// `--files-from=-` with the touched paths; `-r` when a directory appeared whole.
-    Incremental { recursive: bool },
+    Incremental,
     /// `--delete` of the whole transfer, restricted by the rules file.
     Resync,
 }
@@ -149,10 +149,7 @@ pub fn build_args(
 ) -> Result<Vec<OsString>, ArgError> {
     let mut a: Vec<OsString> = vec!["-a".into()];
     match mode {
-        Mode::Incremental { recursive } => {
-            if *recursive {
-                a.push("-r".into());
-            }
+        Mode::Incremental => {
             a.push("--force".into());
             a.push("--delete-missing-args".into());
             // Every listed path is known to have changed: rsync's quick check (same
@@ -447,7 +444,7 @@ mod tests {
         t.bwlimit = Some("2M".into());
         let a = build_args(
             &t,
-            &Mode::Incremental { recursive: true },
+            &Mode::Incremental,
             Some(Path::new("/run/x/rules")),
             Path::new("/srv/www"),
             &t.destination("www"),
@@ -457,7 +454,6 @@ mod tests {
             strings(a),
             [
                 "-a",
-                "-r",
                 "--force",
                 "--delete-missing-args",
                 "--ignore-times",
@@ -512,14 +508,7 @@ mod tests {
         });
         t.timeout = 0;
         t.extra_args.clear();
-        let a = build_args(
-            &t,
-            &Mode::Incremental { recursive: false },
-            None,
-            Path::new("/srv"),
-            "/backup/",
-        )
-        .unwrap();
+        let a = build_args(&t, &Mode::Incremental, None, Path::new("/srv"), "/backup/").unwrap();
         assert_eq!(
             strings(a),
             [

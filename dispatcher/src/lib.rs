@@ -3,7 +3,8 @@
 //!
 //! **In:** `ChangeBatch`es on the `changes` SUB socket (one topic per root, heartbeats
 //! included). **Out:** rsync processes, one per root per batch per target
-//! (`--files-from=- --from0` for touched paths, `--delete` with a filter for resyncs).
+//! (`--files-from=- --from0` for touched paths, `--delete` with a filter for resyncs of
+//! a root, and of every directory that appeared whole).
 //!
 //! The SUB loop ([`run`]) only decodes, checks sequence numbers and hands jobs to the
 //! workers over unbounded channels; each worker ([`worker`]) merges whatever arrives
@@ -28,9 +29,6 @@
 //! # Known problems
 //! - Failed work is kept in memory only until the durable retrier exists; a restart
 //!   loses it, but the restart itself triggers a full resync of every root.
-//! - `-r` applies to every directory of an incremental run as soon as one entry is
-//!   recursive, so an attribute change of a big directory in the same batch as a new
-//!   directory sends the big one whole (correct, just more work).
 //! - Backoff is per (target, root); a target that is down for all roots is probed once
 //!   per root.
 //! - Regex excludes are listed by walking the source just before each run that sends

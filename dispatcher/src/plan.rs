@@ -44,19 +44,13 @@ pub fn incremental_entries(
 ) -> BTreeMap<PathBytes, Touch> {
     let mut out: BTreeMap<PathBytes, Touch> = BTreeMap::new();
     let mut gone: BTreeSet<Vec<u8>> = BTreeSet::new();
-    for (p, t) in paths {
+    for p in paths.keys() {
         if !p.is_root() && missing(root, p) {
             let top = topmost_missing(root, p);
             gone.insert(top.as_bytes().to_vec());
-            out.insert(
-                top,
-                Touch {
-                    recursive: false,
-                    deleted: true,
-                },
-            );
+            out.insert(top, Touch { deleted: true });
         } else {
-            out.entry(p.clone()).or_default().recursive |= t.recursive;
+            out.entry(p.clone()).or_default();
         }
     }
     // One lookup per ancestor, not one comparison per missing path: a mass delete in
@@ -178,8 +172,8 @@ pub fn resync_rules(excludes: &[u8], subtrees: &[PathBytes]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn t(recursive: bool, deleted: bool) -> Touch {
-        Touch { recursive, deleted }
+    fn t(deleted: bool) -> Touch {
+        Touch { deleted }
     }
 
     #[test]
@@ -190,27 +184,27 @@ mod tests {
         std::fs::create_dir_all(d.path().join("here")).unwrap();
         std::os::unix::fs::symlink("nowhere", d.path().join("dangling")).unwrap();
         let mut paths = BTreeMap::new();
-        paths.insert("gone/a/b".into(), t(false, true));
-        paths.insert("gone/a".into(), t(true, false));
-        paths.insert("gone/c".into(), t(false, false));
-        paths.insert("keep/sub/x/y".into(), t(false, true));
-        paths.insert("keep/f".into(), t(false, false));
-        paths.insert("keep/f/below-a-file".into(), t(false, true));
-        paths.insert("here".into(), t(true, false));
-        paths.insert("dangling".into(), t(false, false));
-        let got: Vec<(String, bool, bool)> = incremental_entries(d.path(), &paths)
+        paths.insert("gone/a/b".into(), t(true));
+        paths.insert("gone/a".into(), t(false));
+        paths.insert("gone/c".into(), t(false));
+        paths.insert("keep/sub/x/y".into(), t(true));
+        paths.insert("keep/f".into(), t(false));
+        paths.insert("keep/f/below-a-file".into(), t(true));
+        paths.insert("here".into(), t(false));
+        paths.insert("dangling".into(), t(false));
+        let got: Vec<(String, bool)> = incremental_entries(d.path(), &paths)
             .into_iter()
-            .map(|(p, t)| (p.to_string(), t.recursive, t.deleted))
+            .map(|(p, t)| (p.to_string(), t.deleted))
             .collect();
         assert_eq!(
             got,
             vec![
-                ("dangling".into(), false, false),
-                ("gone".into(), false, true),
-                ("here".into(), true, false),
-                ("keep/f".into(), false, false),
-                ("keep/f/below-a-file".into(), false, true),
-                ("keep/sub/x".into(), false, true),
+                ("dangling".into(), false),
+                ("gone".into(), true),
+                ("here".into(), false),
+                ("keep/f".into(), false),
+                ("keep/f/below-a-file".into(), true),
+                ("keep/sub/x".into(), true),
             ]
         );
         let list = files_from(&incremental_entries(d.path(), &paths));

@@ -297,17 +297,12 @@ impl Worker {
         if !work.paths.is_empty() {
             let info = &self.roots[root];
             let entries = plan::incremental_entries(&src, &work.paths);
-            let recursive: Vec<PathBytes> = entries
-                .iter()
-                .filter(|(_, t)| t.recursive)
-                .map(|(p, _)| p.clone())
-                .collect();
-            let rules = plan::exclude_rules(&info.rules, &src, &recursive);
+            // Nothing is sent whole here (new directories are subtree resyncs), so
+            // the globs are all the rules an incremental run needs.
+            let rules = plan::exclude_rules(&info.rules, &src, &[]);
             let list = plan::files_from(&entries);
             let started = Instant::now();
-            let mode = Mode::Incremental {
-                recursive: !recursive.is_empty(),
-            };
+            let mode = Mode::Incremental;
             let result = self.rsync(mode, &rules, &src, &dest, &list, intake);
             let duration_ms = started.elapsed().as_millis() as u64;
             if result.outcome != Outcome::Success {
