@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use protocol::rules::{rsync_literal_rule, Rules};
+use protocol::rules::{rsync_literal_rule, rsync_wildcard_prefix, Rules};
 use protocol::PathBytes;
 
 use crate::batch::Touch;
@@ -94,19 +94,6 @@ pub fn resync_subtrees<'a>(
     out
 }
 
-/// `/path` with rsync's wildcard escaping applied unconditionally, for a pattern that
-/// gets a wildcard suffix (where `\` becomes an escape character).
-fn wild_prefix(path: &PathBytes) -> Vec<u8> {
-    let mut out = vec![b'/'];
-    for &b in path.as_bytes() {
-        if matches!(b, b'*' | b'?' | b'[' | b'\\') {
-            out.push(b'\\');
-        }
-        out.push(b);
-    }
-    out
-}
-
 fn rule(out: &mut Vec<u8>, sign: u8, pattern: &[u8]) {
     out.push(sign);
     out.push(b' ');
@@ -125,11 +112,7 @@ pub fn exclude_rules(rules: &Rules, root: &Path, recursive_dirs: &[PathBytes]) -
     if rules.has_regexes() {
         for d in recursive_dirs {
             for rel in rules.excluded_below(root, d) {
-                let full = if d.is_root() {
-                    rel
-                } else {
-                    d.join(rel.as_bytes())
-                };
+                let full = d.join(rel.as_bytes());
                 rule(&mut out, b'-', &rsync_literal_rule(&full));
             }
         }
@@ -160,7 +143,7 @@ pub fn resync_rules(excludes: &[u8], subtrees: &[PathBytes]) -> Vec<u8> {
     for s in subtrees {
         // `/S/***` alone does not match S when S is a file.
         rule(&mut out, b'+', &rsync_literal_rule(s));
-        let mut p = wild_prefix(s);
+        let mut p = rsync_wildcard_prefix(s);
         p.extend_from_slice(b"/***");
         rule(&mut out, b'+', &p);
     }

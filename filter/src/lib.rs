@@ -62,7 +62,7 @@ pub struct Filter {
     watchers: Vec<(u64, SeqTracker)>,
     /// Whether a directory (root, path) is excluded by itself. Events share their
     /// ancestors, so this saves most of the pattern matching in a burst.
-    dir_cache: HashMap<(String, Vec<u8>), bool>,
+    dir_cache: HashMap<String, HashMap<Vec<u8>, bool>>,
 }
 
 impl Filter {
@@ -171,15 +171,23 @@ impl Filter {
         if root.rules.matches(ev.path.as_bytes(), ev.dir) {
             return true;
         }
-        if self.dir_cache.len() > MAX_CACHED_DIRS {
-            self.dir_cache.clear();
+        if !self.dir_cache.contains_key(&ev.root) {
+            self.dir_cache.insert(ev.root.clone(), HashMap::new());
+        }
+        let cache = self.dir_cache.get_mut(&ev.root).expect("inserted above");
+        if cache.len() > MAX_CACHED_DIRS {
+            cache.clear();
         }
         for dir in ev.path.ancestors() {
-            let key = (ev.root.clone(), dir.to_vec());
-            let hit = *self
-                .dir_cache
-                .entry(key)
-                .or_insert_with(|| root.rules.matches(dir, true));
+            // Look up by reference: a hit allocates nothing.
+            let hit = match cache.get(dir) {
+                Some(&hit) => hit,
+                None => {
+                    let hit = root.rules.matches(dir, true);
+                    cache.insert(dir.to_vec(), hit);
+                    hit
+                }
+            };
             if hit {
                 return true;
             }

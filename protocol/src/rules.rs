@@ -212,12 +212,25 @@ fn translate_glob(pattern: &str) -> (String, bool) {
 /// with `*`, `?` or `[` as a wildcard pattern (where `\` escapes), and any other
 /// pattern as a literal string.
 pub fn rsync_literal_rule(path: &PathBytes) -> Vec<u8> {
+    let wild = path
+        .as_bytes()
+        .iter()
+        .any(|b| matches!(b, b'*' | b'?' | b'['));
+    anchored(path, wild)
+}
+
+/// `/path` escaped for a pattern that the caller makes a wildcard pattern (e.g. by
+/// appending `/***`), so every `*?[\` of the name is escaped.
+pub fn rsync_wildcard_prefix(path: &PathBytes) -> Vec<u8> {
+    anchored(path, true)
+}
+
+fn anchored(path: &PathBytes, escape: bool) -> Vec<u8> {
     let bytes = path.as_bytes();
-    let wild = bytes.iter().any(|b| matches!(b, b'*' | b'?' | b'['));
     let mut out = Vec::with_capacity(bytes.len() + 2);
     out.push(b'/');
     for &b in bytes {
-        if wild && matches!(b, b'*' | b'?' | b'[' | b'\\') {
+        if escape && matches!(b, b'*' | b'?' | b'[' | b'\\') {
             out.push(b'\\');
         }
         out.push(b);
