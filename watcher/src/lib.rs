@@ -26,6 +26,10 @@
 //!   [`StageError::Environment`] naming the sysctl; sysctls are never written.
 //!
 //! # Known problems
+//! - Mounting a filesystem over a watched directory is not noticed (inotify says nothing
+//!   about mounts): changes inside the new mount go unseen until the next resync.
+//!   Unmounting one below a root is handled: the directory underneath is watched and
+//!   resynced.
 //! - A root is noticed gone only when its own directory is deleted, moved or unmounted;
 //!   renaming one of the root's *ancestors* goes unseen (inotify cannot tell).
 //! - A directory moved out and back in between two reads, or moved within the tree while
@@ -397,6 +401,16 @@ impl<'a> Watcher<'a> {
             let gone = EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::UNMOUNT;
             if dir.is_root() && ev.mask.intersects(gone) {
                 self.root_gone(root, ev.mask);
+            } else if ev.mask.contains(EventMask::UNMOUNT) {
+                // A filesystem mounted below the root went away: the directory it hid
+                // is new to us. Watch it and compare that subtree in full.
+                if dir.under(&self.roots[root].path).is_dir() {
+                    warn!(root = %self.roots[root].name, path = %dir, "filesystem unmounted below the root: watching what was underneath and resyncing it");
+                    self.walk(root, &dir)?;
+                    self.push(root, dir, RawKind::Resync, true, 0);
+                } else {
+                    debug!(root = %self.roots[root].name, path = %dir, "unmounted directory has nothing underneath");
+                }
             } else if ev.mask.contains(EventMask::ATTRIB) {
                 self.push(root, dir, RawKind::Attrib, true, 0);
             }

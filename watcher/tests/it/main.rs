@@ -508,3 +508,47 @@ fn a_queue_overflow_is_reported_as_a_resync_of_every_root() {
     h.cursor = 0;
     h.wait_event("r", RawKind::CloseWrite, "burst/after/f");
 }
+
+/// Lazily unmounts on drop, so a failing test leaves no mount behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn a_filesystem_unmounted_below_a_root_is_watched_again_and_resynced() {
+    // Found in review (issue #2): the directory a mount hid stayed unwatched after umount.
+    let mounted = std::cell::Cell::new(None::<PathBuf>);
+    let mut h = Harness::start(&["r"], |roots| {
+        let mnt = roots[0].join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        fs::write(mnt.join("under"), b"hidden while mounted").unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1M", "tmpfs"])
+            .arg(&mnt)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            fs::create_dir(mnt.join("inside")).unwrap();
+            mounted.set(Some(mnt));
+        }
+    });
+    let Some(mnt) = mounted.take() else {
+        eprintln!("skipped: cannot mount a tmpfs here (mount(2) needs root)");
+        return;
+    };
+    let _unmount = Unmount(mnt.clone());
+    h.wait_event("r", RawKind::Resync, "");
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    h.wait_event("r", RawKind::Resync, "mnt");
+    fs::write(mnt.join("after"), b"x").unwrap();
+    h.wait_event("r", RawKind::CloseWrite, "mnt/after");
+}
