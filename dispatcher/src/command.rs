@@ -47,6 +47,9 @@ pub fn classify_status(status: ExitStatus) -> Outcome {
 pub enum Mode {
     /// `--files-from=-` with the touched paths; `-r` when a directory appeared whole.
     Incremental,
+    /// Delete the listed paths on the target: run from a scratch source that holds
+    /// only their parent directories, so each listed path is a missing argument.
+    DeleteOnly,
     /// `--delete` of the whole transfer, restricted by the rules file.
     Resync,
 }
@@ -155,6 +158,13 @@ pub fn build_args(
             // Every listed path is known to have changed: rsync's quick check (same
             // size, same mtime second) would skip a quick rewrite, so skip the check.
             a.push("--ignore-times".into());
+            a.push("--files-from=-".into());
+        }
+        Mode::DeleteOnly => {
+            a.push("--force".into());
+            a.push("--delete-missing-args".into());
+            // The scratch parents must not overwrite the target's directories.
+            a.push("--no-implied-dirs".into());
             a.push("--files-from=-".into());
         }
         Mode::Resync => {
@@ -523,6 +533,32 @@ mod tests {
                 "/backup/"
             ]
         );
+    }
+
+    #[test]
+    fn delete_only_runs_never_touch_the_parents_on_the_target() {
+        let t = target(Endpoint::Local {
+            path: PathBuf::from("/backup"),
+        });
+        let a = strings(
+            build_args(
+                &t,
+                &Mode::DeleteOnly,
+                None,
+                Path::new("/scratch"),
+                "/backup/",
+            )
+            .unwrap(),
+        );
+        for want in [
+            "--delete-missing-args",
+            "--no-implied-dirs",
+            "--files-from=-",
+            "--force",
+        ] {
+            assert!(a.iter().any(|x| x == want), "{want} missing from {a:?}");
+        }
+        assert!(!a.iter().any(|x| x == "--delete" || x == "-r"), "{a:?}");
     }
 
     #[test]

@@ -31,10 +31,10 @@
 //!   loses it, but the restart itself triggers a full resync of every root.
 //! - Backoff is per (target, root); a target that is down for all roots is probed once
 //!   per root.
-//! - Regex excludes are listed by walking the source just before each run that sends
-//!   a directory whole (rsync has no regexes). A regex-excluded file created inside
-//!   that directory between the walk and the run reaches the target, and stays there:
-//!   the filter drops its events and `--delete` protects excluded receiver files.
+//! - Regex excludes are listed by walking the source just before a resync (rsync has no
+//!   regexes) and again after it; a path that became excluded in between and went over
+//!   is deleted from the target by a delete-only run. A regex-excluded file that was
+//!   copied that way and deleted from the source before the second walk stays.
 //! - SIGHUP is ignored (no config reload yet).
 
 pub mod batch;

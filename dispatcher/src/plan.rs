@@ -101,21 +101,29 @@ fn rule(out: &mut Vec<u8>, sign: u8, pattern: &[u8]) {
     out.push(0);
 }
 
-/// The exclude rules of `rules` for a run that sends `recursive_dirs` whole: every glob
-/// as written, and the paths a regex excludes inside those directories as anchored
-/// literals (regexes have no rsync equivalent).
-pub fn exclude_rules(rules: &Rules, root: &Path, recursive_dirs: &[PathBytes]) -> Vec<u8> {
+/// The paths a regex of `rules` excludes inside `dirs`, as the tree is now (rsync has
+/// no regexes, so they are handed over as literal paths).
+pub fn regex_excluded(rules: &Rules, root: &Path, dirs: &[PathBytes]) -> BTreeSet<PathBytes> {
+    let mut out = BTreeSet::new();
+    if rules.has_regexes() {
+        for d in dirs {
+            for rel in rules.excluded_below(root, d) {
+                out.insert(d.join(rel.as_bytes()));
+            }
+        }
+    }
+    out
+}
+
+/// The exclude rules of a run: every glob of `rules` as written, and each path of
+/// `regex_excluded` as an anchored literal.
+pub fn exclude_rules(rules: &Rules, regex_excluded: &BTreeSet<PathBytes>) -> Vec<u8> {
     let mut out = Vec::new();
     for g in rules.rsync_globs() {
         rule(&mut out, b'-', g.as_bytes());
     }
-    if rules.has_regexes() {
-        for d in recursive_dirs {
-            for rel in rules.excluded_below(root, d) {
-                let full = d.join(rel.as_bytes());
-                rule(&mut out, b'-', &rsync_literal_rule(&full));
-            }
-        }
+    for p in regex_excluded {
+        rule(&mut out, b'-', &rsync_literal_rule(p));
     }
     out
 }
@@ -210,7 +218,7 @@ mod tests {
     #[test]
     fn subtree_resync_rules_file() {
         let rules = Rules::new(&[], &["*.log".into(), "#*#".into()], false).unwrap();
-        let excludes = exclude_rules(&rules, Path::new("/nonexistent"), &[]);
+        let excludes = exclude_rules(&rules, &BTreeSet::new());
         let got = resync_rules(&excludes, &["a/b c/d".into(), "a/x*".into()]);
         let want: &[&[u8]] = &[
             b"- *.log",
@@ -234,7 +242,7 @@ mod tests {
         std::fs::create_dir_all(d.path().join("new/.svn/x")).unwrap();
         std::fs::create_dir_all(d.path().join("old/.svn")).unwrap();
         let rules = Rules::new(&[r"(.*/)?\.svn".into()], &[], false).unwrap();
-        let got = exclude_rules(&rules, d.path(), &["new".into()]);
-        assert_eq!(got, b"- /new/.svn\0");
+        let found = regex_excluded(&rules, d.path(), &["new".into()]);
+        assert_eq!(exclude_rules(&rules, &found), b"- /new/.svn\0");
     }
 }

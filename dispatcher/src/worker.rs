@@ -1,7 +1,7 @@
 //! One worker per target: takes in jobs, batches them, runs rsync, keeps what failed
 //! and retries it with backoff. Its own thread, so a slow or dead target delays nobody.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use protocol::rules::Rules;
 use protocol::wire::Change;
 use protocol::PathBytes;
 
-use crate::batch::{Batcher, RootWork};
+use crate::batch::{Batcher, RootWork, Touch};
 use crate::command::{self, Mode, Outcome, RunResult};
 use crate::plan;
 
@@ -272,7 +272,8 @@ impl Worker {
         let dest = self.target.destination(root);
         if !work.resyncs.is_empty() {
             let subtrees = plan::resync_subtrees(&src, &work.resyncs);
-            let excludes = plan::exclude_rules(&info.rules, &src, &subtrees);
+            let excluded = plan::regex_excluded(&info.rules, &src, &subtrees);
+            let excludes = plan::exclude_rules(&info.rules, &excluded);
             let rules = plan::resync_rules(&excludes, &subtrees);
             let shown: Vec<String> = subtrees.iter().map(|s| s.to_string()).collect();
             // A whole root is a lifecycle event; a new directory's subtree is not.
@@ -288,6 +289,18 @@ impl Worker {
             if result.outcome != Outcome::Success {
                 return Some((work, result));
             }
+            // A regex-excluded path created between the walk and the run went over:
+            // take it off the target again.
+            let late: Vec<PathBytes> = plan::regex_excluded(&info.rules, &src, &subtrees)
+                .difference(&excluded)
+                .cloned()
+                .collect();
+            if !late.is_empty() {
+                let result = self.delete_on_target(&late, &dest, intake);
+                if result.outcome != Outcome::Success {
+                    return Some((work, result));
+                }
+            }
             if whole {
                 tracing::info!(target = %self.target.name, root, paths = ?shown, duration_ms, "resync finished");
             } else {
@@ -299,7 +312,7 @@ impl Worker {
             let entries = plan::incremental_entries(&src, &work.paths);
             // Nothing is sent whole here (new directories are subtree resyncs), so
             // the globs are all the rules an incremental run needs.
-            let rules = plan::exclude_rules(&info.rules, &src, &[]);
+            let rules = plan::exclude_rules(&info.rules, &Default::default());
             let list = plan::files_from(&entries);
             let started = Instant::now();
             let mode = Mode::Incremental;
@@ -355,6 +368,40 @@ impl Worker {
             intake.wait(Some(wait));
             control.must_stop()
         })
+    }
+
+    /// Deletes `paths` (root-relative) on the target, whatever the source holds.
+    fn delete_on_target(&self, paths: &[PathBytes], dest: &str, intake: &mut Intake) -> RunResult {
+        let scratch = tempfile::tempdir_in(self.tmp.path()).and_then(|d| {
+            for p in paths {
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent.under(d.path()))?;
+                }
+            }
+            Ok(d)
+        });
+        let scratch = match scratch {
+            Ok(d) => d,
+            Err(e) => {
+                return RunResult {
+                    outcome: Outcome::Retry,
+                    error: format!("cannot prepare the scratch source for deletes: {e}"),
+                }
+            }
+        };
+        let entries: BTreeMap<PathBytes, Touch> = paths
+            .iter()
+            .map(|p| (p.clone(), Touch { deleted: true }))
+            .collect();
+        tracing::debug!(target = %self.target.name, paths = paths.len(), "deleting regex-excluded paths that raced a resync");
+        self.rsync(
+            Mode::DeleteOnly,
+            b"",
+            scratch.path(),
+            dest,
+            &plan::files_from(&entries),
+            intake,
+        )
     }
 
     fn write_rules(&self, rules: &[u8]) -> std::io::Result<PathBuf> {
