@@ -35,7 +35,7 @@
 //!   regexes) and again after it; a path that became excluded in between and went over
 //!   is deleted from the target by a delete-only run. A regex-excluded file that was
 //!   copied that way and deleted from the source before the second walk stays.
-//! - SIGHUP is ignored (no config reload yet).
+//! - SIGHUP is ignored here; `syncbus run` applies a new config by restarting the stages.
 
 pub mod batch;
 pub mod command;
