@@ -170,16 +170,16 @@ impl Harness {
 
     fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() >= end {
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            testkit::eventually("exit after SIGTERM", limit, || child.try_wait().unwrap())
+        }));
+        match waited {
+            Ok(status) => status,
+            Err(e) => {
                 let _ = child.kill();
-                panic!("no exit after SIGTERM within {limit:?}\n{}", self.log());
+                eprintln!("--- dispatcher log ---\n{}", self.log());
+                std::panic::resume_unwind(e);
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
