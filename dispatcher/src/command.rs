@@ -318,6 +318,7 @@ pub fn run(
             }
             tail
         });
+        let started = std::time::Instant::now();
         let mut wait = Duration::from_millis(1);
         let mut killed = false;
         let mut stalled = false;
@@ -338,9 +339,14 @@ pub fn run(
                 killed = true;
                 stalled = true;
             }
-            // Short polls: a local or TCP_NODELAY run takes a few ms, and latency is
-            // what a live mirror is judged by.
-            wait = (wait * 2).min(Duration::from_millis(5));
+            // Short polls while the run is young (a live change takes ~10 ms to a
+            // daemon, and every ms of polling is latency), longer ones for transfers.
+            let cap = if started.elapsed() < Duration::from_millis(50) {
+                Duration::from_millis(2)
+            } else {
+                Duration::from_millis(20)
+            };
+            wait = (wait * 2).min(cap);
         };
         let tail = reader.join().unwrap_or_default();
         let tail = String::from_utf8_lossy(&tail).trim().to_string();
