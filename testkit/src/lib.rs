@@ -164,19 +164,36 @@ pub struct RsyncDaemon {
 
 impl RsyncDaemon {
     pub fn start(module_dir: &Path) -> RsyncDaemon {
+        Self::start_with(module_dir, None)
+    }
+
+    /// A daemon whose module needs `user` with `password` (rsync's `auth users`).
+    pub fn start_with_auth(module_dir: &Path, user: &str, password: &str) -> RsyncDaemon {
+        Self::start_with(module_dir, Some((user, password)))
+    }
+
+    fn start_with(module_dir: &Path, auth: Option<(&str, &str)>) -> RsyncDaemon {
         fs::create_dir_all(module_dir).expect("create module dir");
         let work = tempfile::tempdir().expect("tempdir");
         let log = work.path().join("rsyncd.log");
         let conf = work.path().join("rsyncd.conf");
         // SAFETY: getuid/getgid have no preconditions and cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let text = format!(
+        let mut text = format!(
             "address = 127.0.0.1\nuid = {uid}\ngid = {gid}\nuse chroot = no\nlog file = {}\n\
              transfer logging = yes\nlog format = %o %n\n\n[m]\npath = {}\nread only = no\n\
              munge symlinks = no\n",
             log.display(),
             module_dir.display()
         );
+        if let Some((user, password)) = auth {
+            let secrets = work.path().join("rsyncd.secrets");
+            write_mode(&secrets, format!("{user}:{password}\n").as_bytes(), 0o600);
+            text.push_str(&format!(
+                "auth users = {user}\nsecrets file = {}\nstrict modes = yes\n",
+                secrets.display()
+            ));
+        }
         fs::write(&conf, text).expect("write rsyncd.conf");
         let mut d = RsyncDaemon {
             port: 0,

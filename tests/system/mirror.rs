@@ -373,3 +373,42 @@ fn a_file_renamed_over_from_an_excluded_temp_name_then_deleted_is_deleted_on_the
         m.converge();
     }
 }
+
+#[test]
+fn a_daemon_with_authentication_is_reached_through_the_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("secret-plans"), "v1").unwrap();
+    let dst = dir.path().join("dst");
+    let d = RsyncDaemon::start_with_auth(&dst, "mirror", "s3cret pass");
+    let pw = dir.path().join("daemon.pass");
+    write_mode(&pw, b"s3cret pass\n", 0o600);
+    let url = d.url().replace("rsync://", "rsync://mirror@");
+    let config = dir.path().join("syncbus.toml");
+    fs::write(
+        &config,
+        format!(
+            "[bus]\nruntime_dir = \"run\"\n[[root]]\nname = \"r\"\npath = \"src\"\n\
+             [[target]]\nname = \"auth\"\nurl = \"{url}\"\npassword_file = \"daemon.pass\"\n"
+        ),
+    )
+    .unwrap();
+    let p = testkit::Proc::start(
+        crate::bin(),
+        [
+            OsStr::new("run"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+        ],
+    );
+    let r = std::panic::catch_unwind(|| {
+        testkit::wait_trees_equal(&src, &dst, crate::CONVERGE);
+        fs::write(src.join("secret-plans"), "version two").unwrap();
+        testkit::wait_trees_equal(&src, &dst, crate::CONVERGE);
+    });
+    if let Err(e) = r {
+        eprintln!("--- syncbus log ---\n{}", p.log_text());
+        std::panic::resume_unwind(e);
+    }
+}
