@@ -412,3 +412,66 @@ fn a_daemon_with_authentication_is_reached_through_the_password_file() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// Lazily unmounts on drop, so a failing test leaves no mount behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_target_disk_loses_nothing_and_catches_up_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&dst).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&dst)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs as a full disk (mount(2) needs root)");
+        return;
+    }
+    let _unmount = Unmount(dst.clone());
+    let p = testkit::Proc::start(
+        crate::bin(),
+        [
+            OsStr::new("run"),
+            OsStr::new("--source"),
+            src.as_os_str(),
+            OsStr::new("--target"),
+            dst.as_os_str(),
+            OsStr::new("--runtime-dir"),
+            dir.path().join("run").as_os_str(),
+        ],
+    );
+    fs::write(src.join("big"), vec![7u8; 1 << 20]).unwrap();
+    for i in 0..20 {
+        fs::write(src.join(format!("small{i}")), format!("{i}")).unwrap();
+    }
+    testkit::eventually("the full disk reported", crate::CONVERGE, || {
+        let log = p.log_text();
+        (log.contains("rsync failed") && log.contains("No space left")).then_some(())
+    });
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=8m"])
+        .arg(&dst)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let r = std::panic::catch_unwind(|| testkit::wait_trees_equal(&src, &dst, crate::CONVERGE));
+    if let Err(e) = r {
+        eprintln!("--- syncbus log ---\n{}", p.log_text());
+        std::panic::resume_unwind(e);
+    }
+}
