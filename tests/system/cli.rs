@@ -205,3 +205,34 @@ fn sighup_applies_a_valid_config_and_keeps_running_on_a_bad_one() {
         "the reloaded exclude was not applied"
     );
 }
+
+#[test]
+fn the_stages_run_alone_as_separate_units_would_run_them() {
+    let m = Mirror::new(1, "");
+    fs::write(m.s("before"), "b").unwrap();
+    // What one systemd unit per stage does: three processes, no supervisor, any order.
+    let stage = |name: &str| {
+        testkit::Proc::start(
+            bin(),
+            [
+                std::ffi::OsStr::new(name),
+                std::ffi::OsStr::new("--config"),
+                m.config.as_os_str(),
+            ],
+        )
+    };
+    let watcher = stage("watcher");
+    let dispatcher = stage("dispatcher");
+    let filter = stage("filter");
+    let r = std::panic::catch_unwind(|| {
+        m.converge();
+        fs::write(m.s("after"), "a").unwrap();
+        m.converge();
+    });
+    if let Err(e) = r {
+        for p in [&watcher, &filter, &dispatcher] {
+            eprintln!("--- stage log ---\n{}", p.log_text());
+        }
+        std::panic::resume_unwind(e);
+    }
+}
