@@ -45,7 +45,7 @@ pub struct RunArgs {
     /// Mirror this directory, without a config file (needs `--target`).
     #[arg(long, conflicts_with = "config", requires = "targets")]
     source: Option<PathBuf>,
-    /// Where `--source` goes (repeatable): rsync://…, [user@]host:path or a directory.
+    /// Where `--source` goes (repeatable): rsync://…, `[user@]host:path` or a directory.
     #[arg(long = "target", conflicts_with = "config", requires = "source")]
     targets: Vec<String>,
     /// Directory for the bus sockets (mode 0700). Default: the config's `bus.runtime_dir`.

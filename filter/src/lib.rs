@@ -3,7 +3,7 @@
 //! In: `RawBatch`es from watchers (PULL, bound on the `raw` endpoint). Out: `ChangeBatch`es
 //! on the public change stream (PUB, bound on the `changes` endpoint, topic
 //! `changes/<root>/`), one batch per root per flush, plus an empty batch per root every
-//! [`HEARTBEAT`](protocol::bus::HEARTBEAT) so subscribers notice trailing losses.
+//! [`protocol::bus::HEARTBEAT`] so subscribers notice trailing losses.
 //!
 //! Per event: the root's event toggles, then its exclude rules (a path is excluded when
 //! it or a directory above it matches), then the [`Coalescer`].
