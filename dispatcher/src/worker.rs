@@ -308,7 +308,6 @@ impl Worker {
             }
         }
         if !work.paths.is_empty() {
-            let info = &self.roots[root];
             let entries = plan::incremental_entries(&src, &work.paths);
             // Nothing is sent whole here (new directories are subtree resyncs), so
             // the globs are all the rules an incremental run needs.

@@ -57,6 +57,13 @@ struct PendingMove {
     at: Instant,
 }
 
+impl Entry {
+    /// Quiet for the root's window since the last event, or held for its maximum.
+    fn deadline(&self, timing: Timing) -> Instant {
+        (self.last + timing.quiet).min(self.first + timing.max_hold)
+    }
+}
+
 type Key = (String, PathBytes);
 
 #[derive(Default)]
@@ -139,7 +146,7 @@ impl Coalescer {
                     let ours = m.delete_gen.is_some()
                         && self.entries.get(&from_key).map(|e| e.gen) == m.delete_gen;
                     if ev.dir {
-                        self.rekey_below(&m.root, &m.from, &ev.path, now);
+                        self.rekey_below(&m.root, &m.from, &ev.path);
                     }
                     if m.existed && ours {
                         self.entries.remove(&from_key);
@@ -179,8 +186,7 @@ impl Coalescer {
         });
         e.last = now;
         e.gen = gen;
-        let deadline = (e.last + timing.quiet).min(e.first + timing.max_hold);
-        self.deadlines.push(Reverse((deadline, gen, key)));
+        self.deadlines.push(Reverse((e.deadline(timing), gen, key)));
         e
     }
 
@@ -211,26 +217,22 @@ impl Coalescer {
     }
 
     /// A directory moved: what was pending below its old path is now below the new one.
-    fn rekey_below(&mut self, root: &str, from: &PathBytes, to: &PathBytes, now: Instant) {
+    fn rekey_below(&mut self, root: &str, from: &PathBytes, to: &PathBytes) {
+        // Every key in [`from/`, `from0`) lies strictly below `from` (`0` follows `/`).
         let lo = (root.to_string(), from.join(b""));
         let mut hi_bytes = from.as_bytes().to_vec();
         hi_bytes.push(b'/' + 1);
         let hi = (root.to_string(), PathBytes::new(hi_bytes));
         let keys: Vec<Key> = self.entries.range(lo..hi).map(|(k, _)| k.clone()).collect();
+        let timing = self.timing_of(root);
         for k in keys {
-            if !k.1.is_below(from) {
-                continue;
-            }
             let mut e = self.entries.remove(&k).expect("key from range");
             let new_key = (k.0.clone(), k.1.rebase(from, to));
             self.counter += 1;
             e.gen = self.counter;
-            let timing = self.timing_of(root);
-            let deadline = (e.last + timing.quiet)
-                .min(e.first + timing.max_hold)
-                .max(now);
+            // A deadline already past pops at the next `pop_ready`, as it would have.
             self.deadlines
-                .push(Reverse((deadline, e.gen, new_key.clone())));
+                .push(Reverse((e.deadline(timing), e.gen, new_key.clone())));
             self.entries.insert(new_key, e);
         }
     }
