@@ -365,11 +365,7 @@ impl<'a> Watcher<'a> {
                 break;
             }
         }
-        let paired: HashSet<u32> = evs
-            .iter()
-            .filter(|e| e.mask.contains(EventMask::MOVED_TO))
-            .map(|e| e.cookie)
-            .collect();
+        let paired = moved_to_cookies(&evs);
         let mut pending = HashMap::new();
         for ev in &evs {
             self.handle(ev, &paired, &mut pending)?;
@@ -544,8 +540,7 @@ impl<'a> Watcher<'a> {
             event = ?mask,
             "root directory is gone; the other roots keep running; looking for it every second"
         );
-        let wds = self.map.remove_subtree(root, &PathBytes::root());
-        self.rm_watches(&wds);
+        self.unwatch_subtree(root, &PathBytes::root());
     }
 
     /// Looks for missing roots that are due; a root that is back is watched and resynced.
@@ -568,8 +563,7 @@ impl<'a> Watcher<'a> {
                 self.resync(i);
             } else {
                 // It vanished again during the walk: drop what was added.
-                let wds = self.map.remove_subtree(i, &PathBytes::root());
-                self.rm_watches(&wds);
+                self.unwatch_subtree(i, &PathBytes::root());
             }
         }
         Ok(())
@@ -694,12 +688,16 @@ fn walk(
 }
 
 /// True when some directory's `MOVED_FROM` has no `MOVED_TO` with its cookie yet.
-fn has_unpaired_dir_move(evs: &[Ev]) -> bool {
-    let to: HashSet<u32> = evs
-        .iter()
+/// The cookies of every `moved_to` in `evs`: the `moved_from`s that have a partner.
+fn moved_to_cookies(evs: &[Ev]) -> HashSet<u32> {
+    evs.iter()
         .filter(|e| e.mask.contains(EventMask::MOVED_TO))
         .map(|e| e.cookie)
-        .collect();
+        .collect()
+}
+
+fn has_unpaired_dir_move(evs: &[Ev]) -> bool {
+    let to = moved_to_cookies(evs);
     evs.iter().any(|e| {
         e.mask.contains(EventMask::MOVED_FROM | EventMask::ISDIR) && !to.contains(&e.cookie)
     })
