@@ -81,7 +81,7 @@ impl Batcher {
 
     /// Records one change of `root`.
     pub fn push(&mut self, root: &str, change: &Change) {
-        let work = self.roots.entry(root.to_string()).or_default();
+        let work = self.work(root);
         match change.op {
             // A directory that appeared whole may replace one the target still has with
             // other content: compare it in full, `--delete` included (an `-r` entry in
@@ -105,15 +105,20 @@ impl Batcher {
 
     /// Asks for a full comparison of `subtree` of `root` (the root when empty).
     pub fn resync(&mut self, root: &str, subtree: PathBytes) {
-        self.roots
-            .entry(root.to_string())
-            .or_default()
-            .resync(subtree);
+        self.work(root).resync(subtree);
     }
 
     /// Puts back work that failed, merged with whatever arrived since.
     pub fn merge(&mut self, root: &str, work: RootWork) {
-        self.roots.entry(root.to_string()).or_default().merge(work);
+        self.work(root).merge(work);
+    }
+
+    /// The pending work of `root`; its name is copied only the first time.
+    fn work(&mut self, root: &str) -> &mut RootWork {
+        if !self.roots.contains_key(root) {
+            self.roots.insert(root.to_string(), RootWork::default());
+        }
+        self.roots.get_mut(root).expect("inserted above")
     }
 
     pub fn is_empty(&self) -> bool {

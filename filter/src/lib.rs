@@ -62,12 +62,48 @@ pub fn wanted(events: &Events, ev: &RawEvent) -> bool {
 
 /// The pure part of the stage: raw events in, changes out.
 pub struct Filter {
-    roots: HashMap<String, Root>,
+    roots: HashMap<String, RootState>,
     coalescer: Coalescer,
     watchers: Vec<(u64, SeqTracker)>,
-    /// Whether a directory (root, path) is excluded by itself. Events share their
-    /// ancestors, so this saves most of the pattern matching in a burst.
-    dir_cache: HashMap<String, HashMap<Vec<u8>, bool>>,
+}
+
+/// One root's config and what the filter has learnt about its directories.
+struct RootState {
+    root: Root,
+    /// Whether a directory is excluded by itself. Events share their ancestors, so this
+    /// saves most of the pattern matching in a burst.
+    dir_cache: HashMap<Vec<u8>, bool>,
+}
+
+impl RootState {
+    /// `Rules::excludes`, with the decisions for ancestor directories cached.
+    fn excluded(&mut self, ev: &RawEvent) -> bool {
+        if ev.path.is_root() {
+            return false;
+        }
+        let rules = &self.root.rules;
+        if rules.matches(ev.path.as_bytes(), ev.dir) {
+            return true;
+        }
+        if self.dir_cache.len() > MAX_CACHED_DIRS {
+            self.dir_cache.clear();
+        }
+        for dir in ev.path.ancestors() {
+            // Look up by reference: a hit allocates nothing.
+            let hit = match self.dir_cache.get(dir) {
+                Some(&hit) => hit,
+                None => {
+                    let hit = rules.matches(dir, true);
+                    self.dir_cache.insert(dir.to_vec(), hit);
+                    hit
+                }
+            };
+            if hit {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 impl Filter {
@@ -89,11 +125,16 @@ impl Filter {
             roots: config
                 .roots
                 .iter()
-                .map(|r| (r.name.clone(), r.clone()))
+                .map(|r| {
+                    let state = RootState {
+                        root: r.clone(),
+                        dir_cache: HashMap::new(),
+                    };
+                    (r.name.clone(), state)
+                })
                 .collect(),
             coalescer: Coalescer::new(timing),
             watchers: Vec::new(),
-            dir_cache: HashMap::new(),
         }
     }
 
@@ -152,52 +193,17 @@ impl Filter {
     }
 
     pub fn push_event(&mut self, ev: &RawEvent, since_us: u64, now: Instant) {
-        let Some(root) = self.roots.get(&ev.root) else {
+        let Some(state) = self.roots.get_mut(&ev.root) else {
             tracing::warn!(root = %ev.root, "event for a root this filter does not know; dropped");
             return;
         };
-        if !wanted(&root.events, ev) {
+        if !wanted(&state.root.events, ev) {
             return;
         }
-        if ev.kind != RawKind::Resync && self.excluded(ev) {
+        if ev.kind != RawKind::Resync && state.excluded(ev) {
             return;
         }
         self.coalescer.push(ev, since_us, now);
-    }
-
-    /// `Rules::excludes`, with the decisions for ancestor directories cached.
-    fn excluded(&mut self, ev: &RawEvent) -> bool {
-        let Some(root) = self.roots.get(&ev.root) else {
-            return false;
-        };
-        if ev.path.is_root() {
-            return false;
-        }
-        if root.rules.matches(ev.path.as_bytes(), ev.dir) {
-            return true;
-        }
-        if !self.dir_cache.contains_key(&ev.root) {
-            self.dir_cache.insert(ev.root.clone(), HashMap::new());
-        }
-        let cache = self.dir_cache.get_mut(&ev.root).expect("inserted above");
-        if cache.len() > MAX_CACHED_DIRS {
-            cache.clear();
-        }
-        for dir in ev.path.ancestors() {
-            // Look up by reference: a hit allocates nothing.
-            let hit = match cache.get(dir) {
-                Some(&hit) => hit,
-                None => {
-                    let hit = root.rules.matches(dir, true);
-                    cache.insert(dir.to_vec(), hit);
-                    hit
-                }
-            };
-            if hit {
-                return true;
-            }
-        }
-        false
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
