@@ -3,6 +3,8 @@
 //!
 //! Topology (binder first): the filter binds `raw` (PULL) and `changes` (PUB); the
 //! watcher connects a PUSH to `raw`; dispatchers and outsiders connect SUBs to `changes`.
+//! The retrier binds `reports` (PULL) and `jobs` (PUB); dispatchers and the scheduler
+//! connect PUSHes to `reports`, dispatchers a SUB to `jobs`.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -44,6 +46,10 @@ pub enum BusError {
 pub struct Endpoints {
     pub raw: String,
     pub changes: String,
+    /// Reports to the retrier (it binds a PULL).
+    pub reports: String,
+    /// The retrier's acknowledgements and retry jobs (it binds a PUB).
+    pub jobs: String,
 }
 
 impl Endpoints {
@@ -52,6 +58,8 @@ impl Endpoints {
         Endpoints {
             raw: ipc("raw.sock"),
             changes: ipc("changes.sock"),
+            reports: ipc("reports.sock"),
+            jobs: ipc("jobs.sock"),
         }
     }
 }

@@ -20,6 +20,11 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 pub const DEFAULT_QUIET_MS: u64 = 10;
 pub const DEFAULT_MAX_HOLD_MS: u64 = 1000;
 pub const DEFAULT_TIMEOUT_S: u64 = 30;
+pub const DEFAULT_RETRY_INITIAL_MS: u64 = 1000;
+pub const DEFAULT_RETRY_MAX_S: u64 = 60;
+pub const DEFAULT_RETRY_JITTER: f64 = 0.25;
+pub const DEFAULT_PROBE_MS: u64 = 1000;
+pub const DEFAULT_MAX_PATHS: usize = 100_000;
 
 // ---------------------------------------------------------------- raw, as written
 
@@ -32,6 +37,30 @@ struct RawConfig {
     root: Vec<Spanned<RawRoot>>,
     #[serde(default)]
     target: Vec<Spanned<RawTarget>>,
+    #[serde(default)]
+    retry: RawRetry,
+    #[serde(default)]
+    schedule: Vec<Spanned<RawSchedule>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    state_dir: Option<Spanned<String>>,
+    initial_ms: Option<Spanned<u64>>,
+    max_s: Option<Spanned<u64>>,
+    jitter: Option<Spanned<f64>>,
+    probe_ms: Option<Spanned<u64>>,
+    max_paths: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    cron: Spanned<String>,
+    roots: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    exclude_glob: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -116,6 +145,36 @@ pub struct Config {
     pub runtime_dir: PathBuf,
     pub roots: Vec<Root>,
     pub targets: Vec<Target>,
+    pub retry: Retry,
+    pub schedules: Vec<Schedule>,
+}
+
+/// How failed work is kept and retried (`[retry]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    /// The journal (`journal.redb`) and the fail log (`rsync_fail_log.sh`) live here.
+    pub state_dir: PathBuf,
+    /// First delay after a failure; doubles per failed attempt…
+    pub initial: Duration,
+    /// …up to this cap.
+    pub max: Duration,
+    /// Each delay grows by a random share of itself up to this fraction.
+    pub jitter: f64,
+    /// How often a failing target is probed (a TCP connect, no rsync) to notice its
+    /// return before the backoff is over.
+    pub probe: Duration,
+    /// A target's backlog above this many paths collapses to their directories.
+    pub max_paths: usize,
+}
+
+/// A cron full sync (`[[schedule]]`, sersync's `crontab` + `crontabfilter`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    /// crontab(5) syntax, validated.
+    pub cron: String,
+    pub roots: Vec<String>,
+    /// rsync-style globs left out of this full sync only.
+    pub exclude_glob: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -388,11 +447,120 @@ impl Validator<'_> {
             .enumerate()
             .filter_map(|(i, t)| self.target(i, t, &roots, &mut tnames))
             .collect();
+        let retry = self.retry(raw.retry);
+        let schedules = raw
+            .schedule
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| self.schedule(i, s.into_inner(), &roots))
+            .collect();
         Config {
             file: self.file.to_path_buf(),
             runtime_dir,
             roots,
             targets,
+            retry,
+            schedules,
+        }
+    }
+
+    fn retry(&mut self, raw: RawRetry) -> Retry {
+        let get = |v: &Option<Spanned<u64>>, d: u64| v.as_ref().map_or(d, |v| *v.get_ref());
+        let initial = get(&raw.initial_ms, DEFAULT_RETRY_INITIAL_MS);
+        let max = get(&raw.max_s, DEFAULT_RETRY_MAX_S);
+        let probe = get(&raw.probe_ms, DEFAULT_PROBE_MS);
+        for (v, key, min) in [
+            (&raw.initial_ms, "retry.initial_ms", 1),
+            (&raw.max_s, "retry.max_s", 1),
+            (&raw.probe_ms, "retry.probe_ms", 10),
+        ] {
+            if let Some(v) = v.as_ref().filter(|v| *v.get_ref() < min) {
+                self.error(v.span(), key, format!("must be at least {min}"));
+            }
+        }
+        if let Some(m) = raw
+            .max_s
+            .as_ref()
+            .filter(|m| *m.get_ref() > 0 && *m.get_ref() * 1000 < initial)
+        {
+            self.error(
+                m.span(),
+                "retry.max_s",
+                format!("below retry.initial_ms ({initial} ms)"),
+            );
+        }
+        let jitter = raw
+            .jitter
+            .as_ref()
+            .map_or(DEFAULT_RETRY_JITTER, |j| *j.get_ref());
+        if let Some(j) = raw
+            .jitter
+            .as_ref()
+            .filter(|j| !(0.0..=1.0).contains(j.get_ref()))
+        {
+            self.error(j.span(), "retry.jitter", "a fraction between 0 and 1");
+        }
+        let max_paths = raw
+            .max_paths
+            .as_ref()
+            .map_or(DEFAULT_MAX_PATHS, |m| *m.get_ref());
+        if let Some(m) = raw.max_paths.as_ref().filter(|m| *m.get_ref() == 0) {
+            self.error(m.span(), "retry.max_paths", "must be at least 1");
+        }
+        Retry {
+            state_dir: match raw.state_dir {
+                Some(d) => self.resolve(d.get_ref()),
+                None => default_state_dir(),
+            },
+            initial: Duration::from_millis(initial),
+            max: Duration::from_secs(max),
+            jitter,
+            probe: Duration::from_millis(probe),
+            max_paths,
+        }
+    }
+
+    fn schedule(&mut self, i: usize, raw: RawSchedule, roots: &[Root]) -> Schedule {
+        let k = |f: &str| format!("schedule[{i}].{f}");
+        let cron = raw.cron.get_ref().trim().to_string();
+        if let Err(e) = check_cron(&cron) {
+            self.error(raw.cron.span(), k("cron"), e);
+        }
+        let names = match &raw.roots {
+            None => roots.iter().map(|r| r.name.clone()).collect(),
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.error(list.span(), k("roots"), "empty: name at least one root");
+                }
+                for (j, r) in list.get_ref().iter().enumerate() {
+                    if !roots.iter().any(|x| &x.name == r.get_ref()) {
+                        self.error(
+                            r.span(),
+                            format!("{}[{j}]", k("roots")),
+                            format!("no root named `{}`", r.get_ref()),
+                        );
+                    }
+                }
+                list.get_ref().iter().map(|r| r.get_ref().clone()).collect()
+            }
+        };
+        for (j, g) in raw.exclude_glob.iter().enumerate() {
+            if let Err(e) = Rules::new(&[], std::slice::from_ref(g.get_ref()), false) {
+                self.error(
+                    g.span(),
+                    format!("{}[{j}]", k("exclude_glob")),
+                    e.to_string(),
+                );
+            }
+        }
+        Schedule {
+            cron,
+            roots: names,
+            exclude_glob: raw
+                .exclude_glob
+                .into_iter()
+                .map(|g| g.into_inner())
+                .collect(),
         }
     }
 
@@ -739,6 +907,33 @@ fn check_password_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a crontab(5) line's time fields (five fields, or an `@daily`-style alias).
+pub fn check_cron(cron: &str) -> Result<(), String> {
+    let fields = cron.split_whitespace().count();
+    if !cron.starts_with('@') && fields != 5 {
+        return Err(format!(
+            "`{cron}` has {fields} fields; crontab(5) syntax has five: minute hour day-of-month month day-of-week (e.g. `30 3 * * *`)"
+        ));
+    }
+    cron.parse::<croner::Cron>()
+        .map(|_| ())
+        .map_err(|e| format!("`{cron}` is not a valid crontab(5) schedule: {e}"))
+}
+
+/// Where the journal lives unless `retry.state_dir` says otherwise.
+pub fn default_state_dir() -> PathBuf {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        return PathBuf::from("/var/lib/syncbus");
+    }
+    match (std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME")) {
+        (Some(d), _) if !d.is_empty() => PathBuf::from(d).join("syncbus"),
+        (_, Some(h)) if !h.is_empty() => PathBuf::from(h).join(".local/state/syncbus"),
+        _ => PathBuf::from(format!("/var/tmp/syncbus-{uid}")),
+    }
+}
+
 /// `/run/syncbus` for root, `$XDG_RUNTIME_DIR/syncbus` or `/tmp/syncbus-UID` otherwise.
 pub fn default_runtime_dir() -> PathBuf {
     // SAFETY: getuid has no preconditions and cannot fail.
@@ -814,6 +1009,53 @@ mod tests {
             t.destination("www"),
             format!("{}/", f.dir.path().join("mirror").display())
         );
+    }
+
+    #[test]
+    fn retry_and_schedule_defaults_and_values() {
+        let f = Fixture::new();
+        let c = f.parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.retry.initial,
+            Duration::from_millis(DEFAULT_RETRY_INITIAL_MS)
+        );
+        assert_eq!(c.retry.max, Duration::from_secs(DEFAULT_RETRY_MAX_S));
+        assert!(c.schedules.is_empty());
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}[retry]\nstate_dir = \"state\"\nmax_s = 5\n\
+                 [[schedule]]\ncron = \"30 3 * * 1-5\"\nexclude_glob = [\"*.log\"]\n\
+                 [[schedule]]\ncron = \"@hourly\"\n"
+            ))
+            .unwrap();
+        assert_eq!(c.retry.state_dir, f.dir.path().join("state"));
+        assert_eq!(c.retry.max, Duration::from_secs(5));
+        assert_eq!(c.schedules[0].roots, vec!["www"]);
+        assert_eq!(c.schedules[0].exclude_glob, vec!["*.log"]);
+        assert_eq!(c.schedules[1].cron, "@hourly");
+    }
+
+    #[test]
+    fn bad_retry_and_schedule_values_name_line_and_key() {
+        let f = Fixture::new();
+        let e = f.errors(&format!(
+            "{MINIMAL}[retry]\njitter = 2.0\nmax_s = 0\n\
+             [[schedule]]\ncron = \"0 0 3 * * *\"\n\
+             [[schedule]]\ncron = \"61 * * * *\"\nroots = [\"nope\"]\n"
+        ));
+        let keys: Vec<(&str, usize)> = e.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("retry.max_s", 6),
+                ("retry.jitter", 5),
+                ("schedule[0].cron", 8),
+                ("schedule[1].cron", 10),
+                ("schedule[1].roots[0]", 11),
+            ],
+            "{e:?}"
+        );
+        assert!(e[2].message.contains("has 6 fields"), "{}", e[2].message);
     }
 
     #[test]

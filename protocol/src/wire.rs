@@ -22,6 +22,15 @@ pub fn changes_topic(root: &str) -> String {
     format!("{CHANGES_TOPIC}{root}/")
 }
 
+/// Topic of everything sent to the retrier (dispatchers and the scheduler → retrier).
+pub const REPORT_TOPIC: &str = "report/";
+/// Topic prefix of the retrier's job stream; the full topic is `jobs/<target>/`.
+pub const JOBS_TOPIC: &str = "jobs/";
+
+pub fn jobs_topic(target: &str) -> String {
+    format!("{JOBS_TOPIC}{target}/")
+}
+
 /// What inotify saw, translated to root-relative paths (watcher → filter).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawBatch {
@@ -105,6 +114,100 @@ pub enum Op {
     Resync,
 }
 
+/// Work owed to one target for one root, as it crosses the bus and sits in the journal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Work {
+    /// Subtrees to compare in full with `--delete` (the root when empty).
+    #[serde(default)]
+    pub resyncs: Vec<PathBytes>,
+    /// Paths to send as they are now (a missing one is deleted on the target).
+    #[serde(default)]
+    pub paths: Vec<PathBytes>,
+    /// rsync-style globs left out of this work only (a cron full sync's own excludes).
+    #[serde(default)]
+    pub excludes: Vec<String>,
+}
+
+impl Work {
+    pub fn is_empty(&self) -> bool {
+        self.resyncs.is_empty() && self.paths.is_empty()
+    }
+
+    /// Number of paths and subtrees, for logs and bounds.
+    pub fn len(&self) -> usize {
+        self.resyncs.len() + self.paths.len()
+    }
+}
+
+/// What a report tells the retrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportKind {
+    /// `work` failed on `target` (or was not tried because the target is failing):
+    /// journal it in place of the `covers` jobs and acknowledge.
+    Failed,
+    /// The `covers` jobs reached `target`: forget them.
+    Delivered,
+    /// The scheduler asks for `work` (a full sync) on every target bound to `root`
+    /// (`target` empty) or on `target`: journal it and send it out.
+    Request,
+}
+
+/// Dispatchers and the scheduler → retrier (PUSH → PULL, topic `report/`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub version: u16,
+    pub epoch: u64,
+    pub seq: u64,
+    /// Echoed by the retrier's acknowledgement; random per report.
+    pub report_id: u64,
+    pub kind: ReportKind,
+    pub target: String,
+    pub root: String,
+    /// Journal jobs this report settles (replaces, for `failed`).
+    #[serde(default)]
+    pub covers: Vec<u64>,
+    #[serde(default)]
+    pub work: Work,
+    /// Why it failed (`failed` only).
+    #[serde(default)]
+    pub error: String,
+    pub time_us: u64,
+}
+
+/// What a job message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Report `report_id` is on disk: the dispatcher may forget its work.
+    Ack,
+    /// Run `work` for `root` now; report `delivered` or `failed` covering `job_ids`.
+    Run,
+}
+
+/// Retrier → dispatchers (PUB → SUB, topic `jobs/<target>/`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobMsg {
+    pub version: u16,
+    pub epoch: u64,
+    /// Gap-free per topic; a lost job is sent again when its result does not come.
+    pub seq: u64,
+    pub kind: JobKind,
+    pub target: String,
+    #[serde(default)]
+    pub report_id: u64,
+    #[serde(default)]
+    pub root: String,
+    #[serde(default)]
+    pub job_ids: Vec<u64>,
+    /// The failed attempts behind this run so far.
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default)]
+    pub work: Work,
+    pub time_us: u64,
+}
+
 #[derive(Debug, Error)]
 pub enum WireError {
     #[error("cannot decode message: {0}")]
@@ -137,6 +240,18 @@ impl Versioned for RawBatch {
 }
 
 impl Versioned for ChangeBatch {
+    fn version(&self) -> u16 {
+        self.version
+    }
+}
+
+impl Versioned for Report {
+    fn version(&self) -> u16 {
+        self.version
+    }
+}
+
+impl Versioned for JobMsg {
     fn version(&self) -> u16 {
         self.version
     }
@@ -210,6 +325,43 @@ mod tests {
             }],
         };
         assert_eq!(decode::<RawBatch>(&encode(&msg)).unwrap(), msg);
+    }
+
+    #[test]
+    fn report_and_job_round_trip_with_non_utf8_paths() {
+        let work = Work {
+            resyncs: vec![PathBytes::root()],
+            paths: vec![PathBytes::new(b"a\n\xff".to_vec())],
+            excludes: vec!["*.tmp".into()],
+        };
+        let r = Report {
+            version: VERSION,
+            epoch: 1,
+            seq: 2,
+            report_id: 3,
+            kind: ReportKind::Failed,
+            target: "t".into(),
+            root: "r".into(),
+            covers: vec![4, 5],
+            work: work.clone(),
+            error: "rsync exit 10".into(),
+            time_us: 6,
+        };
+        assert_eq!(decode::<Report>(&encode(&r)).unwrap(), r);
+        let j = JobMsg {
+            version: VERSION,
+            epoch: 1,
+            seq: 2,
+            kind: JobKind::Run,
+            target: "t".into(),
+            report_id: 0,
+            root: "r".into(),
+            job_ids: vec![7],
+            attempt: 3,
+            work,
+            time_us: 8,
+        };
+        assert_eq!(decode::<JobMsg>(&encode(&j)).unwrap(), j);
     }
 
     #[test]
