@@ -151,6 +151,9 @@ pub enum ReportKind {
     /// The scheduler asks for `work` (a full sync) on every target bound to `root`
     /// (`target` empty) or on `target`: journal it and send it out.
     Request,
+    /// A dispatcher serving `target` (re)joined the job stream: send it every job of
+    /// that target that is out, again.
+    Ready,
 }
 
 /// Dispatchers and the scheduler → retrier (PUSH → PULL, topic `report/`).
@@ -183,6 +186,8 @@ pub enum JobKind {
     Ack,
     /// Run `work` for `root` now; report `delivered` or `failed` covering `job_ids`.
     Run,
+    /// Nothing to do; sent every second so a subscriber notices a new epoch or a gap.
+    Heartbeat,
 }
 
 /// Retrier → dispatchers (PUB → SUB, topic `jobs/<target>/`).

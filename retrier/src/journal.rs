@@ -1,0 +1,182 @@
+//! The journal: every job the retrier owes a target, on disk in one `redb` file. A
+//! write returns only after its transaction is committed with `Durability::Immediate`
+//! (fsync'd), so what the retrier acknowledges survives a crash of the process or the
+//! machine.
+//!
+//! The record format is this crate's own (MessagePack with named fields, like the
+//! wire); `FORMAT` changes only when a field changes meaning.
+
+use std::path::{Path, PathBuf};
+
+use protocol::wire::Work;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_ID: &str = "next_id";
+
+/// One unit of owed work: a target, a root, what to send, and its history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub target: String,
+    pub root: String,
+    pub work: Work,
+    /// Failed attempts so far (0 for a scheduled full sync not yet tried).
+    pub attempt: u32,
+    /// When the work first failed or was requested (µs since the Unix epoch).
+    pub since_us: u64,
+    #[serde(default)]
+    pub error: String,
+}
+
+#[derive(Debug, Error)]
+pub enum JournalError {
+    #[error("journal `{path}`: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("journal write: {0}")]
+    Write(String),
+    #[error("journal read: {0}")]
+    Read(String),
+}
+
+pub struct Journal {
+    db: Database,
+}
+
+fn write_err(e: impl std::fmt::Display) -> JournalError {
+    JournalError::Write(e.to_string())
+}
+
+fn read_err(e: impl std::fmt::Display) -> JournalError {
+    JournalError::Read(e.to_string())
+}
+
+impl Journal {
+    /// Opens (or creates) the journal. A second retrier on the same file is refused.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let err = |message: String| JournalError::Open {
+            path: path.to_path_buf(),
+            message,
+        };
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => err(
+                "in use by another retrier (one journal per syncbus instance: give each its own `retry.state_dir`)".into(),
+            ),
+            e => err(e.to_string()),
+        })?;
+        let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
+        txn.open_table(JOBS).map_err(|e| err(e.to_string()))?;
+        txn.open_table(META).map_err(|e| err(e.to_string()))?;
+        txn.commit().map_err(|e| err(e.to_string()))?;
+        Ok(Journal { db })
+    }
+
+    /// Every job on disk, oldest id first.
+    pub fn load(&self) -> Result<Vec<(u64, Record)>, JournalError> {
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(JOBS).map_err(read_err)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(read_err)? {
+            let (k, v) = item.map_err(read_err)?;
+            match rmp_serde::from_slice::<Record>(v.value()) {
+                Ok(r) => out.push((k.value(), r)),
+                // Never silently: a record we cannot read is work we cannot do.
+                Err(e) => {
+                    tracing::error!(job_id = k.value(), error = %e, "unreadable journal record skipped")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// In one durable transaction: forgets `covers` and stores `new`, returning the new
+    /// records' ids. Either all of it is on disk when this returns `Ok`, or none of it.
+    pub fn replace(&self, covers: &[u64], new: &[Record]) -> Result<Vec<u64>, JournalError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        let mut ids = Vec::with_capacity(new.len());
+        {
+            let mut jobs = txn.open_table(JOBS).map_err(write_err)?;
+            let mut meta = txn.open_table(META).map_err(write_err)?;
+            for id in covers {
+                jobs.remove(id).map_err(write_err)?;
+            }
+            let mut next = meta
+                .get(NEXT_ID)
+                .map_err(write_err)?
+                .map_or(1, |v| v.value());
+            for r in new {
+                let bytes = rmp_serde::to_vec_named(r).map_err(write_err)?;
+                jobs.insert(next, &bytes[..]).map_err(write_err)?;
+                ids.push(next);
+                next += 1;
+            }
+            meta.insert(NEXT_ID, next).map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)?;
+        Ok(ids)
+    }
+
+    /// Reads one record (for publishing it).
+    pub fn get(&self, id: u64) -> Result<Option<Record>, JournalError> {
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(JOBS).map_err(read_err)?;
+        let v = table.get(id).map_err(read_err)?;
+        Ok(v.and_then(|v| rmp_serde::from_slice(v.value()).ok()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::PathBytes;
+
+    fn rec(path: &str) -> Record {
+        Record {
+            target: "t".into(),
+            root: "r".into(),
+            work: Work {
+                paths: vec![PathBytes::new(path.as_bytes().to_vec())],
+                ..Default::default()
+            },
+            attempt: 1,
+            since_us: 5,
+            error: "down".into(),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening_and_replace_is_atomic() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("journal.redb");
+        let ids = {
+            let j = Journal::open(&path).unwrap();
+            let ids = j.replace(&[], &[rec("a"), rec("b")]).unwrap();
+            assert_eq!(ids, vec![1, 2]);
+            let more = j.replace(&[1], &[rec("c")]).unwrap();
+            assert_eq!(more, vec![3], "ids never reused");
+            more
+        };
+        let j = Journal::open(&path).unwrap();
+        let all = j.load().unwrap();
+        let paths: Vec<(u64, String)> = all
+            .iter()
+            .map(|(id, r)| (*id, r.work.paths[0].to_string()))
+            .collect();
+        assert_eq!(paths, vec![(2, "b".into()), (3, "c".into())]);
+        assert_eq!(j.get(ids[0]).unwrap().unwrap(), rec("c"));
+        assert_eq!(j.replace(&[2, 3], &[]).unwrap(), Vec::<u64>::new());
+        assert!(j.load().unwrap().is_empty());
+        assert_eq!(j.replace(&[], &[rec("d")]).unwrap(), vec![4]);
+    }
+
+    #[test]
+    fn a_second_opener_gets_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("journal.redb");
+        let _j = Journal::open(&path).unwrap();
+        let e = Journal::open(&path).err().unwrap().to_string();
+        assert!(e.contains("in use by another retrier"), "{e}");
+    }
+}

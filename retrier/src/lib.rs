@@ -1,0 +1,568 @@
+//! The retrier stage: the durable memory of work a target still owes.
+//!
+//! **In:** `Report`s on the `reports` PULL socket — `failed` work from dispatchers
+//! (tried and failed, or handed over untried while its target is failing or the
+//! dispatcher stops), `delivered` when a job got through, `request` from the scheduler
+//! (a cron full sync), `ready` when a dispatcher (re)joins. **Out:** `JobMsg`s on the
+//! `jobs` PUB socket, topic `jobs/<target>/`: an `ack` once a report is on disk, `run`
+//! when a target's jobs are due, a `heartbeat` every second.
+//!
+//! Backoff is per target (`retry.initial_ms` doubling to `retry.max_s`, with jitter),
+//! and a failing target is probed cheaply (a TCP connect to its daemon or ssh port, a
+//! look at a local target's parent) every `retry.probe_ms`: when a probe that failed
+//! succeeds again, the target's jobs go out at once instead of at the end of the backoff.
+//!
+//! # Invariants
+//! - A report is acknowledged only after the journal transaction holding it is
+//!   committed and fsync'd; a dispatcher keeps the work until the ack arrives.
+//! - A job leaves the journal only when a `delivered` report names it, or when a
+//!   `failed` report replaces it with the work still owed (one transaction).
+//! - Never gives up: a job is retried until delivered, at worst every `retry.max_s`.
+//! - A target's backlog is bounded: more than `retry.max_paths` paths collapse to
+//!   resyncs of their directories (`policy::collapse`).
+//! - A restart loses nothing: the journal is loaded and every job goes out again.
+//!
+//! # Known problems
+//! - A job that is out (`run` sent) is sent again only when its dispatcher says
+//!   `ready` (it restarted, or saw a gap in the job stream) or after `IN_FLIGHT`; a
+//!   dispatcher that silently drops one would delay it that long.
+//! - The fail log is rewritten whole (at most once a second) whenever the journal
+//!   changes; with a very large backlog that is a large file.
+
+pub mod faillog;
+pub mod journal;
+pub mod policy;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use protocol::bus::{self, Endpoints, Shutdown};
+use protocol::config::{Config, Endpoint};
+use protocol::stage::StageError;
+use protocol::wire::{self, JobKind, JobMsg, Report, ReportKind, Work};
+
+use journal::{Journal, Record};
+
+/// How long a job that was sent out may stay unanswered before it is sent again.
+pub const IN_FLIGHT: Duration = Duration::from_secs(600);
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const FAIL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// What the retrier knows of one journal job without reading it from disk.
+struct Job {
+    target: String,
+    root: String,
+    attempt: u32,
+    /// Sent out and not yet answered, until this time.
+    in_flight: Option<Instant>,
+}
+
+/// How to tell cheaply whether a target is reachable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Probe {
+    Tcp(String),
+    Dir(PathBuf),
+}
+
+fn probe_of(endpoint: &Endpoint, port: Option<u16>) -> Probe {
+    let hostport = |host: &str, default: u16| {
+        if host.starts_with('[') || host.matches(':').count() == 1 {
+            host.to_string()
+        } else {
+            format!("{host}:{default}")
+        }
+    };
+    match endpoint {
+        Endpoint::Rsync { url, .. } => {
+            let rest = url.trim_start_matches("rsync://");
+            let host = rest.split('/').next().unwrap_or("");
+            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+            let host = host.strip_suffix(':').unwrap_or(host);
+            Probe::Tcp(hostport(host, 873))
+        }
+        Endpoint::Ssh { dest, port: p, .. } => {
+            let host = dest.split(':').next().unwrap_or("");
+            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+            Probe::Tcp(format!("{host}:{}", p.or(port).unwrap_or(22)))
+        }
+        Endpoint::Local { path } => Probe::Dir(
+            path.parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_else(|| path.clone()),
+        ),
+    }
+}
+
+fn reachable(probe: &Probe) -> bool {
+    match probe {
+        Probe::Tcp(addr) => addr.to_socket_addrs().is_ok_and(|mut addrs| {
+            addrs.any(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok())
+        }),
+        Probe::Dir(p) => p.is_dir(),
+    }
+}
+
+struct TargetState {
+    /// Consecutive failed tries; 0 when the target is healthy.
+    failures: u32,
+    /// When its jobs may go out next.
+    due: Instant,
+    probe: Probe,
+    probe_down: bool,
+    next_probe: Instant,
+    seq: u64,
+    next_beat: Instant,
+}
+
+struct Retrier<'a> {
+    config: &'a Config,
+    journal: Journal,
+    jobs: BTreeMap<u64, Job>,
+    targets: HashMap<String, TargetState>,
+    epoch: u64,
+    fail_log: PathBuf,
+    fail_log_dirty: bool,
+    fail_log_next: Instant,
+}
+
+/// Runs the retrier until `shutdown`.
+pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
+    let dir = &config.retry.state_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            StageError::Environment(format!("cannot create state dir `{}`: {e}", dir.display()))
+        })?;
+    let journal = Journal::open(&dir.join("journal.redb")).map_err(|e| match e {
+        journal::JournalError::Open { .. } => StageError::Environment(e.to_string()),
+        e => StageError::Failed(e.to_string()),
+    })?;
+    let now = Instant::now();
+    let mut r = Retrier {
+        config,
+        journal,
+        jobs: BTreeMap::new(),
+        targets: config
+            .targets
+            .iter()
+            .map(|t| {
+                let port = match &t.endpoint {
+                    Endpoint::Ssh { port, .. } => *port,
+                    _ => None,
+                };
+                (
+                    t.name.clone(),
+                    TargetState {
+                        failures: 0,
+                        due: now,
+                        probe: probe_of(&t.endpoint, port),
+                        probe_down: false,
+                        next_probe: now,
+                        seq: 0,
+                        next_beat: now,
+                    },
+                )
+            })
+            .collect(),
+        epoch: bus::new_epoch(),
+        fail_log: dir.join("rsync_fail_log.sh"),
+        fail_log_dirty: true,
+        fail_log_next: now,
+    };
+    r.load()?;
+
+    let ctx = zmq::Context::new();
+    let eps = Endpoints::new(config);
+    let pull = bus::socket(&ctx, zmq::PULL)?;
+    bus::bind(&pull, &eps.reports)?;
+    let publisher = bus::socket(&ctx, zmq::PUB)?;
+    bus::bind(&publisher, &eps.jobs)?;
+    tracing::info!(
+        reports = %eps.reports,
+        jobs = %eps.jobs,
+        journal = %dir.join("journal.redb").display(),
+        pending = r.jobs.len(),
+        "retrier listening"
+    );
+    loop {
+        if shutdown.requested() {
+            break;
+        }
+        let now = Instant::now();
+        r.tick(now, &publisher)?;
+        let wait = r.next_wake(now).saturating_duration_since(Instant::now());
+        let mut items = [
+            pull.as_poll_item(zmq::POLLIN),
+            zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
+        ];
+        match zmq::poll(&mut items, wait.as_millis().clamp(1, 1000) as i64) {
+            Ok(_) => {}
+            Err(zmq::Error::EINTR) => continue,
+            Err(e) => return Err(StageError::Failed(format!("zmq poll: {e}"))),
+        }
+        if items[1].is_readable() {
+            shutdown.drain();
+            let _ = shutdown.take_hup();
+        }
+        if items[0].is_readable() {
+            while let Some((_, payload)) = bus::try_recv(&pull)? {
+                match wire::decode::<Report>(&payload) {
+                    Ok(rep) => r.handle(rep, &publisher)?,
+                    Err(e) => tracing::warn!(error = %e, "undecodable report ignored"),
+                }
+            }
+        }
+    }
+    r.write_fail_log();
+    tracing::info!(
+        pending = r.jobs.len(),
+        "retrier stopping; the journal keeps the pending jobs"
+    );
+    Ok(())
+}
+
+impl Retrier<'_> {
+    fn load(&mut self) -> Result<(), StageError> {
+        let all = self.journal.load()?;
+        let mut per_target: BTreeMap<String, usize> = BTreeMap::new();
+        for (id, rec) in all {
+            if !self.targets.contains_key(&rec.target) {
+                tracing::warn!(job_id = id, target = %rec.target, "journal job for a target no longer configured; kept, not sent");
+            }
+            *per_target.entry(rec.target.clone()).or_default() += 1;
+            self.jobs.insert(
+                id,
+                Job {
+                    target: rec.target,
+                    root: rec.root,
+                    attempt: rec.attempt,
+                    in_flight: None,
+                },
+            );
+        }
+        for (target, jobs) in per_target {
+            tracing::info!(target = %target, jobs, "resuming pending jobs from the journal");
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, publisher: &zmq::Socket, mut msg: JobMsg) -> Result<(), StageError> {
+        let Some(t) = self.targets.get_mut(&msg.target) else {
+            return Ok(());
+        };
+        t.seq += 1;
+        t.next_beat = Instant::now() + HEARTBEAT;
+        msg.seq = t.seq;
+        bus::send(publisher, &wire::jobs_topic(&msg.target), &msg)?;
+        Ok(())
+    }
+
+    fn msg(&self, kind: JobKind, target: &str) -> JobMsg {
+        JobMsg {
+            version: wire::VERSION,
+            epoch: self.epoch,
+            seq: 0,
+            kind,
+            target: target.to_string(),
+            report_id: 0,
+            root: String::new(),
+            job_ids: Vec::new(),
+            attempt: 0,
+            work: Work::default(),
+            time_us: protocol::now_us(),
+        }
+    }
+
+    fn handle(&mut self, rep: Report, publisher: &zmq::Socket) -> Result<(), StageError> {
+        let now = Instant::now();
+        match rep.kind {
+            ReportKind::Failed => {
+                let attempt = rep
+                    .covers
+                    .iter()
+                    .filter_map(|id| self.jobs.get(id))
+                    .map(|j| j.attempt)
+                    .max()
+                    .unwrap_or(0)
+                    + u32::from(!rep.error.is_empty());
+                let work = policy::collapse(policy::merge([rep.work]), self.config.retry.max_paths);
+                let rec = Record {
+                    target: rep.target.clone(),
+                    root: rep.root.clone(),
+                    work,
+                    attempt,
+                    since_us: rep.time_us,
+                    error: rep.error.clone(),
+                };
+                let new = if rec.work.is_empty() {
+                    vec![]
+                } else {
+                    vec![rec]
+                };
+                let Some(ids) = self.store(&rep.covers, &new) else {
+                    return Ok(()); // not acknowledged: the dispatcher keeps the work
+                };
+                for id in ids {
+                    self.jobs.insert(
+                        id,
+                        Job {
+                            target: rep.target.clone(),
+                            root: rep.root.clone(),
+                            attempt,
+                            in_flight: None,
+                        },
+                    );
+                }
+                let mut ack = self.msg(JobKind::Ack, &rep.target);
+                ack.report_id = rep.report_id;
+                self.send(publisher, ack)?;
+                let policy = &self.config.retry;
+                if let Some(t) = self.targets.get_mut(&rep.target) {
+                    let tried = !rep.error.is_empty();
+                    if tried && (!rep.covers.is_empty() || t.failures == 0) {
+                        t.failures += 1;
+                        let delay = policy::next_attempt(policy, t.failures, rand::random());
+                        t.due = now + delay;
+                        tracing::warn!(target = %rep.target, root = %rep.root, attempt = t.failures, retry_in_ms = delay.as_millis() as u64, error = %rep.error, "delivery failed; journalled, will retry");
+                    }
+                }
+            }
+            ReportKind::Delivered => {
+                if self.store(&rep.covers, &[]).is_none() {
+                    return Ok(());
+                }
+                if let Some(t) = self.targets.get_mut(&rep.target) {
+                    if t.failures > 0 {
+                        tracing::info!(target = %rep.target, attempts = t.failures, "target recovered");
+                    }
+                    t.failures = 0;
+                    t.due = now;
+                    t.probe_down = false;
+                }
+            }
+            ReportKind::Request => {
+                let targets: Vec<String> = self
+                    .config
+                    .targets
+                    .iter()
+                    .filter(|t| t.roots.contains(&rep.root))
+                    .filter(|t| rep.target.is_empty() || t.name == rep.target)
+                    .map(|t| t.name.clone())
+                    .collect();
+                let recs: Vec<Record> = targets
+                    .iter()
+                    .map(|t| Record {
+                        target: t.clone(),
+                        root: rep.root.clone(),
+                        work: rep.work.clone(),
+                        attempt: 0,
+                        since_us: rep.time_us,
+                        error: String::new(),
+                    })
+                    .collect();
+                if let Some(ids) = self.store(&[], &recs) {
+                    for (id, t) in ids.into_iter().zip(targets) {
+                        tracing::info!(target = %t, root = %rep.root, job_id = id, "full sync requested");
+                        self.jobs.insert(
+                            id,
+                            Job {
+                                target: t,
+                                root: rep.root.clone(),
+                                attempt: 0,
+                                in_flight: None,
+                            },
+                        );
+                    }
+                }
+            }
+            ReportKind::Ready => {
+                let mut resent = 0;
+                for j in self.jobs.values_mut().filter(|j| j.target == rep.target) {
+                    resent += usize::from(j.in_flight.take().is_some());
+                }
+                if let Some(t) = self.targets.get_mut(&rep.target) {
+                    if t.failures == 0 {
+                        t.due = now;
+                    }
+                }
+                tracing::debug!(target = %rep.target, resent, "dispatcher ready");
+            }
+        }
+        Ok(())
+    }
+
+    /// One journal transaction; `None` (logged) when it failed, so nothing is acked.
+    fn store(&mut self, covers: &[u64], new: &[Record]) -> Option<Vec<u64>> {
+        match self.journal.replace(covers, new) {
+            Ok(ids) => {
+                for id in covers {
+                    self.jobs.remove(id);
+                }
+                self.fail_log_dirty = true;
+                Some(ids)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the journal; the reporter keeps its work");
+                None
+            }
+        }
+    }
+
+    /// Heartbeats, probes, due jobs and the fail log.
+    fn tick(&mut self, now: Instant, publisher: &zmq::Socket) -> Result<(), StageError> {
+        let names: Vec<String> = self.targets.keys().cloned().collect();
+        for name in names {
+            let pending = self.jobs.values().any(|j| j.target == name);
+            let t = self.targets.get_mut(&name).expect("listed above");
+            if pending && t.failures > 0 && now >= t.next_probe {
+                t.next_probe = now + self.config.retry.probe;
+                let up = reachable(&t.probe);
+                if up && t.probe_down {
+                    tracing::info!(target = %name, "target reachable again; retrying now");
+                    t.due = now;
+                }
+                t.probe_down = !up;
+            }
+            if pending && now >= t.due {
+                self.send_due(&name, now, publisher)?;
+            }
+            let t = self.targets.get_mut(&name).expect("listed above");
+            if now >= t.next_beat {
+                let beat = self.msg(JobKind::Heartbeat, &name);
+                self.send(publisher, beat)?;
+            }
+        }
+        if self.fail_log_dirty && now >= self.fail_log_next {
+            self.write_fail_log();
+            self.fail_log_next = now + FAIL_LOG_EVERY;
+        }
+        Ok(())
+    }
+
+    /// Sends every job of `target` that is not out, one `run` per root.
+    fn send_due(
+        &mut self,
+        target: &str,
+        now: Instant,
+        publisher: &zmq::Socket,
+    ) -> Result<(), StageError> {
+        let mut per_root: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (id, j) in &self.jobs {
+            if j.target == target && j.in_flight.is_none_or(|t| t <= now) {
+                per_root.entry(j.root.clone()).or_default().push(*id);
+            }
+        }
+        for (root, ids) in per_root {
+            let mut parts = Vec::new();
+            let mut attempt = 0;
+            for id in &ids {
+                match self.journal.get(*id)? {
+                    Some(rec) => {
+                        attempt = attempt.max(rec.attempt);
+                        parts.push(rec.work);
+                    }
+                    None => tracing::error!(job_id = id, "job missing from the journal"),
+                }
+            }
+            let mut msg = self.msg(JobKind::Run, target);
+            msg.root = root.clone();
+            msg.job_ids = ids.clone();
+            msg.attempt = attempt;
+            msg.work = policy::merge(parts);
+            tracing::debug!(target, root = %root, jobs = ids.len(), paths = msg.work.len(), attempt, "sending jobs");
+            self.send(publisher, msg)?;
+            for id in ids {
+                if let Some(j) = self.jobs.get_mut(&id) {
+                    j.in_flight = Some(now + IN_FLIGHT);
+                }
+            }
+        }
+        let policy = &self.config.retry;
+        if let Some(t) = self.targets.get_mut(target) {
+            // A failing target gets new jobs no sooner than its backoff allows.
+            if t.failures > 0 {
+                t.due = now + policy::next_attempt(policy, t.failures, rand::random());
+            }
+        }
+        Ok(())
+    }
+
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + HEARTBEAT;
+        for (name, t) in &self.targets {
+            wake = wake.min(t.next_beat);
+            if self
+                .jobs
+                .values()
+                .any(|j| &j.target == name && j.in_flight.is_none())
+            {
+                wake = wake.min(t.due.max(now));
+                if t.failures > 0 {
+                    wake = wake.min(t.next_probe.max(now));
+                }
+            }
+        }
+        if self.fail_log_dirty {
+            wake = wake.min(self.fail_log_next.max(now));
+        }
+        wake
+    }
+
+    fn write_fail_log(&mut self) {
+        let all = match self.journal.load() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the journal for the fail log");
+                return;
+            }
+        };
+        let text = faillog::render(self.config, &all);
+        match faillog::write(&self.fail_log, &text) {
+            Ok(()) => self.fail_log_dirty = false,
+            Err(e) => {
+                tracing::warn!(path = %self.fail_log.display(), error = %e, "cannot write the fail log")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_address_the_daemon_or_ssh_port() {
+        let rsync = |url: &str| Endpoint::Rsync {
+            url: url.into(),
+            password_file: None,
+        };
+        assert_eq!(
+            probe_of(&rsync("rsync://127.0.0.1:8873/m/"), None),
+            Probe::Tcp("127.0.0.1:8873".into())
+        );
+        assert_eq!(
+            probe_of(&rsync("rsync://u@backup/m/sub/"), None),
+            Probe::Tcp("backup:873".into())
+        );
+        assert_eq!(
+            probe_of(&rsync("rsync://[::1]:9/m/"), None),
+            Probe::Tcp("[::1]:9".into())
+        );
+        let ssh = Endpoint::Ssh {
+            dest: "me@web2:/srv/www/".into(),
+            port: Some(2222),
+            identity_file: None,
+            options: vec![],
+        };
+        assert_eq!(probe_of(&ssh, None), Probe::Tcp("web2:2222".into()));
+        let local = Endpoint::Local {
+            path: "/mnt/backup/www".into(),
+        };
+        assert_eq!(probe_of(&local, None), Probe::Dir("/mnt/backup".into()));
+    }
+}

@@ -1,0 +1,1 @@
+// system tests come with the dispatcher wiring
