@@ -175,10 +175,9 @@ mod tests {
         std::fs::write(src.join(std::ffi::OsStr::from_bytes(odd)), "odd").unwrap();
         std::fs::write(src.join("sub/keep"), "k").unwrap();
         std::fs::write(dst.join("sub/stale"), "s").unwrap();
-        let text = format!(
-            "[[root]]\nname = \"r\"\npath = \"src\"\n[[target]]\nname = \"t\"\nurl = \"dst\"\n"
-        );
-        let config = Config::parse(&text, &d.path().join("c.toml")).unwrap();
+        let text =
+            "[[root]]\nname = \"r\"\npath = \"src\"\n[[target]]\nname = \"t\"\nurl = \"dst\"\n";
+        let config = Config::parse(text, &d.path().join("c.toml")).unwrap();
         let rec = Record {
             target: "t".into(),
             root: "r".into(),
