@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the whole pipeline (watcher, filter, dispatcher) and keep it running.
+    /// Run the whole pipeline (watcher, filter, dispatcher, retrier, scheduler) and keep it running.
     ///
     /// Either `--config FILE`, or `--source DIR` with one or more `--target URL`
     /// (like `lsyncd -rsync SRC TARGET`). URL is `rsync://[user@]host[:port]/module/path`,
@@ -50,6 +50,12 @@ enum Cmd {
     /// Run the filter stage alone: `syncbus filter --config FILE`.
     #[command(disable_help_flag = true)]
     Filter {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the retrier stage alone: `syncbus retrier --config FILE`.
+    #[command(disable_help_flag = true)]
+    Retrier {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -82,6 +88,9 @@ fn main() -> ExitCode {
         }
         Cmd::Filter { args } => {
             protocol::stage::stage_main("filter", args, |c, _, s| filter::run(c, s))
+        }
+        Cmd::Retrier { args } => {
+            protocol::stage::stage_main("retrier", args, |c, _, s| retrier::run(c, s))
         }
         Cmd::Dispatcher { args } => protocol::stage::stage_main("dispatcher", args, |c, a, s| {
             dispatcher::run(c, &a.targets, s)

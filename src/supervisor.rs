@@ -22,14 +22,16 @@ use protocol::bus::{self, Shutdown};
 use protocol::config::{self, Config, EXIT_BAD_CONFIG};
 use protocol::stage::EXIT_ENVIRONMENT;
 
-/// Start order: the binders first, the watcher last. Stop order is the reverse of the
-/// data flow: watcher, filter, dispatcher.
-const START_ORDER: [&str; 3] = ["filter", "dispatcher", "watcher"];
-const STOP_ORDER: [(&str, Duration); 3] = [
+/// Start order: the binders first (the retrier binds the report and job sockets, the
+/// filter the raw and change sockets), the watcher last. Stop order follows the data
+/// flow: watcher, filter, dispatcher (which hands what is left to the retrier), retrier.
+const START_ORDER: [&str; 4] = ["retrier", "filter", "dispatcher", "watcher"];
+const STOP_ORDER: [(&str, Duration); 4] = [
     ("watcher", Duration::from_secs(5)),
     ("filter", Duration::from_secs(5)),
     // The dispatcher's own drain grace is 10 s; give it room to finish.
     ("dispatcher", Duration::from_secs(15)),
+    ("retrier", Duration::from_secs(5)),
 ];
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -51,6 +53,9 @@ pub struct RunArgs {
     /// Directory for the bus sockets (mode 0700). Default: the config's `bus.runtime_dir`.
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
+    /// Directory of the retry journal and fail log. Default: the config's `retry.state_dir`.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Log JSON lines instead of human text (passed on to every stage).
     #[arg(long)]
     log_json: bool,
@@ -140,13 +145,12 @@ pub fn run(args: RunArgs) -> ExitCode {
 /// The config file to use: `--config`, or one generated from `--source`/`--target`.
 fn config_file(args: &RunArgs) -> Result<PathBuf, String> {
     if let Some(c) = &args.config {
-        if args.runtime_dir.is_none() {
+        if args.runtime_dir.is_none() && args.state_dir.is_none() {
             return Ok(c.clone());
         }
         // An override of the runtime dir: append it to a private copy of the config.
         let text =
             std::fs::read_to_string(c).map_err(|e| format!("{}: cannot read: {e}", c.display()))?;
-        let dir = args.runtime_dir.clone().unwrap_or_default();
         let mut table: toml::Table = toml::from_str(&text).map_err(|_| {
             // Let the normal loader report the syntax error with its position.
             match Config::load(c) {
@@ -154,20 +158,28 @@ fn config_file(args: &RunArgs) -> Result<PathBuf, String> {
                 Ok(_) => format!("{}: cannot parse", c.display()),
             }
         })?;
-        let bus = table
-            .entry("bus")
-            .or_insert_with(|| toml::Value::Table(Default::default()));
-        if let toml::Value::Table(b) = bus {
-            b.insert(
-                "runtime_dir".into(),
-                toml::Value::String(absolute(&dir)?.to_string_lossy().into_owned()),
-            );
-        }
         let base = c
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         absolutize_paths(&mut table, &absolute(base)?);
+        for (section, key, value) in [
+            ("bus", "runtime_dir", &args.runtime_dir),
+            ("retry", "state_dir", &args.state_dir),
+        ] {
+            let Some(v) = value else { continue };
+            let t = table
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            if let toml::Value::Table(t) = t {
+                let v = absolute(v)?.to_string_lossy().into_owned();
+                t.insert(key.into(), toml::Value::String(v));
+            }
+        }
+        let dir = match &args.runtime_dir {
+            Some(d) => absolute(d)?,
+            None => Config::load(c).map_err(|e| e.to_string())?.runtime_dir,
+        };
         return write_generated(&dir, &table);
     }
     let Some(source) = &args.source else {
@@ -223,6 +235,14 @@ fn config_file(args: &RunArgs) -> Result<PathBuf, String> {
     );
     let mut table = toml::Table::new();
     table.insert("bus".into(), toml::Value::Table(bus));
+    if let Some(state) = &args.state_dir {
+        let mut retry = toml::Table::new();
+        retry.insert(
+            "state_dir".into(),
+            absolute(state)?.to_string_lossy().into_owned().into(),
+        );
+        table.insert("retry".into(), toml::Value::Table(retry));
+    }
     table.insert(
         "root".into(),
         toml::Value::Array(vec![toml::Value::Table(root)]),
@@ -244,6 +264,13 @@ fn absolutize_paths(table: &mut toml::Table, base: &Path) {
             }
         }
     };
+    for (section, key) in [("bus", "runtime_dir"), ("retry", "state_dir")] {
+        if let Some(toml::Value::Table(t)) = table.get_mut(section) {
+            if let Some(v) = t.get_mut(key) {
+                fix(v, false);
+            }
+        }
+    }
     for (section, keys) in [
         ("root", &["path"][..]),
         ("target", &["url", "password_file", "identity_file"][..]),
@@ -519,6 +546,7 @@ pub fn demo(dir: &Path) -> ExitCode {
         source: None,
         targets: Vec::new(),
         runtime_dir: None,
+        state_dir: None,
         log_json: false,
     })
 }

@@ -44,7 +44,7 @@ impl RootWork {
         self.paths.entry(path).or_default().merge(touch);
     }
 
-    fn resync(&mut self, subtree: PathBytes) {
+    pub fn resync(&mut self, subtree: PathBytes) {
         if self.covered(&subtree) {
             return;
         }
@@ -53,7 +53,7 @@ impl RootWork {
         self.resyncs.insert(subtree);
     }
 
-    fn merge(&mut self, other: RootWork) {
+    pub fn merge(&mut self, other: RootWork) {
         for s in other.resyncs {
             self.resync(s);
         }
@@ -123,6 +123,13 @@ impl Batcher {
 
     pub fn is_empty(&self) -> bool {
         self.roots.values().all(RootWork::is_empty)
+    }
+
+    /// True when a resync of all of `root` is pending.
+    pub fn has_root_resync(&self, root: &str) -> bool {
+        self.roots
+            .get(root)
+            .is_some_and(|w| w.resyncs.contains(&PathBytes::root()))
     }
 
     /// Roots that have pending work.

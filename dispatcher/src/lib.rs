@@ -52,9 +52,9 @@ use protocol::bus::{self, Endpoints, Shutdown};
 use protocol::config::{Config, Target};
 use protocol::seq::{Seen, SeqTracker};
 use protocol::stage::StageError;
-use protocol::wire::{self, ChangeBatch};
+use protocol::wire::{self, ChangeBatch, JobKind, JobMsg, ReportKind};
 
-use worker::{Control, Job, RootInfo, Worker};
+use worker::{Control, Job, Reporter, RootInfo, Worker};
 
 /// How long a drain may take after the first SIGTERM/SIGINT.
 pub const GRACE: Duration = Duration::from_secs(10);
@@ -62,6 +62,14 @@ pub const GRACE: Duration = Duration::from_secs(10);
 struct Served {
     target: String,
     tx: Sender<Job>,
+}
+
+/// The retrier's job stream as this dispatcher follows it, per target.
+struct JobStream {
+    tx: Sender<Job>,
+    tracker: SeqTracker,
+    /// Says `ready` when the stream cannot be vouched for (start, gap, new retrier).
+    reporter: Reporter,
 }
 
 /// Selects the targets to serve: all of them, or the ones named.
@@ -103,6 +111,16 @@ pub fn run(
     let mut routes: HashMap<String, Vec<Served>> = HashMap::new();
     let (done_tx, done_rx) = mpsc::channel::<String>();
     let mut workers = 0usize;
+    let ctx = zmq::Context::new();
+    let eps = Endpoints::new(config);
+    let reporter = |name: &str| -> Result<Reporter, StageError> {
+        let push = bus::socket(&ctx, zmq::PUSH)?;
+        bus::connect(&push, &eps.reports)?;
+        Ok(Reporter::new(push, name))
+    };
+    // topic `jobs/<target>/` → that worker
+    let mut streams: HashMap<Vec<u8>, JobStream> = HashMap::new();
+    let mut stops: Vec<Sender<Job>> = Vec::new();
     for t in &targets {
         let mut roots = HashMap::new();
         for r in &t.roots {
@@ -117,15 +135,31 @@ pub fn run(
                 },
             );
         }
-        let w = Worker::new((*t).clone(), roots, &config.runtime_dir, control.clone()).map_err(
-            |e| {
-                StageError::Failed(format!(
-                    "cannot create a scratch dir in `{}`: {e}",
-                    config.runtime_dir.display()
-                ))
-            },
-        )?;
         let (tx, rx) = mpsc::channel();
+        let w = Worker::new(
+            (*t).clone(),
+            roots,
+            &config.runtime_dir,
+            control.clone(),
+            reporter(&t.name)?,
+            tx.clone(),
+        )
+        .map_err(|e| {
+            StageError::Failed(format!(
+                "cannot start the worker of `{}` (scratch dir in `{}`): {e}",
+                t.name,
+                config.runtime_dir.display()
+            ))
+        })?;
+        streams.insert(
+            wire::jobs_topic(&t.name).into_bytes(),
+            JobStream {
+                tx: tx.clone(),
+                tracker: SeqTracker::default(),
+                reporter: reporter(&t.name)?,
+            },
+        );
+        stops.push(tx.clone());
         for r in &t.roots {
             routes.entry(r.clone()).or_default().push(Served {
                 target: t.name.clone(),
@@ -145,9 +179,14 @@ pub fn run(
     }
     drop(done_tx);
 
-    let ctx = zmq::Context::new();
+    let jobs = bus::socket(&ctx, zmq::SUB)?;
+    for topic in streams.keys() {
+        jobs.set_subscribe(topic)
+            .map_err(|e| StageError::Failed(format!("cannot subscribe to the job stream: {e}")))?;
+    }
+    bus::connect(&jobs, &eps.jobs)?;
     let sub = bus::socket(&ctx, zmq::SUB)?;
-    let endpoint = Endpoints::new(config).changes;
+    let endpoint = eps.changes.clone();
     let mut topics: HashMap<Vec<u8>, String> = HashMap::new();
     for root in routes.keys() {
         let topic = wire::changes_topic(root);
@@ -166,6 +205,7 @@ pub fn run(
         let mut items = [
             sub.as_poll_item(zmq::POLLIN),
             zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
+            jobs.as_poll_item(zmq::POLLIN),
         ];
         if let Err(e) = zmq::poll(&mut items, 1000) {
             if e == zmq::Error::EINTR {
@@ -177,6 +217,11 @@ pub fn run(
             shutdown.drain();
             if shutdown.take_hup() {
                 tracing::info!("SIGHUP ignored (no config reload yet)");
+            }
+        }
+        if items[2].is_readable() {
+            if let Err(e) = forward_jobs(&jobs, &mut streams) {
+                break Err(e);
             }
         }
         if !items[0].is_readable() {
@@ -204,11 +249,15 @@ pub fn run(
         }
     };
 
-    // Drain: stop intake, let each worker finish its run and one more pass.
+    // Drain: stop intake, let each worker finish its run and one more pass, and hand
+    // what is left to the retrier (its acks still need forwarding meanwhile).
     let deadline = Instant::now() + GRACE;
     let _ = control.deadline.set(deadline);
     drop(routes);
     drop(sub);
+    for tx in stops.drain(..) {
+        let _ = tx.send(Job::Stop);
+    }
     if result.is_ok() {
         tracing::info!(grace_s = GRACE.as_secs(), "draining workers");
     }
@@ -219,7 +268,10 @@ pub fn run(
             tracing::warn!(workers = left, "second signal: stopping now");
             break;
         }
-        match done_rx.recv_timeout(Duration::from_millis(50)) {
+        if jobs.poll(zmq::POLLIN, 0).unwrap_or(0) > 0 {
+            let _ = forward_jobs(&jobs, &mut streams);
+        }
+        match done_rx.recv_timeout(Duration::from_millis(20)) {
             Ok(_) => left -= 1,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // Workers kill their rsync at the deadline; allow them a moment to say so.
@@ -236,6 +288,45 @@ pub fn run(
         }
     }
     result
+}
+
+/// Hands the retrier's acks and jobs to the workers; says `ready` for a target whose
+/// job stream was joined, broken or restarted, so the retrier sends its jobs again.
+fn forward_jobs(
+    jobs: &zmq::Socket,
+    streams: &mut HashMap<Vec<u8>, JobStream>,
+) -> Result<(), StageError> {
+    while let Some((topic, payload)) = bus::try_recv(jobs)? {
+        let Some(s) = streams.get_mut(&topic) else {
+            continue;
+        };
+        let msg = match wire::decode::<JobMsg>(&payload) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable job message; asking the retrier again");
+                s.reporter
+                    .send(ReportKind::Ready, "", Vec::new(), Default::default(), "");
+                continue;
+            }
+        };
+        if s.tracker.observe(msg.epoch, msg.seq) != Seen::InOrder {
+            tracing::debug!(target = %msg.target, epoch = msg.epoch, seq = msg.seq, "job stream (re)joined; telling the retrier we are ready");
+            s.reporter
+                .send(ReportKind::Ready, "", Vec::new(), Default::default(), "");
+        }
+        let job = match msg.kind {
+            JobKind::Ack => Job::Ack(msg.report_id),
+            JobKind::Run => Job::Run {
+                root: msg.root.as_str().into(),
+                job_ids: msg.job_ids,
+                work: msg.work,
+            },
+            JobKind::Heartbeat => continue,
+        };
+        // A closed channel: the worker is gone (its drain is over).
+        let _ = s.tx.send(job);
+    }
+    Ok(())
 }
 
 /// One message from the SUB socket.

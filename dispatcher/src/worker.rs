@@ -1,25 +1,27 @@
-//! One worker per target: takes in jobs, batches them, runs rsync, keeps what failed
-//! and retries it with backoff. Its own thread, so a slow or dead target delays nobody.
+//! One worker per target: takes in jobs, batches them, runs rsync, and hands what
+//! failed to the retrier's journal. Its own thread, so a slow or dead target delays
+//! nobody; whole-root resyncs run on a second thread (the *full lane*), so live changes
+//! keep flowing while a big tree is compared.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use protocol::config::Target;
 use protocol::rules::Rules;
-use protocol::wire::Change;
+use protocol::wire::{self, Change, Report, ReportKind, Work};
 use protocol::PathBytes;
 
 use crate::batch::{Batcher, RootWork, Touch};
 use crate::command::{self, Mode, Outcome, RunResult};
 use crate::plan;
 
-/// Work for every worker serving `root`.
+/// Work for every worker serving `root`, and what the retrier and the full lane say.
 #[derive(Debug, Clone)]
 pub enum Job {
     Changes {
@@ -28,6 +30,26 @@ pub enum Job {
     },
     /// The dispatcher cannot vouch for `root`: compare all of it.
     Resync { root: Arc<str> },
+    /// The retrier's journal jobs `job_ids`: run `work` and report on them.
+    Run {
+        root: Arc<str>,
+        job_ids: Vec<u64>,
+        work: Work,
+    },
+    /// The retrier has report `0` on disk.
+    Ack(u64),
+    /// The full lane finished a whole-root resync.
+    FullDone(Arc<FullDone>),
+    /// Stop taking in work: finish what runs, hand the rest to the retrier.
+    Stop,
+}
+
+#[derive(Debug)]
+pub struct FullDone {
+    root: String,
+    excludes: Vec<String>,
+    job_ids: Vec<u64>,
+    result: RunResult,
 }
 
 /// Shared between the SUB loop and the workers for shutdown.
@@ -47,6 +69,7 @@ impl Control {
 }
 
 /// A root as this worker sees it.
+#[derive(Clone)]
 pub struct RootInfo {
     pub path: PathBuf,
     pub rules: Rules,
@@ -54,9 +77,15 @@ pub struct RootInfo {
 
 pub const BACKOFF_START: Duration = Duration::from_secs(1);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// How long a hand-over to the retrier may wait for its acknowledgement before the
+/// worker keeps the work itself.
+pub const ACK_WAIT: Duration = Duration::from_secs(2);
+/// How often a running full sync says so in the log.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Delay before attempt `attempt + 1` after `attempt` failures (1-based), with `jitter`
-/// in `[0, 1)` adding up to a quarter. Fatal failures wait the cap every time.
+/// in `[0, 1)` adding up to a quarter. Fatal failures wait the cap every time. Used
+/// only when the retrier cannot be reached.
 pub fn backoff(attempt: u32, outcome: Outcome, jitter: f64) -> Duration {
     let base = match outcome {
         Outcome::Fatal => BACKOFF_CAP,
@@ -68,15 +97,107 @@ pub fn backoff(attempt: u32, outcome: Outcome, jitter: f64) -> Duration {
     base + base.mul_f64(jitter.clamp(0.0, 1.0) / 4.0)
 }
 
+/// A root whose last run failed.
 struct Failing {
     attempt: u32,
-    until: Instant,
+    /// `None`: the retrier holds the work and decides when to try again; new work is
+    /// handed to it untried. `Some`: the retrier was unreachable, the worker retries
+    /// from memory at this time.
+    until: Option<Instant>,
+}
+
+/// Sends reports to the retrier (one PUSH socket per thread: zmq sockets are not shared).
+pub struct Reporter {
+    push: zmq::Socket,
+    epoch: u64,
+    seq: u64,
+    target: String,
+}
+
+impl Reporter {
+    pub fn new(push: zmq::Socket, target: &str) -> Self {
+        Reporter {
+            push,
+            epoch: protocol::bus::new_epoch(),
+            seq: 0,
+            target: target.to_string(),
+        }
+    }
+
+    /// Sends one report; returns its id (for the ack). A send that fails is logged:
+    /// the caller waits for an ack that will not come and keeps the work.
+    pub fn send(
+        &mut self,
+        kind: ReportKind,
+        root: &str,
+        covers: Vec<u64>,
+        work: Work,
+        error: &str,
+    ) -> u64 {
+        self.seq += 1;
+        let report = Report {
+            version: wire::VERSION,
+            epoch: self.epoch,
+            seq: self.seq,
+            report_id: rand::random::<u64>() | 1,
+            kind,
+            target: self.target.clone(),
+            root: root.to_string(),
+            covers,
+            work,
+            error: error.to_string(),
+            time_us: protocol::now_us(),
+        };
+        let payload = wire::encode(&report);
+        if let Err(e) = self
+            .push
+            .send_multipart([wire::REPORT_TOPIC.as_bytes(), &payload[..]], zmq::DONTWAIT)
+        {
+            tracing::warn!(target = %self.target, error = %e, "cannot queue a report for the retrier");
+        }
+        report.report_id
+    }
+}
+
+fn to_wire(work: &RootWork) -> Work {
+    Work {
+        resyncs: work.resyncs.iter().cloned().collect(),
+        paths: work.paths.keys().cloned().collect(),
+        excludes: Vec::new(),
+    }
+}
+
+fn from_wire(work: &Work) -> RootWork {
+    let mut out = RootWork::default();
+    out.merge(RootWork {
+        resyncs: work.resyncs.iter().cloned().collect(),
+        paths: BTreeMap::new(),
+    });
+    out.merge(RootWork {
+        resyncs: BTreeSet::new(),
+        paths: work
+            .paths
+            .iter()
+            .map(|p| (p.clone(), Touch::default()))
+            .collect(),
+    });
+    out
 }
 
 /// The receiving side: new jobs go straight into the batcher, also while rsync runs.
 struct Intake {
     rx: Receiver<Job>,
     batcher: Batcher,
+    /// Journal jobs whose work is in the batcher, per root.
+    covers: HashMap<String, Vec<u64>>,
+    /// Every journal job this worker holds (batcher or full lane): a job sent again
+    /// by the retrier is not run twice.
+    held: HashSet<u64>,
+    /// The own excludes of a pending cron full sync, per root.
+    cron_excludes: HashMap<String, Vec<String>>,
+    acked: HashSet<u64>,
+    full_done: Vec<Arc<FullDone>>,
+    stopping: bool,
     closed: bool,
 }
 
@@ -88,7 +209,38 @@ impl Intake {
                     self.batcher.push(&root, c);
                 }
             }
-            Job::Resync { root } => self.batcher.resync(&root, PathBytes::root()),
+            Job::Resync { root } => {
+                self.cron_excludes.remove(&*root);
+                self.batcher.resync(&root, PathBytes::root());
+            }
+            Job::Run {
+                root,
+                job_ids,
+                work,
+            } => {
+                let new: Vec<u64> = job_ids
+                    .into_iter()
+                    .filter(|id| !self.held.contains(id))
+                    .collect();
+                if new.is_empty() {
+                    return;
+                }
+                self.held.extend(new.iter().copied());
+                self.covers.entry(root.to_string()).or_default().extend(new);
+                let whole = work.resyncs.iter().any(PathBytes::is_root);
+                if whole && !work.excludes.is_empty() && !self.batcher.has_root_resync(&root) {
+                    self.cron_excludes
+                        .insert(root.to_string(), work.excludes.clone());
+                } else if whole {
+                    self.cron_excludes.remove(&*root);
+                }
+                self.batcher.merge(&root, from_wire(&work));
+            }
+            Job::Ack(id) => {
+                self.acked.insert(id);
+            }
+            Job::FullDone(d) => self.full_done.push(d),
+            Job::Stop => self.stopping = true,
         }
     }
 
@@ -122,211 +274,105 @@ impl Intake {
         }
         self.drain();
     }
+
+    /// Takes the journal jobs covering `root`'s work out of the books.
+    fn take_covers(&mut self, root: &str) -> Vec<u64> {
+        self.covers.remove(root).unwrap_or_default()
+    }
 }
 
-pub struct Worker {
+/// A whole-root resync in the full lane.
+struct FullState {
+    /// What the live lane sent meanwhile: sent again once the full sync is over, since
+    /// the full sync may have copied an older version over it.
+    replay: RootWork,
+    /// Another whole-root resync asked for while this one ran: excludes and covers.
+    again: Option<(Vec<String>, Vec<u64>)>,
+}
+
+/// What the full lane is asked to do.
+struct FullReq {
+    root: String,
+    excludes: Vec<String>,
+    job_ids: Vec<u64>,
+}
+
+/// Runs rsync for one target; one per thread (its rules file is its own).
+struct Runner {
     target: Target,
-    roots: HashMap<String, RootInfo>,
     tmp: tempfile::TempDir,
-    failing: HashMap<String, Failing>,
     control: Arc<Control>,
 }
 
-impl Worker {
-    pub fn new(
+impl Runner {
+    fn new(
         target: Target,
-        roots: HashMap<String, RootInfo>,
         runtime_dir: &Path,
+        lane: &str,
         control: Arc<Control>,
     ) -> std::io::Result<Self> {
         // Private (0700) scratch for rules files, inside the private runtime dir.
         let tmp = tempfile::Builder::new()
-            .prefix(&format!("dispatcher-{}-", target.name))
+            .prefix(&format!("dispatcher-{}-{lane}-", target.name))
             .tempdir_in(runtime_dir)?;
-        Ok(Worker {
+        Ok(Runner {
             target,
-            roots,
             tmp,
-            failing: HashMap::new(),
             control,
         })
     }
 
-    /// Runs until the job channel closes (drain) or the control says abort.
-    pub fn run(mut self, rx: Receiver<Job>) {
-        let name = self.target.name.clone();
-        tracing::info!(target = %name, roots = self.roots.len(), "worker started");
-        let mut intake = Intake {
-            rx,
-            batcher: Batcher::new(),
-            closed: false,
-        };
-        loop {
-            if self.control.abort.load(Ordering::SeqCst) {
-                break;
-            }
-            if intake.closed {
-                // One more pass of everything pending, backoff or not, then stop.
-                if let Some(batch) = intake.batcher.take() {
-                    if !self.control.must_stop() {
-                        self.run_batch(batch, &mut intake);
-                    } else {
-                        for (root, work) in batch.roots {
-                            intake.batcher.merge(&root, work);
-                        }
-                    }
-                }
-                break;
-            }
-            let now = Instant::now();
-            let ready = |r: &str| self.failing.get(r).is_none_or(|f| f.until <= now);
-            if let Some(batch) = intake.batcher.take_where(ready) {
-                self.run_batch(batch, &mut intake);
-                continue;
-            }
-            // Nothing ready: block for work, or until the next retry is due.
-            let next_retry = intake
-                .batcher
-                .pending_roots()
-                .filter_map(|r| self.failing.get(r).map(|f| f.until))
-                .min();
-            intake.wait(next_retry.map(|t| t.saturating_duration_since(now)));
-        }
-        let (paths, resyncs) = intake.batcher.pending_counts();
-        if paths + resyncs > 0 {
-            tracing::warn!(target = %name, paths, resyncs, "worker stopped with work abandoned (a resync at the next start covers it)");
-        } else {
-            tracing::info!(target = %name, "worker stopped");
-        }
-    }
-
-    fn run_batch(&mut self, batch: crate::batch::Batch, intake: &mut Intake) {
-        for (root, work) in batch.roots {
-            if self.control.must_stop() && intake.closed {
-                intake.batcher.merge(&root, work);
-                continue;
-            }
-            let failed = self.sync_root(&root, work, intake);
-            match failed {
-                None => {
-                    if let Some(f) = self.failing.remove(&root) {
-                        tracing::info!(target = %self.target.name, root = %root, attempt = f.attempt, "target recovered");
-                    }
-                }
-                Some((work, result)) => {
-                    let attempt = self.failing.get(&root).map_or(1, |f| f.attempt + 1);
-                    let delay = backoff(attempt, result.outcome, rand::random::<f64>());
-                    let paths = work.paths.len() + work.resyncs.len();
-                    if intake.closed {
-                        tracing::warn!(target = %self.target.name, root = %root, attempt, paths, error = %result.error, "rsync failed during shutdown; its work is abandoned");
-                    } else if result.outcome == Outcome::Fatal {
-                        tracing::error!(target = %self.target.name, root = %root, attempt, paths, error = %result.error, retry_in_s = delay.as_secs(), "rsync failed and will not succeed until something changes; retrying rarely");
-                    } else {
-                        tracing::warn!(target = %self.target.name, root = %root, attempt, paths, error = %result.error, retry_in_ms = delay.as_millis() as u64, "rsync failed; will retry");
-                    }
-                    self.failing.insert(
-                        root.clone(),
-                        Failing {
-                            attempt,
-                            until: Instant::now() + delay,
-                        },
-                    );
-                    intake.batcher.merge(&root, work);
-                }
-            }
-        }
-    }
-
-    /// Brings one root's work to the target. On failure returns what is still owed.
-    fn sync_root(
-        &mut self,
+    /// Compares `subtrees` of `root` in full (`--delete`), leaving out `extra` globs
+    /// too. Regex-excluded paths that went over in a race are deleted again.
+    fn resync(
+        &self,
         root: &str,
-        work: RootWork,
-        intake: &mut Intake,
-    ) -> Option<(RootWork, RunResult)> {
-        let Some(info) = self.roots.get(root) else {
-            // Not bound to this target (cannot happen: jobs are routed by binding).
-            return None;
-        };
-        let src = info.path.clone();
-        // Never rsync from a missing root: `--delete` would wipe the target.
-        match std::fs::metadata(&src) {
-            Ok(m) if m.is_dir() => {}
-            other => {
-                let why = match other {
-                    Ok(_) => "is not a directory".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                return Some((
-                    work,
-                    RunResult {
-                        outcome: Outcome::Retry,
-                        error: format!(
-                            "source root `{}` unusable ({why}); not running rsync, which could delete the mirror",
-                            src.display()
-                        ),
-                    },
-                ));
-            }
-        }
+        info: &RootInfo,
+        subtrees: &[PathBytes],
+        extra: &[String],
+        tick: &mut dyn FnMut(Duration),
+    ) -> RunResult {
+        let src = &info.path;
         let dest = self.target.destination(root);
-        if !work.resyncs.is_empty() {
-            let subtrees = plan::resync_subtrees(&src, &work.resyncs);
-            let excluded = plan::regex_excluded(&info.rules, &src, &subtrees);
-            let excludes = plan::exclude_rules(&info.rules, &excluded);
-            let rules = plan::resync_rules(&excludes, &subtrees);
-            let shown: Vec<String> = subtrees.iter().map(|s| s.to_string()).collect();
-            // A whole root is a lifecycle event; a new directory's subtree is not.
-            let whole = subtrees.iter().any(PathBytes::is_root);
-            if whole {
-                tracing::info!(target = %self.target.name, root, paths = ?shown, "resync started");
-            } else {
-                tracing::debug!(target = %self.target.name, root, paths = ?shown, "subtree resync started");
-            }
-            let started = Instant::now();
-            let result = self.rsync(Mode::Resync, &rules, &src, &dest, b"", intake);
-            let duration_ms = started.elapsed().as_millis() as u64;
-            if result.outcome != Outcome::Success {
-                return Some((work, result));
-            }
-            // A regex-excluded path created between the walk and the run went over:
-            // take it off the target again.
-            let late: Vec<PathBytes> = plan::regex_excluded(&info.rules, &src, &subtrees)
-                .difference(&excluded)
-                .cloned()
-                .collect();
-            if !late.is_empty() {
-                let result = self.delete_on_target(&late, &dest, intake);
-                if result.outcome != Outcome::Success {
-                    return Some((work, result));
-                }
-            }
-            if whole {
-                tracing::info!(target = %self.target.name, root, paths = ?shown, duration_ms, "resync finished");
-            } else {
-                tracing::debug!(target = %self.target.name, root, paths = ?shown, duration_ms, "subtree resync finished");
-            }
+        let subtrees = plan::resync_subtrees(src, subtrees);
+        let excluded = plan::regex_excluded(&info.rules, src, &subtrees);
+        let mut excludes = plan::exclude_rules(&info.rules, &excluded);
+        for g in extra {
+            excludes.extend_from_slice(b"- ");
+            excludes.extend_from_slice(g.as_bytes());
+            excludes.push(0);
         }
-        if !work.paths.is_empty() {
-            let entries = plan::incremental_entries(&src, &work.paths);
-            // Nothing is sent whole here (new directories are subtree resyncs), so
-            // the globs are all the rules an incremental run needs.
-            let rules = plan::exclude_rules(&info.rules, &Default::default());
-            let list = plan::files_from(&entries);
-            let started = Instant::now();
-            let mode = Mode::Incremental;
-            let result = self.rsync(mode, &rules, &src, &dest, &list, intake);
-            let duration_ms = started.elapsed().as_millis() as u64;
-            if result.outcome != Outcome::Success {
-                let rest = RootWork {
-                    resyncs: Default::default(),
-                    paths: work.paths,
-                };
-                return Some((rest, result));
-            }
-            tracing::debug!(target = %self.target.name, root, paths = entries.len(), duration_ms, "batch sent");
+        let rules = plan::resync_rules(&excludes, &subtrees);
+        let result = self.rsync(Mode::Resync, &rules, src, &dest, b"", tick);
+        if result.outcome != Outcome::Success {
+            return result;
         }
-        None
+        // A regex-excluded path created between the walk and the run went over:
+        // take it off the target again.
+        let late: Vec<PathBytes> = plan::regex_excluded(&info.rules, src, &subtrees)
+            .difference(&excluded)
+            .cloned()
+            .collect();
+        if !late.is_empty() {
+            return self.delete_on_target(&late, &dest, tick);
+        }
+        result
+    }
+
+    fn incremental(
+        &self,
+        root: &str,
+        info: &RootInfo,
+        paths: &BTreeMap<PathBytes, Touch>,
+        tick: &mut dyn FnMut(Duration),
+    ) -> RunResult {
+        let entries = plan::incremental_entries(&info.path, paths);
+        // Nothing is sent whole here (new directories are subtree resyncs), so the
+        // globs are all the rules an incremental run needs.
+        let rules = plan::exclude_rules(&info.rules, &Default::default());
+        let list = plan::files_from(&entries);
+        let dest = self.target.destination(root);
+        self.rsync(Mode::Incremental, &rules, &info.path, &dest, &list, tick)
     }
 
     fn rsync(
@@ -336,7 +382,7 @@ impl Worker {
         src: &Path,
         dest: &str,
         stdin: &[u8],
-        intake: &mut Intake,
+        tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
         let rules_file = if rules.is_empty() {
             None
@@ -364,13 +410,18 @@ impl Worker {
         let control = self.control.clone();
         let idle = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
         command::run(&command::rsync_program(), &args, stdin, idle, |wait| {
-            intake.wait(Some(wait));
+            tick(wait);
             control.must_stop()
         })
     }
 
     /// Deletes `paths` (root-relative) on the target, whatever the source holds.
-    fn delete_on_target(&self, paths: &[PathBytes], dest: &str, intake: &mut Intake) -> RunResult {
+    fn delete_on_target(
+        &self,
+        paths: &[PathBytes],
+        dest: &str,
+        tick: &mut dyn FnMut(Duration),
+    ) -> RunResult {
         let scratch = tempfile::tempdir_in(self.tmp.path()).and_then(|d| {
             for p in paths {
                 if let Some(parent) = p.parent() {
@@ -399,7 +450,7 @@ impl Worker {
             scratch.path(),
             dest,
             &plan::files_from(&entries),
-            intake,
+            tick,
         )
     }
 
@@ -413,6 +464,463 @@ impl Worker {
             .open(&path)?;
         f.write_all(rules)?;
         Ok(path)
+    }
+}
+
+/// Never rsync from a missing root: `--delete` would wipe the target.
+fn check_source(src: &Path) -> Result<(), RunResult> {
+    match std::fs::metadata(src) {
+        Ok(m) if m.is_dir() => Ok(()),
+        other => {
+            let why = match other {
+                Ok(_) => "is not a directory".to_string(),
+                Err(e) => e.to_string(),
+            };
+            Err(RunResult {
+                outcome: Outcome::Retry,
+                error: format!(
+                    "source root `{}` unusable ({why}); not running rsync, which could delete the mirror",
+                    src.display()
+                ),
+            })
+        }
+    }
+}
+
+/// The full lane: whole-root resyncs, one at a time, beside the live lane.
+fn full_lane(
+    runner: Runner,
+    roots: HashMap<String, RootInfo>,
+    rx: Receiver<FullReq>,
+    tx: Sender<Job>,
+) {
+    let name = runner.target.name.clone();
+    for req in rx {
+        let Some(info) = roots.get(&req.root) else {
+            continue;
+        };
+        let started = Instant::now();
+        tracing::info!(target = %name, root = %req.root, excludes = ?req.excludes, "full sync started (live changes keep flowing)");
+        let result = match check_source(&info.path) {
+            Err(r) => r,
+            Ok(()) => {
+                let mut next_report = started + PROGRESS_EVERY;
+                let mut tick = |wait: Duration| {
+                    std::thread::sleep(wait);
+                    if Instant::now() >= next_report {
+                        next_report += PROGRESS_EVERY;
+                        tracing::info!(target = %name, root = %req.root, elapsed_s = started.elapsed().as_secs(), "full sync in progress");
+                    }
+                };
+                runner.resync(
+                    &req.root,
+                    info,
+                    &[PathBytes::root()],
+                    &req.excludes,
+                    &mut tick,
+                )
+            }
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        if result.outcome == Outcome::Success {
+            tracing::info!(target = %name, root = %req.root, duration_ms, "full sync finished");
+        } else {
+            tracing::warn!(target = %name, root = %req.root, duration_ms, error = %result.error, "full sync failed");
+        }
+        let done = FullDone {
+            root: req.root,
+            excludes: req.excludes,
+            job_ids: req.job_ids,
+            result,
+        };
+        if tx.send(Job::FullDone(Arc::new(done))).is_err() {
+            break;
+        }
+    }
+}
+
+pub struct Worker {
+    target: Target,
+    roots: HashMap<String, RootInfo>,
+    live: Runner,
+    full_tx: Option<Sender<FullReq>>,
+    full_thread: Option<std::thread::JoinHandle<()>>,
+    full: HashMap<String, FullState>,
+    failing: HashMap<String, Failing>,
+    reporter: Reporter,
+    control: Arc<Control>,
+}
+
+impl Worker {
+    /// `tx` is the sending side of the worker's own job channel (the full lane reports
+    /// through it).
+    pub fn new(
+        target: Target,
+        roots: HashMap<String, RootInfo>,
+        runtime_dir: &Path,
+        control: Arc<Control>,
+        reporter: Reporter,
+        tx: Sender<Job>,
+    ) -> std::io::Result<Self> {
+        let live = Runner::new(target.clone(), runtime_dir, "live", control.clone())?;
+        let full = Runner::new(target.clone(), runtime_dir, "full", control.clone())?;
+        let (full_tx, full_rx) = std::sync::mpsc::channel();
+        let full_roots = roots.clone();
+        let full_thread = std::thread::Builder::new()
+            .name(format!("full-{}", target.name))
+            .spawn(move || full_lane(full, full_roots, full_rx, tx))?;
+        Ok(Worker {
+            target,
+            roots,
+            live,
+            full_tx: Some(full_tx),
+            full_thread: Some(full_thread),
+            full: HashMap::new(),
+            failing: HashMap::new(),
+            reporter,
+            control,
+        })
+    }
+
+    /// Runs until told to stop (drain) or the control says abort.
+    pub fn run(mut self, rx: Receiver<Job>) {
+        let name = self.target.name.clone();
+        tracing::info!(target = %name, roots = self.roots.len(), "worker started");
+        let mut intake = Intake {
+            rx,
+            batcher: Batcher::new(),
+            covers: HashMap::new(),
+            held: HashSet::new(),
+            cron_excludes: HashMap::new(),
+            acked: HashSet::new(),
+            full_done: Vec::new(),
+            stopping: false,
+            closed: false,
+        };
+        loop {
+            for done in std::mem::take(&mut intake.full_done) {
+                self.full_finished(&done, &mut intake);
+            }
+            if self.control.abort.load(Ordering::SeqCst) {
+                break;
+            }
+            if intake.stopping || intake.closed {
+                // One more pass of everything pending unless the grace is over; then
+                // wait for the full lane (killed at the deadline) and hand over the rest.
+                if !self.control.must_stop() {
+                    if let Some(batch) = intake.batcher.take() {
+                        self.run_batch(batch, &mut intake);
+                    }
+                }
+                if !self.full.is_empty() {
+                    intake.wait(Some(Duration::from_millis(50)));
+                    continue;
+                }
+                break;
+            }
+            let now = Instant::now();
+            let ready = |r: &str| {
+                self.failing
+                    .get(r)
+                    .and_then(|f| f.until)
+                    .is_none_or(|t| t <= now)
+            };
+            if let Some(batch) = intake.batcher.take_where(ready) {
+                self.run_batch(batch, &mut intake);
+                continue;
+            }
+            // Nothing ready: block for work, or until the next local retry is due.
+            let next_retry = intake
+                .batcher
+                .pending_roots()
+                .filter_map(|r| self.failing.get(r).and_then(|f| f.until))
+                .min();
+            intake.wait(next_retry.map(|t| t.saturating_duration_since(now)));
+        }
+        // Whatever is left goes to the journal, untried, so a restart resumes it.
+        let mut left = 0;
+        if let Some(batch) = intake.batcher.take() {
+            for (root, work) in batch.roots {
+                let covers = intake.take_covers(&root);
+                left += work.paths.len() + work.resyncs.len();
+                if !self.hand_over(&root, &work, Vec::new(), covers, "", &mut intake) {
+                    tracing::warn!(target = %name, root = %root, paths = work.paths.len(), resyncs = work.resyncs.len(), "work not handed over at shutdown (the retrier did not answer); a resync at the next start covers it");
+                }
+            }
+        }
+        drop(self.full_tx.take());
+        if let Some(t) = self.full_thread.take() {
+            if !self.control.abort.load(Ordering::SeqCst) {
+                let _ = t.join();
+            }
+        }
+        tracing::info!(target = %name, handed_over = left, "worker stopped");
+    }
+
+    fn run_batch(&mut self, batch: crate::batch::Batch, intake: &mut Intake) {
+        for (root, work) in batch.roots {
+            let covers = intake.take_covers(&root);
+            let owned_by_retrier = self.failing.get(&root).is_some_and(|f| f.until.is_none());
+            if owned_by_retrier && covers.is_empty() {
+                // The target is failing and the retrier decides when to try again:
+                // new work joins its journal untried (no rsync storm during an outage).
+                let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
+                if !self.hand_over(&root, &work, excludes, Vec::new(), "", intake) {
+                    self.keep(&root, work, Vec::new(), intake, Outcome::Retry);
+                }
+                continue;
+            }
+            if work.resyncs.contains(&PathBytes::root()) {
+                // A whole-root resync absorbed everything else of the root.
+                let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
+                self.start_full(&root, excludes, covers);
+                continue;
+            }
+            let sent = work.clone();
+            match self.sync_root(&root, work, intake) {
+                None => {
+                    if !covers.is_empty() {
+                        for id in &covers {
+                            intake.held.remove(id);
+                        }
+                        self.reporter.send(
+                            ReportKind::Delivered,
+                            &root,
+                            covers,
+                            Work::default(),
+                            "",
+                        );
+                    }
+                    if let Some(f) = self.failing.remove(&root) {
+                        tracing::info!(target = %self.target.name, root = %root, attempt = f.attempt, "target recovered");
+                    }
+                    if let Some(full) = self.full.get_mut(&root) {
+                        full.replay.merge(sent);
+                    }
+                }
+                Some((rest, result)) => {
+                    tracing::debug!(target = %self.target.name, root = %root, error = %result.error, "rsync failed; handing the work to the retrier");
+                    if self.hand_over(
+                        &root,
+                        &rest,
+                        Vec::new(),
+                        covers.clone(),
+                        &result.error,
+                        intake,
+                    ) {
+                        let attempt = self.failing.get(&root).map_or(1, |f| f.attempt + 1);
+                        self.failing.insert(
+                            root,
+                            Failing {
+                                attempt,
+                                until: None,
+                            },
+                        );
+                    } else {
+                        tracing::warn!(target = %self.target.name, root = %root, error = %result.error, "rsync failed and the retrier did not answer; retrying from memory");
+                        self.keep(&root, rest, covers, intake, result.outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps failed work in memory with a local backoff (the retrier is unreachable).
+    fn keep(
+        &mut self,
+        root: &str,
+        work: RootWork,
+        covers: Vec<u64>,
+        intake: &mut Intake,
+        outcome: Outcome,
+    ) {
+        let attempt = self.failing.get(root).map_or(1, |f| f.attempt + 1);
+        let delay = backoff(attempt, outcome, rand::random::<f64>());
+        self.failing.insert(
+            root.to_string(),
+            Failing {
+                attempt,
+                until: Some(Instant::now() + delay),
+            },
+        );
+        intake
+            .covers
+            .entry(root.to_string())
+            .or_default()
+            .extend(covers);
+        intake.batcher.merge(root, work);
+    }
+
+    /// Hands `work` to the retrier's journal and waits for the ack. `false` when the
+    /// retrier did not answer in time: the caller keeps the work.
+    fn hand_over(
+        &mut self,
+        root: &str,
+        work: &RootWork,
+        excludes: Vec<String>,
+        covers: Vec<u64>,
+        error: &str,
+        intake: &mut Intake,
+    ) -> bool {
+        let mut w = to_wire(work);
+        w.excludes = excludes;
+        if w.is_empty() && covers.is_empty() {
+            return true;
+        }
+        let id = self
+            .reporter
+            .send(ReportKind::Failed, root, covers.clone(), w, error);
+        let deadline = Instant::now() + ACK_WAIT;
+        loop {
+            if intake.acked.remove(&id) {
+                for c in &covers {
+                    intake.held.remove(c);
+                }
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.control.abort.load(Ordering::SeqCst) {
+                return false;
+            }
+            intake.wait(Some(deadline - now));
+        }
+    }
+
+    fn start_full(&mut self, root: &str, excludes: Vec<String>, covers: Vec<u64>) {
+        if let Some(running) = self.full.get_mut(root) {
+            // This request may have come after the running sync passed the part that
+            // was lost: run once more when it is over. Live work keeps flowing.
+            let again = running
+                .again
+                .get_or_insert_with(|| (excludes.clone(), Vec::new()));
+            if again.0 != excludes {
+                again.0 = Vec::new(); // a plain resync wins over a cron one's excludes
+            }
+            again.1.extend(covers);
+            return;
+        }
+        let Some(tx) = &self.full_tx else { return };
+        let req = FullReq {
+            root: root.to_string(),
+            excludes,
+            job_ids: covers,
+        };
+        if tx.send(req).is_ok() {
+            self.full.insert(
+                root.to_string(),
+                FullState {
+                    replay: RootWork::default(),
+                    again: None,
+                },
+            );
+        }
+    }
+
+    fn full_finished(&mut self, done: &FullDone, intake: &mut Intake) {
+        let state = self.full.remove(&done.root);
+        if done.result.outcome == Outcome::Success {
+            if !done.job_ids.is_empty() {
+                for id in &done.job_ids {
+                    intake.held.remove(id);
+                }
+                self.reporter.send(
+                    ReportKind::Delivered,
+                    &done.root,
+                    done.job_ids.clone(),
+                    Work::default(),
+                    "",
+                );
+            }
+            if self.failing.get(&done.root).is_some_and(|f| f.attempt > 0) {
+                tracing::info!(target = %self.target.name, root = %done.root, "target recovered");
+            }
+            self.failing.remove(&done.root);
+        } else {
+            let mut whole = RootWork::default();
+            whole.resync(PathBytes::root());
+            if self.hand_over(
+                &done.root,
+                &whole,
+                done.excludes.clone(),
+                done.job_ids.clone(),
+                &done.result.error,
+                intake,
+            ) {
+                let attempt = self.failing.get(&done.root).map_or(1, |f| f.attempt + 1);
+                self.failing.insert(
+                    done.root.clone(),
+                    Failing {
+                        attempt,
+                        until: None,
+                    },
+                );
+            } else {
+                self.keep(
+                    &done.root,
+                    whole,
+                    done.job_ids.clone(),
+                    intake,
+                    done.result.outcome,
+                );
+            }
+        }
+        let Some(state) = state else { return };
+        // Sent during the full sync: send again, the full sync may have overtaken it.
+        if !state.replay.is_empty() {
+            intake.batcher.merge(&done.root, state.replay);
+        }
+        if let Some((excludes, covers)) = state.again {
+            if !excludes.is_empty() {
+                intake.cron_excludes.insert(done.root.clone(), excludes);
+            }
+            intake
+                .covers
+                .entry(done.root.clone())
+                .or_default()
+                .extend(covers);
+            intake.batcher.resync(&done.root, PathBytes::root());
+        }
+    }
+
+    /// Brings one root's work (no whole-root resync) to the target. On failure returns
+    /// what is still owed.
+    fn sync_root(
+        &mut self,
+        root: &str,
+        work: RootWork,
+        intake: &mut Intake,
+    ) -> Option<(RootWork, RunResult)> {
+        let Some(info) = self.roots.get(root) else {
+            // Not bound to this target (cannot happen: jobs are routed by binding).
+            return None;
+        };
+        if let Err(r) = check_source(&info.path) {
+            return Some((work, r));
+        }
+        let mut tick = |wait: Duration| intake.wait(Some(wait));
+        if !work.resyncs.is_empty() {
+            let subtrees: Vec<PathBytes> = work.resyncs.iter().cloned().collect();
+            let started = Instant::now();
+            tracing::debug!(target = %self.target.name, root, paths = ?subtrees.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "subtree resync started");
+            let result = self.live.resync(root, info, &subtrees, &[], &mut tick);
+            if result.outcome != Outcome::Success {
+                return Some((work, result));
+            }
+            tracing::debug!(target = %self.target.name, root, duration_ms = started.elapsed().as_millis() as u64, "subtree resync finished");
+        }
+        if !work.paths.is_empty() {
+            let started = Instant::now();
+            let result = self.live.incremental(root, info, &work.paths, &mut tick);
+            if result.outcome != Outcome::Success {
+                let rest = RootWork {
+                    resyncs: Default::default(),
+                    paths: work.paths,
+                };
+                return Some((rest, result));
+            }
+            tracing::debug!(target = %self.target.name, root, paths = work.paths.len(), duration_ms = started.elapsed().as_millis() as u64, "batch sent");
+        }
+        None
     }
 }
 

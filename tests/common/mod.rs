@@ -34,7 +34,7 @@ impl Mirror {
         let mut daemons = Vec::new();
         let mut dsts = Vec::new();
         let mut text = format!(
-            "[bus]\nruntime_dir = \"run\"\n\n[[root]]\nname = \"r\"\npath = \"src\"\n{root_extra}\n"
+            "[bus]\nruntime_dir = \"run\"\n\n[retry]\nstate_dir = \"state\"\n\n[[root]]\nname = \"r\"\npath = \"src\"\n{root_extra}\n"
         );
         for i in 0..targets {
             let dst = dir.path().join(format!("dst{i}"));
@@ -113,4 +113,21 @@ impl Mirror {
     pub fn s(&self, rel: &str) -> PathBuf {
         self.src.join(rel)
     }
+}
+
+/// The pid of the newest start of `stage` in a supervisor log.
+pub fn stage_pid(log: &str, stage: &str) -> i32 {
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("stage started") && l.contains(&format!("stage=\"{stage}\"")))
+        .filter_map(|l| {
+            l.split("pid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no start of {stage} in log:\n{log}"))
 }

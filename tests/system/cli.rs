@@ -4,7 +4,7 @@ use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{bin, Mirror};
+use crate::{bin, stage_pid, Mirror};
 
 #[test]
 fn check_config_names_file_line_and_key_and_exits_64() {
@@ -149,23 +149,6 @@ fn check_config(file: &std::path::Path) -> std::process::Output {
         .arg(file)
         .output()
         .unwrap()
-}
-
-/// The pid of the newest start of `stage` in a supervisor log.
-fn stage_pid(log: &str, stage: &str) -> i32 {
-    log.lines()
-        .rev()
-        .filter(|l| l.contains("stage started") && l.contains(&format!("stage=\"{stage}\"")))
-        .filter_map(|l| {
-            l.split("pid=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .next()
-        .unwrap_or_else(|| panic!("no start of {stage} in log:\n{log}"))
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 mod cli;
 mod mirror;
+mod reliability;
 
 #[path = "../common/mod.rs"]
 mod common;

@@ -1,0 +1,144 @@
+//! Nothing lost (issue #3): a target that goes down, stages killed with SIGKILL, the
+//! whole `syncbus run` killed with work pending, a subscriber that never reads.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use testkit::eventually;
+
+use crate::{stage_pid, Mirror, CONVERGE};
+
+/// Writes `n` files per round into `dir` for `rounds` rounds of `pace` each: a steady
+/// stream of changes, not a race to hide.
+fn write_stream(dir: &std::path::Path, tag: &str, rounds: usize, n: usize, pace: Duration) {
+    fs::create_dir_all(dir).unwrap();
+    for r in 0..rounds {
+        for i in 0..n {
+            fs::write(
+                dir.join(format!("{tag}-{r:03}-{i}")),
+                format!("{tag} {r} {i}\n").repeat(i + 1),
+            )
+            .unwrap();
+        }
+        std::thread::sleep(pace);
+    }
+}
+
+fn count(log: &str, what: &str) -> usize {
+    log.lines().filter(|l| l.contains(what)).count()
+}
+
+#[test]
+fn a_target_down_for_30s_during_a_burst_converges_soon_after_its_return_without_a_retry_storm() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    m.daemons[0].kill();
+    let before = count(&m.log(), "delivery failed");
+    // 30 s of writes while the target is down.
+    write_stream(&m.s("outage"), "o", 60, 20, Duration::from_millis(500));
+    fs::remove_file(m.s("outage/o-000-0")).unwrap();
+    let attempts = count(&m.log(), "delivery failed") - before;
+    m.daemons[0].restart();
+    let back = Instant::now();
+    m.converge();
+    // Backoff, not a storm: 1, 2, 4, 8, 16 s… gives about six tries in 30 s.
+    assert!(
+        (1..=12).contains(&attempts),
+        "{attempts} rsync attempts during the outage:\n{}",
+        m.log()
+    );
+    // The probe notices the return within a second or two; without it the backoff
+    // (up to 60 s here) would decide. Generous against noise, far below the backoff.
+    assert!(
+        back.elapsed() < Duration::from_secs(20),
+        "converged {:?} after the target returned:\n{}",
+        back.elapsed(),
+        m.log()
+    );
+}
+
+#[test]
+fn kill_9_of_each_stage_during_a_burst_loses_nothing() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    for stage in ["watcher", "filter", "dispatcher", "retrier"] {
+        let dir = m.s(stage);
+        let writer = std::thread::spawn(move || {
+            write_stream(&dir, "k", 20, 25, Duration::from_millis(50));
+        });
+        std::thread::sleep(Duration::from_millis(300)); // mid-burst, not a wait for a condition
+        let pid = stage_pid(&m.log(), stage);
+        // SAFETY: kill(2) with a pid read from our child's log.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        writer.join().unwrap();
+        eventually(&format!("{stage} restarted"), CONVERGE, || {
+            (stage_pid(&m.log(), stage) != pid).then_some(())
+        });
+        m.converge();
+    }
+}
+
+#[test]
+fn a_killed_syncbus_run_resumes_pending_work_from_the_journal() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    m.daemons[0].kill();
+    fs::write(m.s("pending-1"), "written while the target was down").unwrap();
+    fs::create_dir(m.s("pending-dir")).unwrap();
+    fs::write(m.s("pending-dir/inner"), "inner").unwrap();
+    // The retrier's fail log mirrors its journal: wait until both are in it.
+    let fail_log = m.dir.path().join("state/rsync_fail_log.sh");
+    eventually("pending work in the journal", CONVERGE, || {
+        let text = fs::read(&fail_log).ok()?;
+        let has = |s: &[u8]| text.windows(s.len()).any(|w| w == s);
+        (has(b"pending-1") && has(b"pending-dir")).then_some(())
+    });
+    // A crash of everything at once: every stage and the supervisor, SIGKILL.
+    let log = m.log();
+    let mut pids = vec![m.proc.as_ref().unwrap().pid()];
+    for stage in ["watcher", "filter", "dispatcher", "retrier"] {
+        pids.push(stage_pid(&log, stage));
+    }
+    for pid in pids {
+        // SAFETY: kill(2) with pids of our child and its children.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    m.proc.as_mut().unwrap().wait_exit(CONVERGE);
+    m.daemons[0].restart();
+    m.start();
+    eventually("the journal resumed", CONVERGE, || {
+        m.log()
+            .contains("resuming pending jobs from the journal")
+            .then_some(())
+    });
+    m.converge();
+}
+
+#[test]
+fn a_subscriber_that_never_reads_neither_stops_the_mirror_nor_grows_a_stage() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    let ctx = zmq::Context::new();
+    let stalled = ctx.socket(zmq::SUB).unwrap();
+    stalled.set_rcvhwm(10).unwrap();
+    stalled.set_subscribe(b"").unwrap();
+    let endpoint = format!("ipc://{}", m.dir.path().join("run/changes.sock").display());
+    stalled.connect(&endpoint).unwrap();
+    for round in 0..4 {
+        write_stream(&m.s(&format!("s{round}")), "s", 10, 100, Duration::ZERO);
+        m.converge();
+    }
+    // Every stage's resident memory stays small although the subscriber read nothing.
+    let log = m.log();
+    for stage in ["watcher", "filter", "dispatcher", "retrier"] {
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", stage_pid(&log, stage))).unwrap();
+        let rss_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        assert!(rss_kb < 100 * 1024, "{stage} peaked at {rss_kb} KiB");
+    }
+    drop(stalled);
+}
