@@ -59,6 +59,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Run the scheduler stage alone: `syncbus scheduler --config FILE`.
+    #[command(disable_help_flag = true)]
+    Scheduler {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Run the dispatcher stage alone: `syncbus dispatcher --config FILE [--target NAME]…`.
     #[command(disable_help_flag = true)]
     Dispatcher {
@@ -91,6 +97,9 @@ fn main() -> ExitCode {
         }
         Cmd::Retrier { args } => {
             protocol::stage::stage_main("retrier", args, |c, _, s| retrier::run(c, s))
+        }
+        Cmd::Scheduler { args } => {
+            protocol::stage::stage_main("scheduler", args, |c, _, s| scheduler::run(c, s))
         }
         Cmd::Dispatcher { args } => protocol::stage::stage_main("dispatcher", args, |c, a, s| {
             dispatcher::run(c, &a.targets, s)

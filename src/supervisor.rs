@@ -25,8 +25,9 @@ use protocol::stage::EXIT_ENVIRONMENT;
 /// Start order: the binders first (the retrier binds the report and job sockets, the
 /// filter the raw and change sockets), the watcher last. Stop order follows the data
 /// flow: watcher, filter, dispatcher (which hands what is left to the retrier), retrier.
-const START_ORDER: [&str; 4] = ["retrier", "filter", "dispatcher", "watcher"];
-const STOP_ORDER: [(&str, Duration); 4] = [
+const START_ORDER: [&str; 5] = ["retrier", "filter", "dispatcher", "watcher", "scheduler"];
+const STOP_ORDER: [(&str, Duration); 5] = [
+    ("scheduler", Duration::from_secs(5)),
     ("watcher", Duration::from_secs(5)),
     ("filter", Duration::from_secs(5)),
     // The dispatcher's own drain grace is 10 s; give it room to finish.
