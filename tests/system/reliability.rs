@@ -142,3 +142,28 @@ fn a_subscriber_that_never_reads_neither_stops_the_mirror_nor_grows_a_stage() {
     }
     drop(stalled);
 }
+
+#[test]
+fn a_cron_full_sync_repairs_a_target_changed_behind_our_back_and_keeps_its_excludes() {
+    let mut m = Mirror::new(
+        1,
+        "\n[[schedule]]\ncron = \"* * * * *\"\nexclude_glob = [\"*.cronskip\"]\n",
+    );
+    fs::write(m.s("keep"), "k").unwrap();
+    m.start().wait_ready();
+    m.converge();
+    let dst = m.dsts[0].clone();
+    // Someone edits the target directly: a file lost, a stray one added.
+    fs::remove_file(dst.join("keep")).unwrap();
+    fs::write(dst.join("stray"), "s").unwrap();
+    fs::write(dst.join("stray.cronskip"), "excluded from the cron sync").unwrap();
+    // A `* * * * *` schedule fires within a minute.
+    eventually("the cron full sync repaired the target", Duration::from_secs(90), || {
+        (dst.join("keep").exists() && !dst.join("stray").exists()).then_some(())
+    });
+    assert!(m.log().contains("cron full sync requested"), "{}", m.log());
+    assert!(
+        dst.join("stray.cronskip").exists(),
+        "the schedule's own exclude was not applied"
+    );
+}
