@@ -124,6 +124,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     );
     let mut sup = Supervisor {
         exe,
+        loaded: read_sections(&file),
         file,
         log_json: args.log_json,
         stages: START_ORDER
@@ -327,9 +328,32 @@ fn lock(dir: &Path) -> Result<File, String> {
     Ok(f)
 }
 
+/// The config sections each stage reads: a SIGHUP restarts only the stages whose
+/// sections changed.
+fn stage_sections(stage: &str) -> &'static [&'static str] {
+    match stage {
+        "watcher" | "filter" => &["bus", "root"],
+        "dispatcher" => &["bus", "root", "target"],
+        "retrier" => &["bus", "root", "target", "retry"],
+        "scheduler" => &["bus", "root", "schedule"],
+        _ => &["bus", "root", "target", "retry", "schedule"],
+    }
+}
+
+/// The config file's top-level tables as written (empty when unreadable: every stage
+/// then counts as changed).
+fn read_sections(file: &Path) -> toml::Table {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| toml::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
 struct Supervisor {
     exe: PathBuf,
     file: PathBuf,
+    /// The sections of the config the running stages were started with.
+    loaded: toml::Table,
     log_json: bool,
     stages: Vec<Stage>,
 }
@@ -451,7 +475,12 @@ impl Supervisor {
     }
 
     fn stop_all(&mut self, shutdown: &Shutdown) {
-        for (name, grace) in STOP_ORDER {
+        self.stop(shutdown, &START_ORDER);
+    }
+
+    /// Stops the named stages in data-flow order.
+    fn stop(&mut self, shutdown: &Shutdown, which: &[&str]) {
+        for (name, grace) in STOP_ORDER.into_iter().filter(|(n, _)| which.contains(n)) {
             let Some(s) = self.stages.iter_mut().find(|s| s.name == name) else {
                 continue;
             };
@@ -477,21 +506,35 @@ impl Supervisor {
         }
     }
 
-    /// SIGHUP: a valid new config restarts the stages with it (each resyncs on start, so
-    /// nothing is lost); an invalid one is reported and the running pipeline kept.
+    /// SIGHUP: a valid new config restarts the stages whose sections changed, upstream
+    /// first (a restarted watcher or filter means a resync; the journal keeps what is
+    /// pending); an invalid one is reported and the running pipeline kept.
     fn reload(&mut self, shutdown: &Shutdown) {
-        match Config::load(&self.file) {
-            Err(errors) => {
-                tracing::error!(errors = %errors, "SIGHUP: new config is invalid; keeping the running one");
-            }
-            Ok(_) => {
-                tracing::info!("SIGHUP: config valid; restarting the stages with it");
-                self.stop_all(shutdown);
-                for s in &mut self.stages {
-                    s.next_start = Some(Instant::now());
-                    s.backoff = BACKOFF_MIN;
-                }
-            }
+        if let Err(errors) = Config::load(&self.file) {
+            tracing::error!(errors = %errors, "SIGHUP: new config is invalid; keeping the running one");
+            return;
+        }
+        let new = read_sections(&self.file);
+        let changed: Vec<&'static str> = self
+            .stages
+            .iter()
+            .map(|s| s.name)
+            .filter(|name| {
+                stage_sections(name)
+                    .iter()
+                    .any(|sec| self.loaded.get(*sec) != new.get(*sec))
+            })
+            .collect();
+        self.loaded = new;
+        if changed.is_empty() {
+            tracing::info!("SIGHUP: config valid and unchanged; nothing restarted");
+            return;
+        }
+        tracing::info!(stages = ?changed, "SIGHUP: config valid; restarting the stages it changes");
+        self.stop(shutdown, &changed);
+        for s in self.stages.iter_mut().filter(|s| changed.contains(&s.name)) {
+            s.next_start = Some(Instant::now());
+            s.backoff = BACKOFF_MIN;
         }
     }
 }

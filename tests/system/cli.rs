@@ -219,3 +219,43 @@ fn the_stages_run_alone_as_separate_units_would_run_them() {
         std::panic::resume_unwind(e);
     }
 }
+
+#[test]
+fn sighup_with_only_retry_settings_changed_restarts_the_retrier_alone_and_keeps_pending_work() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    m.daemons[0].kill();
+    fs::write(m.s("pending"), "owed while the target is down").unwrap();
+    let fail_log = m.dir.path().join("state/rsync_fail_log.sh");
+    testkit::eventually("pending work in the journal", crate::CONVERGE, || {
+        let text = fs::read_to_string(&fail_log).ok()?;
+        text.contains("pending").then_some(())
+    });
+    let before: Vec<i32> = ["watcher", "filter", "dispatcher"]
+        .iter()
+        .map(|s| stage_pid(&m.log(), s))
+        .collect();
+    let retrier = stage_pid(&m.log(), "retrier");
+    let good = fs::read_to_string(&m.config).unwrap();
+    let tuned = good.replace("[retry]\n", "[retry]\nmax_s = 30\n");
+    assert_ne!(tuned, good);
+    fs::write(&m.config, tuned).unwrap();
+    m.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    testkit::eventually("the retrier restarted", crate::CONVERGE, || {
+        (stage_pid(&m.log(), "retrier") != retrier).then_some(())
+    });
+    m.daemons[0].restart();
+    m.converge();
+    let after: Vec<i32> = ["watcher", "filter", "dispatcher"]
+        .iter()
+        .map(|s| stage_pid(&m.log(), s))
+        .collect();
+    // The stages whose restart means a resync (their loss detection) kept running, so
+    // the reload itself asked for none; the pending file came from the journal.
+    assert_eq!(
+        before,
+        after,
+        "only the retrier should restart:\n{}",
+        m.log()
+    );
+}

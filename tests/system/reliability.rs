@@ -158,9 +158,11 @@ fn a_cron_full_sync_repairs_a_target_changed_behind_our_back_and_keeps_its_exclu
     fs::write(dst.join("stray"), "s").unwrap();
     fs::write(dst.join("stray.cronskip"), "excluded from the cron sync").unwrap();
     // A `* * * * *` schedule fires within a minute.
-    eventually("the cron full sync repaired the target", Duration::from_secs(90), || {
-        (dst.join("keep").exists() && !dst.join("stray").exists()).then_some(())
-    });
+    eventually(
+        "the cron full sync repaired the target",
+        Duration::from_secs(90),
+        || (dst.join("keep").exists() && !dst.join("stray").exists()).then_some(()),
+    );
     assert!(m.log().contains("cron full sync requested"), "{}", m.log());
     assert!(
         dst.join("stray.cronskip").exists(),
