@@ -2,7 +2,9 @@
 //! per target.
 //!
 //! **In:** `ChangeBatch`es on the `changes` SUB socket (one topic per root, heartbeats
-//! included). **Out:** rsync processes, one per root per batch per target
+//! included); the retrier's `JobMsg`s on the `jobs` SUB socket (acks, journal jobs to
+//! run). **Out:** `Report`s to the retrier (failed work, delivered jobs, `ready`); rsync
+//! processes, one per root per batch per target
 //! (`--files-from=- --from0` for touched paths, `--delete` with a filter for resyncs of
 //! a root, and of every directory that appeared whole).
 //!
@@ -20,17 +22,24 @@
 //!   to it. The first heartbeat after start is how the initial sync happens.
 //! - Never one rsync per file: a worker runs at most one incremental and one resync
 //!   rsync per root per batch.
-//! - Nothing is dropped silently: failed work stays in the worker, merged with new
-//!   work, and is retried with backoff; at shutdown what is left is counted at WARN.
+//! - Nothing acknowledged is forgotten: failed work goes to the retrier's journal and
+//!   stays in the worker until the retrier acknowledges it (else the worker retries it
+//!   from memory with backoff); at shutdown what is left is handed over the same way.
+//! - While a target is failing, new work goes to the journal untried: the retrier's
+//!   `run` jobs are the only tries, so an outage costs no rsync storm.
+//! - Whole-root resyncs run in the full lane, never in front of live changes; what the
+//!   live lane sent meanwhile is sent again afterwards.
 //! - rsync never runs from a missing source root (`--delete` would wipe the mirror).
 //! - File names reach rsync as bytes on stdin, `./`-prefixed and NUL-separated; no
 //!   shell anywhere ([`command`] is the only place that spawns processes).
 //!
 //! # Known problems
-//! - Failed work is kept in memory only until the durable retrier exists; a restart
-//!   loses it, but the restart itself triggers a full resync of every root.
-//! - Backoff is per (target, root); a target that is down for all roots is probed once
-//!   per root.
+//! - Work queued in a worker but neither run nor handed over is lost when the process
+//!   is killed; its restart resyncs every root it serves (first message), which covers
+//!   it at the cost of a full compare.
+//! - At start a root is usually compared twice: once for the dispatcher's first
+//!   message and once for the watcher's start resync (which arrives while the first
+//!   runs, so it cannot be merged into it).
 //! - Regex excludes are listed by walking the source just before a resync (rsync has no
 //!   regexes) and again after it; a path that became excluded in between and went over
 //!   is deleted from the target by a delete-only run. A regex-excluded file that was
@@ -275,7 +284,7 @@ pub fn run(
             Ok(_) => left -= 1,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // Workers kill their rsync at the deadline; allow them a moment to say so.
-                if Instant::now() > deadline + Duration::from_secs(2) {
+                if Instant::now() > deadline + Duration::from_secs(3) {
                     tracing::warn!(
                         workers = left,
                         "workers did not stop within the grace period"

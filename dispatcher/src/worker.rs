@@ -597,6 +597,7 @@ impl Worker {
             stopping: false,
             closed: false,
         };
+        let mut final_pass_done = false;
         loop {
             for done in std::mem::take(&mut intake.full_done) {
                 self.full_finished(&done, &mut intake);
@@ -607,7 +608,8 @@ impl Worker {
             if intake.stopping || intake.closed {
                 // One more pass of everything pending unless the grace is over; then
                 // wait for the full lane (killed at the deadline) and hand over the rest.
-                if !self.control.must_stop() {
+                if !final_pass_done && !self.control.must_stop() {
+                    final_pass_done = true;
                     if let Some(batch) = intake.batcher.take() {
                         self.run_batch(batch, &mut intake);
                     }
@@ -644,7 +646,7 @@ impl Worker {
                 let covers = intake.take_covers(&root);
                 left += work.paths.len() + work.resyncs.len();
                 if !self.hand_over(&root, &work, Vec::new(), covers, "", &mut intake) {
-                    tracing::warn!(target = %name, root = %root, paths = work.paths.len(), resyncs = work.resyncs.len(), "work not handed over at shutdown (the retrier did not answer); a resync at the next start covers it");
+                    tracing::warn!(target = %name, root = %root, paths = work.paths.len(), resyncs = work.resyncs.len(), "work abandoned at shutdown: the retrier did not answer (a resync at the next start covers it)");
                 }
             }
         }
