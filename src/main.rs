@@ -35,6 +35,13 @@ enum Cmd {
         /// The config file (syncbus.toml).
         file: PathBuf,
     },
+    /// Print the work the retry journal still owes, as a shell script of rsync commands
+    /// (sersync's `rsync_fail_log.sh`, every name quoted). Safe while syncbus runs.
+    FailLog {
+        /// The config file (syncbus.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Mirror a demo tree (`demo/src` → `demo/mirror`) with an embedded config.
     Demo {
         /// Where to put the demo tree and its config.
@@ -88,6 +95,7 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Run(args) => supervisor::run(args),
         Cmd::CheckConfig { file } => check_config(&file),
+        Cmd::FailLog { config } => fail_log(&config),
         Cmd::Demo { dir } => supervisor::demo(&dir),
         Cmd::Watcher { args } => {
             protocol::stage::stage_main("watcher", args, |c, _, s| watcher::run(c, s))
@@ -123,6 +131,27 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         Err(errors) => {
             eprintln!("{errors}");
             ExitCode::from(EXIT_BAD_CONFIG as u8)
+        }
+    }
+}
+
+fn fail_log(file: &std::path::Path) -> ExitCode {
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    match retrier::fail_log(&config) {
+        Ok(text) => {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

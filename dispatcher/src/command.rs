@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use protocol::config::{Endpoint, Target};
@@ -252,18 +253,24 @@ pub struct RunResult {
 /// Runs `program args` with `stdin` on its standard input. `tick(wait)` is called while
 /// the child runs (it may block up to `wait`, e.g. to take in new work); when it returns
 /// true the child is killed. A child that reads and writes nothing for `idle` (rsync's
-/// `--timeout`, enforced from outside) is killed too and the run is retried.
+/// `--timeout`, enforced from outside) is killed too and the run is retried. With
+/// `lines`, the child's stdout is read and its lines counted there (progress).
 pub fn run(
     program: &OsString,
     args: &[OsString],
     stdin: &[u8],
     idle: Option<Duration>,
+    lines: Option<&AtomicU64>,
     mut tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(if lines.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::piped());
     // SAFETY: prctl only sets a flag on the child and is async-signal-safe. The signal
     // fires when the spawning *thread* ends, which is the worker: it outlives its runs.
@@ -293,7 +300,20 @@ pub fn run(
     };
     let mut input = child.stdin.take();
     let mut err_pipe = child.stderr.take();
+    let out_pipe = child.stdout.take();
     std::thread::scope(|s| {
+        if let (Some(mut out), Some(count)) = (out_pipe, lines) {
+            s.spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = out.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let nl = buf[..n].iter().filter(|&&b| b == b'\n').count();
+                    count.fetch_add(nl as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
         // Writing and reading on their own threads: a large list must not deadlock
         // against a child that is blocked writing its stderr.
         s.spawn(move || {
@@ -569,7 +589,9 @@ mod tests {
 
     #[test]
     fn a_missing_program_is_fatal_and_says_so() {
-        let r = run(&"/nonexistent/rsync".into(), &[], b"", None, |_| false);
+        let r = run(&"/nonexistent/rsync".into(), &[], b"", None, None, |_| {
+            false
+        });
         assert_eq!(r.outcome, Outcome::Fatal);
         assert!(r.error.contains("install rsync"), "{}", r.error);
     }
@@ -587,6 +609,7 @@ mod idle_tests {
             &["30".into()],
             b"",
             Some(Duration::from_secs(1)),
+            None,
             |w| {
                 std::thread::sleep(w);
                 false
@@ -601,6 +624,24 @@ mod idle_tests {
     }
 
     #[test]
+    fn the_lines_a_child_prints_are_counted_for_progress() {
+        let lines = AtomicU64::new(0);
+        let r = run(
+            &"printf".into(),
+            &["a\\nb\\nc\\n".into()],
+            b"",
+            None,
+            Some(&lines),
+            |w| {
+                std::thread::sleep(w);
+                false
+            },
+        );
+        assert_eq!(r.outcome, Outcome::Success, "{}", r.error);
+        assert_eq!(lines.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    #[test]
     fn a_busy_child_is_not_killed() {
         // `cat /dev/zero` reads and writes all the time; only the tick stops it, after
         // twice the idle limit.
@@ -610,6 +651,7 @@ mod idle_tests {
             &["/dev/zero".into()],
             b"",
             Some(Duration::from_secs(1)),
+            None,
             |w| {
                 std::thread::sleep(w);
                 started.elapsed() > Duration::from_secs(2)

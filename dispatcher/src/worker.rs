@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -302,6 +302,9 @@ struct Runner {
     target: Target,
     tmp: tempfile::TempDir,
     control: Arc<Control>,
+    /// The full lane counts the entries its runs list (`--out-format=%n`), for the
+    /// progress lines in the log.
+    progress: Option<Arc<AtomicU64>>,
 }
 
 impl Runner {
@@ -319,6 +322,7 @@ impl Runner {
             target,
             tmp,
             control,
+            progress: None,
         })
     }
 
@@ -407,12 +411,25 @@ impl Runner {
                 }
             }
         };
+        let mut args = args;
+        if self.progress.is_some() && mode == Mode::Resync {
+            // Before the source and destination, which are the last two.
+            args.insert(args.len() - 2, "--out-format=%n".into());
+        }
         let control = self.control.clone();
         let idle = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
-        command::run(&command::rsync_program(), &args, stdin, idle, |wait| {
-            tick(wait);
-            control.must_stop()
-        })
+        let lines = self.progress.as_deref();
+        command::run(
+            &command::rsync_program(),
+            &args,
+            stdin,
+            idle,
+            lines,
+            |wait| {
+                tick(wait);
+                control.must_stop()
+            },
+        )
     }
 
     /// Deletes `paths` (root-relative) on the target, whatever the source holds.
@@ -505,11 +522,13 @@ fn full_lane(
             Err(r) => r,
             Ok(()) => {
                 let mut next_report = started + PROGRESS_EVERY;
+                let sent = runner.progress.clone().unwrap_or_default();
+                sent.store(0, Ordering::Relaxed);
                 let mut tick = |wait: Duration| {
                     std::thread::sleep(wait);
                     if Instant::now() >= next_report {
                         next_report += PROGRESS_EVERY;
-                        tracing::info!(target = %name, root = %req.root, elapsed_s = started.elapsed().as_secs(), "full sync in progress");
+                        tracing::info!(target = %name, root = %req.root, elapsed_s = started.elapsed().as_secs(), entries_sent = sent.load(Ordering::Relaxed), "full sync in progress");
                     }
                 };
                 runner.resync(
@@ -522,8 +541,12 @@ fn full_lane(
             }
         };
         let duration_ms = started.elapsed().as_millis() as u64;
+        let entries_sent = runner
+            .progress
+            .as_ref()
+            .map_or(0, |p| p.load(Ordering::Relaxed));
         if result.outcome == Outcome::Success {
-            tracing::info!(target = %name, root = %req.root, duration_ms, "full sync finished");
+            tracing::info!(target = %name, root = %req.root, duration_ms, entries_sent, "full sync finished");
         } else {
             tracing::warn!(target = %name, root = %req.root, duration_ms, error = %result.error, "full sync failed");
         }
@@ -563,7 +586,8 @@ impl Worker {
         tx: Sender<Job>,
     ) -> std::io::Result<Self> {
         let live = Runner::new(target.clone(), runtime_dir, "live", control.clone())?;
-        let full = Runner::new(target.clone(), runtime_dir, "full", control.clone())?;
+        let mut full = Runner::new(target.clone(), runtime_dir, "full", control.clone())?;
+        full.progress = Some(Arc::new(AtomicU64::new(0)));
         let (full_tx, full_rx) = std::sync::mpsc::channel();
         let full_roots = roots.clone();
         let full_thread = std::thread::Builder::new()

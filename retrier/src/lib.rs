@@ -138,10 +138,22 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         .map_err(|e| {
             StageError::Environment(format!("cannot create state dir `{}`: {e}", dir.display()))
         })?;
-    let journal = Journal::open(&dir.join("journal.redb")).map_err(|e| match e {
-        journal::JournalError::Open { .. } => StageError::Environment(e.to_string()),
-        e => StageError::Failed(e.to_string()),
-    })?;
+    // `syncbus fail-log` may hold the journal for a moment: wait a little before
+    // calling it a second instance.
+    let path = dir.join("journal.redb");
+    let give_up = Instant::now() + Duration::from_secs(5);
+    let journal = loop {
+        match Journal::open(&path) {
+            Ok(j) => break j,
+            Err(e @ journal::JournalError::Open { .. }) if Instant::now() >= give_up => {
+                return Err(StageError::Environment(e.to_string()))
+            }
+            Err(journal::JournalError::Open { .. }) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => return Err(StageError::Failed(e.to_string())),
+        }
+    };
     let now = Instant::now();
     let mut r = Retrier {
         config,
@@ -224,6 +236,27 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         "retrier stopping; the journal keeps the pending jobs"
     );
     Ok(())
+}
+
+/// The fail log of `config`'s journal: rendered from the journal when no retrier holds
+/// it, else the copy the running retrier keeps current (at most a second old).
+pub fn fail_log(config: &Config) -> Result<Vec<u8>, String> {
+    let dir = &config.retry.state_dir;
+    let path = dir.join("journal.redb");
+    if !path.exists() {
+        return Ok(faillog::render(config, &[]));
+    }
+    match Journal::open(&path) {
+        Ok(j) => {
+            let jobs = j.load().map_err(|e| e.to_string())?;
+            Ok(faillog::render(config, &jobs))
+        }
+        Err(journal::JournalError::Open { .. }) => {
+            let kept = dir.join("rsync_fail_log.sh");
+            std::fs::read(&kept).map_err(|e| format!("cannot read `{}`: {e}", kept.display()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl Retrier<'_> {

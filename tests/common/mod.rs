@@ -106,6 +106,19 @@ impl Mirror {
         }
     }
 
+    /// `eventually`, printing syncbus's log when it times out.
+    pub fn wait_for<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually(what, timeout, f)
+        })) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("--- syncbus log ---\n{}", self.log());
+                std::panic::resume_unwind(e);
+            }
+        }
+    }
+
     pub fn log(&self) -> String {
         self.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
     }
