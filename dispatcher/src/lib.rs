@@ -37,9 +37,11 @@
 //! - Work queued in a worker but neither run nor handed over is lost when the process
 //!   is killed; its restart resyncs every root it serves (first message), which covers
 //!   it at the cost of a full compare.
-//! - At start a root is usually compared twice: once for the dispatcher's first
-//!   message and once for the watcher's start resync (which arrives while the first
-//!   runs, so it cannot be merged into it).
+//! - The resync for a first message waits up to `FIRST_RESYNC_WAIT` for a whole-root
+//!   resync in the stream (the watcher's start resync covers it, so a `syncbus run`
+//!   start compares each root once). A dispatcher restarted alone therefore repairs
+//!   what it lost 10 s later; a watcher that needs longer than that to set its watches
+//!   still costs a second compare.
 //! - Regex excludes are listed by walking the source just before a resync (rsync has no
 //!   regexes) and again after it; a path that became excluded in between and went over
 //!   is deleted from the target by a delete-only run. A regex-excluded file that was
@@ -67,6 +69,9 @@ use worker::{Control, Job, Reporter, RootInfo, Worker};
 
 /// How long a drain may take after the first SIGTERM/SIGINT.
 pub const GRACE: Duration = Duration::from_secs(10);
+/// How long the resync for a first message waits for the watcher's own start resync,
+/// which covers it: at `syncbus run` start both come, and one full compare is enough.
+pub const FIRST_RESYNC_WAIT: Duration = Duration::from_secs(10);
 
 struct Served {
     target: String,
@@ -207,8 +212,50 @@ pub fn run(
     tracing::info!(endpoint = %endpoint, targets = workers, roots = routes.len(), "dispatcher listening");
 
     let mut trackers: HashMap<String, SeqTracker> = HashMap::new();
+    // Roots whose first-message resync waits for a whole-root resync in the stream.
+    let mut deferred: HashMap<String, Instant> = HashMap::new();
     let result = loop {
+        let now = Instant::now();
+        let due: Vec<String> = deferred
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut failed = None;
+        for root in due {
+            deferred.remove(&root);
+            tracing::info!(root = %root, "no start resync from the watcher came; resyncing the root");
+            let job = Job::Resync {
+                root: root.as_str().into(),
+            };
+            if let Err(e) = dispatch(&root, job, &routes) {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
         if shutdown.requested() {
+            // What the filter published before it stopped is still queued: take it in.
+            while let Ok(Some((topic, payload))) = bus::try_recv(&sub) {
+                let _ = handle(
+                    &topic,
+                    &payload,
+                    &topics,
+                    &mut trackers,
+                    &mut deferred,
+                    &routes,
+                );
+            }
+            for root in deferred.keys() {
+                let _ = dispatch(
+                    root,
+                    Job::Resync {
+                        root: root.as_str().into(),
+                    },
+                    &routes,
+                );
+            }
             break Ok(());
         }
         let mut items = [
@@ -216,7 +263,10 @@ pub fn run(
             zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
             jobs.as_poll_item(zmq::POLLIN),
         ];
-        if let Err(e) = zmq::poll(&mut items, 1000) {
+        let wait = deferred.values().min().map_or(1000, |t| {
+            t.saturating_duration_since(now).as_millis().clamp(1, 1000) as i64
+        });
+        if let Err(e) = zmq::poll(&mut items, wait) {
             if e == zmq::Error::EINTR {
                 continue;
             }
@@ -241,7 +291,14 @@ pub fn run(
         loop {
             match bus::try_recv(&sub) {
                 Ok(Some((topic, payload))) => {
-                    if let Err(e) = handle(&topic, &payload, &topics, &mut trackers, &routes) {
+                    if let Err(e) = handle(
+                        &topic,
+                        &payload,
+                        &topics,
+                        &mut trackers,
+                        &mut deferred,
+                        &routes,
+                    ) {
                         failed = Some(e);
                         break;
                     }
@@ -344,6 +401,7 @@ fn handle(
     payload: &[u8],
     topics: &HashMap<Vec<u8>, String>,
     trackers: &mut HashMap<String, SeqTracker>,
+    deferred: &mut HashMap<String, Instant>,
     routes: &HashMap<String, Vec<Served>>,
 ) -> Result<(), StageError> {
     let Some(root) = topics.get(topic) else {
@@ -381,7 +439,7 @@ fn handle(
     match seen {
         Seen::InOrder => {}
         Seen::First { seq } => {
-            tracing::info!(root = %root, epoch = batch.epoch, seq, "first message from the filter; resyncing the root")
+            tracing::info!(root = %root, epoch = batch.epoch, seq, wait_s = FIRST_RESYNC_WAIT.as_secs(), "first message from the filter; resyncing the root (or with the watcher's start resync if it comes first)")
         }
         Seen::Gap { missed } => {
             tracing::warn!(root = %root, epoch = batch.epoch, seq = batch.seq, missed, "messages lost; resyncing the root")
@@ -391,7 +449,15 @@ fn handle(
         }
     }
     let shared: Arc<str> = root.as_str().into();
-    if seen != Seen::InOrder {
+    let whole = |c: &protocol::wire::Change| c.op == protocol::wire::Op::Resync && c.path.is_root();
+    if matches!(seen, Seen::First { .. }) {
+        deferred.insert(root.clone(), Instant::now() + FIRST_RESYNC_WAIT);
+    }
+    if batch.changes.iter().any(whole) {
+        // A fresh compare of the whole root is on its way: it covers a waiting one.
+        deferred.remove(root);
+    } else if matches!(seen, Seen::Gap { .. } | Seen::NewEpoch) {
+        deferred.remove(root);
         dispatch(
             root,
             Job::Resync {
@@ -426,6 +492,76 @@ fn dispatch(root: &str, job: Job, routes: &HashMap<String, Vec<Served>>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::wire::{Change, Op};
+
+    fn batch(seq: u64, epoch: u64, changes: Vec<Change>) -> Vec<u8> {
+        wire::encode(&ChangeBatch {
+            version: wire::VERSION,
+            epoch,
+            seq,
+            root: "r".into(),
+            time_us: 0,
+            changes,
+        })
+    }
+
+    fn change(op: Op, path: &str) -> Change {
+        Change {
+            op,
+            path: path.into(),
+            from: None,
+            dir: false,
+            recursive: false,
+            since_us: 0,
+        }
+    }
+
+    /// At `syncbus run` start the dispatcher's first message and the watcher's start
+    /// resync both ask for a full compare; one is enough. A gap never waits.
+    #[test]
+    fn a_first_message_resync_waits_for_the_watchers_and_a_gap_does_not() {
+        let (tx, rx) = mpsc::channel();
+        let mut routes = HashMap::new();
+        routes.insert(
+            "r".to_string(),
+            vec![Served {
+                target: "t".into(),
+                tx,
+            }],
+        );
+        let topics: HashMap<Vec<u8>, String> =
+            [(wire::changes_topic("r").into_bytes(), "r".to_string())].into();
+        let topic = wire::changes_topic("r").into_bytes();
+        let mut trackers = HashMap::new();
+        let mut deferred = HashMap::new();
+        let mut feed = |payload: Vec<u8>| {
+            handle(
+                &topic,
+                &payload,
+                &topics,
+                &mut trackers,
+                &mut deferred,
+                &routes,
+            )
+            .unwrap();
+            let jobs: Vec<Job> = rx.try_iter().collect();
+            (jobs, deferred.contains_key("r"))
+        };
+        let (jobs, waiting) = feed(batch(4, 1, vec![]));
+        assert!(
+            jobs.is_empty() && waiting,
+            "first message: the resync waits"
+        );
+        let (jobs, waiting) = feed(batch(5, 1, vec![change(Op::Resync, "")]));
+        assert!(!waiting, "the watcher's start resync covers it");
+        assert!(matches!(&jobs[..], [Job::Changes { .. }]));
+        let (jobs, waiting) = feed(batch(7, 1, vec![change(Op::Upsert, "f")]));
+        assert!(!waiting);
+        assert!(
+            matches!(&jobs[..], [Job::Resync { .. }, Job::Changes { .. }]),
+            "a gap resyncs at once: {jobs:?}"
+        );
+    }
 
     #[test]
     fn unknown_target_names_are_refused_with_the_known_ones() {
