@@ -705,21 +705,7 @@ impl Worker {
             let sent = work.clone();
             match self.sync_root(&root, work, intake) {
                 None => {
-                    if !covers.is_empty() {
-                        for id in &covers {
-                            intake.held.remove(id);
-                        }
-                        self.reporter.send(
-                            ReportKind::Delivered,
-                            &root,
-                            covers,
-                            Work::default(),
-                            "",
-                        );
-                    }
-                    if let Some(f) = self.failing.remove(&root) {
-                        tracing::info!(target = %self.target.name, root = %root, attempt = f.attempt, "target recovered");
-                    }
+                    self.delivered(&root, covers, intake);
                     if let Some(full) = self.full.get_mut(&root) {
                         full.replay.merge(sent);
                     }
@@ -748,6 +734,23 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// A run of `root` succeeded: the journal jobs it covered are done, and a target
+    /// that was failing is back (the retrier hears of it too, so the rest of its
+    /// journal goes out now rather than at the end of the backoff).
+    fn delivered(&mut self, root: &str, covers: Vec<u64>, intake: &mut Intake) {
+        for id in &covers {
+            intake.held.remove(id);
+        }
+        let was_failing = self.failing.remove(root);
+        if let Some(f) = &was_failing {
+            tracing::info!(target = %self.target.name, root, attempt = f.attempt, "target recovered");
+        }
+        if !covers.is_empty() || was_failing.is_some() {
+            self.reporter
+                .send(ReportKind::Delivered, root, covers, Work::default(), "");
         }
     }
 
@@ -845,22 +848,7 @@ impl Worker {
     fn full_finished(&mut self, done: &FullDone, intake: &mut Intake) {
         let state = self.full.remove(&done.root);
         if done.result.outcome == Outcome::Success {
-            if !done.job_ids.is_empty() {
-                for id in &done.job_ids {
-                    intake.held.remove(id);
-                }
-                self.reporter.send(
-                    ReportKind::Delivered,
-                    &done.root,
-                    done.job_ids.clone(),
-                    Work::default(),
-                    "",
-                );
-            }
-            if self.failing.get(&done.root).is_some_and(|f| f.attempt > 0) {
-                tracing::info!(target = %self.target.name, root = %done.root, "target recovered");
-            }
-            self.failing.remove(&done.root);
+            self.delivered(&done.root, done.job_ids.clone(), intake);
         } else {
             let mut whole = RootWork::default();
             whole.resync(PathBytes::root());
@@ -881,6 +869,7 @@ impl Worker {
                     },
                 );
             } else {
+                tracing::warn!(target = %self.target.name, root = %done.root, error = %done.result.error, "full sync failed and the retrier did not answer; retrying from memory");
                 self.keep(
                     &done.root,
                     whole,

@@ -520,30 +520,38 @@ impl Validator<'_> {
         }
     }
 
+    /// A `roots = [...]` list: every root when absent; each name must exist.
+    fn root_names(
+        &mut self,
+        list: &Option<Spanned<Vec<Spanned<String>>>>,
+        key: &str,
+        roots: &[Root],
+    ) -> Vec<String> {
+        let Some(list) = list else {
+            return roots.iter().map(|r| r.name.clone()).collect();
+        };
+        if list.get_ref().is_empty() {
+            self.error(list.span(), key, "empty: name at least one root");
+        }
+        for (j, r) in list.get_ref().iter().enumerate() {
+            if !roots.iter().any(|x| &x.name == r.get_ref()) {
+                self.error(
+                    r.span(),
+                    format!("{key}[{j}]"),
+                    format!("no root named `{}`", r.get_ref()),
+                );
+            }
+        }
+        list.get_ref().iter().map(|r| r.get_ref().clone()).collect()
+    }
+
     fn schedule(&mut self, i: usize, raw: RawSchedule, roots: &[Root]) -> Schedule {
         let k = |f: &str| format!("schedule[{i}].{f}");
         let cron = raw.cron.get_ref().trim().to_string();
         if let Err(e) = check_cron(&cron) {
             self.error(raw.cron.span(), k("cron"), e);
         }
-        let names = match &raw.roots {
-            None => roots.iter().map(|r| r.name.clone()).collect(),
-            Some(list) => {
-                if list.get_ref().is_empty() {
-                    self.error(list.span(), k("roots"), "empty: name at least one root");
-                }
-                for (j, r) in list.get_ref().iter().enumerate() {
-                    if !roots.iter().any(|x| &x.name == r.get_ref()) {
-                        self.error(
-                            r.span(),
-                            format!("{}[{j}]", k("roots")),
-                            format!("no root named `{}`", r.get_ref()),
-                        );
-                    }
-                }
-                list.get_ref().iter().map(|r| r.get_ref().clone()).collect()
-            }
-        };
+        let names = self.root_names(&raw.roots, &k("roots"), roots);
         for (j, g) in raw.exclude_glob.iter().enumerate() {
             if let Err(e) = Rules::new(&[], std::slice::from_ref(g.get_ref()), false) {
                 self.error(
@@ -640,24 +648,7 @@ impl Validator<'_> {
         let k = |f: &str| format!("target[{i}].{f}");
         let raw = raw.into_inner();
         let name = self.name(&raw.name, &k("name"), names);
-        let bound: Vec<String> = match &raw.roots {
-            None => roots.iter().map(|r| r.name.clone()).collect(),
-            Some(list) => {
-                if list.get_ref().is_empty() {
-                    self.error(list.span(), k("roots"), "empty: bind at least one root");
-                }
-                for (j, r) in list.get_ref().iter().enumerate() {
-                    if !roots.iter().any(|x| &x.name == r.get_ref()) {
-                        self.error(
-                            r.span(),
-                            format!("{}[{j}]", k("roots")),
-                            format!("no root named `{}`", r.get_ref()),
-                        );
-                    }
-                }
-                list.get_ref().iter().map(|r| r.get_ref().clone()).collect()
-            }
-        };
+        let bound = self.root_names(&raw.roots, &k("roots"), roots);
         let endpoint = match parse_url(raw.url.get_ref()) {
             Ok(Url::Rsync(url)) => Endpoint::Rsync {
                 url,

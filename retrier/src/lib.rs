@@ -366,7 +366,8 @@ impl Retrier<'_> {
                 }
             }
             ReportKind::Delivered => {
-                if self.store(&rep.covers, &[]).is_none() {
+                // Without covers it only says the target works again.
+                if !rep.covers.is_empty() && self.store(&rep.covers, &[]).is_none() {
                     return Ok(());
                 }
                 if let Some(t) = self.targets.get_mut(&rep.target) {
