@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use protocol::config::{Endpoint, Target};
@@ -53,6 +52,8 @@ pub enum Mode {
     DeleteOnly,
     /// `--delete` of the whole transfer, restricted by the rules file.
     Resync,
+    /// Like `Resync`, for the listings of a catch-up: times compared to the second.
+    Listing,
 }
 
 /// A command line that cannot be built (a retryable failure: the config may be fixed).
@@ -159,6 +160,10 @@ pub fn build_args(
             // Every listed path is known to have changed: rsync's quick check (same
             // size, same mtime second) would skip a quick rewrite, so skip the check.
             a.push("--ignore-times".into());
+            // Directory times to the nanosecond too (else a directory created within
+            // the second of its source's mtime keeps its own): the catch-up reads a
+            // directory whose time differs on the target as "another directory".
+            a.push("--modify-window=-1".into());
             a.push("--files-from=-".into());
         }
         Mode::DeleteOnly => {
@@ -167,6 +172,13 @@ pub fn build_args(
             // The scratch parents must not overwrite the target's directories.
             a.push("--no-implied-dirs".into());
             a.push("--files-from=-".into());
+        }
+        Mode::Listing => {
+            // Direct entries of changed directories (see catchup.rs). Second
+            // granularity on purpose: changed files go in their own run, and a child
+            // directory whose time differs by less is the same directory.
+            a.push("--delete".into());
+            a.push("--force".into());
         }
         Mode::Resync => {
             a.push("--delete".into());
@@ -254,19 +266,20 @@ pub struct RunResult {
 /// the child runs (it may block up to `wait`, e.g. to take in new work); when it returns
 /// true the child is killed. A child that reads and writes nothing for `idle` (rsync's
 /// `--timeout`, enforced from outside) is killed too and the run is retried. With
-/// `lines`, the child's stdout is read and its lines counted there (progress).
+/// `stdout`, the child's standard output is read and handed to it chunk by chunk (from
+/// another thread), e.g. to count lines for progress or to keep rsync's itemized list.
 pub fn run(
     program: &OsString,
     args: &[OsString],
     stdin: &[u8],
     idle: Option<Duration>,
-    lines: Option<&AtomicU64>,
+    stdout: Option<&(dyn Fn(&[u8]) + Sync)>,
     mut tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::piped())
-        .stdout(if lines.is_some() {
+        .stdout(if stdout.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -302,15 +315,14 @@ pub fn run(
     let mut err_pipe = child.stderr.take();
     let out_pipe = child.stdout.take();
     std::thread::scope(|s| {
-        if let (Some(mut out), Some(count)) = (out_pipe, lines) {
+        if let (Some(mut out), Some(sink)) = (out_pipe, stdout) {
             s.spawn(move || {
                 let mut buf = [0u8; 8192];
                 while let Ok(n) = out.read(&mut buf) {
                     if n == 0 {
                         break;
                     }
-                    let nl = buf[..n].iter().filter(|&&b| b == b'\n').count();
-                    count.fetch_add(nl as u64, std::sync::atomic::Ordering::Relaxed);
+                    sink(&buf[..n]);
                 }
             });
         }
@@ -493,6 +505,7 @@ mod tests {
                 "--force",
                 "--delete-missing-args",
                 "--ignore-times",
+                "--modify-window=-1",
                 "--files-from=-",
                 "--from0",
                 "--filter=merge /run/x/rules",
@@ -552,6 +565,7 @@ mod tests {
                 "--force",
                 "--delete-missing-args",
                 "--ignore-times",
+                "--modify-window=-1",
                 "--files-from=-",
                 "--from0",
                 "--mkpath",
@@ -600,6 +614,7 @@ mod tests {
 #[cfg(test)]
 mod idle_tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
 
     #[test]
     fn a_child_without_io_is_killed_after_the_idle_limit_and_retried() {
@@ -626,12 +641,16 @@ mod idle_tests {
     #[test]
     fn the_lines_a_child_prints_are_counted_for_progress() {
         let lines = AtomicU64::new(0);
+        let count = |chunk: &[u8]| {
+            let n = chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+            lines.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
         let r = run(
             &"printf".into(),
             &["a\\nb\\nc\\n".into()],
             b"",
             None,
-            Some(&lines),
+            Some(&count),
             |w| {
                 std::thread::sleep(w);
                 false

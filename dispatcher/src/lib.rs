@@ -49,6 +49,7 @@
 //! - SIGHUP is ignored here; `syncbus run` applies a new config by restarting the stages.
 
 pub mod batch;
+pub mod catchup;
 pub mod command;
 pub mod plan;
 pub mod worker;

@@ -347,7 +347,7 @@ impl Runner {
             excludes.push(0);
         }
         let rules = plan::resync_rules(&excludes, &subtrees);
-        let result = self.rsync(Mode::Resync, &rules, src, &dest, b"", tick);
+        let result = self.rsync(Mode::Resync, &rules, src, &dest, b"", tick, None);
         if result.outcome != Outcome::Success {
             return result;
         }
@@ -363,6 +363,65 @@ impl Runner {
         result
     }
 
+    /// Brings the target up to what changed since `since_us` (see [`crate::catchup`]):
+    /// a listing run for changed directories, the changed files, then a subtree
+    /// resync of each directory the listing run found new or different on the target.
+    fn catch_up(
+        &self,
+        root: &str,
+        info: &RootInfo,
+        since_us: u64,
+        tick: &mut dyn FnMut(Duration),
+    ) -> RunResult {
+        let src = &info.path;
+        let scan = match crate::catchup::scan(src, &info.rules, since_us) {
+            Ok(s) => s,
+            Err(e) => {
+                return RunResult {
+                    outcome: Outcome::Retry,
+                    error: format!("cannot scan `{}` for the catch-up: {e}", src.display()),
+                }
+            }
+        };
+        let mut follow_ups = Vec::new();
+        if !scan.dirs.is_empty() {
+            let excludes = plan::exclude_rules(&info.rules, &Default::default());
+            let rules = crate::catchup::listing_rules(&excludes, &scan);
+            let dest = self.target.destination(root);
+            let mut itemized = Vec::new();
+            let r = self.rsync(Mode::Listing, &rules, src, &dest, b"", tick, Some(&mut itemized));
+            if r.outcome != Outcome::Success {
+                return r;
+            }
+            follow_ups = crate::catchup::follow_ups(&itemized, &scan);
+        }
+        if !scan.files.is_empty() {
+            let r = self.incremental(root, info, &scan.files, tick);
+            if r.outcome != Outcome::Success {
+                return r;
+            }
+        }
+        if !follow_ups.is_empty() {
+            let r = self.resync(root, info, &follow_ups, &[], tick);
+            if r.outcome != Outcome::Success {
+                return r;
+            }
+        }
+        tracing::info!(
+            target = %self.target.name,
+            root,
+            entries = scan.seen,
+            changed_files = scan.files.len(),
+            changed_dirs = scan.dirs.len(),
+            subtree_resyncs = follow_ups.len(),
+            "catch-up compared what changed since the checkpoint"
+        );
+        RunResult {
+            outcome: Outcome::Success,
+            error: String::new(),
+        }
+    }
+
     fn incremental(
         &self,
         root: &str,
@@ -376,9 +435,11 @@ impl Runner {
         let rules = plan::exclude_rules(&info.rules, &Default::default());
         let list = plan::files_from(&entries);
         let dest = self.target.destination(root);
-        self.rsync(Mode::Incremental, &rules, &info.path, &dest, &list, tick)
+        self.rsync(Mode::Incremental, &rules, &info.path, &dest, &list, tick, None)
     }
 
+    /// One rsync run. With `capture`, its itemized output (`%i %n` lines) lands there.
+    #[allow(clippy::too_many_arguments)]
     fn rsync(
         &self,
         mode: Mode,
@@ -387,6 +448,7 @@ impl Runner {
         dest: &str,
         stdin: &[u8],
         tick: &mut dyn FnMut(Duration),
+        capture: Option<&mut Vec<u8>>,
     ) -> RunResult {
         let rules_file = if rules.is_empty() {
             None
@@ -412,24 +474,39 @@ impl Runner {
             }
         };
         let mut args = args;
-        if self.progress.is_some() && mode == Mode::Resync {
-            // Before the source and destination, which are the last two.
-            args.insert(args.len() - 2, "--out-format=%n".into());
-        }
+        // Before the source and destination, which are the last two.
+        let at = args.len() - 2;
+        let itemized: std::sync::Mutex<Vec<u8>> = Default::default();
+        let keep = |chunk: &[u8]| {
+            if let Ok(mut v) = itemized.lock() {
+                v.extend_from_slice(chunk);
+            }
+        };
+        let count = |chunk: &[u8]| {
+            if let Some(p) = &self.progress {
+                let n = chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+                p.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        let sink: Option<&(dyn Fn(&[u8]) + Sync)> = if capture.is_some() {
+            args.insert(at, "--out-format=%i %n".into());
+            Some(&keep)
+        } else if self.progress.is_some() && mode == Mode::Resync {
+            args.insert(at, "--out-format=%n".into());
+            Some(&count)
+        } else {
+            None
+        };
         let control = self.control.clone();
         let idle = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
-        let lines = self.progress.as_deref();
-        command::run(
-            &command::rsync_program(),
-            &args,
-            stdin,
-            idle,
-            lines,
-            |wait| {
-                tick(wait);
-                control.must_stop()
-            },
-        )
+        let result = command::run(&command::rsync_program(), &args, stdin, idle, sink, |wait| {
+            tick(wait);
+            control.must_stop()
+        });
+        if let Some(c) = capture {
+            *c = itemized.into_inner().unwrap_or_default();
+        }
+        result
     }
 
     /// Deletes `paths` (root-relative) on the target, whatever the source holds.
@@ -468,6 +545,7 @@ impl Runner {
             dest,
             &plan::files_from(&entries),
             tick,
+            None,
         )
     }
 
@@ -953,5 +1031,102 @@ mod tests {
         assert_eq!(s(100, Outcome::Retry, 0.0), 60_000);
         assert_eq!(s(1, Outcome::Retry, 0.999_999), 1249);
         assert_eq!(s(1, Outcome::Fatal, 0.0), 60_000);
+    }
+
+    fn ctime_us(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(p).unwrap();
+        m.ctime() as u64 * 1_000_000 + m.ctime_nsec() as u64 / 1000
+    }
+
+    /// Everything users do to a tree while syncbus is stopped reaches the target
+    /// through the catch-up, and nothing it did not need to look at is compared (an
+    /// extra file on the target in an untouched directory survives: no full compare).
+    #[test]
+    fn a_catch_up_brings_every_kind_of_change_since_the_checkpoint() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (src, dst) = (d.path().join("src"), d.path().join("dst"));
+        let w = |rel: &str, text: &str| {
+            let p = src.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        for (rel, text) in [
+            ("a/f1", "one"),
+            ("a/sub/deep/g", "g"),
+            ("b/inner/keep", "b"),
+            ("c/h", "h"),
+            ("site/old/z", "old site"),
+            ("site.new/x/y", "new site"),
+            ("gone/inner/i", "i"),
+            ("perm", "p"),
+        ] {
+            w(rel, text);
+        }
+        let copy = std::process::Command::new("rsync")
+            .args(["-a", "--delete"])
+            .arg(format!("{}/", src.display()))
+            .arg(&dst)
+            .status()
+            .unwrap();
+        assert!(copy.success());
+        // Inside b/inner, so b's own attributes on the target stay those of the source (a
+        // directory that differs on the target is compared in full, on purpose).
+        std::fs::write(dst.join("b/inner/untouched-extra"), "only on the target").unwrap();
+        // The checkpoint: a ctime later than every change above (ctime has the kernel's
+        // coarse clock, so wait for it to move on rather than for a fixed time).
+        let before = ["a", "a/sub", "b", "b/inner", "c", "site", "site.new", "gone", "perm", ""]
+            .iter()
+            .map(|r| ctime_us(&src.join(r)))
+            .max()
+            .unwrap();
+        let marker = d.path().join("marker");
+        let since = loop {
+            std::fs::write(&marker, "m").unwrap();
+            let t = ctime_us(&marker);
+            if t > before {
+                break t;
+            }
+        };
+        w("a/f1", "changed");
+        std::fs::remove_file(src.join("c/h")).unwrap();
+        std::fs::rename(src.join("site"), src.join("site.old")).unwrap();
+        std::fs::rename(src.join("site.new"), src.join("site")).unwrap();
+        w("n/new", "new dir");
+        std::fs::rename(src.join("a/sub"), src.join("a/moved")).unwrap();
+        std::fs::remove_dir_all(src.join("gone")).unwrap();
+        std::fs::set_permissions(src.join("perm"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        std::os::unix::fs::symlink("a", src.join("link")).unwrap();
+        let odd = src.join("a").join(std::ffi::OsStr::from_bytes(b"odd\nname\xff"));
+        std::fs::create_dir(&odd).unwrap();
+        std::fs::write(odd.join("f"), "odd").unwrap();
+
+        let text = format!(
+            "[[root]]\nname = \"r\"\npath = {:?}\n[[target]]\nname = \"t\"\nurl = {:?}\n",
+            src.display().to_string(),
+            dst.display().to_string(),
+        );
+        let config = protocol::config::Config::parse(&text, &d.path().join("c.toml")).unwrap();
+        let runner = Runner::new(
+            config.targets[0].clone(),
+            d.path(),
+            "test",
+            Arc::new(Control::default()),
+        )
+        .unwrap();
+        let info = RootInfo {
+            path: config.roots[0].path.clone(),
+            rules: config.roots[0].rules.clone(),
+        };
+        let r = runner.catch_up("r", &info, since, &mut |w| std::thread::sleep(w));
+        assert_eq!(r.outcome, Outcome::Success, "{}", r.error);
+        let diff = testkit::tree_diff(&src, &dst);
+        assert_eq!(
+            diff,
+            vec!["only in mirror: b/inner/untouched-extra".to_string()]
+        );
     }
 }

@@ -1,0 +1,244 @@
+//! The catch-up: bringing a target up to date after syncbus was stopped, without a full
+//! compare. Every change to an inode sets its ctime (users cannot set it), so what
+//! changed since a checkpoint is what has a ctime at or after it:
+//!
+//! - a file (or symlink…) with a new ctime is sent as it is now;
+//! - a directory with a new ctime had entries added, removed or renamed, or was itself
+//!   renamed or chmod'ed: its *listing* is compared (`--delete` of its direct entries,
+//!   deeper content left alone);
+//! - a child directory that this listing run creates on the target, or finds different
+//!   there (rsync's itemized output says so), was moved in or swapped: it is compared
+//!   in full (a subtree resync), because its content kept old ctimes.
+//!
+//! [`scan`] walks the source (stat only), [`listing_rules`] makes the filter of the
+//! listing run, [`follow_ups`] reads its itemized output.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use protocol::rules::{rsync_literal_rule, rsync_wildcard_prefix, Rules};
+use protocol::PathBytes;
+
+use crate::batch::Touch;
+
+/// What changed under a root since a checkpoint.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Non-directories with a ctime at or after the checkpoint.
+    pub files: BTreeMap<PathBytes, Touch>,
+    /// Directories with a ctime at or after the checkpoint (the root as `""`).
+    pub dirs: BTreeSet<PathBytes>,
+    /// The child directories of each of `dirs`.
+    pub children: BTreeMap<PathBytes, Vec<PathBytes>>,
+    /// Excluded direct entries of `dirs` (kept off the target and never deleted there).
+    pub excluded: BTreeSet<PathBytes>,
+    /// Entries looked at.
+    pub seen: u64,
+}
+
+fn ctime_us(m: &std::fs::Metadata) -> u64 {
+    (m.ctime().max(0) as u64) * 1_000_000 + (m.ctime_nsec().max(0) as u64) / 1000
+}
+
+/// Walks `root` and collects what changed at or after `since_us` (µs since the Unix
+/// epoch). Excluded entries are not descended into.
+pub fn scan(root: &Path, rules: &Rules, since_us: u64) -> std::io::Result<Scan> {
+    let mut out = Scan::default();
+    if ctime_us(&std::fs::symlink_metadata(root)?) >= since_us {
+        out.dirs.insert(PathBytes::root());
+    }
+    let mut stack = vec![PathBytes::root()];
+    while let Some(dir) = stack.pop() {
+        let changed_dir = out.dirs.contains(&dir);
+        let entries = match std::fs::read_dir(dir.under(root)) {
+            Ok(e) => e,
+            // Gone or replaced since it was listed: its parent's ctime tells.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let path = dir.join(entry.file_name().as_bytes());
+            let Ok(meta) = entry.metadata() else { continue };
+            out.seen += 1;
+            let is_dir = meta.is_dir();
+            if rules.excludes(&path, is_dir) {
+                if changed_dir {
+                    out.excluded.insert(path);
+                }
+                continue;
+            }
+            if is_dir {
+                if changed_dir {
+                    out.children.entry(dir.clone()).or_default().push(path.clone());
+                }
+                if ctime_us(&meta) >= since_us {
+                    out.dirs.insert(path.clone());
+                }
+                stack.push(path);
+            } else if ctime_us(&meta) >= since_us {
+                out.files.insert(path, Touch::default());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn rule(out: &mut Vec<u8>, sign: &[u8], pattern: &[u8]) {
+    out.extend_from_slice(sign);
+    out.push(b' ');
+    out.extend_from_slice(pattern);
+    out.push(0);
+}
+
+/// `/dir` escaped as a wildcard prefix; `""` for the root (so `/*` follows).
+fn prefix(dir: &PathBytes) -> Vec<u8> {
+    if dir.is_root() {
+        Vec::new()
+    } else {
+        rsync_wildcard_prefix(dir)
+    }
+}
+
+/// Strict ancestors of the changed directories that are not changed themselves.
+fn ancestors(dirs: &BTreeSet<PathBytes>) -> BTreeSet<PathBytes> {
+    let mut out = BTreeSet::new();
+    for d in dirs.iter().filter(|d| !d.is_root()) {
+        out.insert(PathBytes::root());
+        for a in d.ancestors() {
+            let a = PathBytes::new(a.to_vec());
+            if &a != d {
+                out.insert(a);
+            }
+        }
+    }
+    out.retain(|a| !dirs.contains(a));
+    out
+}
+
+/// The filter of the listing run (NUL-separated, for `--from0 --filter=merge`):
+/// `excludes` first, then receiver-side protection for everything the run must not
+/// delete (the other entries of pure ancestors, the content of unchanged child
+/// directories), then the includes (the way down, the direct entries of each changed
+/// directory), and sender-side hiding of the rest.
+pub fn listing_rules(excludes: &[u8], scan: &Scan) -> Vec<u8> {
+    let dirs = &scan.dirs;
+    let anc = ancestors(dirs);
+    let mut out = excludes.to_vec();
+    for p in &scan.excluded {
+        rule(&mut out, b"-", &rsync_literal_rule(p));
+    }
+    for a in &anc {
+        let mut p = prefix(a);
+        p.extend_from_slice(b"/*");
+        rule(&mut out, b"P", &p);
+    }
+    for (d, kids) in &scan.children {
+        if !dirs.contains(d) {
+            continue;
+        }
+        for c in kids.iter().filter(|c| !dirs.contains(*c) && !anc.contains(*c)) {
+            let mut p = rsync_wildcard_prefix(c);
+            p.extend_from_slice(b"/***");
+            rule(&mut out, b"P", &p);
+        }
+    }
+    for d in anc.iter().chain(dirs.iter()).filter(|d| !d.is_root()) {
+        let mut p = rsync_literal_rule(d);
+        p.push(b'/');
+        rule(&mut out, b"+", &p);
+    }
+    for d in dirs {
+        let mut p = prefix(d);
+        p.extend_from_slice(b"/*");
+        rule(&mut out, b"+", &p);
+    }
+    for d in dirs {
+        let mut p = prefix(d);
+        p.extend_from_slice(b"/*/*");
+        rule(&mut out, b"H", &p);
+    }
+    rule(&mut out, b"H", b"*");
+    out
+}
+
+/// rsync's `\#ooo` escapes (octal) in its output, undone.
+fn unescape(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    let mut i = 0;
+    while i < name.len() {
+        if name[i..].starts_with(b"\\#")
+            && name.len() >= i + 5
+            && name[i + 2..i + 5].iter().all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = name[i + 2..i + 5]
+                .iter()
+                .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+            out.push(v as u8);
+            i += 5;
+        } else {
+            out.push(name[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The child directories to compare in full, from the listing run's `%i %n` lines: a
+/// directory created on the target, or one whose attributes differed there (another
+/// directory was at that name), unless it is a changed directory or an ancestor itself.
+pub fn follow_ups(itemized: &[u8], scan: &Scan) -> Vec<PathBytes> {
+    let anc = ancestors(&scan.dirs);
+    let mut out = Vec::new();
+    for line in itemized.split(|&b| b == b'\n') {
+        if line.len() < 13 || line[11] != b' ' {
+            continue;
+        }
+        let (flags, name) = (&line[..11], &line[12..]);
+        let dir = flags[1] == b'd' && (flags[0] == b'c' || flags[0] == b'.');
+        let changed = flags[2..].iter().any(|&b| b != b'.' && b != b' ');
+        if !dir || !changed {
+            continue;
+        }
+        let name = unescape(name.strip_suffix(b"/").unwrap_or(name));
+        if name.is_empty() || name == b"." {
+            continue;
+        }
+        let p = PathBytes::new(name);
+        if !scan.dirs.contains(&p) && !anc.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn itemized_lines_name_new_and_different_child_directories() {
+        let mut scan = Scan::default();
+        scan.dirs.insert("L".into());
+        let out = b"cd+++++++++ L/new/\n.d..t...... L/\n.d..t...... L/swapped/\n\
+                    .d          L/same/\n>f+++++++++ L/file\n*deleting   L/old/\n\
+                    cd+++++++++ L/odd\\#012name/\n.d..t...... ./\n";
+        let got: Vec<Vec<u8>> = follow_ups(out, &scan)
+            .iter()
+            .map(|p| p.as_bytes().to_vec())
+            .collect();
+        let want: Vec<&[u8]> = vec![b"L/new", b"L/swapped", b"L/odd\nname"];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn ancestors_exclude_the_changed_directories() {
+        let dirs: BTreeSet<PathBytes> = ["a/b/c".into(), "a".into()].into();
+        let anc = ancestors(&dirs);
+        let got: Vec<&[u8]> = anc.iter().map(|p| p.as_bytes()).collect();
+        assert_eq!(got, vec![&b""[..], b"a/b"]);
+    }
+}
