@@ -26,11 +26,20 @@ pub struct RootWork {
     pub resyncs: BTreeSet<PathBytes>,
     /// Touched paths; none lies within a resync subtree.
     pub paths: BTreeMap<PathBytes, Touch>,
+    /// A catch-up since this time (µs) is owed; a resync of the whole root covers it.
+    pub catch_up: Option<u64>,
 }
 
 impl RootWork {
     pub fn is_empty(&self) -> bool {
-        self.resyncs.is_empty() && self.paths.is_empty()
+        self.resyncs.is_empty() && self.paths.is_empty() && self.catch_up.is_none()
+    }
+
+    /// Asks for a catch-up since `since_us`, unless the whole root is compared anyway.
+    pub fn catch_up(&mut self, since_us: u64) {
+        if !self.resyncs.contains(&PathBytes::root()) {
+            self.catch_up = Some(self.catch_up.map_or(since_us, |c| c.min(since_us)));
+        }
     }
 
     fn covered(&self, path: &PathBytes) -> bool {
@@ -50,10 +59,16 @@ impl RootWork {
         }
         self.resyncs.retain(|s| !s.is_within(&subtree));
         self.paths.retain(|p, _| !p.is_within(&subtree));
+        if subtree.is_root() {
+            self.catch_up = None;
+        }
         self.resyncs.insert(subtree);
     }
 
     pub fn merge(&mut self, other: RootWork) {
+        if let Some(c) = other.catch_up {
+            self.catch_up(c);
+        }
         for s in other.resyncs {
             self.resync(s);
         }

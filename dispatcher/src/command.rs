@@ -254,6 +254,9 @@ fn io_total(path: &str) -> Option<u64> {
     Some(field("rchar:")? + field("wchar:")?)
 }
 
+/// Takes a child's standard output chunk by chunk, on a thread of its own.
+pub type Sink<'a> = &'a (dyn Fn(&[u8]) + Sync);
+
 /// How one run ended.
 #[derive(Debug)]
 pub struct RunResult {
@@ -273,7 +276,7 @@ pub fn run(
     args: &[OsString],
     stdin: &[u8],
     idle: Option<Duration>,
-    stdout: Option<&(dyn Fn(&[u8]) + Sync)>,
+    stdout: Option<Sink>,
     mut tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
     let mut cmd = Command::new(program);

@@ -124,7 +124,7 @@ pub fn run(
     let control = Arc::new(Control::default());
     // root name → the workers bound to it
     let mut routes: HashMap<String, Vec<Served>> = HashMap::new();
-    let (done_tx, done_rx) = mpsc::channel::<String>();
+    let (done_tx, done_rx) = mpsc::channel::<bool>();
     let mut workers = 0usize;
     let ctx = zmq::Context::new();
     let eps = Endpoints::new(config);
@@ -182,12 +182,10 @@ pub fn run(
             });
         }
         let done = done_tx.clone();
-        let name = t.name.clone();
         std::thread::Builder::new()
             .name(format!("target-{}", t.name))
             .spawn(move || {
-                w.run(rx);
-                let _ = done.send(name);
+                let _ = done.send(w.run(rx));
             })
             .map_err(|e| StageError::Failed(format!("cannot start a worker thread: {e}")))?;
         workers += 1;
@@ -213,22 +211,28 @@ pub fn run(
     tracing::info!(endpoint = %endpoint, targets = workers, roots = routes.len(), "dispatcher listening");
 
     let mut trackers: HashMap<String, SeqTracker> = HashMap::new();
-    // Roots whose first-message resync waits for a whole-root resync in the stream.
-    let mut deferred: HashMap<String, Instant> = HashMap::new();
+    let mut starts = Starts {
+        deferred: HashMap::new(),
+        catch_up: catch_up_since()
+            .map(|t| routes.keys().map(|r| (r.clone(), t)).collect())
+            .unwrap_or_default(),
+    };
+    if let Some(t) = catch_up_since() {
+        tracing::info!(since_us = t, "syncbus stopped cleanly before: the start compares only what changed since");
+    }
     let result = loop {
         let now = Instant::now();
-        let due: Vec<String> = deferred
+        let due: Vec<String> = starts
+            .deferred
             .iter()
             .filter(|(_, t)| **t <= now)
             .map(|(r, _)| r.clone())
             .collect();
         let mut failed = None;
         for root in due {
-            deferred.remove(&root);
+            starts.deferred.remove(&root);
             tracing::info!(root = %root, "no start resync from the watcher came; resyncing the root");
-            let job = Job::Resync {
-                root: root.as_str().into(),
-            };
+            let job = starts.start_job(&root);
             if let Err(e) = dispatch(&root, job, &routes) {
                 failed = Some(e);
             }
@@ -244,18 +248,14 @@ pub fn run(
                     &payload,
                     &topics,
                     &mut trackers,
-                    &mut deferred,
+                    &mut starts,
                     &routes,
                 );
             }
-            for root in deferred.keys() {
-                let _ = dispatch(
-                    root,
-                    Job::Resync {
-                        root: root.as_str().into(),
-                    },
-                    &routes,
-                );
+            let waiting: Vec<String> = starts.deferred.keys().cloned().collect();
+            for root in waiting {
+                let job = starts.start_job(&root);
+                let _ = dispatch(&root, job, &routes);
             }
             break Ok(());
         }
@@ -264,7 +264,7 @@ pub fn run(
             zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
             jobs.as_poll_item(zmq::POLLIN),
         ];
-        let wait = deferred.values().min().map_or(1000, |t| {
+        let wait = starts.deferred.values().min().map_or(1000, |t| {
             t.saturating_duration_since(now).as_millis().clamp(1, 1000) as i64
         });
         if let Err(e) = zmq::poll(&mut items, wait) {
@@ -297,7 +297,7 @@ pub fn run(
                         &payload,
                         &topics,
                         &mut trackers,
-                        &mut deferred,
+                        &mut starts,
                         &routes,
                     ) {
                         failed = Some(e);
@@ -329,17 +329,22 @@ pub fn run(
         tracing::info!(grace_s = GRACE.as_secs(), "draining workers");
     }
     let mut left = workers;
+    let mut clean = true;
     while left > 0 {
         if shutdown.urgent() {
             control.abort.store(true, Ordering::SeqCst);
             tracing::warn!(workers = left, "second signal: stopping now");
+            clean = false;
             break;
         }
         if jobs.poll(zmq::POLLIN, 0).unwrap_or(0) > 0 {
             let _ = forward_jobs(&jobs, &mut streams);
         }
         match done_rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(_) => left -= 1,
+            Ok(worker_clean) => {
+                left -= 1;
+                clean &= worker_clean;
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 // Workers kill their rsync at the deadline; allow them a moment to say so.
                 if Instant::now() > deadline + Duration::from_secs(3) {
@@ -348,11 +353,19 @@ pub fn run(
                         "workers did not stop within the grace period"
                     );
                     control.abort.store(true, Ordering::SeqCst);
+                    clean = false;
                     break;
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
+    }
+    // A non-zero exit tells `syncbus run` not to trust this stop as a checkpoint.
+    if result.is_ok() && !clean {
+        return Err(StageError::Failed(
+            "work was left behind at shutdown (see above); the next start compares in full"
+                .into(),
+        ));
     }
     result
 }
@@ -402,7 +415,7 @@ fn handle(
     payload: &[u8],
     topics: &HashMap<Vec<u8>, String>,
     trackers: &mut HashMap<String, SeqTracker>,
-    deferred: &mut HashMap<String, Instant>,
+    starts: &mut Starts,
     routes: &HashMap<String, Vec<Served>>,
 ) -> Result<(), StageError> {
     let Some(root) = topics.get(topic) else {
@@ -452,13 +465,21 @@ fn handle(
     let shared: Arc<str> = root.as_str().into();
     let whole = |c: &protocol::wire::Change| c.op == protocol::wire::Op::Resync && c.path.is_root();
     if matches!(seen, Seen::First { .. }) {
-        deferred.insert(root.clone(), Instant::now() + FIRST_RESYNC_WAIT);
+        starts
+            .deferred
+            .insert(root.clone(), Instant::now() + FIRST_RESYNC_WAIT);
     }
+    let mut batch = batch;
     if batch.changes.iter().any(whole) {
         // A fresh compare of the whole root is on its way: it covers a waiting one.
-        deferred.remove(root);
+        starts.deferred.remove(root);
+        if starts.catch_up.contains_key(root) {
+            // The watcher's start resync after a clean stop: a catch-up will do.
+            batch.changes.retain(|c| !whole(c));
+            dispatch(root, starts.start_job(root), routes)?;
+        }
     } else if matches!(seen, Seen::Gap { .. } | Seen::NewEpoch) {
-        deferred.remove(root);
+        starts.deferred.remove(root);
         dispatch(
             root,
             Job::Resync {
@@ -475,6 +496,36 @@ fn handle(
         dispatch(root, job, routes)?;
     }
     Ok(())
+}
+
+/// How each root's first compare after start is done.
+struct Starts {
+    /// Roots whose first-message resync waits for a whole-root resync in the stream.
+    deferred: HashMap<String, Instant>,
+    /// Roots whose first compare may be a catch-up: `syncbus run` stopped cleanly at
+    /// this checkpoint before, with every change up to it delivered or journalled.
+    catch_up: HashMap<String, u64>,
+}
+
+impl Starts {
+    /// The job of a root's start compare: a catch-up the first time when allowed,
+    /// else a full resync.
+    fn start_job(&mut self, root: &str) -> Job {
+        match self.catch_up.remove(root) {
+            Some(since_us) => Job::CatchUp {
+                root: root.into(),
+                since_us,
+            },
+            None => Job::Resync { root: root.into() },
+        }
+    }
+}
+
+/// The checkpoint `syncbus run` hands the first dispatcher it starts after a clean stop.
+pub const CATCH_UP_ENV: &str = "SYNCBUS_CATCH_UP_SINCE_US";
+
+fn catch_up_since() -> Option<u64> {
+    std::env::var(CATCH_UP_ENV).ok()?.parse().ok()
 }
 
 fn dispatch(root: &str, job: Job, routes: &HashMap<String, Vec<Served>>) -> Result<(), StageError> {
@@ -534,19 +585,14 @@ mod tests {
             [(wire::changes_topic("r").into_bytes(), "r".to_string())].into();
         let topic = wire::changes_topic("r").into_bytes();
         let mut trackers = HashMap::new();
-        let mut deferred = HashMap::new();
+        let mut starts = Starts {
+            deferred: HashMap::new(),
+            catch_up: HashMap::new(),
+        };
         let mut feed = |payload: Vec<u8>| {
-            handle(
-                &topic,
-                &payload,
-                &topics,
-                &mut trackers,
-                &mut deferred,
-                &routes,
-            )
-            .unwrap();
+            handle(&topic, &payload, &topics, &mut trackers, &mut starts, &routes).unwrap();
             let jobs: Vec<Job> = rx.try_iter().collect();
-            (jobs, deferred.contains_key("r"))
+            (jobs, starts.deferred.contains_key("r"))
         };
         let (jobs, waiting) = feed(batch(4, 1, vec![]));
         assert!(

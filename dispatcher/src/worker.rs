@@ -30,6 +30,8 @@ pub enum Job {
     },
     /// The dispatcher cannot vouch for `root`: compare all of it.
     Resync { root: Arc<str> },
+    /// syncbus stopped cleanly at a checkpoint: compare what changed since.
+    CatchUp { root: Arc<str>, since_us: u64 },
     /// The retrier's journal jobs `job_ids`: run `work` and report on them.
     Run {
         root: Arc<str>,
@@ -47,9 +49,50 @@ pub enum Job {
 #[derive(Debug)]
 pub struct FullDone {
     root: String,
-    excludes: Vec<String>,
+    kind: FullKind,
     job_ids: Vec<u64>,
     result: RunResult,
+}
+
+/// What the full lane does for a root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FullKind {
+    /// Compare all of it, leaving out these globs too (a cron full sync's own).
+    Full { excludes: Vec<String> },
+    /// Compare what changed since this time (µs).
+    CatchUp { since_us: u64 },
+}
+
+impl FullKind {
+    /// One run that does what both ask: a full compare covers a catch-up.
+    fn merge(self, other: FullKind) -> FullKind {
+        match (self, other) {
+            (FullKind::CatchUp { since_us: a }, FullKind::CatchUp { since_us: b }) => {
+                FullKind::CatchUp {
+                    since_us: a.min(b),
+                }
+            }
+            (FullKind::Full { excludes: a }, FullKind::Full { excludes: b }) => FullKind::Full {
+                excludes: if a == b { a } else { Vec::new() },
+            },
+            (f @ FullKind::Full { .. }, _) | (_, f @ FullKind::Full { .. }) => f,
+        }
+    }
+
+    /// The work still owed when this failed, for the journal.
+    fn owed(&self) -> (RootWork, Vec<String>) {
+        let mut w = RootWork::default();
+        match self {
+            FullKind::Full { excludes } => {
+                w.resync(PathBytes::root());
+                (w, excludes.clone())
+            }
+            FullKind::CatchUp { since_us } => {
+                w.catch_up(*since_us);
+                (w, Vec::new())
+            }
+        }
+    }
 }
 
 /// Shared between the SUB loop and the workers for shutdown.
@@ -164,15 +207,15 @@ fn to_wire(work: &RootWork) -> Work {
         resyncs: work.resyncs.iter().cloned().collect(),
         paths: work.paths.keys().cloned().collect(),
         excludes: Vec::new(),
+        catch_up_us: work.catch_up.unwrap_or(0),
     }
 }
 
 fn from_wire(work: &Work) -> RootWork {
     let mut out = RootWork::default();
-    out.merge(RootWork {
-        resyncs: work.resyncs.iter().cloned().collect(),
-        paths: BTreeMap::new(),
-    });
+    for r in &work.resyncs {
+        out.resync(r.clone());
+    }
     out.merge(RootWork {
         resyncs: BTreeSet::new(),
         paths: work
@@ -180,7 +223,11 @@ fn from_wire(work: &Work) -> RootWork {
             .iter()
             .map(|p| (p.clone(), Touch::default()))
             .collect(),
+        catch_up: None,
     });
+    if work.catch_up_us != 0 {
+        out.catch_up(work.catch_up_us);
+    }
     out
 }
 
@@ -212,6 +259,11 @@ impl Intake {
             Job::Resync { root } => {
                 self.cron_excludes.remove(&*root);
                 self.batcher.resync(&root, PathBytes::root());
+            }
+            Job::CatchUp { root, since_us } => {
+                let mut w = RootWork::default();
+                w.catch_up(since_us);
+                self.batcher.merge(&root, w);
             }
             Job::Run {
                 root,
@@ -286,14 +338,14 @@ struct FullState {
     /// What the live lane sent meanwhile: sent again once the full sync is over, since
     /// the full sync may have copied an older version over it.
     replay: RootWork,
-    /// Another whole-root resync asked for while this one ran: excludes and covers.
-    again: Option<(Vec<String>, Vec<u64>)>,
+    /// Another run asked for while this one ran, and the jobs it covers.
+    again: Option<(FullKind, Vec<u64>)>,
 }
 
 /// What the full lane is asked to do.
 struct FullReq {
     root: String,
-    excludes: Vec<String>,
+    kind: FullKind,
     job_ids: Vec<u64>,
 }
 
@@ -488,7 +540,7 @@ impl Runner {
                 p.fetch_add(n, Ordering::Relaxed);
             }
         };
-        let sink: Option<&(dyn Fn(&[u8]) + Sync)> = if capture.is_some() {
+        let sink: Option<command::Sink> = if capture.is_some() {
             args.insert(at, "--out-format=%i %n".into());
             Some(&keep)
         } else if self.progress.is_some() && mode == Mode::Resync {
@@ -595,7 +647,11 @@ fn full_lane(
             continue;
         };
         let started = Instant::now();
-        tracing::info!(target = %name, root = %req.root, excludes = ?req.excludes, "full sync started (live changes keep flowing)");
+        let what = match &req.kind {
+            FullKind::Full { .. } => "full sync",
+            FullKind::CatchUp { .. } => "catch-up",
+        };
+        tracing::info!(target = %name, root = %req.root, kind = ?req.kind, "{what} started (live changes keep flowing)");
         let result = match check_source(&info.path) {
             Err(r) => r,
             Ok(()) => {
@@ -606,16 +662,21 @@ fn full_lane(
                     std::thread::sleep(wait);
                     if Instant::now() >= next_report {
                         next_report += PROGRESS_EVERY;
-                        tracing::info!(target = %name, root = %req.root, elapsed_s = started.elapsed().as_secs(), entries_sent = sent.load(Ordering::Relaxed), "full sync in progress");
+                        tracing::info!(target = %name, root = %req.root, elapsed_s = started.elapsed().as_secs(), entries_sent = sent.load(Ordering::Relaxed), "{what} in progress");
                     }
                 };
-                runner.resync(
-                    &req.root,
-                    info,
-                    &[PathBytes::root()],
-                    &req.excludes,
-                    &mut tick,
-                )
+                match &req.kind {
+                    FullKind::Full { excludes } => runner.resync(
+                        &req.root,
+                        info,
+                        &[PathBytes::root()],
+                        excludes,
+                        &mut tick,
+                    ),
+                    FullKind::CatchUp { since_us } => {
+                        runner.catch_up(&req.root, info, *since_us, &mut tick)
+                    }
+                }
             }
         };
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -624,13 +685,13 @@ fn full_lane(
             .as_ref()
             .map_or(0, |p| p.load(Ordering::Relaxed));
         if result.outcome == Outcome::Success {
-            tracing::info!(target = %name, root = %req.root, duration_ms, entries_sent, "full sync finished");
+            tracing::info!(target = %name, root = %req.root, duration_ms, entries_sent, "{what} finished");
         } else {
-            tracing::warn!(target = %name, root = %req.root, duration_ms, error = %result.error, "full sync failed");
+            tracing::warn!(target = %name, root = %req.root, duration_ms, error = %result.error, "{what} failed");
         }
         let done = FullDone {
             root: req.root,
-            excludes: req.excludes,
+            kind: req.kind,
             job_ids: req.job_ids,
             result,
         };
@@ -684,8 +745,9 @@ impl Worker {
         })
     }
 
-    /// Runs until told to stop (drain) or the control says abort.
-    pub fn run(mut self, rx: Receiver<Job>) {
+    /// Runs until told to stop (drain) or the control says abort. True when it
+    /// stopped clean: everything it was given is on the target or in the journal.
+    pub fn run(mut self, rx: Receiver<Job>) -> bool {
         let name = self.target.name.clone();
         tracing::info!(target = %name, roots = self.roots.len(), "worker started");
         let mut intake = Intake {
@@ -743,11 +805,14 @@ impl Worker {
         }
         // Whatever is left goes to the journal, untried, so a restart resumes it.
         let mut left = 0;
+        let mut clean = !self.control.abort.load(Ordering::SeqCst) && self.full.is_empty();
         if let Some(batch) = intake.batcher.take() {
             for (root, work) in batch.roots {
                 let covers = intake.take_covers(&root);
                 left += work.paths.len() + work.resyncs.len();
-                if !self.hand_over(&root, &work, Vec::new(), covers, "", &mut intake) {
+                let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
+                if !self.hand_over(&root, &work, excludes, covers, "", &mut intake) {
+                    clean = false;
                     tracing::warn!(target = %name, root = %root, paths = work.paths.len(), resyncs = work.resyncs.len(), "work abandoned at shutdown: the retrier did not answer (a resync at the next start covers it)");
                 }
             }
@@ -758,7 +823,8 @@ impl Worker {
                 let _ = t.join();
             }
         }
-        tracing::info!(target = %name, handed_over = left, "worker stopped");
+        tracing::info!(target = %name, handed_over = left, clean, "worker stopped");
+        clean
     }
 
     fn run_batch(&mut self, batch: crate::batch::Batch, intake: &mut Intake) {
@@ -777,8 +843,21 @@ impl Worker {
             if work.resyncs.contains(&PathBytes::root()) {
                 // A whole-root resync absorbed everything else of the root.
                 let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
-                self.start_full(&root, excludes, covers);
+                self.start_full(&root, FullKind::Full { excludes }, covers);
                 continue;
+            }
+            let mut work = work;
+            let mut covers = covers;
+            if let Some(since_us) = work.catch_up.take() {
+                // The catch-up walks the tree: the full lane's. The journal jobs go
+                // with the live part when there is one (a failure of either is
+                // journalled again, so settling them with the first is safe).
+                let live_empty = work.is_empty();
+                let with = if live_empty { std::mem::take(&mut covers) } else { Vec::new() };
+                self.start_full(&root, FullKind::CatchUp { since_us }, with);
+                if live_empty {
+                    continue;
+                }
             }
             let sent = work.clone();
             match self.sync_root(&root, work, intake) {
@@ -893,23 +972,23 @@ impl Worker {
         }
     }
 
-    fn start_full(&mut self, root: &str, excludes: Vec<String>, covers: Vec<u64>) {
+    fn start_full(&mut self, root: &str, kind: FullKind, covers: Vec<u64>) {
         if let Some(running) = self.full.get_mut(root) {
-            // This request may have come after the running sync passed the part that
+            // This request may have come after the running one passed the part that
             // was lost: run once more when it is over. Live work keeps flowing.
-            let again = running
-                .again
-                .get_or_insert_with(|| (excludes.clone(), Vec::new()));
-            if again.0 != excludes {
-                again.0 = Vec::new(); // a plain resync wins over a cron one's excludes
-            }
-            again.1.extend(covers);
+            running.again = Some(match running.again.take() {
+                None => (kind, covers),
+                Some((k, mut c)) => {
+                    c.extend(covers);
+                    (k.merge(kind), c)
+                }
+            });
             return;
         }
         let Some(tx) = &self.full_tx else { return };
         let req = FullReq {
             root: root.to_string(),
-            excludes,
+            kind,
             job_ids: covers,
         };
         if tx.send(req).is_ok() {
@@ -928,12 +1007,11 @@ impl Worker {
         if done.result.outcome == Outcome::Success {
             self.delivered(&done.root, done.job_ids.clone(), intake);
         } else {
-            let mut whole = RootWork::default();
-            whole.resync(PathBytes::root());
+            let (owed, excludes) = done.kind.owed();
             if self.hand_over(
                 &done.root,
-                &whole,
-                done.excludes.clone(),
+                &owed,
+                excludes,
                 done.job_ids.clone(),
                 &done.result.error,
                 intake,
@@ -947,10 +1025,10 @@ impl Worker {
                     },
                 );
             } else {
-                tracing::warn!(target = %self.target.name, root = %done.root, error = %done.result.error, "full sync failed and the retrier did not answer; retrying from memory");
+                tracing::warn!(target = %self.target.name, root = %done.root, error = %done.result.error, "full-lane run failed and the retrier did not answer; retrying from memory");
                 self.keep(
                     &done.root,
-                    whole,
+                    owed,
                     done.job_ids.clone(),
                     intake,
                     done.result.outcome,
@@ -962,7 +1040,8 @@ impl Worker {
         if !state.replay.is_empty() {
             intake.batcher.merge(&done.root, state.replay);
         }
-        if let Some((excludes, covers)) = state.again {
+        if let Some((kind, covers)) = state.again {
+            let (owed, excludes) = kind.owed();
             if !excludes.is_empty() {
                 intake.cron_excludes.insert(done.root.clone(), excludes);
             }
@@ -971,7 +1050,7 @@ impl Worker {
                 .entry(done.root.clone())
                 .or_default()
                 .extend(covers);
-            intake.batcher.resync(&done.root, PathBytes::root());
+            intake.batcher.merge(&done.root, owed);
         }
     }
 
@@ -1008,6 +1087,7 @@ impl Worker {
                 let rest = RootWork {
                     resyncs: Default::default(),
                     paths: work.paths,
+                    catch_up: None,
                 };
                 return Some((rest, result));
             }

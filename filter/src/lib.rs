@@ -347,6 +347,14 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
             out.publish(&root, changes)?;
         }
     }
+    // What the watcher sent before it stopped may still be queued here: take it in
+    // (without waiting for more), so the drain publishes it too.
+    while let Some((_, payload)) = bus::try_recv(&pull)? {
+        match wire::decode::<RawBatch>(&payload) {
+            Ok(batch) => filter.push_batch(&batch, Instant::now()),
+            Err(_) => filter.resync_all(Instant::now()),
+        }
+    }
     let held = filter.flush_all();
     let n: usize = held.iter().map(|(_, c)| c.len()).sum();
     for (root, changes) in held {

@@ -126,11 +126,15 @@ pub struct Work {
     /// rsync-style globs left out of this work only (a cron full sync's own excludes).
     #[serde(default)]
     pub excludes: Vec<String>,
+    /// A catch-up is owed: compare what changed since this time (µs since the Unix
+    /// epoch; 0 = none). A resync of the whole root covers it.
+    #[serde(default)]
+    pub catch_up_us: u64,
 }
 
 impl Work {
     pub fn is_empty(&self) -> bool {
-        self.resyncs.is_empty() && self.paths.is_empty()
+        self.resyncs.is_empty() && self.paths.is_empty() && self.catch_up_us == 0
     }
 
     /// Number of paths and subtrees, for logs and bounds.
@@ -338,6 +342,7 @@ mod tests {
             resyncs: vec![PathBytes::root()],
             paths: vec![PathBytes::new(b"a\n\xff".to_vec())],
             excludes: vec!["*.tmp".into()],
+            catch_up_us: 9,
         };
         let r = Report {
             version: VERSION,

@@ -86,7 +86,14 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
                 .iter()
                 .map(|g| format!("--exclude={g}").into()),
         );
-        for sub in &r.work.resyncs {
+        // The script cannot do a catch-up: it compares the whole root instead.
+        let whole = [PathBytes::root()];
+        let resyncs = if r.work.catch_up_us != 0 {
+            &whole[..]
+        } else {
+            &r.work.resyncs[..]
+        };
+        for sub in resyncs {
             let with_slash = |base: &[u8], p: &PathBytes| {
                 let mut v = base.to_vec();
                 if !p.is_root() {
@@ -185,6 +192,7 @@ mod tests {
                 resyncs: vec!["sub".into()],
                 paths: vec![PathBytes::new(odd.to_vec()), "gone".into()],
                 excludes: vec![],
+                catch_up_us: 0,
             },
             attempt: 2,
             since_us: 1,

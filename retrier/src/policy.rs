@@ -26,7 +26,11 @@ pub fn merge(parts: impl IntoIterator<Item = Work>) -> Work {
     let mut resyncs: BTreeSet<PathBytes> = BTreeSet::new();
     let mut paths: BTreeSet<PathBytes> = BTreeSet::new();
     let mut excludes: Option<Vec<String>> = None;
+    let mut catch_up = 0u64;
     for w in parts {
+        if w.catch_up_us != 0 && (catch_up == 0 || w.catch_up_us < catch_up) {
+            catch_up = w.catch_up_us;
+        }
         // A plain piece (no excludes of its own) needs everything sent: drop them.
         excludes = match excludes {
             None => Some(w.excludes.clone()),
@@ -42,10 +46,15 @@ pub fn merge(parts: impl IntoIterator<Item = Work>) -> Work {
         .cloned()
         .collect();
     paths.retain(|p| !top.iter().any(|s| p.is_within(s)));
+    // A resync of the whole root covers a catch-up.
+    if top.iter().any(PathBytes::is_root) {
+        catch_up = 0;
+    }
     Work {
         resyncs: top,
         paths: paths.into_iter().collect(),
         excludes: excludes.unwrap_or_default(),
+        catch_up_us: catch_up,
     }
 }
 
@@ -76,6 +85,7 @@ pub fn collapse(work: Work, max: usize) -> Work {
             resyncs: keep_resyncs.chain(dirs).collect(),
             paths: keep_paths.collect(),
             excludes: work.excludes,
+            catch_up_us: work.catch_up_us,
         }]);
     }
     work
@@ -142,6 +152,20 @@ mod tests {
             ..Default::default()
         };
         assert!(merge([cron, live]).excludes.is_empty());
+    }
+
+    #[test]
+    fn catch_ups_merge_to_the_earliest_and_yield_to_a_whole_root_resync() {
+        let c = |t| Work {
+            catch_up_us: t,
+            ..Default::default()
+        };
+        assert_eq!(merge([c(5), c(0), c(3)]).catch_up_us, 3);
+        let whole = Work {
+            resyncs: vec![PathBytes::root()],
+            ..Default::default()
+        };
+        assert_eq!(merge([c(5), whole]).catch_up_us, 0);
     }
 
     #[test]

@@ -181,6 +181,7 @@ impl Requests {
                 resyncs: vec![PathBytes::root()],
                 paths: Vec::new(),
                 excludes: schedule.exclude_glob.clone(),
+                catch_up_us: 0,
             },
             error: String::new(),
             time_us: protocol::now_us(),

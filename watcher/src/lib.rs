@@ -187,8 +187,20 @@ fn run_inner(config: &Config, shutdown: &Shutdown) -> Result<(), WatcherError> {
     let result = w.main_loop();
     // The socket closes here with the linger set in bus::socket, flushing what it holds.
     drop(w);
-    result
+    // Every change before this moment has been read and sent: `syncbus run` turns it
+    // into a checkpoint if the stages after us stop cleanly too.
+    if let Ok(Some(stopped_at)) = &result {
+        let path = config.runtime_dir.join(STOPPED_FILE);
+        if let Err(e) = std::fs::write(&path, stopped_at.to_string()) {
+            warn!(path = %path.display(), error = %e, "cannot record the stop time");
+        }
+    }
+    result.map(|_| ())
 }
+
+/// Where a cleanly stopped watcher records the time up to which it read every change
+/// (µs since the Unix epoch), in the runtime dir.
+pub const STOPPED_FILE: &str = "watcher.stopped";
 
 struct RootState {
     name: String,
@@ -261,7 +273,9 @@ impl<'a> Watcher<'a> {
         })
     }
 
-    fn main_loop(&mut self) -> Result<(), WatcherError> {
+    /// Watches until shutdown; `Some(time)` when it drained the kernel queue at the
+    /// end, so every change before `time` was read and sent.
+    fn main_loop(&mut self) -> Result<Option<u64>, WatcherError> {
         self.rebuild(true)?;
         self.flush()?;
         loop {
@@ -285,11 +299,16 @@ impl<'a> Watcher<'a> {
             self.flush()?;
         }
         // Hand over what the kernel already queued, without waiting for more.
-        if !self.shutdown.urgent() {
-            self.read_and_handle()?;
+        if self.shutdown.urgent() {
+            return Ok(None);
+        }
+        let stopped_at = protocol::now_us();
+        while self.read_and_handle()? {
             self.flush()?;
         }
-        Ok(())
+        self.flush()?;
+        // A send given up on (the filter took nothing) leaves no checkpoint.
+        Ok((!self.abandoned).then_some(stopped_at))
     }
 
     /// Blocks until inotify or the shutdown fd is readable, or a missing root is due.
@@ -350,10 +369,11 @@ impl<'a> Watcher<'a> {
 
     /// One inotify read (plus, when it ends with half a directory move, a short wait for
     /// the other half), translated into `out`.
-    fn read_and_handle(&mut self) -> Result<(), WatcherError> {
+    /// `false` when the kernel had nothing queued.
+    fn read_and_handle(&mut self) -> Result<bool, WatcherError> {
         let mut evs = Vec::new();
         if !self.read_into(&mut evs)? {
-            return Ok(());
+            return Ok(false);
         }
         let deadline = Instant::now() + MOVE_PAIR_WAIT;
         while has_unpaired_dir_move(&evs) {
@@ -370,7 +390,7 @@ impl<'a> Watcher<'a> {
         for ev in &evs {
             self.handle(ev, &paired, &mut pending)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     fn handle(
