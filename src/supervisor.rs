@@ -122,8 +122,12 @@ pub fn run(args: RunArgs) -> ExitCode {
         targets = config.targets.len(),
         "syncbus starting"
     );
+    let catch_up = take_checkpoint(&config, &file);
     let mut sup = Supervisor {
         exe,
+        runtime_dir: config.runtime_dir.clone(),
+        state_dir: config.retry.state_dir.clone(),
+        catch_up,
         loaded: read_sections(&file),
         file,
         log_json: args.log_json,
@@ -328,6 +332,35 @@ fn lock(dir: &Path) -> Result<File, String> {
     Ok(f)
 }
 
+/// The file in the state dir that holds the last clean stop's checkpoint.
+const CHECKPOINT_FILE: &str = "checkpoint.toml";
+/// Taken off a checkpoint: the kernel stamps ctimes with a coarse clock.
+const CHECKPOINT_MARGIN_US: u64 = 1_000_000;
+
+/// Reads and removes the checkpoint of the last clean stop (so a crash after this start
+/// can never reuse it). Usable only if the roots and targets are the ones it was taken
+/// with: a new target has never seen a full compare.
+fn take_checkpoint(config: &Config, file: &Path) -> Option<u64> {
+    let _ = std::fs::remove_file(config.runtime_dir.join(watcher::STOPPED_FILE));
+    let path = config.retry.state_dir.join(CHECKPOINT_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove the checkpoint; comparing in full");
+        return None;
+    }
+    let saved: toml::Table = toml::from_str(&text).ok()?;
+    let now = read_sections(file);
+    let same = ["root", "target"]
+        .iter()
+        .all(|k| saved.get(*k) == now.get(*k));
+    let since = saved.get("since_us")?.as_integer()?;
+    if !same {
+        tracing::info!("roots or targets changed since the last stop: comparing in full");
+        return None;
+    }
+    Some((since.max(0) as u64).saturating_sub(CHECKPOINT_MARGIN_US))
+}
+
 /// The config sections each stage reads: a SIGHUP restarts only the stages whose
 /// sections changed.
 fn stage_sections(stage: &str) -> &'static [&'static str] {
@@ -352,6 +385,10 @@ fn read_sections(file: &Path) -> toml::Table {
 struct Supervisor {
     exe: PathBuf,
     file: PathBuf,
+    runtime_dir: PathBuf,
+    state_dir: PathBuf,
+    /// The checkpoint of the last clean stop, for the first dispatcher.
+    catch_up: Option<u64>,
     /// The sections of the config the running stages were started with.
     loaded: toml::Table,
     log_json: bool,
@@ -372,22 +409,32 @@ impl Supervisor {
             shutdown.drain();
             if shutdown.requested() {
                 tracing::info!("stopping: watcher first, then filter, then dispatcher");
-                self.stop_all(shutdown);
+                if self.stop_all(shutdown) {
+                    self.write_checkpoint();
+                }
                 return 0;
             }
             if shutdown.take_hup() {
                 self.reload(shutdown);
             }
             if let Some(code) = self.reap() {
-                self.stop_all(shutdown);
+                let _ = self.stop_all(shutdown);
                 return code;
             }
         }
     }
 
-    fn spawn(&self, name: &str) -> std::io::Result<Child> {
+    fn spawn(&mut self, name: &str) -> std::io::Result<Child> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg(name).arg("--config").arg(&self.file);
+        cmd.env_remove(dispatcher::CATCH_UP_ENV);
+        if name == "dispatcher" {
+            // Only the first dispatcher after a clean stop: a restart after a crash
+            // compares in full.
+            if let Some(t) = self.catch_up.take() {
+                cmd.env(dispatcher::CATCH_UP_ENV, t.to_string());
+            }
+        }
         if self.log_json {
             cmd.arg("--log-json");
         }
@@ -474,34 +521,84 @@ impl Supervisor {
         None
     }
 
-    fn stop_all(&mut self, shutdown: &Shutdown) {
-        self.stop(shutdown, &START_ORDER);
+    fn stop_all(&mut self, shutdown: &Shutdown) -> bool {
+        self.stop(shutdown, &START_ORDER)
     }
 
     /// Stops the named stages in data-flow order.
-    fn stop(&mut self, shutdown: &Shutdown, which: &[&str]) {
+    /// Stops the named stages in data-flow order; true when every one of them was
+    /// running and exited 0 on its own (a clean drain).
+    fn stop(&mut self, shutdown: &Shutdown, which: &[&str]) -> bool {
+        let mut clean = true;
         for (name, grace) in STOP_ORDER.into_iter().filter(|(n, _)| which.contains(n)) {
             let Some(s) = self.stages.iter_mut().find(|s| s.name == name) else {
                 continue;
             };
             s.next_start = None;
             let Some(mut child) = s.child.take() else {
+                clean = false;
                 continue;
             };
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + grace;
             loop {
-                if let Ok(Some(_)) = child.try_wait() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    clean &= status.success();
                     break;
                 }
                 if Instant::now() > deadline || shutdown.urgent() {
                     tracing::warn!(stage = name, "stage did not stop in time; killing it");
                     let _ = child.kill();
                     let _ = child.wait();
+                    clean = false;
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        clean
+    }
+
+    /// After a clean stop: every change read by the watcher up to its stop time is on a
+    /// target or in the journal. Records that time with the roots and targets it holds
+    /// for, so the next start can compare only what changed since.
+    fn write_checkpoint(&self) {
+        let stopped = self.runtime_dir.join(watcher::STOPPED_FILE);
+        let Some(since) = std::fs::read_to_string(&stopped)
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+        else {
+            return;
+        };
+        let _ = std::fs::remove_file(&stopped);
+        let mut table = toml::Table::new();
+        table.insert("since_us".into(), toml::Value::Integer(since));
+        for (k, v) in read_sections(&self.file) {
+            if k == "root" || k == "target" {
+                table.insert(k, v);
+            }
+        }
+        let Ok(text) = toml::to_string(&table) else {
+            return;
+        };
+        let path = self.state_dir.join(CHECKPOINT_FILE);
+        let tmp = self.state_dir.join("checkpoint.toml.tmp");
+        let written = std::fs::create_dir_all(&self.state_dir)
+            .and_then(|_| {
+                let mut f = std::fs::File::create(&tmp)?;
+                use std::io::Write;
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        match written {
+            Ok(()) => tracing::info!(
+                since_us = since,
+                "clean stop: the next start compares only what changed since"
+            ),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the checkpoint; the next start compares in full")
             }
         }
     }
@@ -531,7 +628,7 @@ impl Supervisor {
             return;
         }
         tracing::info!(stages = ?changed, "SIGHUP: config valid; restarting the stages it changes");
-        self.stop(shutdown, &changed);
+        let _ = self.stop(shutdown, &changed);
         for s in self.stages.iter_mut().filter(|s| changed.contains(&s.name)) {
             s.next_start = Some(Instant::now());
             s.backoff = BACKOFF_MIN;

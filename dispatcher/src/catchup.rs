@@ -73,7 +73,10 @@ pub fn scan(root: &Path, rules: &Rules, since_us: u64) -> std::io::Result<Scan> 
             }
             if is_dir {
                 if changed_dir {
-                    out.children.entry(dir.clone()).or_default().push(path.clone());
+                    out.children
+                        .entry(dir.clone())
+                        .or_default()
+                        .push(path.clone());
                 }
                 if ctime_us(&meta) >= since_us {
                     out.dirs.insert(path.clone());
@@ -140,7 +143,10 @@ pub fn listing_rules(excludes: &[u8], scan: &Scan) -> Vec<u8> {
         if !dirs.contains(d) {
             continue;
         }
-        for c in kids.iter().filter(|c| !dirs.contains(*c) && !anc.contains(*c)) {
+        for c in kids
+            .iter()
+            .filter(|c| !dirs.contains(*c) && !anc.contains(*c))
+        {
             let mut p = rsync_wildcard_prefix(c);
             p.extend_from_slice(b"/***");
             rule(&mut out, b"P", &p);

@@ -29,6 +29,11 @@
 //!   `run` jobs are the only tries, so an outage costs no rsync storm.
 //! - Whole-root resyncs run in the full lane, never in front of live changes; what the
 //!   live lane sent meanwhile is sent again afterwards.
+//! - After a clean stop (`syncbus run` hands the checkpoint in `CATCH_UP_ENV`), each
+//!   root's start compare is a catch-up ([`catchup`]), once; any later doubt, and any
+//!   start without a checkpoint, is a full compare.
+//! - The stage exits 0 only when its drain left nothing behind (all delivered or
+//!   journalled): that is what lets `syncbus run` trust a stop as a checkpoint.
 //! - rsync never runs from a missing source root (`--delete` would wipe the mirror).
 //! - File names reach rsync as bytes on stdin, `./`-prefixed and NUL-separated; no
 //!   shell anywhere ([`command`] is the only place that spawns processes).
@@ -218,7 +223,10 @@ pub fn run(
             .unwrap_or_default(),
     };
     if let Some(t) = catch_up_since() {
-        tracing::info!(since_us = t, "syncbus stopped cleanly before: the start compares only what changed since");
+        tracing::info!(
+            since_us = t,
+            "syncbus stopped cleanly before: the start compares only what changed since"
+        );
     }
     let result = loop {
         let now = Instant::now();
@@ -363,8 +371,7 @@ pub fn run(
     // A non-zero exit tells `syncbus run` not to trust this stop as a checkpoint.
     if result.is_ok() && !clean {
         return Err(StageError::Failed(
-            "work was left behind at shutdown (see above); the next start compares in full"
-                .into(),
+            "work was left behind at shutdown (see above); the next start compares in full".into(),
         ));
     }
     result
@@ -590,7 +597,15 @@ mod tests {
             catch_up: HashMap::new(),
         };
         let mut feed = |payload: Vec<u8>| {
-            handle(&topic, &payload, &topics, &mut trackers, &mut starts, &routes).unwrap();
+            handle(
+                &topic,
+                &payload,
+                &topics,
+                &mut trackers,
+                &mut starts,
+                &routes,
+            )
+            .unwrap();
             let jobs: Vec<Job> = rx.try_iter().collect();
             (jobs, starts.deferred.contains_key("r"))
         };

@@ -68,9 +68,7 @@ impl FullKind {
     fn merge(self, other: FullKind) -> FullKind {
         match (self, other) {
             (FullKind::CatchUp { since_us: a }, FullKind::CatchUp { since_us: b }) => {
-                FullKind::CatchUp {
-                    since_us: a.min(b),
-                }
+                FullKind::CatchUp { since_us: a.min(b) }
             }
             (FullKind::Full { excludes: a }, FullKind::Full { excludes: b }) => FullKind::Full {
                 excludes: if a == b { a } else { Vec::new() },
@@ -441,7 +439,15 @@ impl Runner {
             let rules = crate::catchup::listing_rules(&excludes, &scan);
             let dest = self.target.destination(root);
             let mut itemized = Vec::new();
-            let r = self.rsync(Mode::Listing, &rules, src, &dest, b"", tick, Some(&mut itemized));
+            let r = self.rsync(
+                Mode::Listing,
+                &rules,
+                src,
+                &dest,
+                b"",
+                tick,
+                Some(&mut itemized),
+            );
             if r.outcome != Outcome::Success {
                 return r;
             }
@@ -461,7 +467,7 @@ impl Runner {
         }
         tracing::info!(
             target = %self.target.name,
-            root,
+            root = %root,
             entries = scan.seen,
             changed_files = scan.files.len(),
             changed_dirs = scan.dirs.len(),
@@ -487,7 +493,15 @@ impl Runner {
         let rules = plan::exclude_rules(&info.rules, &Default::default());
         let list = plan::files_from(&entries);
         let dest = self.target.destination(root);
-        self.rsync(Mode::Incremental, &rules, &info.path, &dest, &list, tick, None)
+        self.rsync(
+            Mode::Incremental,
+            &rules,
+            &info.path,
+            &dest,
+            &list,
+            tick,
+            None,
+        )
     }
 
     /// One rsync run. With `capture`, its itemized output (`%i %n` lines) lands there.
@@ -551,10 +565,17 @@ impl Runner {
         };
         let control = self.control.clone();
         let idle = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
-        let result = command::run(&command::rsync_program(), &args, stdin, idle, sink, |wait| {
-            tick(wait);
-            control.must_stop()
-        });
+        let result = command::run(
+            &command::rsync_program(),
+            &args,
+            stdin,
+            idle,
+            sink,
+            |wait| {
+                tick(wait);
+                control.must_stop()
+            },
+        );
         if let Some(c) = capture {
             *c = itemized.into_inner().unwrap_or_default();
         }
@@ -666,13 +687,9 @@ fn full_lane(
                     }
                 };
                 match &req.kind {
-                    FullKind::Full { excludes } => runner.resync(
-                        &req.root,
-                        info,
-                        &[PathBytes::root()],
-                        excludes,
-                        &mut tick,
-                    ),
+                    FullKind::Full { excludes } => {
+                        runner.resync(&req.root, info, &[PathBytes::root()], excludes, &mut tick)
+                    }
                     FullKind::CatchUp { since_us } => {
                         runner.catch_up(&req.root, info, *since_us, &mut tick)
                     }
@@ -853,7 +870,11 @@ impl Worker {
                 // with the live part when there is one (a failure of either is
                 // journalled again, so settling them with the first is safe).
                 let live_empty = work.is_empty();
-                let with = if live_empty { std::mem::take(&mut covers) } else { Vec::new() };
+                let with = if live_empty {
+                    std::mem::take(&mut covers)
+                } else {
+                    Vec::new()
+                };
                 self.start_full(&root, FullKind::CatchUp { since_us }, with);
                 if live_empty {
                     continue;
@@ -1157,11 +1178,13 @@ mod tests {
         std::fs::write(dst.join("b/inner/untouched-extra"), "only on the target").unwrap();
         // The checkpoint: a ctime later than every change above (ctime has the kernel's
         // coarse clock, so wait for it to move on rather than for a fixed time).
-        let before = ["a", "a/sub", "b", "b/inner", "c", "site", "site.new", "gone", "perm", ""]
-            .iter()
-            .map(|r| ctime_us(&src.join(r)))
-            .max()
-            .unwrap();
+        let before = [
+            "a", "a/sub", "b", "b/inner", "c", "site", "site.new", "gone", "perm", "",
+        ]
+        .iter()
+        .map(|r| ctime_us(&src.join(r)))
+        .max()
+        .unwrap();
         let marker = d.path().join("marker");
         let since = loop {
             std::fs::write(&marker, "m").unwrap();
@@ -1177,10 +1200,11 @@ mod tests {
         w("n/new", "new dir");
         std::fs::rename(src.join("a/sub"), src.join("a/moved")).unwrap();
         std::fs::remove_dir_all(src.join("gone")).unwrap();
-        std::fs::set_permissions(src.join("perm"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(src.join("perm"), std::fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink("a", src.join("link")).unwrap();
-        let odd = src.join("a").join(std::ffi::OsStr::from_bytes(b"odd\nname\xff"));
+        let odd = src
+            .join("a")
+            .join(std::ffi::OsStr::from_bytes(b"odd\nname\xff"));
         std::fs::create_dir(&odd).unwrap();
         std::fs::write(odd.join("f"), "odd").unwrap();
 

@@ -180,3 +180,51 @@ fn a_cron_full_sync_repairs_a_target_changed_behind_our_back_and_keeps_its_exclu
         "the schedule's own exclude was not applied"
     );
 }
+
+#[test]
+fn a_stopped_syncbus_run_resumes_from_the_journal_and_catches_up_without_a_full_resync() {
+    let mut m = Mirror::new(1, "");
+    for d in ["keep", "edit", "moveme/deep", "gone"] {
+        fs::create_dir_all(m.s(d)).unwrap();
+        fs::write(m.s(&format!("{d}/f")), d).unwrap();
+    }
+    m.start().wait_ready();
+    m.wait_for("the initial full sync", CONVERGE, || {
+        m.log().contains("full sync finished").then_some(())
+    });
+    m.converge();
+    // Work pending for a target that is down, in the journal.
+    m.daemons[0].kill();
+    fs::write(m.s("pending-1"), "written while the target was down").unwrap();
+    m.wait_for("pending work in the journal", CONVERGE, || {
+        let text = fs::read(m.dir.path().join("state/rsync_fail_log.sh")).ok()?;
+        text.windows(9).any(|w| w == b"pending-1").then_some(())
+    });
+    // `kill PID`: SIGTERM, a clean stop.
+    let p = m.proc.as_mut().unwrap();
+    p.signal(libc::SIGTERM);
+    let status = p.wait_exit(CONVERGE).expect("syncbus run stops on SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", m.log());
+    assert!(m.log().contains("clean stop"), "{}", m.log());
+    // Changes while nothing watches.
+    fs::write(m.s("edit/f"), "edited while stopped").unwrap();
+    fs::remove_dir_all(m.s("gone")).unwrap();
+    fs::rename(m.s("moveme"), m.s("moved")).unwrap();
+    fs::create_dir(m.s("new")).unwrap();
+    fs::write(m.s("new/n"), "new while stopped").unwrap();
+    m.daemons[0].restart();
+    m.start();
+    m.converge();
+    m.wait_for("the catch-up", CONVERGE, || {
+        m.log().contains("catch-up compared").then_some(())
+    });
+    let log = m.log();
+    assert!(
+        log.contains("resuming pending jobs from the journal"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("full sync started"),
+        "a full resync ran after a clean stop:\n{log}"
+    );
+}

@@ -408,7 +408,10 @@ fn failing_and_hanging_targets_do_not_delay_a_healthy_one() {
     // and reports what it abandons.
     let started = Instant::now();
     let st = h.terminate();
-    assert!(st.success(), "exit after SIGTERM: {st}\n{}", h.log());
+    // No retrier runs here, so the hung target's work could not be journalled: the
+    // stage says so with its exit code (`syncbus run` then keeps no checkpoint).
+    assert_eq!(st.code(), Some(1), "exit after SIGTERM: {st}\n{}", h.log());
+    assert!(h.log().contains("left behind"), "{}", h.log());
     assert!(
         started.elapsed() < Duration::from_secs(14),
         "{:?}",
@@ -449,7 +452,8 @@ fn a_second_signal_stops_at_once() {
     let started = Instant::now();
     h.sigterm();
     let st = h.wait_exit(Duration::from_secs(5));
-    assert!(st.success(), "{st}\n{}", h.log());
+    // Stopped now, with the resync unfinished: not a clean drain.
+    assert_eq!(st.code(), Some(1), "{st}\n{}", h.log());
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
