@@ -354,6 +354,11 @@ fn take_checkpoint(config: &Config, file: &Path) -> Option<u64> {
         .iter()
         .all(|k| saved.get(*k) == now.get(*k));
     let since = saved.get("since_us")?.as_integer()?;
+    if since.max(0) as u64 > protocol::now_us() {
+        // The clock went back: ctimes cannot be compared with it.
+        tracing::info!("the clock is behind the last stop: comparing in full");
+        return None;
+    }
     if !same {
         tracing::info!("roots or targets changed since the last stop: comparing in full");
         return None;

@@ -459,6 +459,7 @@ impl Runner {
                 return r;
             }
         }
+        follow_ups.extend(scan.mounts.iter().cloned());
         if !follow_ups.is_empty() {
             let r = self.resync(root, info, &follow_ups, &[], tick);
             if r.outcome != Outcome::Success {
