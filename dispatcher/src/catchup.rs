@@ -34,6 +34,9 @@ pub struct Scan {
     pub children: BTreeMap<PathBytes, Vec<PathBytes>>,
     /// Excluded direct entries of `dirs` (kept off the target and never deleted there).
     pub excluded: BTreeSet<PathBytes>,
+    /// Directories on another filesystem than their parent: a mount keeps its files'
+    /// ctimes, so these are compared in full.
+    pub mounts: Vec<PathBytes>,
     /// Entries looked at.
     pub seen: u64,
 }
@@ -46,11 +49,12 @@ fn ctime_us(m: &std::fs::Metadata) -> u64 {
 /// epoch). Excluded entries are not descended into.
 pub fn scan(root: &Path, rules: &Rules, since_us: u64) -> std::io::Result<Scan> {
     let mut out = Scan::default();
-    if ctime_us(&std::fs::symlink_metadata(root)?) >= since_us {
+    let top = std::fs::symlink_metadata(root)?;
+    if ctime_us(&top) >= since_us {
         out.dirs.insert(PathBytes::root());
     }
-    let mut stack = vec![PathBytes::root()];
-    while let Some(dir) = stack.pop() {
+    let mut stack = vec![(PathBytes::root(), top.dev())];
+    while let Some((dir, dev)) = stack.pop() {
         let changed_dir = out.dirs.contains(&dir);
         let entries = match std::fs::read_dir(dir.under(root)) {
             Ok(e) => e,
@@ -78,10 +82,14 @@ pub fn scan(root: &Path, rules: &Rules, since_us: u64) -> std::io::Result<Scan> 
                         .or_default()
                         .push(path.clone());
                 }
+                if meta.dev() != dev {
+                    out.mounts.push(path);
+                    continue;
+                }
                 if ctime_us(&meta) >= since_us {
                     out.dirs.insert(path.clone());
                 }
-                stack.push(path);
+                stack.push((path, dev));
             } else if ctime_us(&meta) >= since_us {
                 out.files.insert(path, Touch::default());
             }

@@ -1234,4 +1234,80 @@ mod tests {
             vec!["only in mirror: b/inner/untouched-extra".to_string()]
         );
     }
+
+    /// A filesystem mounted while syncbus was stopped keeps its files' old ctimes: the
+    /// catch-up compares it in full.
+    #[test]
+    fn a_catch_up_compares_a_filesystem_mounted_since_the_checkpoint_in_full() {
+        use std::process::{Command, Stdio};
+        let d = tempfile::tempdir().unwrap();
+        let (src, dst, stage) = (
+            d.path().join("src"),
+            d.path().join("dst"),
+            d.path().join("stage"),
+        );
+        for p in [src.join("m"), dst.join("m"), stage.clone()] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1M", "tmpfs"])
+            .arg(&stage)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs here (mount(2) needs root)");
+            return;
+        }
+        let unmount = |p: &Path| {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
+        };
+        std::fs::write(stage.join("old"), "written before the checkpoint").unwrap();
+        let before = ctime_us(&stage.join("old"))
+            .max(ctime_us(&src))
+            .max(ctime_us(&src.join("m")));
+        let marker = d.path().join("marker");
+        let since = loop {
+            std::fs::write(&marker, "m").unwrap();
+            let t = ctime_us(&marker);
+            if t > before {
+                break t;
+            }
+        };
+        let moved = Command::new("mount")
+            .arg("--move")
+            .arg(&stage)
+            .arg(src.join("m"))
+            .status()
+            .is_ok_and(|s| s.success());
+        if !moved {
+            unmount(&stage);
+            eprintln!("skipped: cannot move a mount here");
+            return;
+        }
+        let text = format!(
+            "[[root]]\nname = \"r\"\npath = {:?}\n[[target]]\nname = \"t\"\nurl = {:?}\n",
+            src.display().to_string(),
+            dst.display().to_string(),
+        );
+        let config = protocol::config::Config::parse(&text, &d.path().join("c.toml")).unwrap();
+        let runner = Runner::new(
+            config.targets[0].clone(),
+            d.path(),
+            "test",
+            Arc::new(Control::default()),
+        )
+        .unwrap();
+        let info = RootInfo {
+            path: config.roots[0].path.clone(),
+            rules: config.roots[0].rules.clone(),
+        };
+        let r = runner.catch_up("r", &info, since, &mut |w| std::thread::sleep(w));
+        unmount(&src.join("m"));
+        assert_eq!(r.outcome, Outcome::Success, "{}", r.error);
+        assert_eq!(
+            std::fs::read_to_string(dst.join("m/old")).unwrap(),
+            "written before the checkpoint"
+        );
+    }
 }
