@@ -10,15 +10,15 @@
 //!   there (rsync's itemized output says so), was moved in or swapped: it is compared
 //!   in full (a subtree resync), because its content kept old ctimes.
 //!
-//! [`scan`] walks the source (stat only), [`listing_rules`] makes the filter of the
-//! listing run, [`follow_ups`] reads its itemized output.
+//! [`scan`] walks the source (stat only), [`listing_entries`] and [`listing_rules`] make
+//! the input and filter of the listing run, [`follow_ups`] reads its itemized output.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use protocol::rules::{rsync_literal_rule, rsync_wildcard_prefix, Rules};
+use protocol::rules::{rsync_literal_rule, Rules};
 use protocol::PathBytes;
 
 use crate::batch::Touch;
@@ -30,8 +30,6 @@ pub struct Scan {
     pub files: BTreeMap<PathBytes, Touch>,
     /// Directories with a ctime at or after the checkpoint (the root as `""`).
     pub dirs: BTreeSet<PathBytes>,
-    /// The child directories of each of `dirs`.
-    pub children: BTreeMap<PathBytes, Vec<PathBytes>>,
     /// Excluded direct entries of `dirs` (kept off the target and never deleted there).
     pub excluded: BTreeSet<PathBytes>,
     /// Directories on another filesystem than their parent: a mount keeps its files'
@@ -76,12 +74,6 @@ pub fn scan(root: &Path, rules: &Rules, since_us: u64) -> std::io::Result<Scan> 
                 continue;
             }
             if is_dir {
-                if changed_dir {
-                    out.children
-                        .entry(dir.clone())
-                        .or_default()
-                        .push(path.clone());
-                }
                 if meta.dev() != dev {
                     out.mounts.push(path);
                     continue;
@@ -98,23 +90,8 @@ pub fn scan(root: &Path, rules: &Rules, since_us: u64) -> std::io::Result<Scan> 
     Ok(out)
 }
 
-fn rule(out: &mut Vec<u8>, sign: &[u8], pattern: &[u8]) {
-    out.extend_from_slice(sign);
-    out.push(b' ');
-    out.extend_from_slice(pattern);
-    out.push(0);
-}
-
-/// `/dir` escaped as a wildcard prefix; `""` for the root (so `/*` follows).
-fn prefix(dir: &PathBytes) -> Vec<u8> {
-    if dir.is_root() {
-        Vec::new()
-    } else {
-        rsync_wildcard_prefix(dir)
-    }
-}
-
-/// Strict ancestors of the changed directories that are not changed themselves.
+/// Strict ancestors of the changed directories that are not changed themselves (rsync
+/// sends them as implied directories; their itemized lines are not follow-ups).
 fn ancestors(dirs: &BTreeSet<PathBytes>) -> BTreeSet<PathBytes> {
     let mut out = BTreeSet::new();
     for d in dirs.iter().filter(|d| !d.is_root()) {
@@ -130,52 +107,32 @@ fn ancestors(dirs: &BTreeSet<PathBytes>) -> BTreeSet<PathBytes> {
     out
 }
 
-/// The filter of the listing run (NUL-separated, for `--from0 --filter=merge`):
-/// `excludes` first, then receiver-side protection for everything the run must not
-/// delete (the other entries of pure ancestors, the content of unchanged child
-/// directories), then the includes (the way down, the direct entries of each changed
-/// directory), and sender-side hiding of the rest.
+/// The `--files-from=- --from0` input of the listing run: `./DIR/.` per changed
+/// directory (`./.` for the root). With `--dirs` and no `--recursive`, rsync compares
+/// exactly the direct entries of each (deleting what the target has extra, whole
+/// directories included) and creates new child directories without entering them.
+pub fn listing_entries(scan: &Scan) -> Vec<u8> {
+    let mut out = Vec::new();
+    for d in &scan.dirs {
+        out.extend_from_slice(b"./");
+        if !d.is_root() {
+            out.extend_from_slice(d.as_bytes());
+            out.push(b'/');
+        }
+        out.extend_from_slice(b".\0");
+    }
+    out
+}
+
+/// The filter of the listing run: the root's `excludes`, and each excluded entry the
+/// scan met (regex excludes as literal paths): neither sent nor deleted.
 pub fn listing_rules(excludes: &[u8], scan: &Scan) -> Vec<u8> {
-    let dirs = &scan.dirs;
-    let anc = ancestors(dirs);
     let mut out = excludes.to_vec();
     for p in &scan.excluded {
-        rule(&mut out, b"-", &rsync_literal_rule(p));
+        out.extend_from_slice(b"- ");
+        out.extend_from_slice(&rsync_literal_rule(p));
+        out.push(0);
     }
-    for a in &anc {
-        let mut p = prefix(a);
-        p.extend_from_slice(b"/*");
-        rule(&mut out, b"P", &p);
-    }
-    for (d, kids) in &scan.children {
-        if !dirs.contains(d) {
-            continue;
-        }
-        for c in kids
-            .iter()
-            .filter(|c| !dirs.contains(*c) && !anc.contains(*c))
-        {
-            let mut p = rsync_wildcard_prefix(c);
-            p.extend_from_slice(b"/***");
-            rule(&mut out, b"P", &p);
-        }
-    }
-    for d in anc.iter().chain(dirs.iter()).filter(|d| !d.is_root()) {
-        let mut p = rsync_literal_rule(d);
-        p.push(b'/');
-        rule(&mut out, b"+", &p);
-    }
-    for d in dirs {
-        let mut p = prefix(d);
-        p.extend_from_slice(b"/*");
-        rule(&mut out, b"+", &p);
-    }
-    for d in dirs {
-        let mut p = prefix(d);
-        p.extend_from_slice(b"/*/*");
-        rule(&mut out, b"H", &p);
-    }
-    rule(&mut out, b"H", b"*");
     out
 }
 

@@ -52,7 +52,7 @@ pub enum Mode {
     DeleteOnly,
     /// `--delete` of the whole transfer, restricted by the rules file.
     Resync,
-    /// Like `Resync`, for the listings of a catch-up: times compared to the second.
+    /// The listings of a catch-up: `--dirs --delete` of the `./DIR/.` on stdin.
     Listing,
 }
 
@@ -174,11 +174,14 @@ pub fn build_args(
             a.push("--files-from=-".into());
         }
         Mode::Listing => {
-            // Direct entries of changed directories (see catchup.rs). Second
-            // granularity on purpose: changed files go in their own run, and a child
-            // directory whose time differs by less is the same directory.
+            // The direct entries of the listed directories (`./DIR/.`), no deeper (see
+            // catchup.rs). Times to the second on purpose: changed files go in their
+            // own run, and a child directory whose time differs by less is the same.
+            a.push("--no-recursive".into());
+            a.push("--dirs".into());
             a.push("--delete".into());
             a.push("--force".into());
+            a.push("--files-from=-".into());
         }
         Mode::Resync => {
             a.push("--delete".into());

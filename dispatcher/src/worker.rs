@@ -439,12 +439,13 @@ impl Runner {
             let rules = crate::catchup::listing_rules(&excludes, &scan);
             let dest = self.target.destination(root);
             let mut itemized = Vec::new();
+            let list = crate::catchup::listing_entries(&scan);
             let r = self.rsync(
                 Mode::Listing,
                 &rules,
                 src,
                 &dest,
-                b"",
+                &list,
                 tick,
                 Some(&mut itemized),
             );
