@@ -41,6 +41,10 @@ fn a_target_down_for_30s_during_a_burst_converges_soon_after_its_return_without_
     m.daemons[0].restart();
     let back = Instant::now();
     m.converge();
+    eprintln!(
+        "outage: {attempts} rsync attempts; converged {:?} after the target returned",
+        back.elapsed()
+    );
     // Backoff, not a storm: 1, 2, 4, 8, 16 s… gives about six tries in 30 s.
     assert!(
         (1..=12).contains(&attempts),
