@@ -5,6 +5,7 @@
 mod cli;
 mod mirror;
 mod reliability;
+mod stream;
 
 #[path = "../common/mod.rs"]
 mod common;
