@@ -3,6 +3,7 @@
 //! units), `check-config` validates a config file, `demo` mirrors a local demo tree.
 
 mod supervisor;
+mod tail;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -30,6 +31,9 @@ enum Cmd {
     /// (like `lsyncd -rsync SRC TARGET`). URL is `rsync://[user@]host[:port]/module/path`,
     /// `[user@]host:path` (ssh) or a local directory.
     Run(supervisor::RunArgs),
+    /// Follow the change stream, like `inotifywait -m` for the bus (`--json` for
+    /// machines; `--root`, `--path GLOB` to filter). Lost messages are reported.
+    Tail(tail::TailArgs),
     /// Validate a config file: every error with file, line and key; exit 64 if bad.
     CheckConfig {
         /// The config file (syncbus.toml).
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Run(args) => supervisor::run(args),
         Cmd::CheckConfig { file } => check_config(&file),
+        Cmd::Tail(args) => tail::run(args),
         Cmd::FailLog { config } => fail_log(&config),
         Cmd::Demo { dir } => supervisor::demo(&dir),
         Cmd::Watcher { args } => {

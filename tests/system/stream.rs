@@ -63,3 +63,60 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// `syncbus tail --json --path GLOB`: one JSON object per change, filtered by path, odd
+/// names shown with their bytes escaped.
+#[test]
+fn syncbus_tail_prints_the_changes_as_json_and_filters_by_path() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    let out = m.dir.path().join("tail.out");
+    let _tail = KillOnDrop(
+        Command::new(crate::bin())
+            .args(["tail", "--json", "--path", "keep/**", "--config"])
+            .arg(&m.config)
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    fs::create_dir(m.s("keep")).unwrap();
+    fs::create_dir(m.s("skip")).unwrap();
+    let lines = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    // The subscription needs a moment to reach the filter: write until one shows.
+    m.wait_for("a first change in tail's output", CONVERGE, || {
+        fs::write(m.s("keep/probe"), "p").unwrap();
+        fs::write(m.s("skip/probe"), "p").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let text = fs::read_to_string(&out).ok()?;
+        lines(&text)
+            .iter()
+            .any(|v| v["path"] == "keep/probe")
+            .then_some(())
+    });
+    fs::write(
+        m.src.join(std::ffi::OsStr::from_bytes(b"keep/odd \xff")),
+        "o",
+    )
+    .unwrap();
+    let odd = m.wait_for("the odd name", CONVERGE, || {
+        let text = fs::read_to_string(&out).ok()?;
+        lines(&text)
+            .into_iter()
+            .find(|v| v["path"] == "keep/odd \\xff")
+    });
+    assert_eq!(odd["root"], "r");
+    assert_eq!(odd["op"], "upsert");
+    assert_eq!(odd["utf8"], false);
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(
+        lines(&text)
+            .iter()
+            .all(|v| v["path"].as_str().unwrap().starts_with("keep/")),
+        "--path let other paths through:\n{text}"
+    );
+}
