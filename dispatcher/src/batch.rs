@@ -11,11 +11,19 @@ use protocol::PathBytes;
 pub struct Touch {
     /// The path was deleted or moved away at some point.
     pub deleted: bool,
+    /// When the first event behind it was read (µs since the Unix epoch; 0 unknown),
+    /// for the delivery stream's lag.
+    pub since_us: u64,
 }
 
 impl Touch {
     fn merge(&mut self, other: Touch) {
         self.deleted |= other.deleted;
+        self.since_us = match (self.since_us, other.since_us) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        };
     }
 }
 
@@ -102,16 +110,40 @@ impl Batcher {
             // other content: compare it in full, `--delete` included (an `-r` entry in
             // an incremental run would leave the old files there).
             Op::Upsert if change.recursive => work.resync(change.path.clone()),
-            Op::Upsert => work.touch(change.path.clone(), Touch::default()),
-            Op::Delete => work.touch(change.path.clone(), Touch { deleted: true }),
+            Op::Upsert => work.touch(
+                change.path.clone(),
+                Touch {
+                    deleted: false,
+                    since_us: change.since_us,
+                },
+            ),
+            Op::Delete => work.touch(
+                change.path.clone(),
+                Touch {
+                    deleted: true,
+                    since_us: change.since_us,
+                },
+            ),
             Op::Move => {
                 if let Some(from) = &change.from {
-                    work.touch(from.clone(), Touch { deleted: true });
+                    work.touch(
+                        from.clone(),
+                        Touch {
+                            deleted: true,
+                            since_us: change.since_us,
+                        },
+                    );
                 }
                 if change.dir || change.recursive {
                     work.resync(change.path.clone());
                 } else {
-                    work.touch(change.path.clone(), Touch::default());
+                    work.touch(
+                        change.path.clone(),
+                        Touch {
+                            deleted: false,
+                            since_us: change.since_us,
+                        },
+                    );
                 }
             }
             Op::Resync => work.resync(change.path.clone()),

@@ -48,7 +48,14 @@ pub fn incremental_entries(
         if !p.is_root() && missing(root, p) {
             let top = topmost_missing(root, p);
             gone.insert(top.as_bytes().to_vec());
-            out.insert(top, Touch { deleted: true });
+            let since_us = paths.get(p).map_or(0, |t| t.since_us);
+            out.insert(
+                top,
+                Touch {
+                    deleted: true,
+                    since_us,
+                },
+            );
         } else {
             out.entry(p.clone()).or_default();
         }
@@ -164,7 +171,10 @@ mod tests {
     use super::*;
 
     fn t(deleted: bool) -> Touch {
-        Touch { deleted }
+        Touch {
+            deleted,
+            since_us: 0,
+        }
     }
 
     #[test]

@@ -152,6 +152,8 @@ pub struct Reporter {
     push: zmq::Socket,
     epoch: u64,
     seq: u64,
+    /// The delivery stream's own gap-free counter.
+    delivery_seq: u64,
     target: String,
 }
 
@@ -161,7 +163,47 @@ impl Reporter {
             push,
             epoch: protocol::bus::new_epoch(),
             seq: 0,
+            delivery_seq: 0,
             target: target.to_string(),
+        }
+    }
+
+    /// Tells the delivery stream what one run brought to the target, or failed to
+    /// (relayed by the retrier; dropped, and seen as a gap, if it is gone for long).
+    pub fn deliver(
+        &mut self,
+        root: &str,
+        paths: &BTreeMap<PathBytes, Touch>,
+        resyncs: &[PathBytes],
+        failed: Option<(u32, &str)>,
+    ) {
+        self.delivery_seq += 1;
+        let msg = wire::Delivery {
+            version: wire::VERSION,
+            epoch: self.epoch,
+            seq: self.delivery_seq,
+            target: self.target.clone(),
+            root: root.to_string(),
+            ok: failed.is_none(),
+            time_us: protocol::now_us(),
+            paths: paths
+                .iter()
+                .map(|(p, t)| wire::Delivered {
+                    path: p.clone(),
+                    since_us: t.since_us,
+                })
+                .collect(),
+            resyncs: resyncs.to_vec(),
+            attempt: failed.map_or(0, |f| f.0),
+            error: failed.map_or(String::new(), |f| f.1.to_string()),
+        };
+        let topic = wire::deliveries_topic(&self.target);
+        let payload = wire::encode(&msg);
+        if let Err(e) = self
+            .push
+            .send_multipart([topic.as_bytes(), &payload[..]], zmq::DONTWAIT)
+        {
+            tracing::debug!(target = %self.target, error = %e, "delivery report dropped");
         }
     }
 
@@ -610,7 +652,15 @@ impl Runner {
         };
         let entries: BTreeMap<PathBytes, Touch> = paths
             .iter()
-            .map(|p| (p.clone(), Touch { deleted: true }))
+            .map(|p| {
+                (
+                    p.clone(),
+                    Touch {
+                        deleted: true,
+                        since_us: 0,
+                    },
+                )
+            })
             .collect();
         tracing::debug!(target = %self.target.name, paths = paths.len(), "deleting regex-excluded paths that raced a resync");
         self.rsync(
@@ -885,6 +935,8 @@ impl Worker {
             let sent = work.clone();
             match self.sync_root(&root, work, intake) {
                 None => {
+                    let resyncs: Vec<PathBytes> = sent.resyncs.iter().cloned().collect();
+                    self.reporter.deliver(&root, &sent.paths, &resyncs, None);
                     self.delivered(&root, covers, intake);
                     if let Some(full) = self.full.get_mut(&root) {
                         full.replay.merge(sent);
@@ -892,6 +944,14 @@ impl Worker {
                 }
                 Some((rest, result)) => {
                     tracing::debug!(target = %self.target.name, root = %root, error = %result.error, "rsync failed; handing the work to the retrier");
+                    let attempt = self.failing.get(&root).map_or(1, |f| f.attempt + 1);
+                    let resyncs: Vec<PathBytes> = rest.resyncs.iter().cloned().collect();
+                    self.reporter.deliver(
+                        &root,
+                        &rest.paths,
+                        &resyncs,
+                        Some((attempt, &result.error)),
+                    );
                     if self.hand_over(
                         &root,
                         &rest,
@@ -1027,9 +1087,19 @@ impl Worker {
 
     fn full_finished(&mut self, done: &FullDone, intake: &mut Intake) {
         let state = self.full.remove(&done.root);
+        let whole = [PathBytes::root()];
         if done.result.outcome == Outcome::Success {
+            self.reporter
+                .deliver(&done.root, &BTreeMap::new(), &whole, None);
             self.delivered(&done.root, done.job_ids.clone(), intake);
         } else {
+            let attempt = self.failing.get(&done.root).map_or(1, |f| f.attempt + 1);
+            self.reporter.deliver(
+                &done.root,
+                &BTreeMap::new(),
+                &whole,
+                Some((attempt, &done.result.error)),
+            );
             let (owed, excludes) = done.kind.owed();
             if self.hand_over(
                 &done.root,

@@ -50,6 +50,9 @@ pub struct Endpoints {
     pub reports: String,
     /// The retrier's acknowledgements and retry jobs (it binds a PUB).
     pub jobs: String,
+    /// The public delivery stream (the retrier binds a PUB and relays what dispatchers
+    /// report).
+    pub deliveries: String,
 }
 
 impl Endpoints {
@@ -60,6 +63,7 @@ impl Endpoints {
             changes: ipc("changes.sock"),
             reports: ipc("reports.sock"),
             jobs: ipc("jobs.sock"),
+            deliveries: ipc("deliveries.sock"),
         }
     }
 }

@@ -31,6 +31,13 @@ pub fn jobs_topic(target: &str) -> String {
     format!("{JOBS_TOPIC}{target}/")
 }
 
+/// Topic prefix of the public delivery stream; the full topic is `deliveries/<target>/`.
+pub const DELIVERIES_TOPIC: &str = "deliveries/";
+
+pub fn deliveries_topic(target: &str) -> String {
+    format!("{DELIVERIES_TOPIC}{target}/")
+}
+
 /// What inotify saw, translated to root-relative paths (watcher → filter).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawBatch {
@@ -217,6 +224,44 @@ pub struct JobMsg {
     pub time_us: u64,
 }
 
+/// What one rsync run brought to a target, or failed to (the delivery stream,
+/// dispatchers → anyone, relayed by the retrier on `deliveries.sock`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub version: u16,
+    /// Random per dispatcher worker start.
+    pub epoch: u64,
+    /// Gap-free per target within one epoch: a gap means deliveries were not seen.
+    pub seq: u64,
+    pub target: String,
+    pub root: String,
+    /// True when everything below is on the target now.
+    pub ok: bool,
+    /// When the run ended (µs since the Unix epoch).
+    pub time_us: u64,
+    /// Single paths (a missing one was deleted on the target).
+    #[serde(default)]
+    pub paths: Vec<Delivered>,
+    /// Subtrees compared in full (`""` for the whole root).
+    #[serde(default)]
+    pub resyncs: Vec<PathBytes>,
+    /// Failed runs in a row for this root before this one.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Why it failed (`ok` false); the work is journalled and retried.
+    #[serde(default)]
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    pub path: PathBytes,
+    /// When the first change behind it was seen (µs; 0 unknown): `time_us - since_us`
+    /// is the replication lag.
+    #[serde(default)]
+    pub since_us: u64,
+}
+
 #[derive(Debug, Error)]
 pub enum WireError {
     #[error("cannot decode message: {0}")]
@@ -255,6 +300,12 @@ impl Versioned for ChangeBatch {
 }
 
 impl Versioned for Report {
+    fn version(&self) -> u16 {
+        self.version
+    }
+}
+
+impl Versioned for Delivery {
     fn version(&self) -> u16 {
         self.version
     }

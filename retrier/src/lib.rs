@@ -5,7 +5,9 @@
 //! dispatcher stops), `delivered` when a job got through, `request` from the scheduler
 //! (a cron full sync), `ready` when a dispatcher (re)joins. **Out:** `JobMsg`s on the
 //! `jobs` PUB socket, topic `jobs/<target>/`: an `ack` once a report is on disk, `run`
-//! when a target's jobs are due, a `heartbeat` every second.
+//! when a target's jobs are due, a `heartbeat` every second. Dispatchers' `Delivery`
+//! messages (topic `deliveries/<target>/`) are relayed as they came on the public
+//! `deliveries` PUB socket.
 //!
 //! Backoff is per target (`retry.initial_ms` doubling to `retry.max_s`, with jitter),
 //! and a failing target is probed cheaply (a TCP connect to its daemon or ssh port, a
@@ -194,6 +196,9 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     bus::bind(&pull, &eps.reports)?;
     let publisher = bus::socket(&ctx, zmq::PUB)?;
     bus::bind(&publisher, &eps.jobs)?;
+    // The public delivery stream: what dispatchers report, relayed as it came.
+    let deliveries = bus::socket(&ctx, zmq::PUB)?;
+    bus::bind(&deliveries, &eps.deliveries)?;
     tracing::info!(
         reports = %eps.reports,
         jobs = %eps.jobs,
@@ -222,7 +227,13 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
             let _ = shutdown.take_hup();
         }
         if items[0].is_readable() {
-            while let Some((_, payload)) = bus::try_recv(&pull)? {
+            while let Some((topic, payload)) = bus::try_recv(&pull)? {
+                if topic.starts_with(wire::DELIVERIES_TOPIC.as_bytes()) {
+                    // A subscriber that stalls makes the PUB drop (seen as a gap in
+                    // the dispatcher's seq), never this loop wait.
+                    let _ = deliveries.send_multipart([&topic[..], &payload[..]], zmq::DONTWAIT);
+                    continue;
+                }
                 match wire::decode::<Report>(&payload) {
                     Ok(rep) => r.handle(rep, &publisher)?,
                     Err(e) => tracing::warn!(error = %e, "undecodable report ignored"),

@@ -7,50 +7,114 @@ use std::time::Duration;
 
 use crate::{Mirror, CONVERGE};
 
-/// examples/subscribe.py (pyzmq + msgpack), run against a live syncbus, prints the
-/// changes it decodes, odd names included.
+/// examples/subscribe.py (pyzmq + msgpack), run against a live syncbus, decodes both
+/// streams: the changes, and their deliveries with a lag, odd names included.
 #[test]
-fn the_python_example_subscriber_decodes_the_change_stream() {
+fn the_python_example_subscriber_decodes_both_streams() {
     let mut m = Mirror::new(1, "");
     m.start().wait_ready();
-    let out = m.dir.path().join("subscriber.out");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/subscribe.py");
-    let mut py = KillOnDrop(
-        Command::new("python3")
+    let subscriber = |stream: &str| {
+        let out = m.dir.path().join(format!("{stream}.out"));
+        let child = Command::new("python3")
             .arg(&script)
             .arg("--runtime-dir")
             .arg(m.dir.path().join("run"))
+            .args(["--stream", stream])
             .stdout(fs::File::create(&out).unwrap())
-            .stderr(Stdio::piped())
+            .stderr(fs::File::create(out.with_extension("err")).unwrap())
             .spawn()
-            .expect("python3"),
-    );
-    m.wait_for("the subscriber is connected", CONVERGE, || {
-        if let Ok(Some(st)) = py.0.try_wait() {
-            let mut err = String::new();
-            use std::io::Read;
-            let _ = py.0.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("the subscriber exited ({st}); pyzmq and msgpack installed? {err}");
-        }
-        fs::read_to_string(&out)
-            .ok()?
-            .contains("subscribed")
-            .then_some(())
-    });
+            .expect("python3");
+        (KillOnDrop(child), out)
+    };
+    let (mut changes, changes_out) = subscriber("changes");
+    let (mut deliveries, deliveries_out) = subscriber("deliveries");
+    for (py, out) in [
+        (&mut changes, &changes_out),
+        (&mut deliveries, &deliveries_out),
+    ] {
+        m.wait_for("the subscriber is connected", CONVERGE, || {
+            if let Ok(Some(st)) = py.0.try_wait() {
+                let err = fs::read_to_string(out.with_extension("err")).unwrap_or_default();
+                panic!("the subscriber exited ({st}); pyzmq and msgpack installed? {err}");
+            }
+            fs::read_to_string(out)
+                .ok()?
+                .contains("subscribed")
+                .then_some(())
+        });
+    }
     // A subscription takes a moment to reach the publisher: write until one arrives.
-    m.wait_for("a first change seen", CONVERGE, || {
+    m.wait_for("a first change and delivery seen", CONVERGE, || {
         fs::write(m.s("py-probe"), "p").unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        fs::read_to_string(&out)
-            .ok()?
-            .contains("r upsert py-probe")
+        let c = fs::read_to_string(&changes_out).ok()?;
+        let d = fs::read_to_string(&deliveries_out).ok()?;
+        (c.contains("r upsert py-probe") && d.contains("t0 r delivered py-probe lag="))
             .then_some(())
     });
     fs::write(m.s("py file"), "a").unwrap();
     fs::write(m.src.join(std::ffi::OsStr::from_bytes(b"py-\xff")), "b").unwrap();
     m.wait_for("both changes decoded", CONVERGE, || {
-        let text = fs::read_to_string(&out).ok()?;
+        let text = fs::read_to_string(&changes_out).ok()?;
         (text.contains("r upsert py file\n") && text.contains("r upsert py-\\xff\n")).then_some(())
+    });
+    m.wait_for("both deliveries decoded", CONVERGE, || {
+        let text = fs::read_to_string(&deliveries_out).ok()?;
+        (text.contains("t0 r delivered py file lag=")
+            && text.contains("t0 r delivered py-\\xff lag="))
+        .then_some(())
+    });
+}
+
+/// `syncbus tail --stream deliveries --json`: each path that reached a target, with its
+/// lag; a failed run shows as failed with its error.
+#[test]
+fn syncbus_tail_follows_the_delivery_stream_with_lag_and_failures() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    let out = m.dir.path().join("tail.out");
+    let _tail = KillOnDrop(
+        Command::new(crate::bin())
+            .args(["tail", "--json", "--stream", "deliveries", "--config"])
+            .arg(&m.config)
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    m.wait_for("a delivery in tail's output", CONVERGE, || {
+        fs::write(m.s("probe"), "p").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let text = fs::read_to_string(&out).ok()?;
+        lines(&text)
+            .into_iter()
+            .find(|v| v["path"] == "probe" && v["ok"] == true && v["lag_ms"].is_u64())
+    });
+    m.daemons[0].kill();
+    fs::write(m.s("while-down"), "w").unwrap();
+    let failed = m.wait_for("a failed delivery", CONVERGE, || {
+        let text = fs::read_to_string(&out).ok()?;
+        lines(&text)
+            .into_iter()
+            .find(|v| v["path"] == "while-down" && v["ok"] == false)
+    });
+    assert_eq!(failed["target"], "t0");
+    assert!(
+        failed["error"].as_str().unwrap().contains("rsync"),
+        "{failed}"
+    );
+    m.daemons[0].restart();
+    m.wait_for("delivered once the target is back", CONVERGE, || {
+        let text = fs::read_to_string(&out).ok()?;
+        lines(&text)
+            .into_iter()
+            .find(|v| v["path"] == "while-down" && v["ok"] == true)
     });
 }
 
