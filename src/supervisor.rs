@@ -579,9 +579,11 @@ impl Supervisor {
         let _ = std::fs::remove_file(&stopped);
         let mut table = toml::Table::new();
         table.insert("since_us".into(), toml::Value::Integer(since));
-        for (k, v) in read_sections(&self.file) {
+        // The sections the stages ran with, not the file as it is now: an edit not yet
+        // applied (no SIGHUP) must make the next start compare in full.
+        for (k, v) in &self.loaded {
             if k == "root" || k == "target" {
-                table.insert(k, v);
+                table.insert(k.clone(), v.clone());
             }
         }
         let Ok(text) = toml::to_string(&table) else {

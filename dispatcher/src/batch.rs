@@ -172,11 +172,9 @@ impl Batcher {
         self.roots.values().all(RootWork::is_empty)
     }
 
-    /// True when a resync of all of `root` is pending.
-    pub fn has_root_resync(&self, root: &str) -> bool {
-        self.roots
-            .get(root)
-            .is_some_and(|w| w.resyncs.contains(&PathBytes::root()))
+    /// True when `root` owes anything.
+    pub fn has_work(&self, root: &str) -> bool {
+        self.roots.get(root).is_some_and(|w| !w.is_empty())
     }
 
     /// Roots that have pending work.

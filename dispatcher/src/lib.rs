@@ -260,7 +260,18 @@ pub fn run(
                     &routes,
                 );
             }
-            let waiting: Vec<String> = starts.deferred.keys().cloned().collect();
+            // A root whose start compare has not run yet (never heard from, or still
+            // waiting for the watcher's) gets it now: a stop must not pass for clean
+            // with it owed (found in review).
+            let waiting: Vec<String> = routes
+                .keys()
+                .filter(|r| {
+                    starts.deferred.contains_key(*r)
+                        || starts.catch_up.contains_key(*r)
+                        || !trackers.contains_key(*r)
+                })
+                .cloned()
+                .collect();
             for root in waiting {
                 let job = starts.start_job(&root);
                 let _ = dispatch(&root, job, &routes);

@@ -73,7 +73,11 @@ impl FullKind {
             (FullKind::Full { excludes: a }, FullKind::Full { excludes: b }) => FullKind::Full {
                 excludes: if a == b { a } else { Vec::new() },
             },
-            (f @ FullKind::Full { .. }, _) | (_, f @ FullKind::Full { .. }) => f,
+            // A catch-up must send everything changed: a cron sync's own excludes go.
+            (FullKind::Full { .. }, FullKind::CatchUp { .. })
+            | (FullKind::CatchUp { .. }, FullKind::Full { .. }) => FullKind::Full {
+                excludes: Vec::new(),
+            },
         }
     }
 
@@ -292,6 +296,8 @@ impl Intake {
     fn accept(&mut self, job: Job) {
         match job {
             Job::Changes { root, changes } => {
+                // A cron sync's own excludes must not hide a live change it absorbs.
+                self.cron_excludes.remove(&*root);
                 for c in changes.iter() {
                     self.batcher.push(&root, c);
                 }
@@ -301,6 +307,7 @@ impl Intake {
                 self.batcher.resync(&root, PathBytes::root());
             }
             Job::CatchUp { root, since_us } => {
+                self.cron_excludes.remove(&*root);
                 let mut w = RootWork::default();
                 w.catch_up(since_us);
                 self.batcher.merge(&root, w);
@@ -319,11 +326,15 @@ impl Intake {
                 }
                 self.held.extend(new.iter().copied());
                 self.covers.entry(root.to_string()).or_default().extend(new);
-                let whole = work.resyncs.iter().any(PathBytes::is_root);
-                if whole && !work.excludes.is_empty() && !self.batcher.has_root_resync(&root) {
+                // A cron sync's own excludes hold only while the root owes nothing
+                // else: anything merged with it must reach the target in full.
+                let cron = work.resyncs.iter().any(PathBytes::is_root) && !work.excludes.is_empty();
+                let alone = !self.batcher.has_work(&root)
+                    || self.cron_excludes.get(&*root) == Some(&work.excludes);
+                if cron && alone {
                     self.cron_excludes
                         .insert(root.to_string(), work.excludes.clone());
-                } else if whole {
+                } else {
                     self.cron_excludes.remove(&*root);
                 }
                 self.batcher.merge(&root, from_wire(&work));
@@ -458,24 +469,36 @@ impl Runner {
     /// Brings the target up to what changed since `since_us` (see [`crate::catchup`]):
     /// a listing run for changed directories, the changed files, then a subtree
     /// resync of each directory the listing run found new or different on the target.
+    /// On failure, `.1` tells whether the listing run already changed the target: then
+    /// a retry must compare in full (a child directory it created would now look the
+    /// same on both sides and never be followed up).
     fn catch_up(
         &self,
         root: &str,
         info: &RootInfo,
         since_us: u64,
         tick: &mut dyn FnMut(Duration),
-    ) -> RunResult {
+    ) -> (RunResult, bool) {
         let src = &info.path;
         let scan = match crate::catchup::scan(src, &info.rules, since_us) {
             Ok(s) => s,
             Err(e) => {
-                return RunResult {
+                let r = RunResult {
                     outcome: Outcome::Retry,
                     error: format!("cannot scan `{}` for the catch-up: {e}", src.display()),
-                }
+                };
+                return (r, false);
             }
         };
-        let mut follow_ups = Vec::new();
+        // A changed directory inside a changed directory may have been renamed over
+        // another one (a deploy swap): its children could match by name and time and
+        // still differ, so it is compared in full.
+        let mut follow_ups: Vec<PathBytes> = scan
+            .dirs
+            .iter()
+            .filter(|d| d.parent().is_some_and(|p| scan.dirs.contains(&p)))
+            .cloned()
+            .collect();
         if !scan.dirs.is_empty() {
             let excludes = plan::exclude_rules(&info.rules, &Default::default());
             let rules = crate::catchup::listing_rules(&excludes, &scan);
@@ -492,21 +515,21 @@ impl Runner {
                 Some(&mut itemized),
             );
             if r.outcome != Outcome::Success {
-                return r;
+                return (r, !itemized.is_empty());
             }
-            follow_ups = crate::catchup::follow_ups(&itemized, &scan);
+            follow_ups.extend(crate::catchup::follow_ups(&itemized, &scan));
         }
         if !scan.files.is_empty() {
             let r = self.incremental(root, info, &scan.files, tick);
             if r.outcome != Outcome::Success {
-                return r;
+                return (r, true);
             }
         }
         follow_ups.extend(scan.mounts.iter().cloned());
         if !follow_ups.is_empty() {
             let r = self.resync(root, info, &follow_ups, &[], tick);
             if r.outcome != Outcome::Success {
-                return r;
+                return (r, true);
             }
         }
         tracing::info!(
@@ -518,10 +541,11 @@ impl Runner {
             subtree_resyncs = follow_ups.len(),
             "catch-up compared what changed since the checkpoint"
         );
-        RunResult {
+        let ok = RunResult {
             outcome: Outcome::Success,
             error: String::new(),
-        }
+        };
+        (ok, true)
     }
 
     fn incremental(
@@ -717,6 +741,19 @@ fn full_lane(
     let name = runner.target.name.clone();
     for req in rx {
         let Some(info) = roots.get(&req.root) else {
+            // A journal job for a root this target no longer mirrors: settle it.
+            let done = FullDone {
+                root: req.root,
+                kind: req.kind,
+                job_ids: req.job_ids,
+                result: RunResult {
+                    outcome: Outcome::Success,
+                    error: String::new(),
+                },
+            };
+            if tx.send(Job::FullDone(Arc::new(done))).is_err() {
+                break;
+            }
             continue;
         };
         let started = Instant::now();
@@ -725,6 +762,7 @@ fn full_lane(
             FullKind::CatchUp { .. } => "catch-up",
         };
         tracing::info!(target = %name, root = %req.root, kind = ?req.kind, "{what} started (live changes keep flowing)");
+        let mut kind = req.kind.clone();
         let result = match check_source(&info.path) {
             Err(r) => r,
             Ok(()) => {
@@ -743,7 +781,14 @@ fn full_lane(
                         runner.resync(&req.root, info, &[PathBytes::root()], excludes, &mut tick)
                     }
                     FullKind::CatchUp { since_us } => {
-                        runner.catch_up(&req.root, info, *since_us, &mut tick)
+                        let (r, touched) = runner.catch_up(&req.root, info, *since_us, &mut tick);
+                        if r.outcome != Outcome::Success && touched {
+                            // What is owed now is a full compare (see `catch_up`).
+                            kind = FullKind::Full {
+                                excludes: Vec::new(),
+                            };
+                        }
+                        r
                     }
                 }
             }
@@ -760,7 +805,7 @@ fn full_lane(
         }
         let done = FullDone {
             root: req.root,
-            kind: req.kind,
+            kind,
             job_ids: req.job_ids,
             result,
         };
@@ -1003,6 +1048,7 @@ impl Worker {
         intake: &mut Intake,
         outcome: Outcome,
     ) {
+        intake.cron_excludes.remove(root);
         let attempt = self.failing.get(root).map_or(1, |f| f.attempt + 1);
         let delay = backoff(attempt, outcome, rand::random::<f64>());
         self.failing.insert(
@@ -1131,12 +1177,16 @@ impl Worker {
         let Some(state) = state else { return };
         // Sent during the full sync: send again, the full sync may have overtaken it.
         if !state.replay.is_empty() {
+            intake.cron_excludes.remove(&done.root);
             intake.batcher.merge(&done.root, state.replay);
         }
         if let Some((kind, covers)) = state.again {
             let (owed, excludes) = kind.owed();
-            if !excludes.is_empty() {
+            // A cron sync's own excludes only when it owes nothing else (see accept).
+            if !excludes.is_empty() && !intake.batcher.has_work(&done.root) {
                 intake.cron_excludes.insert(done.root.clone(), excludes);
+            } else {
+                intake.cron_excludes.remove(&done.root);
             }
             intake
                 .covers
@@ -1235,9 +1285,20 @@ mod tests {
             ("site.new/x/y", "new site"),
             ("gone/inner/i", "i"),
             ("perm", "p"),
+            ("swap/x/file", "v1"),
         ] {
             w(rel, text);
         }
+        // A prepared copy whose child directory keeps the original's times (found in
+        // review: swapped in while stopped, it matched the old one by name and time).
+        let cp = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(src.join("swap"))
+            .arg(src.join("swap.new"))
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        std::fs::write(src.join("swap.new/x/file"), "v2 prepared").unwrap();
         let copy = std::process::Command::new("rsync")
             .args(["-a", "--delete"])
             .arg(format!("{}/", src.display()))
@@ -1251,7 +1312,20 @@ mod tests {
         // The checkpoint: a ctime later than every change above (ctime has the kernel's
         // coarse clock, so wait for it to move on rather than for a fixed time).
         let before = [
-            "a", "a/sub", "b", "b/inner", "c", "site", "site.new", "gone", "perm", "",
+            "a",
+            "a/sub",
+            "b",
+            "b/inner",
+            "c",
+            "site",
+            "site.new",
+            "gone",
+            "perm",
+            "swap",
+            "swap.new",
+            "swap.new/x",
+            "swap.new/x/file",
+            "",
         ]
         .iter()
         .map(|r| ctime_us(&src.join(r)))
@@ -1269,6 +1343,8 @@ mod tests {
         std::fs::remove_file(src.join("c/h")).unwrap();
         std::fs::rename(src.join("site"), src.join("site.old")).unwrap();
         std::fs::rename(src.join("site.new"), src.join("site")).unwrap();
+        std::fs::rename(src.join("swap"), src.join("swap.old")).unwrap();
+        std::fs::rename(src.join("swap.new"), src.join("swap")).unwrap();
         w("n/new", "new dir");
         std::fs::rename(src.join("a/sub"), src.join("a/moved")).unwrap();
         std::fs::remove_dir_all(src.join("gone")).unwrap();
@@ -1297,7 +1373,7 @@ mod tests {
             path: config.roots[0].path.clone(),
             rules: config.roots[0].rules.clone(),
         };
-        let r = runner.catch_up("r", &info, since, &mut |w| std::thread::sleep(w));
+        let (r, _) = runner.catch_up("r", &info, since, &mut |w| std::thread::sleep(w));
         assert_eq!(r.outcome, Outcome::Success, "{}", r.error);
         let diff = testkit::tree_diff(&src, &dst);
         assert_eq!(
@@ -1373,12 +1449,99 @@ mod tests {
             path: config.roots[0].path.clone(),
             rules: config.roots[0].rules.clone(),
         };
-        let r = runner.catch_up("r", &info, since, &mut |w| std::thread::sleep(w));
+        let (r, _) = runner.catch_up("r", &info, since, &mut |w| std::thread::sleep(w));
         unmount(&src.join("m"));
         assert_eq!(r.outcome, Outcome::Success, "{}", r.error);
         assert_eq!(
             std::fs::read_to_string(dst.join("m/old")).unwrap(),
             "written before the checkpoint"
         );
+    }
+
+    fn intake() -> (Intake, std::sync::mpsc::Sender<Job>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let intake = Intake {
+            rx,
+            batcher: Batcher::new(),
+            covers: HashMap::new(),
+            held: HashSet::new(),
+            cron_excludes: HashMap::new(),
+            acked: HashSet::new(),
+            full_done: Vec::new(),
+            stopping: false,
+            closed: false,
+        };
+        (intake, tx)
+    }
+
+    fn cron_run(id: u64) -> Job {
+        Job::Run {
+            root: "r".into(),
+            job_ids: vec![id],
+            work: Work {
+                resyncs: vec![PathBytes::root()],
+                excludes: vec!["*.log".into()],
+                ..Default::default()
+            },
+        }
+    }
+
+    fn change(path: &str) -> Job {
+        Job::Changes {
+            root: "r".into(),
+            changes: Arc::new(vec![Change {
+                op: protocol::wire::Op::Upsert,
+                path: path.into(),
+                from: None,
+                dir: false,
+                recursive: false,
+                since_us: 0,
+            }]),
+        }
+    }
+
+    /// Found in review: a cron full sync's own excludes hid a live change to an
+    /// excluded name that its root resync absorbed, for ever.
+    #[test]
+    fn a_cron_syncs_excludes_never_hide_work_merged_with_it() {
+        // Live change first, cron job second.
+        let (mut i, _tx) = intake();
+        i.accept(change("app.log"));
+        i.accept(cron_run(1));
+        assert!(!i.cron_excludes.contains_key("r"));
+        // Cron job first, live change second.
+        let (mut i, _tx) = intake();
+        i.accept(cron_run(1));
+        assert!(
+            i.cron_excludes.contains_key("r"),
+            "alone, it keeps its excludes"
+        );
+        i.accept(change("app.log"));
+        assert!(!i.cron_excludes.contains_key("r"));
+        // A catch-up merged in.
+        let (mut i, _tx) = intake();
+        i.accept(cron_run(1));
+        i.accept(Job::CatchUp {
+            root: "r".into(),
+            since_us: 5,
+        });
+        assert!(!i.cron_excludes.contains_key("r"));
+        // Two cron runs of the same schedule keep them.
+        let (mut i, _tx) = intake();
+        i.accept(cron_run(1));
+        i.accept(cron_run(2));
+        assert!(i.cron_excludes.contains_key("r"));
+    }
+
+    #[test]
+    fn a_catch_up_merged_with_a_cron_sync_drops_its_excludes() {
+        let full = FullKind::Full {
+            excludes: vec!["*.log".into()],
+        };
+        let catch_up = FullKind::CatchUp { since_us: 5 };
+        let plain = FullKind::Full { excludes: vec![] };
+        assert_eq!(full.clone().merge(catch_up.clone()), plain);
+        assert_eq!(catch_up.merge(full.clone()), plain);
+        assert_eq!(full.clone().merge(full.clone()), full);
     }
 }

@@ -115,9 +115,14 @@ struct TargetState {
     probe: Probe,
     probe_down: bool,
     next_probe: Instant,
+    /// A probe runs on its own thread (a connect or a DNS lookup may block).
+    probing: bool,
     seq: u64,
     next_beat: Instant,
 }
+
+type ProbeTx = std::sync::mpsc::Sender<(String, bool)>;
+type ProbeRx = std::sync::mpsc::Receiver<(String, bool)>;
 
 struct Retrier<'a> {
     config: &'a Config,
@@ -128,6 +133,8 @@ struct Retrier<'a> {
     fail_log: PathBuf,
     fail_log_dirty: bool,
     fail_log_next: Instant,
+    /// Probe results: (target, reachable).
+    probes: (ProbeTx, ProbeRx),
 }
 
 /// Runs the retrier until `shutdown`.
@@ -158,6 +165,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     };
     let now = Instant::now();
     let mut r = Retrier {
+        probes: std::sync::mpsc::channel(),
         config,
         journal,
         jobs: BTreeMap::new(),
@@ -177,6 +185,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
                         probe: probe_of(&t.endpoint, port),
                         probe_down: false,
                         next_probe: now,
+                        probing: false,
                         seq: 0,
                         next_beat: now,
                     },
@@ -460,18 +469,32 @@ impl Retrier<'_> {
 
     /// Heartbeats, probes, due jobs and the fail log.
     fn tick(&mut self, now: Instant, publisher: &zmq::Socket) -> Result<(), StageError> {
-        let names: Vec<String> = self.targets.keys().cloned().collect();
-        for name in names {
-            let pending = self.jobs.values().any(|j| j.target == name);
-            let t = self.targets.get_mut(&name).expect("listed above");
-            if pending && t.failures > 0 && now >= t.next_probe {
-                t.next_probe = now + self.config.retry.probe;
-                let up = reachable(&t.probe);
-                if up && t.probe_down {
+        while let Ok((name, up)) = self.probes.1.try_recv() {
+            if let Some(t) = self.targets.get_mut(&name) {
+                t.probing = false;
+                if up && t.probe_down && t.failures > 0 {
                     tracing::info!(target = %name, "target reachable again; retrying now");
                     t.due = now;
                 }
                 t.probe_down = !up;
+            }
+        }
+        let names: Vec<String> = self.targets.keys().cloned().collect();
+        for name in names {
+            let pending = self.jobs.values().any(|j| j.target == name);
+            let t = self.targets.get_mut(&name).expect("listed above");
+            if pending && t.failures > 0 && now >= t.next_probe && !t.probing {
+                t.next_probe = now + self.config.retry.probe;
+                t.probing = true;
+                let (probe, tx, who) = (t.probe.clone(), self.probes.0.clone(), name.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("probe-{name}"))
+                    .spawn(move || {
+                        let _ = tx.send((who, reachable(&probe)));
+                    });
+                if spawned.is_err() {
+                    t.probing = false;
+                }
             }
             if pending && now >= t.due {
                 self.send_due(&name, now, publisher)?;
@@ -541,6 +564,10 @@ impl Retrier<'_> {
         let mut wake = now + HEARTBEAT;
         for (name, t) in &self.targets {
             wake = wake.min(t.next_beat);
+            if t.probing {
+                // Its answer comes on a channel, not a socket: look again soon.
+                wake = wake.min(now + Duration::from_millis(20));
+            }
             if self
                 .jobs
                 .values()

@@ -175,6 +175,14 @@ fn run_inner(config: &Config, shutdown: &Shutdown) -> Result<(), WatcherError> {
             endpoint: String::new(),
             source,
         })?;
+    // Long enough for the filter to take a burst at the stop; the stop time below is
+    // recorded only if everything was flushed within it.
+    sock.set_linger(STOP_LINGER.as_millis() as i32)
+        .map_err(|source| BusError::Zmq {
+            op: "setsockopt",
+            endpoint: String::new(),
+            source,
+        })?;
     let endpoint = Endpoints::new(config).raw;
     bus::connect(&sock, &endpoint)?;
     let mut w = Watcher::new(config, sock, shutdown)?;
@@ -185,11 +193,15 @@ fn run_inner(config: &Config, shutdown: &Shutdown) -> Result<(), WatcherError> {
         "watcher started"
     );
     let result = w.main_loop();
-    // The socket closes here with the linger set in bus::socket, flushing what it holds.
+    // The socket closes here and the context waits for what it holds to be delivered,
+    // up to STOP_LINGER; returning sooner means everything reached the filter.
     drop(w);
+    let flushing = Instant::now();
+    drop(ctx);
+    let flushed = flushing.elapsed() + Duration::from_millis(200) < STOP_LINGER;
     // Every change before this moment has been read and sent: `syncbus run` turns it
     // into a checkpoint if the stages after us stop cleanly too.
-    if let Ok(Some(stopped_at)) = &result {
+    if let (Ok(Some(stopped_at)), true) = (&result, flushed) {
         let path = config.runtime_dir.join(STOPPED_FILE);
         if let Err(e) = std::fs::write(&path, stopped_at.to_string()) {
             warn!(path = %path.display(), error = %e, "cannot record the stop time");
@@ -197,6 +209,9 @@ fn run_inner(config: &Config, shutdown: &Shutdown) -> Result<(), WatcherError> {
     }
     result.map(|_| ())
 }
+
+/// How long a stopping watcher waits for the filter to take what it still holds.
+const STOP_LINGER: Duration = Duration::from_secs(4);
 
 /// Where a cleanly stopped watcher records the time up to which it read every change
 /// (µs since the Unix epoch), in the runtime dir.
