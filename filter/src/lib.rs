@@ -289,6 +289,10 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     bus::bind(&pull, &endpoints.raw)?;
     let publisher = bus::socket(&ctx, zmq::PUB)?;
     bus::bind(&publisher, &endpoints.changes)?;
+    if let Some(tcp) = &config.tcp_changes {
+        bus::bind(&publisher, tcp)?;
+        tracing::info!(endpoint = %tcp, "change stream also on TCP (no authentication: see docs/wire-format.md)");
+    }
     let mut out = Publisher {
         socket: publisher,
         epoch: bus::new_epoch(),

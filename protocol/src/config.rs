@@ -67,6 +67,8 @@ struct RawSchedule {
 #[serde(deny_unknown_fields)]
 struct RawBus {
     runtime_dir: Option<Spanned<String>>,
+    tcp_changes: Option<Spanned<String>>,
+    tcp_deliveries: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +145,10 @@ pub struct Config {
     /// The file this came from (for messages and for the stages `syncbus run` spawns).
     pub file: PathBuf,
     pub runtime_dir: PathBuf,
+    /// The change stream on TCP too (`tcp://host:port`), for subscribers elsewhere.
+    pub tcp_changes: Option<String>,
+    /// The delivery stream on TCP too.
+    pub tcp_deliveries: Option<String>,
     pub roots: Vec<Root>,
     pub targets: Vec<Target>,
     pub retry: Retry,
@@ -392,6 +398,16 @@ impl Validator<'_> {
 
     fn config(&mut self, raw: RawConfig) -> Config {
         let runtime_span = raw.bus.runtime_dir.as_ref().map(|d| d.span());
+        let tcp_changes = raw
+            .bus
+            .tcp_changes
+            .as_ref()
+            .and_then(|t| self.tcp(t, "bus.tcp_changes"));
+        let tcp_deliveries = raw
+            .bus
+            .tcp_deliveries
+            .as_ref()
+            .and_then(|t| self.tcp(t, "bus.tcp_deliveries"));
         let runtime_dir = match raw.bus.runtime_dir {
             Some(d) => self.resolve(d.get_ref()),
             None => default_runtime_dir(),
@@ -457,11 +473,36 @@ impl Validator<'_> {
         Config {
             file: self.file.to_path_buf(),
             runtime_dir,
+            tcp_changes,
+            tcp_deliveries,
             roots,
             targets,
             retry,
             schedules,
         }
+    }
+
+    /// `PORT` (loopback) or `HOST:PORT` as a ZeroMQ TCP endpoint.
+    fn tcp(&mut self, raw: &Spanned<String>, key: &str) -> Option<String> {
+        let v = raw.get_ref().trim();
+        let (host, port) = match v.rsplit_once(':') {
+            Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']'), p),
+            None => ("127.0.0.1", v),
+        };
+        let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+        if !port_ok || host.is_empty() || host.contains('/') {
+            self.error(
+                raw.span(),
+                key,
+                format!("`{v}` is not `PORT` (loopback) or `HOST:PORT`"),
+            );
+            return None;
+        }
+        Some(if host.contains(':') {
+            format!("tcp://[{host}]:{port}")
+        } else {
+            format!("tcp://{host}:{port}")
+        })
     }
 
     fn retry(&mut self, raw: RawRetry) -> Retry {
@@ -1024,6 +1065,22 @@ mod tests {
         assert_eq!(c.schedules[0].roots, vec!["www"]);
         assert_eq!(c.schedules[0].exclude_glob, vec!["*.log"]);
         assert_eq!(c.schedules[1].cron, "@hourly");
+    }
+
+    #[test]
+    fn tcp_endpoints_are_loopback_unless_a_host_is_given() {
+        let f = Fixture::new();
+        let c = f.parse(MINIMAL).unwrap();
+        assert_eq!(c.tcp_changes, None);
+        let c = f
+            .parse(&format!(
+                "[bus]\ntcp_changes = \"7600\"\ntcp_deliveries = \"0.0.0.0:7601\"\n{MINIMAL}"
+            ))
+            .unwrap();
+        assert_eq!(c.tcp_changes.as_deref(), Some("tcp://127.0.0.1:7600"));
+        assert_eq!(c.tcp_deliveries.as_deref(), Some("tcp://0.0.0.0:7601"));
+        let e = f.errors(&format!("[bus]\ntcp_changes = \"host:\"\n{MINIMAL}"));
+        assert_eq!((e[0].key.as_str(), e[0].line), ("bus.tcp_changes", 2));
     }
 
     #[test]

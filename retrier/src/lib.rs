@@ -208,6 +208,10 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     // The public delivery stream: what dispatchers report, relayed as it came.
     let deliveries = bus::socket(&ctx, zmq::PUB)?;
     bus::bind(&deliveries, &eps.deliveries)?;
+    if let Some(tcp) = &config.tcp_deliveries {
+        bus::bind(&deliveries, tcp)?;
+        tracing::info!(endpoint = %tcp, "delivery stream also on TCP (no authentication: see docs/wire-format.md)");
+    }
     tracing::info!(
         reports = %eps.reports,
         jobs = %eps.jobs,

@@ -184,3 +184,37 @@ fn syncbus_tail_prints_the_changes_as_json_and_filters_by_path() {
         "--path let other paths through:\n{text}"
     );
 }
+
+/// `bus.tcp_changes`: the change stream on a TCP port too (loopback here), for a
+/// subscriber on another machine.
+#[test]
+fn the_change_stream_can_be_followed_over_tcp() {
+    let port = testkit::free_port();
+    let mut m = Mirror::new(1, "");
+    let text = fs::read_to_string(&m.config).unwrap();
+    fs::write(
+        &m.config,
+        text.replace("[bus]\n", &format!("[bus]\ntcp_changes = \"{port}\"\n")),
+    )
+    .unwrap();
+    m.start().wait_ready();
+    let ctx = zmq::Context::new();
+    let sub = ctx.socket(zmq::SUB).unwrap();
+    sub.set_subscribe(b"changes/").unwrap();
+    sub.set_rcvtimeo(200).unwrap();
+    sub.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+    m.wait_for("a change over TCP", CONVERGE, || {
+        fs::write(m.s("over-tcp"), "t").unwrap();
+        while let Ok(parts) = sub.recv_multipart(0) {
+            let batch: protocol::wire::ChangeBatch = protocol::wire::decode(&parts[1]).unwrap();
+            if batch
+                .changes
+                .iter()
+                .any(|c| c.path.as_bytes() == b"over-tcp")
+            {
+                return Some(());
+            }
+        }
+        None
+    });
+}
