@@ -138,7 +138,7 @@ pub fn common_args(target: &Target) -> Result<Vec<OsString>, ArgError> {
             a.push("-e".into());
             a.push(ssh_command(*port, identity_file.as_deref(), options)?.into());
         }
-        Endpoint::Local { .. } => {}
+        Endpoint::Local { .. } | Endpoint::Command { .. } => {}
     }
     a.extend(target.extra_args.iter().map(OsString::from));
     Ok(a)
@@ -274,15 +274,54 @@ pub struct RunResult {
 /// `--timeout`, enforced from outside) is killed too and the run is retried. With
 /// `stdout`, the child's standard output is read and handed to it chunk by chunk (from
 /// another thread), e.g. to count lines for progress or to keep rsync's itemized list.
+/// `setup` may add to the command (working directory, environment). Exit codes mean
+/// what they mean to rsync ([`classify`]).
 pub fn run(
     program: &OsString,
     args: &[OsString],
     stdin: &[u8],
     idle: Option<Duration>,
     stdout: Option<Sink>,
+    setup: &dyn Fn(&mut Command),
+    tick: impl FnMut(Duration) -> bool,
+) -> RunResult {
+    run_classified(program, args, stdin, idle, stdout, setup, classify, tick)
+}
+
+/// [`run`] for a program of the user's (a command target): only exit 0 is success,
+/// anything else is retried.
+pub fn run_user_program(
+    program: &OsString,
+    args: &[OsString],
+    stdin: &[u8],
+    idle: Option<Duration>,
+    setup: &dyn Fn(&mut Command),
+    tick: impl FnMut(Duration) -> bool,
+) -> RunResult {
+    let zero_or_retry = |code: Option<i32>| match code {
+        Some(0) => Outcome::Success,
+        _ => Outcome::Retry,
+    };
+    run_classified(program, args, stdin, idle, None, setup, zero_or_retry, tick)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_classified(
+    program: &OsString,
+    args: &[OsString],
+    stdin: &[u8],
+    idle: Option<Duration>,
+    stdout: Option<Sink>,
+    setup: &dyn Fn(&mut Command),
+    classify: fn(Option<i32>) -> Outcome,
     mut tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
+    let name = Path::new(program)
+        .file_name()
+        .map_or_else(|| program.to_string_lossy(), |n| n.to_string_lossy())
+        .into_owned();
     let mut cmd = Command::new(program);
+    setup(&mut cmd);
     cmd.args(args)
         .stdin(Stdio::piped())
         .stdout(if stdout.is_some() {
@@ -305,8 +344,13 @@ pub fn run(
             return RunResult {
                 outcome: Outcome::Fatal,
                 error: format!(
-                    "cannot run `{}`: not found (install rsync, or set SYNCBUS_RSYNC)",
-                    program.to_string_lossy()
+                    "cannot run `{}`: not found{}",
+                    program.to_string_lossy(),
+                    if name == "rsync" {
+                        " (install rsync, or set SYNCBUS_RSYNC)"
+                    } else {
+                        ""
+                    }
                 ),
             }
         }
@@ -406,14 +450,14 @@ pub fn run(
                 },
             },
             Ok(st) => {
-                let outcome = classify_status(st);
+                let outcome = classify(st.code());
                 let error = match outcome {
                     Outcome::Success => String::new(),
                     _ => {
                         let how = match (st.code(), st.signal()) {
-                            (Some(c), _) => format!("rsync exited with code {c}"),
-                            (None, Some(sig)) => format!("rsync killed by signal {sig}"),
-                            _ => format!("rsync ended: {st}"),
+                            (Some(c), _) => format!("{name} exited with code {c}"),
+                            (None, Some(sig)) => format!("{name} killed by signal {sig}"),
+                            _ => format!("{name} ended: {st}"),
                         };
                         if tail.is_empty() {
                             how
@@ -426,7 +470,7 @@ pub fn run(
             }
             Err(e) => RunResult {
                 outcome: Outcome::Retry,
-                error: format!("cannot wait for rsync: {e}"),
+                error: format!("cannot wait for {name}: {e}"),
             },
         }
     })
@@ -609,9 +653,15 @@ mod tests {
 
     #[test]
     fn a_missing_program_is_fatal_and_says_so() {
-        let r = run(&"/nonexistent/rsync".into(), &[], b"", None, None, |_| {
-            false
-        });
+        let r = run(
+            &"/nonexistent/rsync".into(),
+            &[],
+            b"",
+            None,
+            None,
+            &|_| {},
+            |_| false,
+        );
         assert_eq!(r.outcome, Outcome::Fatal);
         assert!(r.error.contains("install rsync"), "{}", r.error);
     }
@@ -631,6 +681,7 @@ mod idle_tests {
             b"",
             Some(Duration::from_secs(1)),
             None,
+            &|_| {},
             |w| {
                 std::thread::sleep(w);
                 false
@@ -657,6 +708,7 @@ mod idle_tests {
             b"",
             None,
             Some(&count),
+            &|_| {},
             |w| {
                 std::thread::sleep(w);
                 false
@@ -677,6 +729,7 @@ mod idle_tests {
             b"",
             Some(Duration::from_secs(1)),
             None,
+            &|_| {},
             |w| {
                 std::thread::sleep(w);
                 started.elapsed() > Duration::from_secs(2)

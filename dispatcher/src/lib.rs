@@ -482,10 +482,20 @@ fn handle(
     }
     let shared: Arc<str> = root.as_str().into();
     let whole = |c: &protocol::wire::Change| c.op == protocol::wire::Op::Resync && c.path.is_root();
-    if matches!(seen, Seen::First { .. }) {
-        starts
-            .deferred
-            .insert(root.clone(), Instant::now() + FIRST_RESYNC_WAIT);
+    match seen {
+        // Everything since the filter started is in view: the watcher's start resync
+        // will come in the stream (or, if only we restarted, the wait runs out).
+        Seen::First { seq: 1 } => {
+            starts
+                .deferred
+                .insert(root.clone(), Instant::now() + FIRST_RESYNC_WAIT);
+        }
+        // Joined late (the usual race at start): the watcher's start resync may be
+        // among what we missed, so compare now.
+        Seen::First { .. } => {
+            dispatch(root, starts.start_job(root), routes)?;
+        }
+        _ => {}
     }
     let mut batch = batch;
     if batch.changes.iter().any(whole) {
@@ -620,20 +630,39 @@ mod tests {
             let jobs: Vec<Job> = rx.try_iter().collect();
             (jobs, starts.deferred.contains_key("r"))
         };
-        let (jobs, waiting) = feed(batch(4, 1, vec![]));
+        let (jobs, waiting) = feed(batch(1, 1, vec![]));
         assert!(
             jobs.is_empty() && waiting,
             "first message: the resync waits"
         );
-        let (jobs, waiting) = feed(batch(5, 1, vec![change(Op::Resync, "")]));
+        let (jobs, waiting) = feed(batch(2, 1, vec![change(Op::Resync, "")]));
         assert!(!waiting, "the watcher's start resync covers it");
         assert!(matches!(&jobs[..], [Job::Changes { .. }]));
-        let (jobs, waiting) = feed(batch(7, 1, vec![change(Op::Upsert, "f")]));
+        let (jobs, waiting) = feed(batch(4, 1, vec![change(Op::Upsert, "f")]));
         assert!(!waiting);
         assert!(
             matches!(&jobs[..], [Job::Resync { .. }, Job::Changes { .. }]),
             "a gap resyncs at once: {jobs:?}"
         );
+        // Joining late (first seq above 1): the start resync may have been missed.
+        let mut trackers = HashMap::new();
+        let mut starts = Starts {
+            deferred: HashMap::new(),
+            catch_up: HashMap::new(),
+        };
+        let payload = batch(3, 2, vec![]);
+        handle(
+            &topic,
+            &payload,
+            &topics,
+            &mut trackers,
+            &mut starts,
+            &routes,
+        )
+        .unwrap();
+        let jobs: Vec<Job> = rx.try_iter().collect();
+        assert!(matches!(&jobs[..], [Job::Resync { .. }]), "{jobs:?}");
+        assert!(starts.deferred.is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use protocol::config::Target;
+use protocol::config::{Endpoint, Target};
 use protocol::rules::Rules;
 use protocol::wire::{self, Change, Report, ReportKind, Work};
 use protocol::PathBytes;
@@ -439,6 +439,13 @@ impl Runner {
         extra: &[String],
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
+        if self.is_command() {
+            let entries = subtrees
+                .iter()
+                .flat_map(|s| command_entries(info, s))
+                .collect();
+            return self.run_command(root, info, entries, tick);
+        }
         let src = &info.path;
         let dest = self.target.destination(root);
         let subtrees = plan::resync_subtrees(src, subtrees);
@@ -479,6 +486,13 @@ impl Runner {
         since_us: u64,
         tick: &mut dyn FnMut(Duration),
     ) -> (RunResult, bool) {
+        if self.is_command() {
+            // A program cannot be asked what it missed: it gets the whole root.
+            return (
+                self.resync(root, info, &[PathBytes::root()], &[], tick),
+                false,
+            );
+        }
         let src = &info.path;
         let scan = match crate::catchup::scan(src, &info.rules, since_us) {
             Ok(s) => s,
@@ -555,6 +569,17 @@ impl Runner {
         paths: &BTreeMap<PathBytes, Touch>,
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
+        if self.is_command() {
+            let entries = paths
+                .keys()
+                .map(|p| {
+                    let mut e = b"./".to_vec();
+                    e.extend_from_slice(p.as_bytes());
+                    (p.clone(), e)
+                })
+                .collect();
+            return self.run_command(root, info, entries, tick);
+        }
         let entries = plan::incremental_entries(&info.path, paths);
         // Nothing is sent whole here (new directories are subtree resyncs), so the
         // globs are all the rules an incremental run needs.
@@ -639,6 +664,7 @@ impl Runner {
             stdin,
             idle,
             sink,
+            &|_| {},
             |wait| {
                 tick(wait);
                 control.must_stop()
@@ -648,6 +674,82 @@ impl Runner {
             *c = itemized.into_inner().unwrap_or_default();
         }
         result
+    }
+
+    fn is_command(&self) -> bool {
+        matches!(self.target.endpoint, Endpoint::Command { .. })
+    }
+
+    /// A command target's run: its program with the entries (`./path`, `./dir/` for
+    /// everything below) that pass its include/exclude globs, as NUL-separated stdin or
+    /// as arguments; never a shell. It runs in the root with `SYNCBUS_TARGET`,
+    /// `SYNCBUS_ROOT` and `SYNCBUS_ROOT_PATH` set; exit 0 is success, anything else is
+    /// retried like a failed rsync.
+    fn run_command(
+        &self,
+        root: &str,
+        info: &RootInfo,
+        entries: Vec<(PathBytes, Vec<u8>)>,
+        tick: &mut dyn FnMut(Duration),
+    ) -> RunResult {
+        let Endpoint::Command {
+            argv,
+            as_args,
+            include,
+            exclude,
+        } = &self.target.endpoint
+        else {
+            unreachable!("only called for command targets")
+        };
+        let set = |globs: &[String]| {
+            let mut b = globset::GlobSetBuilder::new();
+            for g in globs {
+                if let Ok(g) = globset::GlobBuilder::new(g).literal_separator(true).build() {
+                    b.add(g);
+                }
+            }
+            b.build().unwrap_or_else(|_| globset::GlobSet::empty())
+        };
+        let (inc, exc) = (set(include), set(exclude));
+        let entries: Vec<Vec<u8>> = entries
+            .into_iter()
+            .filter(|(p, _)| {
+                let os = p.as_os_str();
+                (include.is_empty() || p.is_root() || inc.is_match(os)) && !exc.is_match(os)
+            })
+            .map(|(_, e)| e)
+            .collect();
+        if entries.is_empty() {
+            return RunResult {
+                outcome: Outcome::Success,
+                error: String::new(),
+            };
+        }
+        use std::os::unix::ffi::OsStrExt;
+        let program: std::ffi::OsString = argv[0].clone().into();
+        let mut args: Vec<std::ffi::OsString> = argv[1..].iter().map(Into::into).collect();
+        let mut stdin = Vec::new();
+        for e in &entries {
+            if *as_args {
+                args.push(std::ffi::OsStr::from_bytes(e).to_os_string());
+            } else {
+                stdin.extend_from_slice(e);
+                stdin.push(0);
+            }
+        }
+        let (target, root_path) = (self.target.name.clone(), info.path.clone());
+        let setup = |cmd: &mut std::process::Command| {
+            cmd.current_dir(&root_path)
+                .env("SYNCBUS_TARGET", &target)
+                .env("SYNCBUS_ROOT", root)
+                .env("SYNCBUS_ROOT_PATH", &root_path);
+        };
+        let control = self.control.clone();
+        let idle = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
+        command::run_user_program(&program, &args, &stdin, idle, &setup, |wait| {
+            tick(wait);
+            control.must_stop()
+        })
     }
 
     /// Deletes `paths` (root-relative) on the target, whatever the source holds.
@@ -709,6 +811,53 @@ impl Runner {
         f.write_all(rules)?;
         Ok(path)
     }
+}
+
+/// Above this many entries, a command target gets a subtree as `./dir/` rather than
+/// every path in it.
+const COMMAND_EXPAND_MAX: usize = 100_000;
+
+/// What a command target is given for a subtree that changed as a whole (a new or
+/// moved-in directory): the directory and every path in it (`./dir/`, `./dir/file`…),
+/// or just `./dir/` — "everything below" — for the root or a very large subtree.
+fn command_entries(info: &RootInfo, sub: &PathBytes) -> Vec<(PathBytes, Vec<u8>)> {
+    let entry = |p: &PathBytes, dir: bool| {
+        let mut e = b"./".to_vec();
+        if !p.is_root() {
+            e.extend_from_slice(p.as_bytes());
+            if dir {
+                e.push(b'/');
+            }
+        }
+        (p.clone(), e)
+    };
+    let whole = vec![entry(sub, true)];
+    if sub.is_root() {
+        return whole;
+    }
+    let mut out = vec![entry(sub, true)];
+    let mut stack = vec![sub.clone()];
+    while let Some(dir) = stack.pop() {
+        let Ok(list) = std::fs::read_dir(dir.under(&info.path)) else {
+            continue;
+        };
+        for e in list.flatten() {
+            use std::os::unix::ffi::OsStrExt;
+            let path = dir.join(e.file_name().as_bytes());
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if info.rules.excludes(&path, is_dir) {
+                continue;
+            }
+            out.push(entry(&path, is_dir));
+            if out.len() > COMMAND_EXPAND_MAX {
+                return whole;
+            }
+            if is_dir {
+                stack.push(path);
+            }
+        }
+    }
+    out
 }
 
 /// Never rsync from a missing root: `--delete` would wipe the target.

@@ -92,7 +92,13 @@ struct RawRoot {
 #[serde(deny_unknown_fields)]
 struct RawTarget {
     name: Spanned<String>,
-    url: Spanned<String>,
+    url: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<Spanned<String>>>>,
+    paths: Option<Spanned<String>>,
+    #[serde(default)]
+    include: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
     roots: Option<Spanned<Vec<Spanned<String>>>>,
     password_file: Option<Spanned<String>>,
     timeout: Option<Spanned<u64>>,
@@ -221,6 +227,16 @@ pub enum Endpoint {
     },
     /// A directory on this machine.
     Local { path: PathBuf },
+    /// A program run per batch (argv, never a shell), given the changed paths.
+    Command {
+        argv: Vec<String>,
+        /// Paths as arguments after `argv` (else NUL-separated on stdin).
+        as_args: bool,
+        /// Only paths matching one of these globs (all when empty)…
+        include: Vec<String>,
+        /// …and none of these.
+        exclude: Vec<String>,
+    },
 }
 
 impl Target {
@@ -231,6 +247,7 @@ impl Target {
             Endpoint::Rsync { url, .. } => url.clone(),
             Endpoint::Ssh { dest, .. } => dest.clone(),
             Endpoint::Local { path } => format!("{}/", path.display()),
+            Endpoint::Command { .. } => return String::new(),
         };
         if self.roots.len() > 1 {
             format!("{base}{root}/")
@@ -561,6 +578,103 @@ impl Validator<'_> {
         }
     }
 
+    /// A `command = [...]` target: the program must exist; rsync's own keys are errors.
+    fn command_target(
+        &mut self,
+        i: usize,
+        raw: &RawTarget,
+        command: &Spanned<Vec<Spanned<String>>>,
+        name: String,
+        bound: Vec<String>,
+    ) -> Option<Target> {
+        let k = |f: &str| format!("target[{i}].{f}");
+        let argv: Vec<String> = command
+            .get_ref()
+            .iter()
+            .map(|a| a.get_ref().clone())
+            .collect();
+        match argv.first() {
+            None => self.error(command.span(), k("command"), "empty: name a program"),
+            Some(prog) => {
+                let path = if prog.contains('/') {
+                    Some(self.resolve(prog))
+                } else {
+                    std::env::var_os("PATH").and_then(|paths| {
+                        std::env::split_paths(&paths)
+                            .map(|d| d.join(prog))
+                            .find(|p| p.is_file())
+                    })
+                };
+                let runnable = path.as_ref().is_some_and(|p| {
+                    std::fs::metadata(p)
+                        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                });
+                if !runnable {
+                    self.error(
+                        command.get_ref()[0].span(),
+                        format!("{}[0]", k("command")),
+                        format!("`{prog}` is not an executable file (nor found in PATH)"),
+                    );
+                }
+            }
+        }
+        let rsync_only = [
+            raw.password_file
+                .as_ref()
+                .map(|p| ("password_file", p.span())),
+            raw.bwlimit.as_ref().map(|p| ("bwlimit", p.span())),
+            raw.extra_args.first().map(|p| ("extra_args", p.span())),
+            raw.port.as_ref().map(|p| ("port", p.span())),
+            raw.identity_file
+                .as_ref()
+                .map(|p| ("identity_file", p.span())),
+            raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
+        ];
+        for (key, span) in rsync_only.into_iter().flatten() {
+            self.error(span, k(key), "not for command targets");
+        }
+        let as_args = match raw.paths.as_ref().map(|p| p.get_ref().as_str()) {
+            None | Some("stdin") => false,
+            Some("args") => true,
+            Some(other) => {
+                let span = raw.paths.as_ref().map(|p| p.span()).unwrap_or(0..0);
+                self.error(
+                    span,
+                    k("paths"),
+                    format!("`{other}`: `stdin` (NUL-separated) or `args`"),
+                );
+                false
+            }
+        };
+        let mut globs = |list: &[Spanned<String>], key: &str| -> Vec<String> {
+            for (j, g) in list.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(g.get_ref()) {
+                    self.error(g.span(), format!("{}[{j}]", k(key)), e.to_string());
+                }
+            }
+            list.iter().map(|g| g.get_ref().clone()).collect()
+        };
+        let include = globs(&raw.include, "include");
+        let exclude = globs(&raw.exclude, "exclude");
+        Some(Target {
+            name,
+            endpoint: Endpoint::Command {
+                argv,
+                as_args,
+                include,
+                exclude,
+            },
+            roots: bound,
+            timeout: raw
+                .timeout
+                .as_ref()
+                .map(|t| *t.get_ref())
+                .unwrap_or(DEFAULT_TIMEOUT_S),
+            bwlimit: None,
+            extra_args: Vec::new(),
+        })
+    }
+
     /// A `roots = [...]` list: every root when absent; each name must exist.
     fn root_names(
         &mut self,
@@ -687,10 +801,39 @@ impl Validator<'_> {
         names: &mut Vec<String>,
     ) -> Option<Target> {
         let k = |f: &str| format!("target[{i}].{f}");
+        let table = raw.span();
         let raw = raw.into_inner();
         let name = self.name(&raw.name, &k("name"), names);
         let bound = self.root_names(&raw.roots, &k("roots"), roots);
-        let endpoint = match parse_url(raw.url.get_ref()) {
+        let command_keys = [
+            raw.paths.as_ref().map(|p| ("paths", p.span())),
+            raw.include.first().map(|p| ("include", p.span())),
+            raw.exclude.first().map(|p| ("exclude", p.span())),
+        ];
+        let url = match (&raw.url, &raw.command) {
+            (Some(_), Some(c)) => {
+                self.error(
+                    c.span(),
+                    k("command"),
+                    "give either `url` or `command`, not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.error(
+                    table,
+                    k("url"),
+                    "missing: every target needs a `url` (rsync) or a `command`",
+                );
+                return None;
+            }
+            (None, Some(c)) => return self.command_target(i, &raw, c, name, bound),
+            (Some(u), None) => u,
+        };
+        for (key, span) in command_keys.into_iter().flatten() {
+            self.error(span, k(key), "only for command targets");
+        }
+        let endpoint = match parse_url(url.get_ref()) {
             Ok(Url::Rsync(url)) => Endpoint::Rsync {
                 url,
                 password_file: raw.password_file.as_ref().map(|p| {
@@ -720,7 +863,7 @@ impl Validator<'_> {
                 for r in roots.iter().filter(|r| bound.contains(&r.name)) {
                     if canon.starts_with(&r.path) || r.path.starts_with(&canon) {
                         self.error(
-                            raw.url.span(),
+                            url.span(),
                             k("url"),
                             format!(
                                 "local target `{}` overlaps root `{}` (`{}`): it would mirror into itself",
@@ -734,7 +877,7 @@ impl Validator<'_> {
                 Endpoint::Local { path }
             }
             Err(msg) => {
-                self.error(raw.url.span(), k("url"), msg);
+                self.error(url.span(), k("url"), msg);
                 Endpoint::Local {
                     path: PathBuf::new(),
                 }
@@ -1065,6 +1208,53 @@ mod tests {
         assert_eq!(c.schedules[0].roots, vec!["www"]);
         assert_eq!(c.schedules[0].exclude_glob, vec!["*.log"]);
         assert_eq!(c.schedules[1].cron, "@hourly");
+    }
+
+    #[test]
+    fn command_targets_are_validated_like_the_others() {
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}[[target]]\nname = \"hook\"\ncommand = [\"true\", \"x\"]\n\
+                 paths = \"args\"\ninclude = [\"*.html\"]\n"
+            ))
+            .unwrap();
+        match &c.targets[0].endpoint {
+            Endpoint::Command {
+                argv,
+                as_args,
+                include,
+                ..
+            } => {
+                assert_eq!(argv, &["true", "x"]);
+                assert!(*as_args);
+                assert_eq!(include, &["*.html"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = f.errors(&format!(
+            "{MINIMAL}[[target]]\nname = \"a\"\ncommand = [\"/no/such/prog\"]\n\
+             bwlimit = \"1M\"\npaths = \"pipe\"\n\
+             [[target]]\nname = \"b\"\nurl = \"mirror\"\ninclude = [\"x\"]\n\
+             [[target]]\nname = \"c\"\n"
+        ));
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "target[0].command[0]",
+                "target[0].bwlimit",
+                "target[0].paths",
+                "target[1].include",
+                "target[2].url"
+            ],
+            "{e:?}"
+        );
+        assert!(
+            e[0].message.contains("not an executable"),
+            "{}",
+            e[0].message
+        );
     }
 
     #[test]

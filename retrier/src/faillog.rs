@@ -68,6 +68,13 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
             comment(&mut out, "target or root no longer in the config: skipped");
             continue;
         };
+        if matches!(target.endpoint, protocol::config::Endpoint::Command { .. }) {
+            comment(
+                &mut out,
+                "command target: no rsync command (the retrier runs it again)",
+            );
+            continue;
+        }
         let Ok(common) = dispatcher::command::common_args(target) else {
             comment(&mut out, "target options cannot be expressed: skipped");
             continue;

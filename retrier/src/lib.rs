@@ -67,6 +67,8 @@ struct Job {
 enum Probe {
     Tcp(String),
     Dir(PathBuf),
+    /// Nothing to probe (a command target): the backoff alone decides.
+    None,
 }
 
 fn probe_of(endpoint: &Endpoint, port: Option<u16>) -> Probe {
@@ -90,6 +92,7 @@ fn probe_of(endpoint: &Endpoint, port: Option<u16>) -> Probe {
             let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
             Probe::Tcp(format!("{host}:{}", p.or(port).unwrap_or(22)))
         }
+        Endpoint::Command { .. } => Probe::None,
         Endpoint::Local { path } => Probe::Dir(
             path.parent()
                 .map(|p| p.to_path_buf())
@@ -104,6 +107,7 @@ fn reachable(probe: &Probe) -> bool {
             addrs.any(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok())
         }),
         Probe::Dir(p) => p.is_dir(),
+        Probe::None => false,
     }
 }
 
@@ -487,7 +491,12 @@ impl Retrier<'_> {
         for name in names {
             let pending = self.jobs.values().any(|j| j.target == name);
             let t = self.targets.get_mut(&name).expect("listed above");
-            if pending && t.failures > 0 && now >= t.next_probe && !t.probing {
+            if pending
+                && t.failures > 0
+                && now >= t.next_probe
+                && !t.probing
+                && t.probe != Probe::None
+            {
                 t.next_probe = now + self.config.retry.probe;
                 t.probing = true;
                 let (probe, tx, who) = (t.probe.clone(), self.probes.0.clone(), name.clone());

@@ -218,3 +218,104 @@ fn the_change_stream_can_be_followed_over_tcp() {
         None
     });
 }
+
+/// A program (the hook) that records what it is given: NUL-separated stdin or its
+/// arguments, one `<len>:<bytes>` record each, plus its environment; it fails while a
+/// `fail` file sits next to it.
+const RECORDER: &str = r#"#!/usr/bin/env python3
+import os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+if os.path.exists(os.path.join(here, "fail")):
+    sys.exit(3)
+out, mode = sys.argv[1], sys.argv[2]
+entries = [os.fsencode(a) for a in sys.argv[3:]] if mode == "args" else \
+    [e for e in sys.stdin.buffer.read().split(b"\0") if e]
+with open(out, "ab") as f:
+    for e in entries:
+        f.write(b"%d:%s\n" % (len(e), e))
+    f.write(("env %s %s %s\n" % (os.environ["SYNCBUS_TARGET"], os.environ["SYNCBUS_ROOT"],
+                                 os.getcwd())).encode())
+"#;
+
+/// Command targets: the program gets exactly the changed paths (odd names byte for
+/// byte, no shell anywhere), on stdin or as arguments, filtered by its globs, in the
+/// root with its environment; a failing run is journalled and retried until it works.
+#[test]
+fn command_targets_get_the_paths_without_a_shell_and_are_retried() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut m = Mirror::new(0, "");
+    let script = m.dir.path().join("record.py");
+    fs::write(&script, RECORDER).unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let (stdin_out, args_out) = (
+        m.dir.path().join("stdin.out"),
+        m.dir.path().join("args.out"),
+    );
+    let text = fs::read_to_string(&m.config).unwrap();
+    fs::write(
+        &m.config,
+        format!(
+            "{text}\n[[target]]\nname = \"hook\"\ncommand = [{:?}, {:?}, \"stdin\"]\n\
+             include = [\"keep/**\"]\nexclude = [\"keep/*.tmp\"]\ntimeout = 10\n\
+             \n[[target]]\nname = \"argv\"\ncommand = [{:?}, {:?}, \"args\"]\npaths = \"args\"\n",
+            script.display().to_string(),
+            stdin_out.display().to_string(),
+            script.display().to_string(),
+            args_out.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let record = |entry: &[u8]| {
+        let mut r = format!("{}:", entry.len()).into_bytes();
+        r.extend_from_slice(entry);
+        r.push(b'\n');
+        r
+    };
+    let has = |file: &std::path::Path, entry: &[u8]| {
+        let r = record(entry);
+        fs::read(file)
+            .ok()
+            .is_some_and(|t| t.windows(r.len()).any(|w| w == r))
+    };
+    m.start();
+    // The start compare gives each hook the whole root (`./`: everything below).
+    m.wait_for("the start compare reached both hooks", CONVERGE, || {
+        (has(&stdin_out, b"./") && has(&args_out, b"./")).then_some(())
+    });
+    fs::create_dir(m.s("keep")).unwrap();
+    fs::create_dir(m.s("skip")).unwrap();
+    let odd: &[u8] = b"keep/it's `touch PWNED` $(touch PWNED2)\n-x \xff";
+    fs::write(m.src.join(std::ffi::OsStr::from_bytes(odd)), "odd").unwrap();
+    fs::write(m.s("keep/a.tmp"), "excluded by the hook's own glob").unwrap();
+    fs::write(m.s("skip/b"), "not included").unwrap();
+    let mut odd_entry = b"./".to_vec();
+    odd_entry.extend_from_slice(odd);
+    m.wait_for("the odd name reached both commands", CONVERGE, || {
+        (has(&stdin_out, &odd_entry) && has(&args_out, &odd_entry)).then_some(())
+    });
+    let stdin_text = String::from_utf8_lossy(&fs::read(&stdin_out).unwrap()).into_owned();
+    assert!(
+        !stdin_text.contains("a.tmp") && !stdin_text.contains("skip/"),
+        "{stdin_text}"
+    );
+    let root = fs::canonicalize(&m.src).unwrap();
+    assert!(
+        stdin_text.contains(&format!("env hook r {}", root.display())),
+        "{stdin_text}"
+    );
+    assert!(has(&args_out, b"./skip/b"), "the args target has no filter");
+    for name in ["PWNED", "PWNED2"] {
+        assert!(!m.src.join(name).exists() && !m.dir.path().join(name).exists());
+    }
+    // A failing hook: journalled, retried, delivered once it works again.
+    fs::write(m.dir.path().join("fail"), "").unwrap();
+    fs::write(m.s("keep/retried"), "r").unwrap();
+    m.wait_for("the failure journalled", CONVERGE, || {
+        m.log().contains("delivery failed").then_some(())
+    });
+    assert!(!has(&stdin_out, b"./keep/retried"));
+    fs::remove_file(m.dir.path().join("fail")).unwrap();
+    m.wait_for("delivered after the retry", CONVERGE, || {
+        has(&stdin_out, b"./keep/retried").then_some(())
+    });
+}
