@@ -129,6 +129,8 @@ pub fn run(
     let control = Arc::new(Control::default());
     // root name → the workers bound to it
     let mut routes: HashMap<String, Vec<Served>> = HashMap::new();
+    // After-sync hooks: target they follow → (hook's roots, hook's worker).
+    let mut hooks: HashMap<String, Vec<(Vec<String>, Served)>> = HashMap::new();
     let (done_tx, done_rx) = mpsc::channel::<bool>();
     let mut workers = 0usize;
     let ctx = zmq::Context::new();
@@ -180,11 +182,26 @@ pub fn run(
             },
         );
         stops.push(tx.clone());
-        for r in &t.roots {
-            routes.entry(r.clone()).or_default().push(Served {
-                target: t.name.clone(),
-                tx: tx.clone(),
-            });
+        let after = match &t.endpoint {
+            protocol::config::Endpoint::Command { after, .. } => after.clone(),
+            _ => Vec::new(),
+        };
+        if after.is_empty() {
+            for r in &t.roots {
+                routes.entry(r.clone()).or_default().push(Served {
+                    target: t.name.clone(),
+                    tx: tx.clone(),
+                });
+            }
+        }
+        for a in after {
+            hooks.entry(a).or_default().push((
+                t.roots.clone(),
+                Served {
+                    target: t.name.clone(),
+                    tx: tx.clone(),
+                },
+            ));
         }
         let done = done_tx.clone();
         std::thread::Builder::new()
@@ -203,6 +220,18 @@ pub fn run(
             .map_err(|e| StageError::Failed(format!("cannot subscribe to the job stream: {e}")))?;
     }
     bus::connect(&jobs, &eps.jobs)?;
+    // The delivery stream, for after-sync hooks (subscribed to nothing without them).
+    let delivered = bus::socket(&ctx, zmq::SUB)?;
+    for a in hooks.keys() {
+        let topic = wire::deliveries_topic(a);
+        delivered
+            .set_subscribe(topic.as_bytes())
+            .map_err(|e| StageError::Failed(format!("cannot subscribe to `{topic}`: {e}")))?;
+    }
+    if !hooks.is_empty() {
+        bus::connect(&delivered, &eps.deliveries)?;
+    }
+    let mut hook_trackers: HashMap<String, SeqTracker> = HashMap::new();
     let sub = bus::socket(&ctx, zmq::SUB)?;
     let endpoint = eps.changes.clone();
     let mut topics: HashMap<Vec<u8>, String> = HashMap::new();
@@ -282,6 +311,7 @@ pub fn run(
             sub.as_poll_item(zmq::POLLIN),
             zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
             jobs.as_poll_item(zmq::POLLIN),
+            delivered.as_poll_item(zmq::POLLIN),
         ];
         let wait = starts.deferred.values().min().map_or(1000, |t| {
             t.saturating_duration_since(now).as_millis().clamp(1, 1000) as i64
@@ -300,6 +330,11 @@ pub fn run(
         }
         if items[2].is_readable() {
             if let Err(e) = forward_jobs(&jobs, &mut streams) {
+                break Err(e);
+            }
+        }
+        if items[3].is_readable() {
+            if let Err(e) = forward_deliveries(&delivered, &hooks, &mut hook_trackers) {
                 break Err(e);
             }
         }
@@ -386,6 +421,63 @@ pub fn run(
         ));
     }
     result
+}
+
+/// After-sync hooks: what reached a target they follow becomes their work (paths as
+/// upserts, compared subtrees as resyncs). A delivery the hook cannot vouch for having
+/// seen (first message, gap, restarted dispatcher) makes it resync the root: `./`.
+fn forward_deliveries(
+    delivered: &zmq::Socket,
+    hooks: &HashMap<String, Vec<(Vec<String>, Served)>>,
+    trackers: &mut HashMap<String, SeqTracker>,
+) -> Result<(), StageError> {
+    use protocol::wire::{Change, Delivery, Op};
+    while let Some((_, payload)) = bus::try_recv(delivered)? {
+        let Ok(d) = wire::decode::<Delivery>(&payload) else {
+            tracing::warn!("undecodable delivery message ignored");
+            continue;
+        };
+        let Some(list) = hooks.get(&d.target) else {
+            continue;
+        };
+        let seen = trackers
+            .entry(d.target.clone())
+            .or_default()
+            .observe(d.epoch, d.seq);
+        let root: Arc<str> = d.root.as_str().into();
+        let served = list.iter().filter(|(roots, _)| roots.contains(&d.root));
+        if seen != Seen::InOrder {
+            tracing::info!(target = %d.target, root = %d.root, "delivery stream (re)joined; hooks after it resync the root");
+            for (_, s) in served.clone() {
+                let _ = s.tx.send(Job::Resync { root: root.clone() });
+            }
+        }
+        if !d.ok {
+            continue;
+        }
+        let change = |op, path: protocol::PathBytes, since_us| Change {
+            op,
+            path,
+            from: None,
+            dir: false,
+            recursive: false,
+            since_us,
+        };
+        let mut changes: Vec<Change> = d
+            .paths
+            .into_iter()
+            .map(|p| change(Op::Upsert, p.path, p.since_us))
+            .collect();
+        changes.extend(d.resyncs.into_iter().map(|r| change(Op::Resync, r, 0)));
+        let changes = Arc::new(changes);
+        for (_, s) in served {
+            let _ = s.tx.send(Job::Changes {
+                root: root.clone(),
+                changes: changes.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Hands the retrier's acks and jobs to the workers; says `ready` for a target whose
@@ -491,9 +583,11 @@ fn handle(
                 .insert(root.clone(), Instant::now() + FIRST_RESYNC_WAIT);
         }
         // Joined late (the usual race at start): the watcher's start resync may be
-        // among what we missed, so compare now.
+        // among what we missed, so compare now. If it was not, it still comes and is
+        // still needed (this compare may have begun before the watches were live), so
+        // it keeps its right to be a catch-up.
         Seen::First { .. } => {
-            dispatch(root, starts.start_job(root), routes)?;
+            dispatch(root, starts.peek_job(root), routes)?;
         }
         _ => {}
     }
@@ -536,6 +630,17 @@ struct Starts {
 }
 
 impl Starts {
+    /// Like [`Starts::start_job`], without using up the catch-up.
+    fn peek_job(&self, root: &str) -> Job {
+        match self.catch_up.get(root) {
+            Some(&since_us) => Job::CatchUp {
+                root: root.into(),
+                since_us,
+            },
+            None => Job::Resync { root: root.into() },
+        }
+    }
+
     /// The job of a root's start compare: a catch-up the first time when allowed,
     /// else a full resync.
     fn start_job(&mut self, root: &str) -> Job {

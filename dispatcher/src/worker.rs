@@ -697,6 +697,7 @@ impl Runner {
             as_args,
             include,
             exclude,
+            ..
         } = &self.target.endpoint
         else {
             unreachable!("only called for command targets")

@@ -96,6 +96,8 @@ struct RawTarget {
     command: Option<Spanned<Vec<Spanned<String>>>>,
     paths: Option<Spanned<String>>,
     #[serde(default)]
+    after: Vec<Spanned<String>>,
+    #[serde(default)]
     include: Vec<Spanned<String>>,
     #[serde(default)]
     exclude: Vec<Spanned<String>>,
@@ -236,6 +238,9 @@ pub enum Endpoint {
         include: Vec<String>,
         /// …and none of these.
         exclude: Vec<String>,
+        /// An after-sync hook: run on what reached these targets (the delivery
+        /// stream), not on the raw changes.
+        after: Vec<String>,
     },
 }
 
@@ -474,11 +479,22 @@ impl Validator<'_> {
             );
         }
         let mut tnames = Vec::new();
+        // (name, is a command target) of every target, for `after` lists.
+        let kinds: Vec<(String, bool)> = raw
+            .target
+            .iter()
+            .map(|t| {
+                (
+                    t.get_ref().name.get_ref().clone(),
+                    t.get_ref().command.is_some(),
+                )
+            })
+            .collect();
         let targets = raw
             .target
             .into_iter()
             .enumerate()
-            .filter_map(|(i, t)| self.target(i, t, &roots, &mut tnames))
+            .filter_map(|(i, t)| self.target(i, t, &roots, &mut tnames, &kinds))
             .collect();
         let retry = self.retry(raw.retry);
         let schedules = raw
@@ -586,6 +602,7 @@ impl Validator<'_> {
         command: &Spanned<Vec<Spanned<String>>>,
         name: String,
         bound: Vec<String>,
+        kinds: &[(String, bool)],
     ) -> Option<Target> {
         let k = |f: &str| format!("target[{i}].{f}");
         let argv: Vec<String> = command
@@ -656,6 +673,19 @@ impl Validator<'_> {
         };
         let include = globs(&raw.include, "include");
         let exclude = globs(&raw.exclude, "exclude");
+        for (j, a) in raw.after.iter().enumerate() {
+            let msg = match kinds.iter().find(|(n, _)| n == a.get_ref()) {
+                None => Some(format!("no target named `{}`", a.get_ref())),
+                Some((_, true)) => Some(format!(
+                    "`{}` is a command target: a hook runs after an rsync target",
+                    a.get_ref()
+                )),
+                Some(_) => None,
+            };
+            if let Some(m) = msg {
+                self.error(a.span(), format!("{}[{j}]", k("after")), m);
+            }
+        }
         Some(Target {
             name,
             endpoint: Endpoint::Command {
@@ -663,6 +693,7 @@ impl Validator<'_> {
                 as_args,
                 include,
                 exclude,
+                after: raw.after.iter().map(|a| a.get_ref().clone()).collect(),
             },
             roots: bound,
             timeout: raw
@@ -799,6 +830,7 @@ impl Validator<'_> {
         raw: Spanned<RawTarget>,
         roots: &[Root],
         names: &mut Vec<String>,
+        kinds: &[(String, bool)],
     ) -> Option<Target> {
         let k = |f: &str| format!("target[{i}].{f}");
         let table = raw.span();
@@ -807,6 +839,7 @@ impl Validator<'_> {
         let bound = self.root_names(&raw.roots, &k("roots"), roots);
         let command_keys = [
             raw.paths.as_ref().map(|p| ("paths", p.span())),
+            raw.after.first().map(|p| ("after", p.span())),
             raw.include.first().map(|p| ("include", p.span())),
             raw.exclude.first().map(|p| ("exclude", p.span())),
         ];
@@ -827,7 +860,7 @@ impl Validator<'_> {
                 );
                 return None;
             }
-            (None, Some(c)) => return self.command_target(i, &raw, c, name, bound),
+            (None, Some(c)) => return self.command_target(i, &raw, c, name, bound, kinds),
             (Some(u), None) => u,
         };
         for (key, span) in command_keys.into_iter().flatten() {

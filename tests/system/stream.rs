@@ -319,3 +319,63 @@ fn command_targets_get_the_paths_without_a_shell_and_are_retried() {
         has(&stdin_out, b"./keep/retried").then_some(())
     });
 }
+
+/// An after-sync hook: records each path it is given, and whether the path was on the
+/// mirror already when it ran.
+const AFTER_RECORDER: &str = r#"#!/usr/bin/env python3
+import os, sys
+out, mirror = sys.argv[1], sys.argv[2]
+with open(out, "ab") as f:
+    for e in sys.stdin.buffer.read().split(b"\0"):
+        if e:
+            there = os.path.exists(os.path.join(os.fsencode(mirror), e))
+            f.write(e + (b" on-mirror\n" if there else b" missing\n"))
+"#;
+
+/// `after = ["t0"]`: the hook runs on what reached t0 (the delivery stream), so each
+/// path it gets is on the mirror by then.
+#[test]
+fn an_after_sync_hook_runs_once_the_path_is_on_the_other_target() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut m = Mirror::new(1, "");
+    let script = m.dir.path().join("after.py");
+    fs::write(&script, AFTER_RECORDER).unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = m.dir.path().join("after.out");
+    let text = fs::read_to_string(&m.config).unwrap();
+    fs::write(
+        &m.config,
+        format!(
+            "{text}\n[[target]]\nname = \"hook\"\ncommand = [{:?}, {:?}, {:?}]\nafter = [\"t0\"]\n",
+            script.display().to_string(),
+            out.display().to_string(),
+            m.dsts[0].display().to_string(),
+        ),
+    )
+    .unwrap();
+    m.start().wait_ready();
+    m.wait_for("the hook ran after a delivery", CONVERGE, || {
+        fs::write(m.s("after-probe"), "p").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        fs::read_to_string(&out)
+            .ok()?
+            .contains("./after-probe ")
+            .then_some(())
+    });
+    for i in 0..20 {
+        fs::write(m.s(&format!("after-{i}")), format!("{i}")).unwrap();
+    }
+    m.wait_for("every path through the hook", CONVERGE, || {
+        let text = fs::read_to_string(&out).ok()?;
+        (0..20)
+            .all(|i| text.contains(&format!("./after-{i} ")))
+            .then_some(())
+    });
+    let text = fs::read_to_string(&out).unwrap();
+    for line in text.lines().filter(|l| l.starts_with("./after-")) {
+        assert!(
+            line.ends_with(" on-mirror"),
+            "the hook ran before t0 had it: {line}"
+        );
+    }
+}
