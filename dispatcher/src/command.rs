@@ -138,7 +138,7 @@ pub fn common_args(target: &Target) -> Result<Vec<OsString>, ArgError> {
             a.push("-e".into());
             a.push(ssh_command(*port, identity_file.as_deref(), options)?.into());
         }
-        Endpoint::Local { .. } | Endpoint::Command { .. } => {}
+        Endpoint::Local { .. } | Endpoint::Command { .. } | Endpoint::Http { .. } => {}
     }
     a.extend(target.extra_args.iter().map(OsString::from));
     Ok(a)

@@ -183,7 +183,8 @@ pub fn run(
         );
         stops.push(tx.clone());
         let after = match &t.endpoint {
-            protocol::config::Endpoint::Command { after, .. } => after.clone(),
+            protocol::config::Endpoint::Command { after, .. }
+            | protocol::config::Endpoint::Http { after, .. } => after.clone(),
             _ => Vec::new(),
         };
         if after.is_empty() {

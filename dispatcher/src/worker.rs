@@ -439,12 +439,12 @@ impl Runner {
         extra: &[String],
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
-        if self.is_command() {
+        if self.is_hook() {
             let entries = subtrees
                 .iter()
                 .flat_map(|s| command_entries(info, s))
                 .collect();
-            return self.run_command(root, info, entries, tick);
+            return self.run_hook(root, info, entries, tick);
         }
         let src = &info.path;
         let dest = self.target.destination(root);
@@ -486,7 +486,7 @@ impl Runner {
         since_us: u64,
         tick: &mut dyn FnMut(Duration),
     ) -> (RunResult, bool) {
-        if self.is_command() {
+        if self.is_hook() {
             // A program cannot be asked what it missed: it gets the whole root.
             return (
                 self.resync(root, info, &[PathBytes::root()], &[], tick),
@@ -569,7 +569,7 @@ impl Runner {
         paths: &BTreeMap<PathBytes, Touch>,
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
-        if self.is_command() {
+        if self.is_hook() {
             let entries = paths
                 .keys()
                 .map(|p| {
@@ -578,7 +578,7 @@ impl Runner {
                     (p.clone(), e)
                 })
                 .collect();
-            return self.run_command(root, info, entries, tick);
+            return self.run_hook(root, info, entries, tick);
         }
         let entries = plan::incremental_entries(&info.path, paths);
         // Nothing is sent whole here (new directories are subtree resyncs), so the
@@ -676,8 +676,133 @@ impl Runner {
         result
     }
 
-    fn is_command(&self) -> bool {
-        matches!(self.target.endpoint, Endpoint::Command { .. })
+    /// A command or webhook target: given the paths, no rsync.
+    fn is_hook(&self) -> bool {
+        matches!(
+            self.target.endpoint,
+            Endpoint::Command { .. } | Endpoint::Http { .. }
+        )
+    }
+
+    /// The entries that pass the target's include/exclude globs.
+    fn filtered(&self, entries: Vec<(PathBytes, Vec<u8>)>) -> Vec<(PathBytes, Vec<u8>)> {
+        let (include, exclude) = match &self.target.endpoint {
+            Endpoint::Command {
+                include, exclude, ..
+            }
+            | Endpoint::Http {
+                include, exclude, ..
+            } => (include, exclude),
+            _ => return entries,
+        };
+        let set = |globs: &[String]| {
+            let mut b = globset::GlobSetBuilder::new();
+            for g in globs {
+                if let Ok(g) = globset::GlobBuilder::new(g).literal_separator(true).build() {
+                    b.add(g);
+                }
+            }
+            b.build().unwrap_or_else(|_| globset::GlobSet::empty())
+        };
+        let (inc, exc) = (set(include), set(exclude));
+        entries
+            .into_iter()
+            .filter(|(p, _)| {
+                let os = p.as_os_str();
+                (include.is_empty() || p.is_root() || inc.is_match(os)) && !exc.is_match(os)
+            })
+            .collect()
+    }
+
+    fn run_hook(
+        &self,
+        root: &str,
+        info: &RootInfo,
+        entries: Vec<(PathBytes, Vec<u8>)>,
+        tick: &mut dyn FnMut(Duration),
+    ) -> RunResult {
+        let entries = self.filtered(entries);
+        if entries.is_empty() {
+            return RunResult {
+                outcome: Outcome::Success,
+                error: String::new(),
+            };
+        }
+        match &self.target.endpoint {
+            Endpoint::Http {
+                url, header_file, ..
+            } => self.post(root, url, header_file.as_deref(), &entries),
+            _ => self.run_command(root, info, entries, tick),
+        }
+    }
+
+    /// A webhook target's run: the batch as one JSON POST (paths as `./path`, with
+    /// `\xNN` for bytes that are not UTF-8 and `utf8: false`), headers from its
+    /// `header_file`; a 2xx answer is success, anything else is retried.
+    fn post(
+        &self,
+        root: &str,
+        url: &str,
+        header_file: Option<&Path>,
+        entries: &[(PathBytes, Vec<u8>)],
+    ) -> RunResult {
+        let fail = |error: String| RunResult {
+            outcome: Outcome::Retry,
+            error,
+        };
+        let paths: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(_, e)| {
+                let utf8 = std::str::from_utf8(e).is_ok();
+                let mut shown = String::new();
+                for chunk in e.utf8_chunks() {
+                    shown.push_str(chunk.valid());
+                    for b in chunk.invalid() {
+                        shown.push_str(&format!("\\x{b:02x}"));
+                    }
+                }
+                serde_json::json!({"path": shown, "utf8": utf8})
+            })
+            .collect();
+        let body = serde_json::json!({
+            "version": 1,
+            "target": self.target.name,
+            "root": root,
+            "time_us": protocol::now_us(),
+            "paths": paths,
+        })
+        .to_string();
+        let headers = match header_file.map(std::fs::read_to_string).transpose() {
+            Ok(h) => h.unwrap_or_default(),
+            Err(e) => return fail(format!("cannot read the header file: {e}")),
+        };
+        let timeout = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(timeout)
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut req = agent
+            .post(url)
+            .header("Content-Type", "application/json")
+            .header("User-Agent", "syncbus");
+        for line in headers.lines().filter(|l| !l.trim().is_empty()) {
+            if let Some((name, value)) = line.split_once(':') {
+                req = req.header(name.trim(), value.trim());
+            }
+        }
+        if self.control.must_stop() {
+            return fail("stopped by the shutdown deadline".into());
+        }
+        match req.send(body) {
+            Ok(resp) if resp.status().is_success() => RunResult {
+                outcome: Outcome::Success,
+                error: String::new(),
+            },
+            // The URL is the config's; headers (credentials) are never put in errors.
+            Ok(resp) => fail(format!("webhook answered HTTP {}", resp.status().as_u16())),
+            Err(e) => fail(format!("webhook: {e}")),
+        }
     }
 
     /// A command target's run: its program with the entries (`./path`, `./dir/` for
@@ -692,40 +817,10 @@ impl Runner {
         entries: Vec<(PathBytes, Vec<u8>)>,
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
-        let Endpoint::Command {
-            argv,
-            as_args,
-            include,
-            exclude,
-            ..
-        } = &self.target.endpoint
-        else {
+        let Endpoint::Command { argv, as_args, .. } = &self.target.endpoint else {
             unreachable!("only called for command targets")
         };
-        let set = |globs: &[String]| {
-            let mut b = globset::GlobSetBuilder::new();
-            for g in globs {
-                if let Ok(g) = globset::GlobBuilder::new(g).literal_separator(true).build() {
-                    b.add(g);
-                }
-            }
-            b.build().unwrap_or_else(|_| globset::GlobSet::empty())
-        };
-        let (inc, exc) = (set(include), set(exclude));
-        let entries: Vec<Vec<u8>> = entries
-            .into_iter()
-            .filter(|(p, _)| {
-                let os = p.as_os_str();
-                (include.is_empty() || p.is_root() || inc.is_match(os)) && !exc.is_match(os)
-            })
-            .map(|(_, e)| e)
-            .collect();
-        if entries.is_empty() {
-            return RunResult {
-                outcome: Outcome::Success,
-                error: String::new(),
-            };
-        }
+        let entries: Vec<Vec<u8>> = entries.into_iter().map(|(_, e)| e).collect();
         use std::os::unix::ffi::OsStrExt;
         let program: std::ffi::OsString = argv[0].clone().into();
         let mut args: Vec<std::ffi::OsString> = argv[1..].iter().map(Into::into).collect();

@@ -94,6 +94,8 @@ struct RawTarget {
     name: Spanned<String>,
     url: Option<Spanned<String>>,
     command: Option<Spanned<Vec<Spanned<String>>>>,
+    webhook: Option<Spanned<String>>,
+    header_file: Option<Spanned<String>>,
     paths: Option<Spanned<String>>,
     #[serde(default)]
     after: Vec<Spanned<String>>,
@@ -242,6 +244,15 @@ pub enum Endpoint {
         /// stream), not on the raw changes.
         after: Vec<String>,
     },
+    /// A webhook: each batch POSTed as JSON.
+    Http {
+        url: String,
+        /// `Name: value` lines sent as headers (credentials live here, never in the URL).
+        header_file: Option<PathBuf>,
+        include: Vec<String>,
+        exclude: Vec<String>,
+        after: Vec<String>,
+    },
 }
 
 impl Target {
@@ -252,7 +263,7 @@ impl Target {
             Endpoint::Rsync { url, .. } => url.clone(),
             Endpoint::Ssh { dest, .. } => dest.clone(),
             Endpoint::Local { path } => format!("{}/", path.display()),
-            Endpoint::Command { .. } => return String::new(),
+            Endpoint::Command { .. } | Endpoint::Http { .. } => return String::new(),
         };
         if self.roots.len() > 1 {
             format!("{base}{root}/")
@@ -663,6 +674,35 @@ impl Validator<'_> {
                 false
             }
         };
+        let (include, exclude, after) = self.hook_keys(i, raw, kinds);
+        Some(Target {
+            name,
+            endpoint: Endpoint::Command {
+                argv,
+                as_args,
+                include,
+                exclude,
+                after,
+            },
+            roots: bound,
+            timeout: raw
+                .timeout
+                .as_ref()
+                .map(|t| *t.get_ref())
+                .unwrap_or(DEFAULT_TIMEOUT_S),
+            bwlimit: None,
+            extra_args: Vec::new(),
+        })
+    }
+
+    /// `include`, `exclude` and `after` of a command or webhook target.
+    fn hook_keys(
+        &mut self,
+        i: usize,
+        raw: &RawTarget,
+        kinds: &[(String, bool)],
+    ) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let k = |f: &str| format!("target[{i}].{f}");
         let mut globs = |list: &[Spanned<String>], key: &str| -> Vec<String> {
             for (j, g) in list.iter().enumerate() {
                 if let Err(e) = globset::Glob::new(g.get_ref()) {
@@ -677,7 +717,7 @@ impl Validator<'_> {
             let msg = match kinds.iter().find(|(n, _)| n == a.get_ref()) {
                 None => Some(format!("no target named `{}`", a.get_ref())),
                 Some((_, true)) => Some(format!(
-                    "`{}` is a command target: a hook runs after an rsync target",
+                    "`{}` is a command or webhook target: a hook runs after an rsync target",
                     a.get_ref()
                 )),
                 Some(_) => None,
@@ -686,14 +726,92 @@ impl Validator<'_> {
                 self.error(a.span(), format!("{}[{j}]", k("after")), m);
             }
         }
+        let after = raw.after.iter().map(|a| a.get_ref().clone()).collect();
+        (include, exclude, after)
+    }
+
+    /// A `webhook = "http(s)://…"` target: credentials only through `header_file`.
+    fn webhook_target(
+        &mut self,
+        i: usize,
+        raw: &RawTarget,
+        url: &Spanned<String>,
+        name: String,
+        bound: Vec<String>,
+        kinds: &[(String, bool)],
+    ) -> Option<Target> {
+        let k = |f: &str| format!("target[{i}].{f}");
+        let u = url.get_ref();
+        let rest = u
+            .strip_prefix("http://")
+            .or_else(|| u.strip_prefix("https://"));
+        match rest {
+            None => self.error(
+                url.span(),
+                k("webhook"),
+                format!("`{u}` is not an http:// or https:// URL"),
+            ),
+            Some(r) if r.split('/').next().unwrap_or("").contains('@') => self.error(
+                url.span(),
+                k("webhook"),
+                "credentials in the URL would end up in logs: put them in `header_file` (e.g. `Authorization: Bearer …`)",
+            ),
+            Some(r) if r.is_empty() || r.starts_with('/') => {
+                self.error(url.span(), k("webhook"), format!("no host in `{u}`"))
+            }
+            Some(_) => {}
+        }
+        let header_file = raw.header_file.as_ref().map(|h| {
+            let path = self.resolve(h.get_ref());
+            let check = check_password_file(&path).and_then(|()| {
+                let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+                match text
+                    .lines()
+                    .enumerate()
+                    .find(|(_, l)| !l.trim().is_empty() && !l.contains(':'))
+                {
+                    Some((n, _)) => Err(format!(
+                        "line {} of `{}` is not `Name: value`",
+                        n + 1,
+                        path.display()
+                    )),
+                    None => Ok(()),
+                }
+            });
+            if let Err(msg) = check {
+                self.error(
+                    h.span(),
+                    k("header_file"),
+                    msg.replace("password file", "header file"),
+                );
+            }
+            path
+        });
+        let not_here = [
+            raw.password_file
+                .as_ref()
+                .map(|p| ("password_file", p.span())),
+            raw.bwlimit.as_ref().map(|p| ("bwlimit", p.span())),
+            raw.extra_args.first().map(|p| ("extra_args", p.span())),
+            raw.port.as_ref().map(|p| ("port", p.span())),
+            raw.identity_file
+                .as_ref()
+                .map(|p| ("identity_file", p.span())),
+            raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
+            raw.paths.as_ref().map(|p| ("paths", p.span())),
+        ];
+        for (key, span) in not_here.into_iter().flatten() {
+            self.error(span, k(key), "not for webhook targets");
+        }
+        let (include, exclude, after) = self.hook_keys(i, raw, kinds);
         Some(Target {
             name,
-            endpoint: Endpoint::Command {
-                argv,
-                as_args,
+            endpoint: Endpoint::Http {
+                url: u.clone(),
+                header_file,
                 include,
                 exclude,
-                after: raw.after.iter().map(|a| a.get_ref().clone()).collect(),
+                after,
             },
             roots: bound,
             timeout: raw
@@ -843,6 +961,28 @@ impl Validator<'_> {
             raw.include.first().map(|p| ("include", p.span())),
             raw.exclude.first().map(|p| ("exclude", p.span())),
         ];
+        let kinds_given = [
+            raw.url.is_some(),
+            raw.command.is_some(),
+            raw.webhook.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if kinds_given > 1 {
+            self.error(
+                table,
+                k("url"),
+                "give one of `url`, `command` or `webhook`, not several",
+            );
+            return None;
+        }
+        if let Some(w) = &raw.webhook {
+            return self.webhook_target(i, &raw, w, name, bound, kinds);
+        }
+        if let Some(h) = &raw.header_file {
+            self.error(h.span(), k("header_file"), "only for webhook targets");
+        }
         let url = match (&raw.url, &raw.command) {
             (Some(_), Some(c)) => {
                 self.error(
@@ -856,7 +996,7 @@ impl Validator<'_> {
                 self.error(
                     table,
                     k("url"),
-                    "missing: every target needs a `url` (rsync) or a `command`",
+                    "missing: every target needs a `url` (rsync), a `command` or a `webhook`",
                 );
                 return None;
             }
@@ -1288,6 +1428,38 @@ mod tests {
             "{}",
             e[0].message
         );
+    }
+
+    #[test]
+    fn webhook_targets_keep_credentials_out_of_the_url() {
+        let f = Fixture::new();
+        let hdr = f.dir.path().join("h");
+        std::fs::write(&hdr, "Authorization: Bearer x\n").unwrap();
+        std::fs::set_permissions(&hdr, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}[[target]]\nname = \"w\"\nwebhook = \"https://cdn.example/purge\"\n\
+                 header_file = \"h\"\n"
+            ))
+            .unwrap();
+        assert!(matches!(c.targets[0].endpoint, Endpoint::Http { .. }));
+        std::fs::set_permissions(&hdr, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = f.errors(&format!(
+            "{MINIMAL}[[target]]\nname = \"a\"\nwebhook = \"https://u:p@cdn.example/\"\n\
+             [[target]]\nname = \"b\"\nwebhook = \"ftp://x/\"\nheader_file = \"h\"\n"
+        ));
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "target[0].webhook",
+                "target[1].webhook",
+                "target[1].header_file"
+            ],
+            "{e:?}"
+        );
+        assert!(e[0].message.contains("header_file"), "{}", e[0].message);
+        assert!(e[2].message.contains("0600"), "{}", e[2].message);
     }
 
     #[test]

@@ -68,10 +68,13 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
             comment(&mut out, "target or root no longer in the config: skipped");
             continue;
         };
-        if matches!(target.endpoint, protocol::config::Endpoint::Command { .. }) {
+        if matches!(
+            target.endpoint,
+            protocol::config::Endpoint::Command { .. } | protocol::config::Endpoint::Http { .. }
+        ) {
             comment(
                 &mut out,
-                "command target: no rsync command (the retrier runs it again)",
+                "command or webhook target: no rsync command (the retrier runs it again)",
             );
             continue;
         }

@@ -93,6 +93,14 @@ fn probe_of(endpoint: &Endpoint, port: Option<u16>) -> Probe {
             Probe::Tcp(format!("{host}:{}", p.or(port).unwrap_or(22)))
         }
         Endpoint::Command { .. } => Probe::None,
+        Endpoint::Http { url, .. } => {
+            let (default, rest) = match url.strip_prefix("https://") {
+                Some(r) => (443, r),
+                None => (80, url.trim_start_matches("http://")),
+            };
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            Probe::Tcp(hostport(host, default))
+        }
         Endpoint::Local { path } => Probe::Dir(
             path.parent()
                 .map(|p| p.to_path_buf())

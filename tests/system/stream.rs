@@ -379,3 +379,98 @@ fn an_after_sync_hook_runs_once_the_path_is_on_the_other_target() {
         );
     }
 }
+
+/// A web server on 127.0.0.1 that records each request (headers and body) and answers
+/// 503 while a `fail` file sits next to it.
+const WEB: &str = r#"
+import http.server, json, os, sys
+port, log = int(sys.argv[1]), sys.argv[2]
+here = os.path.dirname(os.path.abspath(log))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        failing = os.path.exists(os.path.join(here, "fail"))
+        with open(log, "a") as f:
+            f.write(json.dumps({"headers": {k.lower(): v for k, v in self.headers.items()},
+                                "body": json.loads(body),
+                                "answered": 503 if failing else 204}) + "\n")
+        self.send_response(503 if failing else 204)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+/// A webhook target: each batch POSTed as JSON to a real server on 127.0.0.1, the
+/// credentials from the header file (never in the URL), odd names escaped, and a
+/// failing answer retried until it is accepted.
+#[test]
+fn a_webhook_gets_the_batches_as_json_and_is_retried_until_it_accepts() {
+    let port = testkit::free_port();
+    let mut m = Mirror::new(0, "");
+    let (script, log) = (m.dir.path().join("web.py"), m.dir.path().join("web.log"));
+    fs::write(&script, WEB).unwrap();
+    let _web = KillOnDrop(
+        Command::new("python3")
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(&log)
+            .spawn()
+            .unwrap(),
+    );
+    let header = m.dir.path().join("hook.header");
+    testkit::write_mode(&header, b"Authorization: Bearer s3cret\n", 0o600);
+    let text = fs::read_to_string(&m.config).unwrap();
+    fs::write(
+        &m.config,
+        format!(
+            "{text}\n[[target]]\nname = \"web\"\nwebhook = \"http://127.0.0.1:{port}/sync\"\n\
+             header_file = \"hook.header\"\ntimeout = 10\n"
+        ),
+    )
+    .unwrap();
+    let requests = || -> Vec<serde_json::Value> {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let paths = |r: &serde_json::Value| -> Vec<String> {
+        r["body"]["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["path"].as_str().unwrap().to_string())
+            .collect()
+    };
+    m.start();
+    m.wait_for("the start compare posted", CONVERGE, || {
+        requests().iter().any(|r| paths(r) == ["./"]).then_some(())
+    });
+    fs::write(m.src.join(std::ffi::OsStr::from_bytes(b"odd \xff")), "o").unwrap();
+    let req = m.wait_for("the odd name posted", CONVERGE, || {
+        requests()
+            .into_iter()
+            .find(|r| paths(r).contains(&"./odd \\xff".to_string()))
+    });
+    assert_eq!(req["headers"]["authorization"], "Bearer s3cret");
+    assert_eq!(req["body"]["target"], "web");
+    assert_eq!(req["body"]["root"], "r");
+    assert!(!m.log().contains("s3cret"), "a credential reached the log");
+    fs::write(m.dir.path().join("fail"), "").unwrap();
+    fs::write(m.s("retried"), "r").unwrap();
+    m.wait_for("a refused post", CONVERGE, || {
+        requests()
+            .iter()
+            .any(|r| r["answered"] == 503 && paths(r).contains(&"./retried".to_string()))
+            .then_some(())
+    });
+    fs::remove_file(m.dir.path().join("fail")).unwrap();
+    m.wait_for("accepted after the retry", CONVERGE, || {
+        requests()
+            .iter()
+            .any(|r| r["answered"] == 204 && paths(r).contains(&"./retried".to_string()))
+            .then_some(())
+    });
+}
