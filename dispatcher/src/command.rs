@@ -285,16 +285,19 @@ pub fn run(
     setup: &dyn Fn(&mut Command),
     tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
-    run_classified(program, args, stdin, idle, stdout, setup, classify, tick)
+    run_classified(
+        program, args, stdin, idle, stdout, setup, classify, false, tick,
+    )
 }
 
 /// [`run`] for a program of the user's (a command target): only exit 0 is success,
-/// anything else is retried.
+/// anything else is retried. It runs in a process group of its own: whatever it leaves
+/// behind when it exits, or when `tick` stops it, is killed with it (a background
+/// child holding its pipes would otherwise hold up the worker).
 pub fn run_user_program(
     program: &OsString,
     args: &[OsString],
     stdin: &[u8],
-    idle: Option<Duration>,
     setup: &dyn Fn(&mut Command),
     tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
@@ -302,7 +305,17 @@ pub fn run_user_program(
         Some(0) => Outcome::Success,
         _ => Outcome::Retry,
     };
-    run_classified(program, args, stdin, idle, None, setup, zero_or_retry, tick)
+    run_classified(
+        program,
+        args,
+        stdin,
+        None,
+        None,
+        setup,
+        zero_or_retry,
+        true,
+        tick,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -314,6 +327,7 @@ fn run_classified(
     stdout: Option<Sink>,
     setup: &dyn Fn(&mut Command),
     classify: fn(Option<i32>) -> Outcome,
+    group: bool,
     mut tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
     let name = Path::new(program)
@@ -337,6 +351,9 @@ fn run_classified(
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             Ok(())
         });
+    }
+    if group {
+        cmd.process_group(0);
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -405,15 +422,26 @@ fn run_classified(
         let mut killed = false;
         let mut stalled = false;
         let mut watchdog = idle.map(|limit| IdleWatch::new(child.id(), limit));
+        let pid = child.id() as i32;
+        let kill_group = || {
+            if group {
+                // SAFETY: kill(2) on the process group our child leads.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+        };
         let status = loop {
             match child.try_wait() {
-                Ok(Some(st)) => break Ok(st),
+                Ok(Some(st)) => {
+                    kill_group();
+                    break Ok(st);
+                }
                 Ok(None) => {}
                 Err(e) => break Err(e),
             }
             if killed {
                 std::thread::sleep(wait);
             } else if tick(wait) {
+                kill_group();
                 let _ = child.kill();
                 killed = true;
             } else if watchdog.as_mut().is_some_and(|w| w.stalled()) {

@@ -73,6 +73,9 @@ use protocol::wire::{self, ChangeBatch, JobKind, JobMsg, ReportKind};
 
 use worker::{Control, Job, Reporter, RootInfo, Worker};
 
+/// How long stopping hooks wait for the last deliveries of the targets they follow.
+const HOOK_SETTLE: Duration = Duration::from_millis(300);
+
 /// How long a drain may take after the first SIGTERM/SIGINT.
 pub const GRACE: Duration = Duration::from_secs(10);
 /// How long the resync for a first message waits for the watcher's own start resync,
@@ -131,7 +134,7 @@ pub fn run(
     let mut routes: HashMap<String, Vec<Served>> = HashMap::new();
     // After-sync hooks: target they follow → (hook's roots, hook's worker).
     let mut hooks: HashMap<String, Vec<(Vec<String>, Served)>> = HashMap::new();
-    let (done_tx, done_rx) = mpsc::channel::<bool>();
+    let (done_tx, done_rx) = mpsc::channel::<(bool, bool)>();
     let mut workers = 0usize;
     let ctx = zmq::Context::new();
     let eps = Endpoints::new(config);
@@ -142,7 +145,8 @@ pub fn run(
     };
     // topic `jobs/<target>/` → that worker
     let mut streams: HashMap<Vec<u8>, JobStream> = HashMap::new();
-    let mut stops: Vec<Sender<Job>> = Vec::new();
+    // (is an after-sync hook, its worker)
+    let mut stops: Vec<(bool, Sender<Job>)> = Vec::new();
     for t in &targets {
         let mut roots = HashMap::new();
         for r in &t.roots {
@@ -181,7 +185,12 @@ pub fn run(
                 reporter: reporter(&t.name)?,
             },
         );
-        stops.push(tx.clone());
+        let is_hook = matches!(
+            &t.endpoint,
+            protocol::config::Endpoint::Command { after, .. }
+            | protocol::config::Endpoint::Http { after, .. } if !after.is_empty()
+        );
+        stops.push((is_hook, tx.clone()));
         let after = match &t.endpoint {
             protocol::config::Endpoint::Command { after, .. }
             | protocol::config::Endpoint::Http { after, .. } => after.clone(),
@@ -208,7 +217,7 @@ pub fn run(
         std::thread::Builder::new()
             .name(format!("target-{}", t.name))
             .spawn(move || {
-                let _ = done.send(w.run(rx));
+                let _ = done.send((is_hook, w.run(rx)));
             })
             .map_err(|e| StageError::Failed(format!("cannot start a worker thread: {e}")))?;
         workers += 1;
@@ -377,12 +386,21 @@ pub fn run(
     let _ = control.deadline.set(deadline);
     drop(routes);
     drop(sub);
-    for tx in stops.drain(..) {
-        let _ = tx.send(Job::Stop);
+    // Hooks stop last: what the other workers deliver while they drain still reaches
+    // them (through the retrier's relay, which stops after us).
+    let hook_stops: Vec<Sender<Job>> = stops
+        .iter()
+        .filter(|(hook, _)| *hook)
+        .map(|(_, tx)| tx.clone())
+        .collect();
+    let mut plain_left = stops.iter().filter(|(hook, _)| !*hook).count();
+    for (hook, tx) in stops.drain(..) {
+        if !hook {
+            let _ = tx.send(Job::Stop);
+        }
     }
-    if result.is_ok() {
-        tracing::info!(grace_s = GRACE.as_secs(), "draining workers");
-    }
+    let mut hooks_stopped: Option<Instant> = None;
+    let mut settle: Option<Instant> = None;
     let mut left = workers;
     let mut clean = true;
     while left > 0 {
@@ -395,9 +413,26 @@ pub fn run(
         if jobs.poll(zmq::POLLIN, 0).unwrap_or(0) > 0 {
             let _ = forward_jobs(&jobs, &mut streams);
         }
+        if delivered.poll(zmq::POLLIN, 0).unwrap_or(0) > 0 {
+            let _ = forward_deliveries(&delivered, &hooks, &mut hook_trackers);
+        }
+        // Once the others are done, give their last deliveries a moment to come
+        // round through the relay, then stop the hooks.
+        if plain_left == 0 && hooks_stopped.is_none() {
+            let since = *settle.get_or_insert_with(Instant::now);
+            if since.elapsed() >= HOOK_SETTLE {
+                for tx in &hook_stops {
+                    let _ = tx.send(Job::Stop);
+                }
+                hooks_stopped = Some(Instant::now());
+            }
+        }
         match done_rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(worker_clean) => {
+            Ok((hook, worker_clean)) => {
                 left -= 1;
+                if !hook {
+                    plain_left -= 1;
+                }
                 clean &= worker_clean;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -448,9 +483,15 @@ fn forward_deliveries(
         let root: Arc<str> = d.root.as_str().into();
         let served = list.iter().filter(|(roots, _)| roots.contains(&d.root));
         if seen != Seen::InOrder {
-            tracing::info!(target = %d.target, root = %d.root, "delivery stream (re)joined; hooks after it resync the root");
-            for (_, s) in served.clone() {
-                let _ = s.tx.send(Job::Resync { root: root.clone() });
+            // What was missed may have been about any root the hook shares with the
+            // target it follows, not only this message's.
+            tracing::info!(target = %d.target, "delivery stream (re)joined; hooks after it resync their roots");
+            for (roots, s) in list {
+                for r in roots {
+                    let _ = s.tx.send(Job::Resync {
+                        root: r.as_str().into(),
+                    });
+                }
             }
         }
         if !d.ok {

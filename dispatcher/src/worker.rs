@@ -684,8 +684,16 @@ impl Runner {
         )
     }
 
-    /// The entries that pass the target's include/exclude globs.
-    fn filtered(&self, entries: Vec<(PathBytes, Vec<u8>)>) -> Vec<(PathBytes, Vec<u8>)> {
+    /// The entries that pass the target's include/exclude globs, read the way rsync
+    /// reads its own: a pattern without `/` matches a name at any depth, one with `/`
+    /// the path from the root. A path is excluded when it or a directory above it
+    /// matches an `exclude`; `include` is checked on the path itself, and never holds
+    /// back a directory entry or a path that is gone (a delete must reach the hook).
+    fn filtered(
+        &self,
+        info: &RootInfo,
+        entries: Vec<(PathBytes, Vec<u8>)>,
+    ) -> Vec<(PathBytes, Vec<u8>)> {
         let (include, exclude) = match &self.target.endpoint {
             Endpoint::Command {
                 include, exclude, ..
@@ -695,21 +703,24 @@ impl Runner {
             } => (include, exclude),
             _ => return entries,
         };
-        let set = |globs: &[String]| {
-            let mut b = globset::GlobSetBuilder::new();
-            for g in globs {
-                if let Ok(g) = globset::GlobBuilder::new(g).literal_separator(true).build() {
-                    b.add(g);
-                }
-            }
-            b.build().unwrap_or_else(|_| globset::GlobSet::empty())
-        };
-        let (inc, exc) = (set(include), set(exclude));
+        let inc = GlobPair::new(include);
+        let exc = GlobPair::new(exclude);
         entries
             .into_iter()
-            .filter(|(p, _)| {
-                let os = p.as_os_str();
-                (include.is_empty() || p.is_root() || inc.is_match(os)) && !exc.is_match(os)
+            .filter(|(p, e)| {
+                if p.is_root() {
+                    return true;
+                }
+                let excluded = std::iter::once(p.as_bytes())
+                    .chain(p.ancestors().filter(|a| !a.is_empty()))
+                    .any(|a| exc.matches(&PathBytes::new(a.to_vec())));
+                if excluded {
+                    return false;
+                }
+                include.is_empty()
+                    || e.ends_with(b"/")
+                    || std::fs::symlink_metadata(p.under(&info.path)).is_err()
+                    || inc.matches(p)
             })
             .collect()
     }
@@ -721,7 +732,7 @@ impl Runner {
         entries: Vec<(PathBytes, Vec<u8>)>,
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
-        let entries = self.filtered(entries);
+        let entries = self.filtered(info, entries);
         if entries.is_empty() {
             return RunResult {
                 outcome: Outcome::Success,
@@ -823,16 +834,6 @@ impl Runner {
         let entries: Vec<Vec<u8>> = entries.into_iter().map(|(_, e)| e).collect();
         use std::os::unix::ffi::OsStrExt;
         let program: std::ffi::OsString = argv[0].clone().into();
-        let mut args: Vec<std::ffi::OsString> = argv[1..].iter().map(Into::into).collect();
-        let mut stdin = Vec::new();
-        for e in &entries {
-            if *as_args {
-                args.push(std::ffi::OsStr::from_bytes(e).to_os_string());
-            } else {
-                stdin.extend_from_slice(e);
-                stdin.push(0);
-            }
-        }
         let (target, root_path) = (self.target.name.clone(), info.path.clone());
         let setup = |cmd: &mut std::process::Command| {
             cmd.current_dir(&root_path)
@@ -840,12 +841,59 @@ impl Runner {
                 .env("SYNCBUS_ROOT", root)
                 .env("SYNCBUS_ROOT_PATH", &root_path);
         };
+        // As arguments, a batch goes in runs of at most ARGS_BYTES (the kernel refuses
+        // an argument list beyond about 2 MiB, environment included).
+        let chunks: Vec<&[Vec<u8>]> = if *as_args {
+            let mut out = Vec::new();
+            let (mut start, mut bytes) = (0, 0);
+            for (i, e) in entries.iter().enumerate() {
+                if bytes + e.len() + 1 > ARGS_BYTES && i > start {
+                    out.push(&entries[start..i]);
+                    (start, bytes) = (i, 0);
+                }
+                bytes += e.len() + 1;
+            }
+            out.push(&entries[start..]);
+            out
+        } else {
+            vec![&entries[..]]
+        };
         let control = self.control.clone();
-        let idle = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
-        command::run_user_program(&program, &args, &stdin, idle, &setup, |wait| {
-            tick(wait);
-            control.must_stop()
-        })
+        // The target's timeout is a wall clock here: a program's I/O may happen in
+        // children the I/O watchdog cannot see.
+        let limit = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
+        for chunk in chunks {
+            let mut args: Vec<std::ffi::OsString> = argv[1..].iter().map(Into::into).collect();
+            let mut stdin = Vec::new();
+            for e in chunk {
+                if *as_args {
+                    args.push(std::ffi::OsStr::from_bytes(e).to_os_string());
+                } else {
+                    stdin.extend_from_slice(e);
+                    stdin.push(0);
+                }
+            }
+            let started = Instant::now();
+            let mut timed_out = false;
+            let mut r = command::run_user_program(&program, &args, &stdin, &setup, |wait| {
+                tick(wait);
+                timed_out = limit.is_some_and(|l| started.elapsed() >= l);
+                timed_out || control.must_stop()
+            });
+            if timed_out {
+                r.error = format!(
+                    "still running after {} s (the target's timeout): killed",
+                    self.target.timeout
+                );
+            }
+            if r.outcome != Outcome::Success {
+                return r;
+            }
+        }
+        RunResult {
+            outcome: Outcome::Success,
+            error: String::new(),
+        }
     }
 
     /// Deletes `paths` (root-relative) on the target, whatever the source holds.
@@ -908,6 +956,53 @@ impl Runner {
         Ok(path)
     }
 }
+
+/// Hook globs, rsync-style: names (no `/`) match the last component, the others the
+/// path from the root (a leading `/` anchors nothing more).
+struct GlobPair {
+    names: globset::GlobSet,
+    paths: globset::GlobSet,
+}
+
+impl GlobPair {
+    fn new(globs: &[String]) -> Self {
+        let (mut names, mut paths) = (
+            globset::GlobSetBuilder::new(),
+            globset::GlobSetBuilder::new(),
+        );
+        for g in globs {
+            let anchored = g.contains('/');
+            let pattern = g.trim_start_matches('/').trim_end_matches('/');
+            let Ok(glob) = globset::GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .build()
+            else {
+                continue;
+            };
+            if anchored {
+                paths.add(glob);
+            } else {
+                names.add(glob);
+            }
+        }
+        let empty = globset::GlobSet::empty;
+        GlobPair {
+            names: names.build().unwrap_or_else(|_| empty()),
+            paths: paths.build().unwrap_or_else(|_| empty()),
+        }
+    }
+
+    fn matches(&self, p: &PathBytes) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        self.paths.is_match(p.as_os_str())
+            || self
+                .names
+                .is_match(std::ffi::OsStr::from_bytes(p.file_name()))
+    }
+}
+
+/// Most bytes of paths given as arguments to one run of a command target.
+const ARGS_BYTES: usize = 64 * 1024;
 
 /// Above this many entries, a command target gets a subtree as `./dir/` rather than
 /// every path in it.
@@ -1234,6 +1329,12 @@ impl Worker {
                 }
                 Some((rest, result)) => {
                     tracing::debug!(target = %self.target.name, root = %root, error = %result.error, "rsync failed; handing the work to the retrier");
+                    // Subtrees compared before the failure did reach the target.
+                    let done: Vec<PathBytes> =
+                        sent.resyncs.difference(&rest.resyncs).cloned().collect();
+                    if !done.is_empty() {
+                        self.reporter.deliver(&root, &BTreeMap::new(), &done, None);
+                    }
                     let attempt = self.failing.get(&root).map_or(1, |f| f.attempt + 1);
                     let resyncs: Vec<PathBytes> = rest.resyncs.iter().cloned().collect();
                     self.reporter.deliver(
@@ -1788,5 +1889,22 @@ mod tests {
         assert_eq!(full.clone().merge(catch_up.clone()), plain);
         assert_eq!(catch_up.merge(full.clone()), plain);
         assert_eq!(full.clone().merge(full.clone()), full);
+    }
+
+    /// Found in review: hook globs matched one directory level only, and an excluded
+    /// directory's content went through.
+    #[test]
+    fn hook_globs_read_like_rsync_globs() {
+        let g = GlobPair::new(&["*.html".into(), "/cache/".into(), "docs/*.md".into()]);
+        assert!(g.matches(&"index.html".into()));
+        assert!(g.matches(&"sub/deep/a.html".into()));
+        assert!(g.matches(&"cache".into()));
+        assert!(
+            !g.matches(&"x/cache".into()),
+            "a leading / anchors at the root"
+        );
+        assert!(g.matches(&"docs/a.md".into()));
+        assert!(!g.matches(&"docs/sub/a.md".into()));
+        assert!(!g.matches(&"a.htm".into()));
     }
 }

@@ -290,8 +290,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let publisher = bus::socket(&ctx, zmq::PUB)?;
     bus::bind(&publisher, &endpoints.changes)?;
     if let Some(tcp) = &config.tcp_changes {
-        bus::bind(&publisher, tcp)?;
-        tracing::info!(endpoint = %tcp, "change stream also on TCP (no authentication: see docs/wire-format.md)");
+        bus::bind_public(&publisher, tcp, "change stream");
     }
     let mut out = Publisher {
         socket: publisher,

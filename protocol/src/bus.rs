@@ -132,6 +132,23 @@ pub fn bind(s: &zmq::Socket, endpoint: &str) -> Result<(), BusError> {
     })
 }
 
+/// Binds an optional public copy of a stream (`bus.tcp_*`): a failure is logged, not
+/// fatal, so a taken port never stops the pipeline.
+pub fn bind_public(s: &zmq::Socket, endpoint: &str, what: &str) {
+    if endpoint.starts_with("tcp://[") {
+        let _ = s.set_ipv6(true);
+    }
+    match s.bind(endpoint) {
+        Ok(()) => tracing::info!(
+            endpoint,
+            "{what} also on TCP (no authentication: see docs/wire-format.md)"
+        ),
+        Err(e) => {
+            tracing::warn!(endpoint, error = %e, "cannot publish the {what} on TCP; going on without it")
+        }
+    }
+}
+
 pub fn connect(s: &zmq::Socket, endpoint: &str) -> Result<(), BusError> {
     s.connect(endpoint).map_err(|source| BusError::Zmq {
         op: "connect",

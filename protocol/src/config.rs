@@ -534,11 +534,13 @@ impl Validator<'_> {
             None => ("127.0.0.1", v),
         };
         let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
-        if !port_ok || host.is_empty() || host.contains('/') {
+        // libzmq binds addresses, not host names.
+        let host_ok = host == "*" || host.parse::<std::net::IpAddr>().is_ok();
+        if !port_ok || !host_ok {
             self.error(
                 raw.span(),
                 key,
-                format!("`{v}` is not `PORT` (loopback) or `HOST:PORT`"),
+                format!("`{v}` is not `PORT` (loopback) or `IP:PORT` (an address, not a name)"),
             );
             return None;
         }

@@ -221,8 +221,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let deliveries = bus::socket(&ctx, zmq::PUB)?;
     bus::bind(&deliveries, &eps.deliveries)?;
     if let Some(tcp) = &config.tcp_deliveries {
-        bus::bind(&deliveries, tcp)?;
-        tracing::info!(endpoint = %tcp, "delivery stream also on TCP (no authentication: see docs/wire-format.md)");
+        bus::bind_public(&deliveries, tcp, "delivery stream");
     }
     tracing::info!(
         reports = %eps.reports,

@@ -378,6 +378,15 @@ fn an_after_sync_hook_runs_once_the_path_is_on_the_other_target() {
             "the hook ran before t0 had it: {line}"
         );
     }
+    // Found in review: a change just before SIGTERM reached t0 but not the hook.
+    fs::write(m.s("last"), "l").unwrap();
+    std::thread::sleep(Duration::from_millis(20)); // the moment under test, not a wait
+    let p = m.proc.as_mut().unwrap();
+    p.signal(libc::SIGTERM);
+    let st = p.wait_exit(CONVERGE).expect("syncbus run stops");
+    assert_eq!(st.code(), Some(0), "{}", m.log());
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(text.contains("./last on-mirror"), "{text}\n{}", m.log());
 }
 
 /// A web server on 127.0.0.1 that records each request (headers and body) and answers
