@@ -575,7 +575,7 @@ impl Runner {
                 .map(|p| {
                     let mut e = b"./".to_vec();
                     e.extend_from_slice(p.as_bytes());
-                    (p.clone(), e)
+                    (p.clone(), e, false)
                 })
                 .collect();
             return self.run_hook(root, info, entries, tick);
@@ -689,11 +689,7 @@ impl Runner {
     /// the path from the root. A path is excluded when it or a directory above it
     /// matches an `exclude`; `include` is checked on the path itself, and never holds
     /// back a directory entry or a path that is gone (a delete must reach the hook).
-    fn filtered(
-        &self,
-        info: &RootInfo,
-        entries: Vec<(PathBytes, Vec<u8>)>,
-    ) -> Vec<(PathBytes, Vec<u8>)> {
+    fn filtered(&self, info: &RootInfo, entries: Vec<HookEntry>) -> Vec<HookEntry> {
         let (include, exclude) = match &self.target.endpoint {
             Endpoint::Command {
                 include, exclude, ..
@@ -705,9 +701,9 @@ impl Runner {
         };
         let inc = GlobPair::new(include);
         let exc = GlobPair::new(exclude);
-        entries
-            .into_iter()
-            .filter(|(p, e)| {
+        let keep: Vec<bool> = entries
+            .iter()
+            .map(|(p, _, all_below)| {
                 if p.is_root() {
                     return true;
                 }
@@ -718,10 +714,15 @@ impl Runner {
                     return false;
                 }
                 include.is_empty()
-                    || e.ends_with(b"/")
+                    || *all_below
                     || std::fs::symlink_metadata(p.under(&info.path)).is_err()
                     || inc.matches(p)
             })
+            .collect();
+        entries
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(e, k)| k.then_some(e))
             .collect()
     }
 
@@ -729,7 +730,7 @@ impl Runner {
         &self,
         root: &str,
         info: &RootInfo,
-        entries: Vec<(PathBytes, Vec<u8>)>,
+        entries: Vec<HookEntry>,
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
         let entries = self.filtered(info, entries);
@@ -755,7 +756,7 @@ impl Runner {
         root: &str,
         url: &str,
         header_file: Option<&Path>,
-        entries: &[(PathBytes, Vec<u8>)],
+        entries: &[HookEntry],
     ) -> RunResult {
         let fail = |error: String| RunResult {
             outcome: Outcome::Retry,
@@ -763,7 +764,7 @@ impl Runner {
         };
         let paths: Vec<serde_json::Value> = entries
             .iter()
-            .map(|(_, e)| {
+            .map(|(_, e, _)| {
                 let utf8 = std::str::from_utf8(e).is_ok();
                 let mut shown = String::new();
                 for chunk in e.utf8_chunks() {
@@ -825,13 +826,13 @@ impl Runner {
         &self,
         root: &str,
         info: &RootInfo,
-        entries: Vec<(PathBytes, Vec<u8>)>,
+        entries: Vec<HookEntry>,
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
         let Endpoint::Command { argv, as_args, .. } = &self.target.endpoint else {
             unreachable!("only called for command targets")
         };
-        let entries: Vec<Vec<u8>> = entries.into_iter().map(|(_, e)| e).collect();
+        let entries: Vec<Vec<u8>> = entries.into_iter().map(|(_, e, _)| e).collect();
         use std::os::unix::ffi::OsStrExt;
         let program: std::ffi::OsString = argv[0].clone().into();
         let (target, root_path) = (self.target.name.clone(), info.path.clone());
@@ -1001,6 +1002,11 @@ impl GlobPair {
     }
 }
 
+/// One path for a command or webhook target: the path, what the program is given
+/// (`./path`, `./dir/`), and whether it stands for everything below it (the root, or a
+/// subtree too large to list), which an `include` glob never holds back.
+type HookEntry = (PathBytes, Vec<u8>, bool);
+
 /// Most bytes of paths given as arguments to one run of a command target.
 const ARGS_BYTES: usize = 64 * 1024;
 
@@ -1011,7 +1017,7 @@ const COMMAND_EXPAND_MAX: usize = 100_000;
 /// What a command target is given for a subtree that changed as a whole (a new or
 /// moved-in directory): the directory and every path in it (`./dir/`, `./dir/file`…),
 /// or just `./dir/` — "everything below" — for the root or a very large subtree.
-fn command_entries(info: &RootInfo, sub: &PathBytes) -> Vec<(PathBytes, Vec<u8>)> {
+fn command_entries(info: &RootInfo, sub: &PathBytes) -> Vec<HookEntry> {
     let entry = |p: &PathBytes, dir: bool| {
         let mut e = b"./".to_vec();
         if !p.is_root() {
@@ -1020,11 +1026,13 @@ fn command_entries(info: &RootInfo, sub: &PathBytes) -> Vec<(PathBytes, Vec<u8>)
                 e.push(b'/');
             }
         }
-        (p.clone(), e)
+        (p.clone(), e, false)
     };
-    let whole = vec![entry(sub, true)];
+    // The root, or a subtree too large to list: "everything below".
+    let mut whole = entry(sub, true);
+    whole.2 = true;
     if sub.is_root() {
-        return whole;
+        return vec![whole];
     }
     let mut out = vec![entry(sub, true)];
     let mut stack = vec![sub.clone()];
@@ -1041,7 +1049,7 @@ fn command_entries(info: &RootInfo, sub: &PathBytes) -> Vec<(PathBytes, Vec<u8>)
             }
             out.push(entry(&path, is_dir));
             if out.len() > COMMAND_EXPAND_MAX {
-                return whole;
+                return vec![whole];
             }
             if is_dir {
                 stack.push(path);
