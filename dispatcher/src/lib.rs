@@ -401,6 +401,9 @@ pub fn run(
     }
     let mut hooks_stopped: Option<Instant> = None;
     let mut settle: Option<Instant> = None;
+    if result.is_ok() {
+        tracing::info!(grace_s = GRACE.as_secs(), "draining workers");
+    }
     let mut left = workers;
     let mut clean = true;
     while left > 0 {

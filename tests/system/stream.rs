@@ -483,3 +483,71 @@ fn a_webhook_gets_the_batches_as_json_and_is_retried_until_it_accepts() {
             .then_some(())
     });
 }
+
+/// A server that records the method and target of each request (any method).
+const CDN: &str = r#"
+import http.server, json, sys
+port, log = int(sys.argv[1]), sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def handle_one(self):
+        with open(log, "a") as f:
+            f.write(json.dumps({"method": self.command, "target": self.path}) + "\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    do_PURGE = do_GET = do_POST = handle_one
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+/// A CDN refresh (sersync's refreshCDN): one request per path, its public URL built
+/// from `cdn_base_url` and percent-encoded into the template, with the method asked.
+#[test]
+fn a_cdn_refresh_sends_one_request_per_path_with_its_encoded_url() {
+    let port = testkit::free_port();
+    let mut m = Mirror::new(0, "");
+    let (script, log) = (m.dir.path().join("cdn.py"), m.dir.path().join("cdn.log"));
+    fs::write(&script, CDN).unwrap();
+    let _web = KillOnDrop(
+        Command::new("python3")
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(&log)
+            .spawn()
+            .unwrap(),
+    );
+    let text = fs::read_to_string(&m.config).unwrap();
+    fs::write(
+        &m.config,
+        format!(
+            "{text}\n[[target]]\nname = \"cdn\"\n\
+             webhook = \"http://127.0.0.1:{port}/purge?u={{url}}&p={{path}}\"\n\
+             method = \"PURGE\"\ncdn_base_url = \"https://www.example.com/site\"\n"
+        ),
+    )
+    .unwrap();
+    let requests = || -> Vec<serde_json::Value> {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    m.start();
+    m.wait_for("the start compare refreshed the root", CONVERGE, || {
+        requests().iter().any(|r| r["method"] == "PURGE").then_some(())
+    });
+    fs::create_dir(m.s("a b")).unwrap();
+    m.wait_for("the new directory refreshed", CONVERGE, || {
+        requests()
+            .iter()
+            .any(|r| r["target"].as_str().unwrap().ends_with("&p=a%20b/"))
+            .then_some(())
+    });
+    fs::write(m.src.join(std::ffi::OsStr::from_bytes(b"a b/\xff.html")), "x").unwrap();
+    let want = "/purge?u=https%3A%2F%2Fwww.example.com%2Fsite%2Fa%2520b%2F%25FF.html&p=a%20b/%FF.html";
+    m.wait_for("the file refreshed with its encoded URL", CONVERGE, || {
+        requests().iter().any(|r| r["target"] == want).then_some(())
+    });
+}
