@@ -741,9 +741,7 @@ impl Runner {
             };
         }
         match &self.target.endpoint {
-            Endpoint::Http {
-                url, header_file, ..
-            } => self.post(root, url, header_file.as_deref(), &entries),
+            Endpoint::Http { .. } => self.post(root, &entries),
             _ => self.run_command(root, info, entries, tick),
         }
     }
@@ -751,16 +749,27 @@ impl Runner {
     /// A webhook target's run: the batch as one JSON POST (paths as `./path`, with
     /// `\xNN` for bytes that are not UTF-8 and `utf8: false`), headers from its
     /// `header_file`; a 2xx answer is success, anything else is retried.
-    fn post(
-        &self,
-        root: &str,
-        url: &str,
-        header_file: Option<&Path>,
-        entries: &[HookEntry],
-    ) -> RunResult {
+    fn post(&self, root: &str, entries: &[HookEntry]) -> RunResult {
+        let Endpoint::Http {
+            url,
+            method,
+            base_url,
+            header_file,
+            ..
+        } = &self.target.endpoint
+        else {
+            unreachable!("only called for webhook targets")
+        };
         let fail = |error: String| RunResult {
             outcome: Outcome::Retry,
             error,
+        };
+        // A path's public URL: the base plus the path, each byte but `/` and the
+        // unreserved ones percent-encoded.
+        let public = |e: &[u8]| {
+            base_url
+                .as_ref()
+                .map(|b| format!("{b}{}", percent(e.strip_prefix(b"./").unwrap_or(e), true)))
         };
         let paths: Vec<serde_json::Value> = entries
             .iter()
@@ -773,7 +782,11 @@ impl Runner {
                         shown.push_str(&format!("\\x{b:02x}"));
                     }
                 }
-                serde_json::json!({"path": shown, "utf8": utf8})
+                let mut v = serde_json::json!({"path": shown, "utf8": utf8});
+                if let Some(u) = public(e) {
+                    v["url"] = u.into();
+                }
+                v
             })
             .collect();
         let body = serde_json::json!({
@@ -784,7 +797,11 @@ impl Runner {
             "paths": paths,
         })
         .to_string();
-        let headers = match header_file.map(std::fs::read_to_string).transpose() {
+        let headers = match header_file
+            .as_deref()
+            .map(std::fs::read_to_string)
+            .transpose()
+        {
             Ok(h) => h.unwrap_or_default(),
             Err(e) => return fail(format!("cannot read the header file: {e}")),
         };
@@ -792,28 +809,62 @@ impl Runner {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(timeout)
             .http_status_as_error(false)
+            .allow_non_standard_methods(true)
             .build()
             .into();
-        let mut req = agent
-            .post(url)
-            .header("Content-Type", "application/json")
-            .header("User-Agent", "syncbus");
-        for line in headers.lines().filter(|l| !l.trim().is_empty()) {
-            if let Some((name, value)) = line.split_once(':') {
-                req = req.header(name.trim(), value.trim());
+        let send = |to: &str, body: Option<String>| -> Result<(), String> {
+            if self.control.must_stop() {
+                return Err("stopped by the shutdown deadline".into());
             }
-        }
-        if self.control.must_stop() {
-            return fail("stopped by the shutdown deadline".into());
-        }
-        match req.send(body) {
-            Ok(resp) if resp.status().is_success() => RunResult {
+            let mut req = ureq::http::Request::builder()
+                .method(method.as_str())
+                .uri(to)
+                .header("User-Agent", "syncbus");
+            if body.is_some() {
+                req = req.header("Content-Type", "application/json");
+            }
+            for line in headers.lines().filter(|l| !l.trim().is_empty()) {
+                if let Some((name, value)) = line.split_once(':') {
+                    req = req.header(name.trim(), value.trim());
+                }
+            }
+            let answer = match body {
+                Some(b) => req
+                    .body(b)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| agent.run(r).map_err(|e| e.to_string())),
+                None => req
+                    .body(ureq::SendBody::none())
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| agent.run(r).map_err(|e| e.to_string())),
+            };
+            // The URL is the config's; headers (credentials) never go in errors.
+            match answer {
+                Ok(resp) if resp.status().is_success() => Ok(()),
+                Ok(resp) => Err(format!("webhook answered HTTP {}", resp.status().as_u16())),
+                Err(e) => Err(format!("webhook: {e}")),
+            }
+        };
+        let per_path = url.contains("{url}") || url.contains("{path}");
+        let result = if per_path {
+            // A CDN refresh: one request per path, the placeholders filled in.
+            entries.iter().try_for_each(|(_, e, _)| {
+                let rel = e.strip_prefix(b"./").unwrap_or(e);
+                let to = url.replace("{path}", &percent(rel, true)).replace(
+                    "{url}",
+                    &percent(public(e).unwrap_or_default().as_bytes(), false),
+                );
+                send(&to, None)
+            })
+        } else {
+            send(url, Some(body))
+        };
+        match result {
+            Ok(()) => RunResult {
                 outcome: Outcome::Success,
                 error: String::new(),
             },
-            // The URL is the config's; headers (credentials) are never put in errors.
-            Ok(resp) => fail(format!("webhook answered HTTP {}", resp.status().as_u16())),
-            Err(e) => fail(format!("webhook: {e}")),
+            Err(e) => fail(e),
         }
     }
 
@@ -1006,6 +1057,20 @@ impl GlobPair {
 /// (`./path`, `./dir/`), and whether it stands for everything below it (the root, or a
 /// subtree too large to list), which an `include` glob never holds back.
 type HookEntry = (PathBytes, Vec<u8>, bool);
+
+/// Percent-encodes `bytes` for a URL: unreserved characters stay, `/` too when
+/// `keep_slash` (a path), everything else (non-UTF-8 bytes included) becomes `%XX`.
+fn percent(bytes: &[u8], keep_slash: bool) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (keep_slash && b == b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
 
 /// Most bytes of paths given as arguments to one run of a command target.
 const ARGS_BYTES: usize = 64 * 1024;

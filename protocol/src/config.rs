@@ -96,6 +96,8 @@ struct RawTarget {
     command: Option<Spanned<Vec<Spanned<String>>>>,
     webhook: Option<Spanned<String>>,
     header_file: Option<Spanned<String>>,
+    method: Option<Spanned<String>>,
+    cdn_base_url: Option<Spanned<String>>,
     paths: Option<Spanned<String>>,
     #[serde(default)]
     after: Vec<Spanned<String>>,
@@ -244,9 +246,14 @@ pub enum Endpoint {
         /// stream), not on the raw changes.
         after: Vec<String>,
     },
-    /// A webhook: each batch POSTed as JSON.
+    /// A webhook: each batch POSTed as JSON; or, with `{url}`/`{path}` in `url`, one
+    /// request per path (a CDN refresh).
     Http {
         url: String,
+        /// The HTTP method (`POST` unless told otherwise).
+        method: String,
+        /// Where the root is served: a path's public URL is this plus the path.
+        base_url: Option<String>,
         /// `Name: value` lines sent as headers (credentials live here, never in the URL).
         header_file: Option<PathBuf>,
         include: Vec<String>,
@@ -805,10 +812,47 @@ impl Validator<'_> {
         for (key, span) in not_here.into_iter().flatten() {
             self.error(span, k(key), "not for webhook targets");
         }
+        let method = raw
+            .method
+            .as_ref()
+            .map_or("POST".to_string(), |m| m.get_ref().clone());
+        if let Some(m) = raw.method.as_ref() {
+            if m.get_ref().is_empty() || !m.get_ref().bytes().all(|b| b.is_ascii_uppercase()) {
+                self.error(
+                    m.span(),
+                    k("method"),
+                    "an HTTP method in capitals (`POST`, `GET`, `PURGE`…)",
+                );
+            }
+        }
+        let base_url = raw.cdn_base_url.as_ref().map(|b| {
+            let v = b.get_ref();
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                self.error(
+                    b.span(),
+                    k("cdn_base_url"),
+                    format!("`{v}` is not an http:// or https:// URL"),
+                );
+            }
+            if v.ends_with('/') {
+                v.clone()
+            } else {
+                format!("{v}/")
+            }
+        });
+        if u.contains("{url}") && base_url.is_none() {
+            self.error(
+                url.span(),
+                k("webhook"),
+                "`{url}` needs `cdn_base_url` (where the root is served)",
+            );
+        }
         let (include, exclude, after) = self.hook_keys(i, raw, kinds);
         Some(Target {
             name,
             endpoint: Endpoint::Http {
+                method,
+                base_url,
                 url: u.clone(),
                 header_file,
                 include,
@@ -982,8 +1026,15 @@ impl Validator<'_> {
         if let Some(w) = &raw.webhook {
             return self.webhook_target(i, &raw, w, name, bound, kinds);
         }
-        if let Some(h) = &raw.header_file {
-            self.error(h.span(), k("header_file"), "only for webhook targets");
+        let webhook_only = [
+            raw.header_file.as_ref().map(|p| ("header_file", p.span())),
+            raw.method.as_ref().map(|p| ("method", p.span())),
+            raw.cdn_base_url
+                .as_ref()
+                .map(|p| ("cdn_base_url", p.span())),
+        ];
+        for (key, span) in webhook_only.into_iter().flatten() {
+            self.error(span, k(key), "only for webhook targets");
         }
         let url = match (&raw.url, &raw.command) {
             (Some(_), Some(c)) => {
@@ -1462,6 +1513,17 @@ mod tests {
         );
         assert!(e[0].message.contains("header_file"), "{}", e[0].message);
         assert!(e[2].message.contains("0600"), "{}", e[2].message);
+        // A CDN refresh: `{url}` needs the public base; the method is checked.
+        let e = f.errors(&format!(
+            "{MINIMAL}[[target]]\nname = \"c\"\nwebhook = \"https://api.cdn/purge?u={{url}}\"\n\
+             method = \"purge\"\n[[target]]\nname = \"d\"\nurl = \"mirror\"\nmethod = \"GET\"\n"
+        ));
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["target[0].method", "target[0].webhook", "target[1].method"],
+            "{e:?}"
+        );
     }
 
     #[test]

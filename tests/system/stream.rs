@@ -536,7 +536,10 @@ fn a_cdn_refresh_sends_one_request_per_path_with_its_encoded_url() {
     };
     m.start();
     m.wait_for("the start compare refreshed the root", CONVERGE, || {
-        requests().iter().any(|r| r["method"] == "PURGE").then_some(())
+        requests()
+            .iter()
+            .any(|r| r["method"] == "PURGE")
+            .then_some(())
     });
     fs::create_dir(m.s("a b")).unwrap();
     m.wait_for("the new directory refreshed", CONVERGE, || {
@@ -545,8 +548,13 @@ fn a_cdn_refresh_sends_one_request_per_path_with_its_encoded_url() {
             .any(|r| r["target"].as_str().unwrap().ends_with("&p=a%20b/"))
             .then_some(())
     });
-    fs::write(m.src.join(std::ffi::OsStr::from_bytes(b"a b/\xff.html")), "x").unwrap();
-    let want = "/purge?u=https%3A%2F%2Fwww.example.com%2Fsite%2Fa%2520b%2F%25FF.html&p=a%20b/%FF.html";
+    fs::write(
+        m.src.join(std::ffi::OsStr::from_bytes(b"a b/\xff.html")),
+        "x",
+    )
+    .unwrap();
+    let want =
+        "/purge?u=https%3A%2F%2Fwww.example.com%2Fsite%2Fa%2520b%2F%25FF.html&p=a%20b/%FF.html";
     m.wait_for("the file refreshed with its encoded URL", CONVERGE, || {
         requests().iter().any(|r| r["target"] == want).then_some(())
     });
