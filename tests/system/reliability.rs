@@ -167,6 +167,21 @@ fn a_cron_full_sync_repairs_a_target_changed_behind_our_back_and_keeps_its_exclu
     fs::write(m.s("keep"), "k").unwrap();
     m.start().wait_ready();
     m.converge();
+    // The start compares (one, or two when the dispatcher joined late) must be over
+    // before the target is edited, or they would repair it before the cron does.
+    let mut quiet_since: Option<std::time::Instant> = None;
+    m.wait_for("the start compares are over", CONVERGE, || {
+        let log = m.log();
+        let idle = log.contains("watches live")
+            && log.matches("full sync started").count()
+                == log.matches("full sync finished").count();
+        if !idle {
+            quiet_since = None;
+            return None;
+        }
+        let since = *quiet_since.get_or_insert_with(std::time::Instant::now);
+        (since.elapsed() >= Duration::from_millis(500)).then_some(())
+    });
     let dst = m.dsts[0].clone();
     // Someone edits the target directly: a file lost, a stray one added.
     fs::remove_file(dst.join("keep")).unwrap();
