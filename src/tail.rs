@@ -110,7 +110,8 @@ fn delivery_lines(d: &Delivery, keep: &dyn Fn(&PathBytes) -> bool, json: bool) -
         .map(|p| (&p.path, Some(p.since_us), false))
         .chain(d.resyncs.iter().map(|r| (r, None, true)));
     for (path, since, resync) in items {
-        if !keep(path) {
+        // A compared subtree may hold paths the glob wants: never hide it.
+        if !resync && !keep(path) {
             continue;
         }
         let lag_ms = since
