@@ -259,3 +259,73 @@ fn sighup_with_only_retry_settings_changed_restarts_the_retrier_alone_and_keeps_
         m.log()
     );
 }
+
+/// The deploy units (issue #5 asks for them; CI checks them): `systemd-analyze verify`
+/// must accept every unit without a warning, and every supervisor program must run a
+/// real `syncbus` subcommand.
+#[test]
+fn deploy_units_verify_and_supervisor_programs_name_real_subcommands() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let units: Vec<std::path::PathBuf> = fs::read_dir(deploy.join("systemd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(units.len() >= 7, "{units:?}");
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        // Verified as installed, with the binary this test built.
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec![std::ffi::OsString::from("verify")];
+        for u in &units {
+            let text = fs::read_to_string(u)
+                .unwrap()
+                .replace("/usr/local/bin/syncbus", &bin().display().to_string());
+            let copy = dir.path().join(u.file_name().unwrap());
+            fs::write(&copy, text).unwrap();
+            args.push(copy.into_os_string());
+        }
+        let out = Command::new("systemd-analyze")
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let about_ours: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains(&dir.path().display().to_string()))
+            .collect();
+        assert!(about_ours.is_empty(), "{err}");
+    } else {
+        eprintln!("skipped systemd-analyze verify: not installed here");
+    }
+    let known = [
+        "run",
+        "retrier",
+        "filter",
+        "dispatcher",
+        "watcher",
+        "scheduler",
+    ];
+    let mut programs = 0;
+    for f in fs::read_dir(deploy.join("supervisor")).unwrap() {
+        let text = fs::read_to_string(f.unwrap().path()).unwrap();
+        for line in text.lines().filter(|l| l.starts_with("command=")) {
+            let words: Vec<&str> = line["command=".len()..].split_whitespace().collect();
+            assert_eq!(words[0], "/usr/local/bin/syncbus", "{line}");
+            assert!(known.contains(&words[1]), "{line}");
+            assert_eq!(
+                &words[2..],
+                ["--config", "/etc/syncbus/syncbus.toml"],
+                "{line}"
+            );
+            programs += 1;
+        }
+    }
+    assert_eq!(
+        programs, 6,
+        "one `syncbus run` program and five stage programs"
+    );
+}
