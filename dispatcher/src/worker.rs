@@ -1675,6 +1675,30 @@ mod tests {
         assert_eq!(s(1, Outcome::Fatal, 0.0), 60_000);
     }
 
+    /// A catch-up of `src` into the local directory `dst` since `since`.
+    fn catch_up_locally(work: &Path, src: &Path, dst: &Path, since: u64) -> RunResult {
+        let text = format!(
+            "[[root]]\nname = \"r\"\npath = {:?}\n[[target]]\nname = \"t\"\nurl = {:?}\n",
+            src.display().to_string(),
+            dst.display().to_string(),
+        );
+        let config = protocol::config::Config::parse(&text, &work.join("c.toml")).unwrap();
+        let runner = Runner::new(
+            config.targets[0].clone(),
+            work,
+            "test",
+            Arc::new(Control::default()),
+        )
+        .unwrap();
+        let info = RootInfo {
+            path: config.roots[0].path.clone(),
+            rules: config.roots[0].rules.clone(),
+        };
+        runner
+            .catch_up("r", &info, since, &mut |w| std::thread::sleep(w))
+            .0
+    }
+
     fn ctime_us(p: &Path) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(p).unwrap();
@@ -1775,24 +1799,7 @@ mod tests {
         std::fs::create_dir(&odd).unwrap();
         std::fs::write(odd.join("f"), "odd").unwrap();
 
-        let text = format!(
-            "[[root]]\nname = \"r\"\npath = {:?}\n[[target]]\nname = \"t\"\nurl = {:?}\n",
-            src.display().to_string(),
-            dst.display().to_string(),
-        );
-        let config = protocol::config::Config::parse(&text, &d.path().join("c.toml")).unwrap();
-        let runner = Runner::new(
-            config.targets[0].clone(),
-            d.path(),
-            "test",
-            Arc::new(Control::default()),
-        )
-        .unwrap();
-        let info = RootInfo {
-            path: config.roots[0].path.clone(),
-            rules: config.roots[0].rules.clone(),
-        };
-        let (r, _) = runner.catch_up("r", &info, since, &mut |w| std::thread::sleep(w));
+        let r = catch_up_locally(d.path(), &src, &dst, since);
         assert_eq!(r.outcome, Outcome::Success, "{}", r.error);
         let diff = testkit::tree_diff(&src, &dst);
         assert_eq!(
@@ -1851,24 +1858,7 @@ mod tests {
             eprintln!("skipped: cannot move a mount here");
             return;
         }
-        let text = format!(
-            "[[root]]\nname = \"r\"\npath = {:?}\n[[target]]\nname = \"t\"\nurl = {:?}\n",
-            src.display().to_string(),
-            dst.display().to_string(),
-        );
-        let config = protocol::config::Config::parse(&text, &d.path().join("c.toml")).unwrap();
-        let runner = Runner::new(
-            config.targets[0].clone(),
-            d.path(),
-            "test",
-            Arc::new(Control::default()),
-        )
-        .unwrap();
-        let info = RootInfo {
-            path: config.roots[0].path.clone(),
-            rules: config.roots[0].rules.clone(),
-        };
-        let (r, _) = runner.catch_up("r", &info, since, &mut |w| std::thread::sleep(w));
+        let r = catch_up_locally(d.path(), &src, &dst, since);
         unmount(&src.join("m"));
         assert_eq!(r.outcome, Outcome::Success, "{}", r.error);
         assert_eq!(

@@ -118,6 +118,32 @@ fn syncbus_tail_follows_the_delivery_stream_with_lag_and_failures() {
     });
 }
 
+/// Starts a Python web server (`script PORT LOG`) on a free loopback port.
+fn serve(m: &Mirror, script: &str, name: &str) -> (u16, std::path::PathBuf, KillOnDrop) {
+    let port = testkit::free_port();
+    let (path, log) = (
+        m.dir.path().join(format!("{name}.py")),
+        m.dir.path().join(format!("{name}.log")),
+    );
+    fs::write(&path, script).unwrap();
+    let child = Command::new("python3")
+        .arg(&path)
+        .arg(port.to_string())
+        .arg(&log)
+        .spawn()
+        .unwrap();
+    (port, log, KillOnDrop(child))
+}
+
+/// One JSON value per line of `path` (none while it does not exist).
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 /// A child process killed when the test ends, passed or not.
 struct KillOnDrop(std::process::Child);
 
@@ -419,18 +445,8 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 /// failing answer retried until it is accepted.
 #[test]
 fn a_webhook_gets_the_batches_as_json_and_is_retried_until_it_accepts() {
-    let port = testkit::free_port();
     let mut m = Mirror::new(0, "");
-    let (script, log) = (m.dir.path().join("web.py"), m.dir.path().join("web.log"));
-    fs::write(&script, WEB).unwrap();
-    let _web = KillOnDrop(
-        Command::new("python3")
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(&log)
-            .spawn()
-            .unwrap(),
-    );
+    let (port, log, _web) = serve(&m, WEB, "web");
     let header = m.dir.path().join("hook.header");
     testkit::write_mode(&header, b"Authorization: Bearer s3cret\n", 0o600);
     let text = fs::read_to_string(&m.config).unwrap();
@@ -442,13 +458,7 @@ fn a_webhook_gets_the_batches_as_json_and_is_retried_until_it_accepts() {
         ),
     )
     .unwrap();
-    let requests = || -> Vec<serde_json::Value> {
-        fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let requests = || json_lines(&log);
     let paths = |r: &serde_json::Value| -> Vec<String> {
         r["body"]["paths"]
             .as_array()
@@ -509,18 +519,8 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 /// from `cdn_base_url` and percent-encoded into the template, with the method asked.
 #[test]
 fn a_cdn_refresh_sends_one_request_per_path_with_its_encoded_url() {
-    let port = testkit::free_port();
     let mut m = Mirror::new(0, "");
-    let (script, log) = (m.dir.path().join("cdn.py"), m.dir.path().join("cdn.log"));
-    fs::write(&script, CDN).unwrap();
-    let _web = KillOnDrop(
-        Command::new("python3")
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(&log)
-            .spawn()
-            .unwrap(),
-    );
+    let (port, log, _web) = serve(&m, CDN, "cdn");
     let text = fs::read_to_string(&m.config).unwrap();
     fs::write(
         &m.config,
@@ -531,13 +531,7 @@ fn a_cdn_refresh_sends_one_request_per_path_with_its_encoded_url() {
         ),
     )
     .unwrap();
-    let requests = || -> Vec<serde_json::Value> {
-        fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let requests = || json_lines(&log);
     m.start();
     m.wait_for("the start compare refreshed the root", CONVERGE, || {
         requests()
