@@ -43,14 +43,7 @@ enum Stream {
 
 /// A path for people: UTF-8 as is, other bytes as `\xNN`.
 fn show(path: &[u8]) -> String {
-    let mut out = String::new();
-    for chunk in path.utf8_chunks() {
-        out.push_str(chunk.valid());
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    out
+    protocol::path::escape_invalid_utf8(path)
 }
 
 fn line(batch: &ChangeBatch, c: &Change, json: bool) -> String {

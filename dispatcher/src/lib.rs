@@ -689,13 +689,9 @@ impl Starts {
     /// The job of a root's start compare: a catch-up the first time when allowed,
     /// else a full resync.
     fn start_job(&mut self, root: &str) -> Job {
-        match self.catch_up.remove(root) {
-            Some(since_us) => Job::CatchUp {
-                root: root.into(),
-                since_us,
-            },
-            None => Job::Resync { root: root.into() },
-        }
+        let job = self.peek_job(root);
+        self.catch_up.remove(root);
+        job
     }
 }
 

@@ -775,13 +775,7 @@ impl Runner {
             .iter()
             .map(|(_, e, _)| {
                 let utf8 = std::str::from_utf8(e).is_ok();
-                let mut shown = String::new();
-                for chunk in e.utf8_chunks() {
-                    shown.push_str(chunk.valid());
-                    for b in chunk.invalid() {
-                        shown.push_str(&format!("\\x{b:02x}"));
-                    }
-                }
+                let shown = protocol::path::escape_invalid_utf8(e);
                 let mut v = serde_json::json!({"path": shown, "utf8": utf8});
                 if let Some(u) = public(e) {
                     v["url"] = u.into();

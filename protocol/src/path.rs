@@ -114,6 +114,19 @@ impl PathBytes {
     }
 }
 
+/// Bytes as text for machines that want UTF-8 (JSON): valid UTF-8 as is, every other
+/// byte as `\xNN`. Unlike `Display` (for logs), nothing valid is altered.
+pub fn escape_invalid_utf8(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
 impl From<&str> for PathBytes {
     fn from(s: &str) -> Self {
         PathBytes(s.as_bytes().to_vec())

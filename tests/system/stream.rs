@@ -47,7 +47,6 @@ fn the_python_example_subscriber_decodes_both_streams() {
     // A subscription takes a moment to reach the publisher: write until one arrives.
     m.wait_for("a first change and delivery seen", CONVERGE, || {
         fs::write(m.s("py-probe"), "p").unwrap();
-        std::thread::sleep(Duration::from_millis(50));
         let c = fs::read_to_string(&changes_out).ok()?;
         let d = fs::read_to_string(&deliveries_out).ok()?;
         (c.contains("r upsert py-probe") && d.contains("t0 r delivered py-probe lag="))
@@ -90,7 +89,6 @@ fn syncbus_tail_follows_the_delivery_stream_with_lag_and_failures() {
     };
     m.wait_for("a delivery in tail's output", CONVERGE, || {
         fs::write(m.s("probe"), "p").unwrap();
-        std::thread::sleep(Duration::from_millis(50));
         let text = fs::read_to_string(&out).ok()?;
         lines(&text)
             .into_iter()
@@ -181,7 +179,6 @@ fn syncbus_tail_prints_the_changes_as_json_and_filters_by_path() {
     m.wait_for("a first change in tail's output", CONVERGE, || {
         fs::write(m.s("keep/probe"), "p").unwrap();
         fs::write(m.s("skip/probe"), "p").unwrap();
-        std::thread::sleep(Duration::from_millis(50));
         let text = fs::read_to_string(&out).ok()?;
         lines(&text)
             .iter()
@@ -392,7 +389,6 @@ fn an_after_sync_hook_runs_once_the_path_is_on_the_other_target() {
     m.start().wait_ready();
     m.wait_for("the hook ran after a delivery", CONVERGE, || {
         fs::write(m.s("after-probe"), "p").unwrap();
-        std::thread::sleep(Duration::from_millis(50));
         fs::read_to_string(&out)
             .ok()?
             .contains("./after-probe ")
