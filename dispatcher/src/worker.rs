@@ -408,6 +408,10 @@ struct Runner {
     /// The full lane counts the entries its runs list (`--out-format=%n`), for the
     /// progress lines in the log.
     progress: Option<Arc<AtomicU64>>,
+    /// A command or webhook target's include/exclude globs, compiled once.
+    globs: Option<(GlobPair, GlobPair)>,
+    /// A webhook target's HTTP client, kept so connections are reused across batches.
+    agent: Option<ureq::Agent>,
 }
 
 impl Runner {
@@ -421,11 +425,31 @@ impl Runner {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("dispatcher-{}-{lane}-", target.name))
             .tempdir_in(runtime_dir)?;
+        let globs = match &target.endpoint {
+            Endpoint::Command {
+                include, exclude, ..
+            }
+            | Endpoint::Http {
+                include, exclude, ..
+            } => Some((GlobPair::new(include), GlobPair::new(exclude))),
+            _ => None,
+        };
+        let agent = matches!(target.endpoint, Endpoint::Http { .. }).then(|| {
+            let timeout = (target.timeout > 0).then(|| Duration::from_secs(target.timeout));
+            ureq::Agent::config_builder()
+                .timeout_global(timeout)
+                .http_status_as_error(false)
+                .allow_non_standard_methods(true)
+                .build()
+                .into()
+        });
         Ok(Runner {
             target,
             tmp,
             control,
             progress: None,
+            globs,
+            agent,
         })
     }
 
@@ -690,17 +714,9 @@ impl Runner {
     /// matches an `exclude`; `include` is checked on the path itself, and never holds
     /// back a directory entry or a path that is gone (a delete must reach the hook).
     fn filtered(&self, info: &RootInfo, entries: Vec<HookEntry>) -> Vec<HookEntry> {
-        let (include, exclude) = match &self.target.endpoint {
-            Endpoint::Command {
-                include, exclude, ..
-            }
-            | Endpoint::Http {
-                include, exclude, ..
-            } => (include, exclude),
-            _ => return entries,
+        let Some((inc, exc)) = &self.globs else {
+            return entries;
         };
-        let inc = GlobPair::new(include);
-        let exc = GlobPair::new(exclude);
         let keep: Vec<bool> = entries
             .iter()
             .map(|(p, _, all_below)| {
@@ -713,7 +729,7 @@ impl Runner {
                 if excluded {
                     return false;
                 }
-                include.is_empty()
+                inc.is_empty()
                     || *all_below
                     || std::fs::symlink_metadata(p.under(&info.path)).is_err()
                     || inc.matches(p)
@@ -799,13 +815,9 @@ impl Runner {
             Ok(h) => h.unwrap_or_default(),
             Err(e) => return fail(format!("cannot read the header file: {e}")),
         };
-        let timeout = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(timeout)
-            .http_status_as_error(false)
-            .allow_non_standard_methods(true)
-            .build()
-            .into();
+        let Some(agent) = &self.agent else {
+            unreachable!("webhook runners have an agent")
+        };
         let send = |to: &str, body: Option<String>| -> Result<(), String> {
             if self.control.must_stop() {
                 return Err("stopped by the shutdown deadline".into());
@@ -1008,6 +1020,14 @@ impl Runner {
 struct GlobPair {
     names: globset::GlobSet,
     paths: globset::GlobSet,
+    /// How many patterns the config gave (none: an `include` lets everything through).
+    given: usize,
+}
+
+impl GlobPair {
+    fn is_empty(&self) -> bool {
+        self.given == 0
+    }
 }
 
 impl GlobPair {
@@ -1035,6 +1055,7 @@ impl GlobPair {
         GlobPair {
             names: names.build().unwrap_or_else(|_| empty()),
             paths: paths.build().unwrap_or_else(|_| empty()),
+            given: globs.len(),
         }
     }
 
