@@ -210,6 +210,10 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         fail_log_next: now,
     };
     r.load()?;
+    // At once, so `syncbus fail-log` finds a current copy while this retrier holds
+    // the journal.
+    r.write_fail_log();
+    r.fail_log_next = now + FAIL_LOG_EVERY;
 
     let ctx = zmq::Context::new();
     let eps = Endpoints::new(config);
@@ -287,8 +291,20 @@ pub fn fail_log(config: &Config) -> Result<Vec<u8>, String> {
             Ok(faillog::render(config, &jobs))
         }
         Err(journal::JournalError::Open { .. }) => {
+            // A retrier holds the journal; a starting one writes its copy right after
+            // loading the journal, so give it a moment.
             let kept = dir.join("rsync_fail_log.sh");
-            std::fs::read(&kept).map_err(|e| format!("cannot read `{}`: {e}", kept.display()))
+            let give_up = Instant::now() + Duration::from_secs(5);
+            loop {
+                match std::fs::read(&kept) {
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < give_up =>
+                    {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    r => break r.map_err(|e| format!("cannot read `{}`: {e}", kept.display())),
+                }
+            }
         }
         Err(e) => Err(e.to_string()),
     }
