@@ -2,6 +2,8 @@
 //! machine, `watcher` / `filter` / `dispatcher` run one stage (for systemd or supervisor
 //! units), `check-config` validates a config file, `demo` mirrors a local demo tree.
 
+mod metrics;
+mod status;
 mod supervisor;
 mod tail;
 
@@ -34,6 +36,13 @@ enum Cmd {
     /// Follow the change stream, like `inotifywait -m` for the bus (`--json` for
     /// machines; `--root`, `--path GLOB` to filter). Lost messages are reported.
     Tail(tail::TailArgs),
+    /// Show the health of a running syncbus: stages, roots (watches, events, initial
+    /// sync), targets (lag, backlog, last success, failures, bytes sent).
+    ///
+    /// Exits 0 healthy, 1 warning (catching up), 2 critical (a stage down, a target
+    /// failing or far behind), 3 unknown (not running): fit for systemd, Kubernetes
+    /// and Nagios probes.
+    Status(status::StatusArgs),
     /// Validate a config file: every error with file, line and key; exit 64 if bad.
     CheckConfig {
         /// The config file (syncbus.toml).
@@ -76,6 +85,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Serve the Prometheus endpoint (`[metrics] listen`, loopback by default) alone:
+    /// `syncbus metrics --config FILE`. `syncbus run` runs it as one of its stages.
+    #[command(disable_help_flag = true)]
+    Metrics {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Run the dispatcher stage alone: `syncbus dispatcher --config FILE [--target NAME]…`.
     #[command(disable_help_flag = true)]
     Dispatcher {
@@ -100,6 +116,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => supervisor::run(args),
         Cmd::CheckConfig { file } => check_config(&file),
         Cmd::Tail(args) => tail::run(args),
+        Cmd::Status(args) => status::run(args),
         Cmd::FailLog { config } => fail_log(&config),
         Cmd::Demo { dir } => supervisor::demo(&dir),
         Cmd::Watcher { args } => {
@@ -113,6 +130,9 @@ fn main() -> ExitCode {
         }
         Cmd::Scheduler { args } => {
             protocol::stage::stage_main("scheduler", args, |c, _, s| scheduler::run(c, s))
+        }
+        Cmd::Metrics { args } => {
+            protocol::stage::stage_main("metrics", args, |c, _, s| metrics::run(c, s))
         }
         Cmd::Dispatcher { args } => protocol::stage::stage_main("dispatcher", args, |c, a, s| {
             dispatcher::run(c, &a.targets, s)

@@ -16,17 +16,27 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::bus::{self, Shutdown};
 use protocol::config::{self, Config, EXIT_BAD_CONFIG};
 use protocol::stage::EXIT_ENVIRONMENT;
+use protocol::status::{self, StageStatus};
 
 /// Start order: the binders first (the retrier binds the report and job sockets, the
 /// filter the raw and change sockets), the watcher last. Stop order follows the data
 /// flow: watcher, filter, dispatcher (which hands what is left to the retrier), retrier.
-const START_ORDER: [&str; 5] = ["retrier", "filter", "dispatcher", "watcher", "scheduler"];
-const STOP_ORDER: [(&str, Duration); 5] = [
+const START_ORDER: [&str; 6] = [
+    "retrier",
+    "filter",
+    "dispatcher",
+    "watcher",
+    "scheduler",
+    "metrics",
+];
+const STOP_ORDER: [(&str, Duration); 6] = [
+    ("metrics", Duration::from_secs(5)),
     ("scheduler", Duration::from_secs(5)),
     ("watcher", Duration::from_secs(5)),
     ("filter", Duration::from_secs(5)),
@@ -142,7 +152,12 @@ pub fn run(args: RunArgs) -> ExitCode {
                 next_start: Some(Instant::now()),
             })
             .collect(),
+        board: Arc::new(Mutex::new(StageStatus::new(
+            "supervisor",
+            protocol::now_us(),
+        ))),
     };
+    let _status = status::Writer::shared(&config.runtime_dir, "supervisor", &sup.board);
     let code = sup.supervise(&shutdown);
     tracing::info!(code, "syncbus stopped");
     ExitCode::from(code)
@@ -374,6 +389,7 @@ fn stage_sections(stage: &str) -> &'static [&'static str] {
         "dispatcher" => &["bus", "root", "target"],
         "retrier" => &["bus", "root", "target", "retry"],
         "scheduler" => &["bus", "root", "schedule"],
+        "metrics" => &["bus", "root", "target", "metrics"],
         _ => &["bus", "root", "target", "retry", "schedule"],
     }
 }
@@ -398,12 +414,15 @@ struct Supervisor {
     loaded: toml::Table,
     log_json: bool,
     stages: Vec<Stage>,
+    /// What `syncbus status` learns from the supervisor: stages up, pids, restarts.
+    board: Arc<Mutex<StageStatus>>,
 }
 
 impl Supervisor {
     fn supervise(&mut self, shutdown: &Shutdown) -> u8 {
         loop {
             self.start_due();
+            self.post_status();
             let mut pfd = libc::pollfd {
                 fd: shutdown.fd(),
                 events: libc::POLLIN,
@@ -426,6 +445,16 @@ impl Supervisor {
                 let _ = self.stop_all(shutdown);
                 return code;
             }
+        }
+    }
+
+    fn post_status(&self) {
+        let Ok(mut b) = self.board.lock() else { return };
+        for s in &self.stages {
+            let c = b.stages.entry(s.name.to_string()).or_default();
+            c.up = s.child.is_some();
+            c.pid = s.child.as_ref().map_or(0, |c| c.id());
+            c.restarts = s.restarts;
         }
     }
 
@@ -477,6 +506,9 @@ impl Supervisor {
                     s.child = Some(child);
                     s.started = now;
                     s.next_start = None;
+                    if let Ok(mut b) = self.board.lock() {
+                        b.stages.entry(name.to_string()).or_default().since_us = protocol::now_us();
+                    }
                 }
                 Err(e) => {
                     let s = &mut self.stages[i];

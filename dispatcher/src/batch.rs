@@ -19,11 +19,7 @@ pub struct Touch {
 impl Touch {
     fn merge(&mut self, other: Touch) {
         self.deleted |= other.deleted;
-        self.since_us = match (self.since_us, other.since_us) {
-            (0, b) => b,
-            (a, 0) => a,
-            (a, b) => a.min(b),
-        };
+        self.since_us = protocol::earliest_us(self.since_us, other.since_us);
     }
 }
 
@@ -36,6 +32,9 @@ pub struct RootWork {
     pub paths: BTreeMap<PathBytes, Touch>,
     /// A catch-up since this time (µs) is owed; a resync of the whole root covers it.
     pub catch_up: Option<u64>,
+    /// When the oldest change behind any of it happened (µs; 0 unknown), for the lag
+    /// in `syncbus status`.
+    pub since_us: u64,
 }
 
 impl RootWork {
@@ -55,6 +54,7 @@ impl RootWork {
     }
 
     fn touch(&mut self, path: PathBytes, touch: Touch) {
+        self.since_us = protocol::earliest_us(self.since_us, touch.since_us);
         if self.covered(&path) {
             return;
         }
@@ -74,6 +74,7 @@ impl RootWork {
     }
 
     pub fn merge(&mut self, other: RootWork) {
+        self.since_us = protocol::earliest_us(self.since_us, other.since_us);
         if let Some(c) = other.catch_up {
             self.catch_up(c);
         }
@@ -105,6 +106,7 @@ impl Batcher {
     /// Records one change of `root`.
     pub fn push(&mut self, root: &str, change: &Change) {
         let work = self.work(root);
+        work.since_us = protocol::earliest_us(work.since_us, change.since_us);
         match change.op {
             // A directory that appeared whole may replace one the target still has with
             // other content: compare it in full, `--delete` included (an `-r` entry in
@@ -185,7 +187,15 @@ impl Batcher {
             .map(|(r, _)| r.as_str())
     }
 
-    /// `(paths, resyncs)` still pending, for the shutdown report.
+    /// When the oldest pending change happened (µs; 0 when nothing known is pending).
+    pub fn oldest_us(&self) -> u64 {
+        self.roots
+            .values()
+            .filter(|w| !w.is_empty())
+            .fold(0, |t, w| protocol::earliest_us(t, w.since_us))
+    }
+
+    /// `(paths, resyncs)` still pending, for the shutdown report and the status.
     pub fn pending_counts(&self) -> (usize, usize) {
         self.roots
             .values()

@@ -62,13 +62,14 @@ pub mod worker;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::bus::{self, Endpoints, Shutdown};
 use protocol::config::{Config, Target};
 use protocol::seq::{Seen, SeqTracker};
 use protocol::stage::StageError;
+use protocol::status::{self, StageStatus};
 use protocol::wire::{self, ChangeBatch, JobKind, JobMsg, ReportKind};
 
 use worker::{Control, Job, Reporter, RootInfo, Worker};
@@ -129,7 +130,20 @@ pub fn run(
     shutdown: &Shutdown,
 ) -> Result<(), StageError> {
     let targets = select(config, only_targets)?;
-    let control = Arc::new(Control::default());
+    let control = Arc::new(Control {
+        board: Arc::new(Mutex::new(StageStatus::new(
+            "dispatcher",
+            protocol::now_us(),
+        ))),
+        ..Default::default()
+    });
+    // One file per dispatcher process: `dispatcher`, or with the targets it serves.
+    let file = if only_targets.is_empty() {
+        "dispatcher".to_string()
+    } else {
+        format!("dispatcher@{}", only_targets.join(","))
+    };
+    let _status = status::Writer::shared(&config.runtime_dir, &file, &control.board);
     // root name → the workers bound to it
     let mut routes: HashMap<String, Vec<Served>> = HashMap::new();
     // After-sync hooks: target they follow → (hook's roots, hook's worker).

@@ -9,11 +9,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use protocol::config::{Endpoint, Target};
 use protocol::rules::Rules;
+use protocol::status::{FullStatus, StageStatus, TargetStatus};
 use protocol::wire::{self, Change, Report, ReportKind, Work};
 use protocol::PathBytes;
 
@@ -97,16 +98,29 @@ impl FullKind {
     }
 }
 
-/// Shared between the SUB loop and the workers for shutdown.
+/// Shared between the SUB loop and the workers: shutdown, and the status they post.
 #[derive(Debug, Default)]
 pub struct Control {
     /// Set when the drain starts: runs still going then are killed.
     pub deadline: OnceLock<Instant>,
     /// A second signal: kill runs now, run nothing more.
     pub abort: AtomicBool,
+    /// The dispatcher's status file; each worker and lane fills in its target.
+    pub board: Arc<Mutex<StageStatus>>,
 }
 
 impl Control {
+    /// Updates what the status file says of `target`.
+    fn post(&self, target: &str, f: impl FnOnce(&mut TargetStatus)) {
+        if let Ok(mut b) = self.board.lock() {
+            if !b.targets.contains_key(target) {
+                b.targets
+                    .insert(target.to_string(), TargetStatus::default());
+            }
+            f(b.targets.get_mut(target).expect("inserted above"));
+        }
+    }
+
     fn must_stop(&self) -> bool {
         self.abort.load(Ordering::SeqCst)
             || self.deadline.get().is_some_and(|d| Instant::now() >= *d)
@@ -140,6 +154,22 @@ pub fn backoff(attempt: u32, outcome: Outcome, jitter: f64) -> Duration {
         }
     };
     base + base.mul_f64(jitter.clamp(0.0, 1.0) / 4.0)
+}
+
+/// The byte count of rsync's summary line `sent 1,234 bytes  received …` (digit
+/// grouping as rsync prints it; `None` for any other line).
+fn sent_bytes(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"sent ")?;
+    let end = rest.iter().position(|&b| b == b' ')?;
+    if !rest[end..].starts_with(b" bytes") {
+        return None;
+    }
+    let digits: Vec<u8> = rest[..end]
+        .iter()
+        .copied()
+        .filter(|b| !matches!(b, b',' | b'.' | b'\''))
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
 /// A root whose last run failed.
@@ -252,6 +282,7 @@ fn to_wire(work: &RootWork) -> Work {
         paths: work.paths.keys().cloned().collect(),
         excludes: Vec::new(),
         catch_up_us: work.catch_up.unwrap_or(0),
+        since_us: work.since_us,
     }
 }
 
@@ -268,6 +299,7 @@ fn from_wire(work: &Work) -> RootWork {
             .map(|p| (p.clone(), Touch::default()))
             .collect(),
         catch_up: None,
+        since_us: work.since_us,
     });
     if work.catch_up_us != 0 {
         out.catch_up(work.catch_up_us);
@@ -304,11 +336,20 @@ impl Intake {
             }
             Job::Resync { root } => {
                 self.cron_excludes.remove(&*root);
-                self.batcher.resync(&root, PathBytes::root());
+                let mut w = RootWork {
+                    since_us: protocol::now_us(),
+                    ..Default::default()
+                };
+                w.resync(PathBytes::root());
+                self.batcher.merge(&root, w);
             }
             Job::CatchUp { root, since_us } => {
                 self.cron_excludes.remove(&*root);
-                let mut w = RootWork::default();
+                // Owed since the checkpoint: what changed meanwhile is that old.
+                let mut w = RootWork {
+                    since_us,
+                    ..Default::default()
+                };
                 w.catch_up(since_us);
                 self.batcher.merge(&root, w);
             }
@@ -389,6 +430,8 @@ struct FullState {
     /// What the live lane sent meanwhile: sent again once the full sync is over, since
     /// the full sync may have copied an older version over it.
     replay: RootWork,
+    /// When the oldest change it brings over happened (µs), for the status.
+    since_us: u64,
     /// Another run asked for while this one ran, and the jobs it covers.
     again: Option<(FullKind, Vec<u64>)>,
 }
@@ -657,28 +700,40 @@ impl Runner {
             }
         };
         let mut args = args;
-        // Before the source and destination, which are the last two.
+        // Before the source and destination, which are the last two. rsync's summary
+        // ("sent N bytes …") feeds the status; it is taken out of what the caller sees.
         let at = args.len() - 2;
-        let itemized: std::sync::Mutex<Vec<u8>> = Default::default();
-        let keep = |chunk: &[u8]| {
-            if let Ok(mut v) = itemized.lock() {
-                v.extend_from_slice(chunk);
-            }
-        };
-        let count = |chunk: &[u8]| {
-            if let Some(p) = &self.progress {
-                let n = chunk.iter().filter(|&&b| b == b'\n').count() as u64;
-                p.fetch_add(n, Ordering::Relaxed);
-            }
-        };
-        let sink: Option<command::Sink> = if capture.is_some() {
+        args.insert(at, "--info=stats1".into());
+        let keep = capture.is_some();
+        let count = !keep && self.progress.is_some() && mode == Mode::Resync;
+        if keep {
             args.insert(at, "--out-format=%i %n".into());
-            Some(&keep)
-        } else if self.progress.is_some() && mode == Mode::Resync {
+        } else if count {
             args.insert(at, "--out-format=%n".into());
-            Some(&count)
-        } else {
-            None
+        }
+        #[derive(Default)]
+        struct Out {
+            partial: Vec<u8>,
+            kept: Vec<u8>,
+            sent: u64,
+        }
+        let out: std::sync::Mutex<Out> = Default::default();
+        let sink = |chunk: &[u8]| {
+            let Ok(mut o) = out.lock() else { return };
+            o.partial.extend_from_slice(chunk);
+            while let Some(end) = o.partial.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = o.partial.drain(..=end).collect();
+                let line = &line[..end];
+                if let Some(n) = sent_bytes(line) {
+                    o.sent = n;
+                } else if line.is_empty() || line.starts_with(b"total size is ") {
+                } else if keep {
+                    o.kept.extend_from_slice(line);
+                    o.kept.push(b'\n');
+                } else if let (true, Some(p)) = (count, &self.progress) {
+                    p.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         };
         let control = self.control.clone();
         let idle = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
@@ -687,17 +742,28 @@ impl Runner {
             &args,
             stdin,
             idle,
-            sink,
+            Some(&sink),
             &|_| {},
             |wait| {
                 tick(wait);
                 control.must_stop()
             },
         );
+        let out = out.into_inner().unwrap_or_default();
+        self.count_run(&result, out.sent);
         if let Some(c) = capture {
-            *c = itemized.into_inner().unwrap_or_default();
+            *c = out.kept;
         }
         result
+    }
+
+    /// Counts a run for the status: runs, failed runs, bytes sent.
+    fn count_run(&self, result: &RunResult, sent: u64) {
+        self.control.post(&self.target.name, |t| {
+            t.runs += 1;
+            t.failed_runs += u64::from(result.outcome != Outcome::Success);
+            t.bytes_sent += sent;
+        });
     }
 
     /// A command or webhook target: given the paths, no rsync.
@@ -756,10 +822,12 @@ impl Runner {
                 error: String::new(),
             };
         }
-        match &self.target.endpoint {
+        let result = match &self.target.endpoint {
             Endpoint::Http { .. } => self.post(root, &entries),
             _ => self.run_command(root, info, entries, tick),
-        }
+        };
+        self.count_run(&result, 0);
+        result
     }
 
     /// A webhook target's run: the batch as one JSON POST (paths as `./path`, with
@@ -1190,6 +1258,16 @@ fn full_lane(
             FullKind::CatchUp { .. } => "catch-up",
         };
         tracing::info!(target = %name, root = %req.root, kind = ?req.kind, "{what} started (live changes keep flowing)");
+        let post = |f: &dyn Fn(&mut FullStatus)| {
+            runner
+                .control
+                .post(&name, |t| f(t.full.entry(req.root.clone()).or_default()))
+        };
+        let started_us = protocol::now_us();
+        post(&|f| {
+            f.running_since_us = started_us;
+            f.entries = 0;
+        });
         let mut kind = req.kind.clone();
         let result = match check_source(&info.path) {
             Err(r) => r,
@@ -1199,6 +1277,8 @@ fn full_lane(
                 sent.store(0, Ordering::Relaxed);
                 let mut tick = |wait: Duration| {
                     std::thread::sleep(wait);
+                    let entries = sent.load(Ordering::Relaxed);
+                    post(&|f| f.entries = entries);
                     if Instant::now() >= next_report {
                         next_report += PROGRESS_EVERY;
                         tracing::info!(target = %name, root = %req.root, elapsed_s = started.elapsed().as_secs(), entries_sent = sent.load(Ordering::Relaxed), "{what} in progress");
@@ -1226,7 +1306,15 @@ fn full_lane(
             .progress
             .as_ref()
             .map_or(0, |p| p.load(Ordering::Relaxed));
-        if result.outcome == Outcome::Success {
+        let ok = result.outcome == Outcome::Success;
+        post(&|f| {
+            f.running_since_us = 0;
+            f.entries = entries_sent;
+            f.last_done_us = protocol::now_us();
+            f.last_duration_ms = duration_ms;
+            f.initial_done |= ok;
+        });
+        if ok {
             tracing::info!(target = %name, root = %req.root, duration_ms, entries_sent, "{what} finished");
         } else {
             tracing::warn!(target = %name, root = %req.root, duration_ms, error = %result.error, "{what} failed");
@@ -1253,6 +1341,9 @@ pub struct Worker {
     failing: HashMap<String, Failing>,
     reporter: Reporter,
     control: Arc<Control>,
+    /// For the status: the last failure's error, the last success (µs).
+    last_error: String,
+    last_success_us: u64,
 }
 
 impl Worker {
@@ -1284,6 +1375,8 @@ impl Worker {
             failing: HashMap::new(),
             reporter,
             control,
+            last_error: String::new(),
+            last_success_us: 0,
         })
     }
 
@@ -1308,6 +1401,7 @@ impl Worker {
             for done in std::mem::take(&mut intake.full_done) {
                 self.full_finished(&done, &mut intake);
             }
+            self.post_status(&intake);
             if self.control.abort.load(Ordering::SeqCst) {
                 break;
             }
@@ -1369,6 +1463,27 @@ impl Worker {
         clean
     }
 
+    /// What the status file says of this target: refreshed before each batch, so a
+    /// long run shows the state it started from (its lag keeps growing meanwhile).
+    fn post_status(&self, intake: &Intake) {
+        let (paths, resyncs) = intake.batcher.pending_counts();
+        let oldest = self.full.values().fold(intake.batcher.oldest_us(), |t, f| {
+            protocol::earliest_us(t, f.since_us)
+        });
+        let failures = self.failing.values().map(|f| f.attempt).max().unwrap_or(0);
+        self.control.post(&self.target.name, |t| {
+            t.backlog = (paths + resyncs + self.full.len()) as u64;
+            t.oldest_us = oldest;
+            t.failures = failures;
+            t.last_error = if failures > 0 {
+                self.last_error.clone()
+            } else {
+                String::new()
+            };
+            t.last_success_us = self.last_success_us;
+        });
+    }
+
     fn run_batch(&mut self, batch: crate::batch::Batch, intake: &mut Intake) {
         for (root, work) in batch.roots {
             let covers = intake.take_covers(&root);
@@ -1385,7 +1500,7 @@ impl Worker {
             if work.resyncs.contains(&PathBytes::root()) {
                 // A whole-root resync absorbed everything else of the root.
                 let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
-                self.start_full(&root, FullKind::Full { excludes }, covers);
+                self.start_full(&root, FullKind::Full { excludes }, covers, work.since_us);
                 continue;
             }
             let mut work = work;
@@ -1400,7 +1515,7 @@ impl Worker {
                 } else {
                     Vec::new()
                 };
-                self.start_full(&root, FullKind::CatchUp { since_us }, with);
+                self.start_full(&root, FullKind::CatchUp { since_us }, with, work.since_us);
                 if live_empty {
                     continue;
                 }
@@ -1417,6 +1532,7 @@ impl Worker {
                 }
                 Some((rest, result)) => {
                     tracing::debug!(target = %self.target.name, root = %root, error = %result.error, "rsync failed; handing the work to the retrier");
+                    self.last_error = result.error.clone();
                     // Subtrees compared before the failure did reach the target.
                     let done: Vec<PathBytes> =
                         sent.resyncs.difference(&rest.resyncs).cloned().collect();
@@ -1460,6 +1576,7 @@ impl Worker {
     /// that was failing is back (the retrier hears of it too, so the rest of its
     /// journal goes out now rather than at the end of the backoff).
     fn delivered(&mut self, root: &str, covers: Vec<u64>, intake: &mut Intake) {
+        self.last_success_us = protocol::now_us();
         for id in &covers {
             intake.held.remove(id);
         }
@@ -1535,8 +1652,9 @@ impl Worker {
         }
     }
 
-    fn start_full(&mut self, root: &str, kind: FullKind, covers: Vec<u64>) {
+    fn start_full(&mut self, root: &str, kind: FullKind, covers: Vec<u64>, since_us: u64) {
         if let Some(running) = self.full.get_mut(root) {
+            running.since_us = protocol::earliest_us(running.since_us, since_us);
             // This request may have come after the running one passed the part that
             // was lost: run once more when it is over. Live work keeps flowing.
             running.again = Some(match running.again.take() {
@@ -1559,6 +1677,7 @@ impl Worker {
                 root.to_string(),
                 FullState {
                     replay: RootWork::default(),
+                    since_us,
                     again: None,
                 },
             );
@@ -1567,12 +1686,14 @@ impl Worker {
 
     fn full_finished(&mut self, done: &FullDone, intake: &mut Intake) {
         let state = self.full.remove(&done.root);
+        let since_us = state.as_ref().map_or(0, |s| s.since_us);
         let whole = [PathBytes::root()];
         if done.result.outcome == Outcome::Success {
             self.reporter
                 .deliver(&done.root, &BTreeMap::new(), &whole, None);
             self.delivered(&done.root, done.job_ids.clone(), intake);
         } else {
+            self.last_error = done.result.error.clone();
             let attempt = self.failing.get(&done.root).map_or(1, |f| f.attempt + 1);
             self.reporter.deliver(
                 &done.root,
@@ -1580,7 +1701,8 @@ impl Worker {
                 &whole,
                 Some((attempt, &done.result.error)),
             );
-            let (owed, excludes) = done.kind.owed();
+            let (mut owed, excludes) = done.kind.owed();
+            owed.since_us = since_us;
             if self.hand_over(
                 &done.root,
                 &owed,
@@ -1615,7 +1737,8 @@ impl Worker {
             intake.batcher.merge(&done.root, state.replay);
         }
         if let Some((kind, covers)) = state.again {
-            let (owed, excludes) = kind.owed();
+            let (mut owed, excludes) = kind.owed();
+            owed.since_us = since_us;
             // A cron sync's own excludes only when it owes nothing else (see accept).
             if !excludes.is_empty() && !intake.batcher.has_work(&done.root) {
                 intake.cron_excludes.insert(done.root.clone(), excludes);
@@ -1665,6 +1788,7 @@ impl Worker {
                     resyncs: Default::default(),
                     paths: work.paths,
                     catch_up: None,
+                    since_us: work.since_us,
                 };
                 return Some((rest, result));
             }

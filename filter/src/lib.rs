@@ -28,12 +28,14 @@
 mod coalesce;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::bus::{self, Endpoints, Shutdown, HEARTBEAT};
 use protocol::config::{Config, Events, Root};
 use protocol::seq::{Seen, SeqTracker};
 use protocol::stage::StageError;
+use protocol::status::{self, StageStatus};
 use protocol::wire::{self, Change, ChangeBatch, Op, RawBatch, RawEvent, RawKind};
 use protocol::PathBytes;
 
@@ -242,6 +244,8 @@ struct Publisher {
     socket: zmq::Socket,
     epoch: u64,
     seq: HashMap<String, u64>,
+    /// Changes published per root, for the status file.
+    board: Arc<Mutex<StageStatus>>,
 }
 
 impl Publisher {
@@ -254,6 +258,12 @@ impl Publisher {
                 .map(|c| c.to_vec())
                 .collect()
         };
+        if !changes.is_empty() {
+            if let Ok(mut b) = self.board.lock() {
+                let n = b.roots.entry(root.to_string()).or_default();
+                n.changes = Some(n.changes.unwrap_or(0) + changes.len() as u64);
+            }
+        }
         for chunk in chunks {
             let seq = self.seq.entry(root.to_string()).or_insert(0);
             *seq += 1;
@@ -296,7 +306,9 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         socket: publisher,
         epoch: bus::new_epoch(),
         seq: HashMap::new(),
+        board: Arc::new(Mutex::new(StageStatus::new("filter", protocol::now_us()))),
     };
+    let _status = status::Writer::shared(&config.runtime_dir, "filter", &out.board);
     let mut filter = Filter::new(config);
     tracing::info!(
         epoch = out.epoch,

@@ -25,6 +25,8 @@ pub const DEFAULT_RETRY_MAX_S: u64 = 60;
 pub const DEFAULT_RETRY_JITTER: f64 = 0.25;
 pub const DEFAULT_PROBE_MS: u64 = 1000;
 pub const DEFAULT_MAX_PATHS: usize = 100_000;
+/// Where `syncbus metrics` serves `/metrics` unless `[metrics] listen` says otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9477";
 
 // ---------------------------------------------------------------- raw, as written
 
@@ -41,6 +43,14 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(default)]
     schedule: Vec<Spanned<RawSchedule>>,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -165,6 +175,8 @@ pub struct Config {
     pub targets: Vec<Target>,
     pub retry: Retry,
     pub schedules: Vec<Schedule>,
+    /// Where `/metrics` is served (`None`: off).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How failed work is kept and retried (`[retry]`).
@@ -515,6 +527,7 @@ impl Validator<'_> {
             .filter_map(|(i, t)| self.target(i, t, &roots, &mut tnames, &kinds))
             .collect();
         let retry = self.retry(raw.retry);
+        let metrics = self.metrics(raw.metrics);
         let schedules = raw
             .schedule
             .into_iter()
@@ -530,6 +543,32 @@ impl Validator<'_> {
             targets,
             retry,
             schedules,
+            metrics,
+        }
+    }
+
+    fn metrics(&mut self, raw: RawMetrics) -> Option<std::net::SocketAddr> {
+        let Some(listen) = raw.listen else {
+            return DEFAULT_METRICS_LISTEN.parse().ok();
+        };
+        let v = listen.get_ref().trim();
+        if v.is_empty() || v == "off" {
+            return None;
+        }
+        let parsed = match v.parse::<u16>() {
+            Ok(port) => Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+            Err(_) => v.parse::<std::net::SocketAddr>(),
+        };
+        match parsed {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    listen.span(),
+                    "metrics.listen",
+                    format!("`{v}` is not `PORT` (loopback), `IP:PORT` or `off`"),
+                );
+                None
+            }
         }
     }
 
@@ -1524,6 +1563,25 @@ mod tests {
             ["target[0].method", "target[0].webhook", "target[1].method"],
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn the_metrics_endpoint_is_loopback_by_default_and_can_be_moved_or_turned_off() {
+        let f = Fixture::new();
+        let c = f.parse(MINIMAL).unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9477".parse().unwrap()));
+        let listen = |v: &str| f.parse(&format!("[metrics]\nlisten = \"{v}\"\n{MINIMAL}"));
+        assert_eq!(
+            listen("9100").unwrap().metrics,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        assert_eq!(
+            listen("[::1]:9100").unwrap().metrics,
+            Some("[::1]:9100".parse().unwrap())
+        );
+        assert_eq!(listen("off").unwrap().metrics, None);
+        let e = f.errors(&format!("[metrics]\nlisten = \"localhost:1\"\n{MINIMAL}"));
+        assert_eq!((e[0].key.as_str(), e[0].line), ("metrics.listen", 2));
     }
 
     #[test]

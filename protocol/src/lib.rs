@@ -3,7 +3,7 @@
 //! Every crate of the pipeline depends on this one: [`config`] (the TOML model, validated
 //! with errors that name file, line and key), [`wire`] (the MessagePack messages on the
 //! bus), [`rules`] (exclude rules, shared by the filter and the dispatcher's full syncs),
-//! [`seq`] (loss detection) and [`bus`] (ZeroMQ sockets, endpoints, shutdown signals).
+//! [`seq`] (loss detection), [`status`] (the files `syncbus status` reads) and [`bus`] (ZeroMQ sockets, endpoints, shutdown signals).
 //! Only `bus` does I/O on sockets; the message and config modules never import it.
 //!
 //! # Invariants
@@ -16,6 +16,7 @@ pub mod path;
 pub mod rules;
 pub mod seq;
 pub mod stage;
+pub mod status;
 pub mod wire;
 
 pub use path::PathBytes;
@@ -26,4 +27,12 @@ pub fn now_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+/// The earlier of two times in µs, where 0 means unknown (and loses to any known time).
+pub fn earliest_us(a: u64, b: u64) -> u64 {
+    match (a, b) {
+        (0, t) | (t, 0) => t,
+        (a, b) => a.min(b),
+    }
 }

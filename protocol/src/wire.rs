@@ -137,6 +137,10 @@ pub struct Work {
     /// epoch; 0 = none). A resync of the whole root covers it.
     #[serde(default)]
     pub catch_up_us: u64,
+    /// When the oldest change behind this work happened (µs since the Unix epoch; 0
+    /// unknown): what `syncbus status` reports as the target's lag.
+    #[serde(default)]
+    pub since_us: u64,
 }
 
 impl Work {
@@ -394,6 +398,7 @@ mod tests {
             paths: vec![PathBytes::new(b"a\n\xff".to_vec())],
             excludes: vec!["*.tmp".into()],
             catch_up_us: 9,
+            since_us: 0,
         };
         let r = Report {
             version: VERSION,

@@ -203,6 +203,7 @@ mod tests {
                 paths: vec![PathBytes::new(odd.to_vec()), "gone".into()],
                 excludes: vec![],
                 catch_up_us: 0,
+                since_us: 0,
             },
             attempt: 2,
             since_us: 1,

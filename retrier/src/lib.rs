@@ -39,11 +39,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::bus::{self, Endpoints, Shutdown};
 use protocol::config::{Config, Endpoint};
 use protocol::stage::StageError;
+use protocol::status::{self, StageStatus, TargetStatus};
 use protocol::wire::{self, JobKind, JobMsg, Report, ReportKind, Work};
 
 use journal::{Journal, Record};
@@ -60,6 +62,23 @@ struct Job {
     attempt: u32,
     /// Sent out and not yet answered, until this time.
     in_flight: Option<Instant>,
+    /// When the oldest change behind it happened (µs), and how many paths and
+    /// subtrees it holds: the target's lag and backlog in the status.
+    since_us: u64,
+    len: usize,
+}
+
+impl Job {
+    fn of(rec: &Record) -> Job {
+        Job {
+            target: rec.target.clone(),
+            root: rec.root.clone(),
+            attempt: rec.attempt,
+            in_flight: None,
+            since_us: protocol::earliest_us(rec.work.since_us, rec.since_us),
+            len: rec.work.len().max(1),
+        }
+    }
 }
 
 /// How to tell cheaply whether a target is reachable.
@@ -131,6 +150,9 @@ struct TargetState {
     probing: bool,
     seq: u64,
     next_beat: Instant,
+    /// The error of the last failed try and when the target last took something.
+    last_error: String,
+    last_success_us: u64,
 }
 
 type ProbeTx = std::sync::mpsc::Sender<(String, bool)>;
@@ -147,6 +169,7 @@ struct Retrier<'a> {
     fail_log_next: Instant,
     /// Probe results: (target, reachable).
     probes: (ProbeTx, ProbeRx),
+    board: Arc<Mutex<StageStatus>>,
 }
 
 /// Runs the retrier until `shutdown`.
@@ -200,6 +223,8 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
                         probing: false,
                         seq: 0,
                         next_beat: now,
+                        last_error: String::new(),
+                        last_success_us: 0,
                     },
                 )
             })
@@ -208,7 +233,9 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         fail_log: dir.join("rsync_fail_log.sh"),
         fail_log_dirty: true,
         fail_log_next: now,
+        board: Arc::new(Mutex::new(StageStatus::new("retrier", protocol::now_us()))),
     };
+    let _status = status::Writer::shared(&config.runtime_dir, "retrier", &r.board);
     r.load()?;
     // At once, so `syncbus fail-log` finds a current copy while this retrier holds
     // the journal.
@@ -240,6 +267,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         }
         let now = Instant::now();
         r.tick(now, &publisher)?;
+        r.post_status(now);
         let wait = r.next_wake(now).saturating_duration_since(Instant::now());
         let mut items = [
             pull.as_poll_item(zmq::POLLIN),
@@ -319,15 +347,7 @@ impl Retrier<'_> {
                 tracing::warn!(job_id = id, target = %rec.target, "journal job for a target no longer configured; kept, not sent");
             }
             *per_target.entry(rec.target.clone()).or_default() += 1;
-            self.jobs.insert(
-                id,
-                Job {
-                    target: rec.target,
-                    root: rec.root,
-                    attempt: rec.attempt,
-                    in_flight: None,
-                },
-            );
+            self.jobs.insert(id, Job::of(&rec));
         }
         for (target, jobs) in per_target {
             tracing::info!(target = %target, jobs, "resuming pending jobs from the journal");
@@ -391,16 +411,8 @@ impl Retrier<'_> {
                 let Some(ids) = self.store(&rep.covers, &new) else {
                     return Ok(()); // not acknowledged: the dispatcher keeps the work
                 };
-                for id in ids {
-                    self.jobs.insert(
-                        id,
-                        Job {
-                            target: rep.target.clone(),
-                            root: rep.root.clone(),
-                            attempt,
-                            in_flight: None,
-                        },
-                    );
+                for (id, rec) in ids.into_iter().zip(&new) {
+                    self.jobs.insert(id, Job::of(rec));
                 }
                 let mut ack = self.msg(JobKind::Ack, &rep.target);
                 ack.report_id = rep.report_id;
@@ -408,6 +420,9 @@ impl Retrier<'_> {
                 let policy = &self.config.retry;
                 if let Some(t) = self.targets.get_mut(&rep.target) {
                     let tried = !rep.error.is_empty();
+                    if tried {
+                        t.last_error = rep.error.clone();
+                    }
                     if tried && (!rep.covers.is_empty() || t.failures == 0) {
                         t.failures += 1;
                         let delay = policy::next_attempt(policy, t.failures, rand::random());
@@ -428,6 +443,7 @@ impl Retrier<'_> {
                     t.failures = 0;
                     t.due = now;
                     t.probe_down = false;
+                    t.last_success_us = rep.time_us;
                 }
             }
             ReportKind::Request => {
@@ -451,17 +467,9 @@ impl Retrier<'_> {
                     })
                     .collect();
                 if let Some(ids) = self.store(&[], &recs) {
-                    for (id, t) in ids.into_iter().zip(targets) {
-                        tracing::info!(target = %t, root = %rep.root, job_id = id, "full sync requested");
-                        self.jobs.insert(
-                            id,
-                            Job {
-                                target: t,
-                                root: rep.root.clone(),
-                                attempt: 0,
-                                in_flight: None,
-                            },
-                        );
+                    for (id, rec) in ids.into_iter().zip(&recs) {
+                        tracing::info!(target = %rec.target, root = %rep.root, job_id = id, "full sync requested");
+                        self.jobs.insert(id, Job::of(rec));
                     }
                 }
             }
@@ -619,6 +627,44 @@ impl Retrier<'_> {
             wake = wake.min(self.fail_log_next.max(now));
         }
         wake
+    }
+
+    /// Per target: the journalled backlog, its oldest change, the failures in a row
+    /// and when the next try is due.
+    fn post_status(&self, now: Instant) {
+        let now_us = protocol::now_us();
+        let mut targets: BTreeMap<String, TargetStatus> = self
+            .targets
+            .iter()
+            .map(|(name, t)| {
+                let waiting = t.failures > 0 && t.due > now;
+                let st = TargetStatus {
+                    failures: t.failures,
+                    last_error: if t.failures > 0 {
+                        t.last_error.clone()
+                    } else {
+                        String::new()
+                    },
+                    last_success_us: t.last_success_us,
+                    next_retry_us: if waiting {
+                        now_us + t.due.duration_since(now).as_micros() as u64
+                    } else {
+                        0
+                    },
+                    ..Default::default()
+                };
+                (name.clone(), st)
+            })
+            .collect();
+        for j in self.jobs.values() {
+            if let Some(st) = targets.get_mut(&j.target) {
+                st.backlog += j.len as u64;
+                st.oldest_us = protocol::earliest_us(st.oldest_us, j.since_us);
+            }
+        }
+        if let Ok(mut b) = self.board.lock() {
+            b.targets = targets;
+        }
     }
 
     fn write_fail_log(&mut self) {

@@ -27,7 +27,9 @@ pub fn merge(parts: impl IntoIterator<Item = Work>) -> Work {
     let mut paths: BTreeSet<PathBytes> = BTreeSet::new();
     let mut excludes: Option<Vec<String>> = None;
     let mut catch_up = 0u64;
+    let mut since = 0u64;
     for w in parts {
+        since = protocol::earliest_us(since, w.since_us);
         if w.catch_up_us != 0 && (catch_up == 0 || w.catch_up_us < catch_up) {
             catch_up = w.catch_up_us;
         }
@@ -55,6 +57,7 @@ pub fn merge(parts: impl IntoIterator<Item = Work>) -> Work {
         paths: paths.into_iter().collect(),
         excludes: excludes.unwrap_or_default(),
         catch_up_us: catch_up,
+        since_us: since,
     }
 }
 
@@ -86,6 +89,7 @@ pub fn collapse(work: Work, max: usize) -> Work {
             paths: keep_paths.collect(),
             excludes: work.excludes,
             catch_up_us: work.catch_up_us,
+            since_us: work.since_us,
         }]);
     }
     work
@@ -158,6 +162,7 @@ mod tests {
     fn catch_ups_merge_to_the_earliest_and_yield_to_a_whole_root_resync() {
         let c = |t| Work {
             catch_up_us: t,
+            since_us: 0,
             ..Default::default()
         };
         assert_eq!(merge([c(5), c(0), c(3)]).catch_up_us, 3);

@@ -38,6 +38,7 @@
 //!   skipped hour runs just after the jump; in the repeated hour it runs once; `*/15`
 //!   style lines run in both halves of the repeated hour.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Local, TimeDelta, TimeZone};
@@ -45,6 +46,7 @@ use croner::Cron;
 use protocol::bus::{self, BusError, Endpoints, Shutdown};
 use protocol::config::{Config, Schedule};
 use protocol::stage::StageError;
+use protocol::status::{self, StageStatus};
 use protocol::wire::{self, Report, ReportKind, Work, REPORT_TOPIC};
 use protocol::PathBytes;
 
@@ -182,6 +184,8 @@ impl Requests {
                 paths: Vec::new(),
                 excludes: schedule.exclude_glob.clone(),
                 catch_up_us: 0,
+                // Owed from now: a target that cannot take it falls behind from here.
+                since_us: protocol::now_us(),
             },
             error: String::new(),
             time_us: protocol::now_us(),
@@ -247,6 +251,27 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         seq: 0,
     };
     let mut table = Timetable::new(crons, Local::now());
+    let board = Arc::new(Mutex::new(StageStatus::new(
+        "scheduler",
+        protocol::now_us(),
+    )));
+    let _status = status::Writer::shared(&config.runtime_dir, "scheduler", &board);
+    let post = |table: &Timetable<Local>| {
+        if let Ok(mut b) = board.lock() {
+            b.schedules = config
+                .schedules
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let next = table
+                        .next(i)
+                        .map_or(0, |t| t.timestamp_micros().max(0) as u64);
+                    (s.cron.clone(), next)
+                })
+                .collect();
+        }
+    };
+    post(&table);
     tracing::info!(
         epoch = out.epoch,
         reports = %endpoints.reports,
@@ -284,6 +309,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
             break;
         }
         let due = table.due(Local::now());
+        post(&table);
         if let Some(back) = due.clock_went_back {
             tracing::warn!(
                 back_s = back.num_seconds(),

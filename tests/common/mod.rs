@@ -34,7 +34,7 @@ impl Mirror {
         let mut daemons = Vec::new();
         let mut dsts = Vec::new();
         let mut text = format!(
-            "[bus]\nruntime_dir = \"run\"\n\n[retry]\nstate_dir = \"state\"\n\n[[root]]\nname = \"r\"\npath = \"src\"\n{root_extra}\n"
+            "[bus]\nruntime_dir = \"run\"\n\n[retry]\nstate_dir = \"state\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[[root]]\nname = \"r\"\npath = \"src\"\n{root_extra}\n"
         );
         for i in 0..targets {
             let dst = dir.path().join(format!("dst{i}"));

@@ -5,6 +5,7 @@
 mod cli;
 mod mirror;
 mod reliability;
+mod status;
 mod stream;
 
 #[path = "../common/mod.rs"]

@@ -56,12 +56,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use inotify::{EventMask, Inotify, WatchMask, Watches};
 use protocol::bus::{self, BusError, Endpoints, Shutdown};
 use protocol::config::Config;
 use protocol::stage::StageError;
+use protocol::status::{self, StageStatus};
 use protocol::wire::{self, RawBatch, RawEvent, RawKind};
 use protocol::PathBytes;
 use thiserror::Error;
@@ -186,6 +188,7 @@ fn run_inner(config: &Config, shutdown: &Shutdown) -> Result<(), WatcherError> {
     let endpoint = Endpoints::new(config).raw;
     bus::connect(&sock, &endpoint)?;
     let mut w = Watcher::new(config, sock, shutdown)?;
+    let _status = status::Writer::shared(&config.runtime_dir, "watcher", &w.board);
     info!(
         roots = config.roots.len(),
         epoch = w.epoch,
@@ -247,6 +250,12 @@ struct Watcher<'a> {
     out: Vec<RawEvent>,
     /// A send was abandoned because shutdown was asked for: send nothing more.
     abandoned: bool,
+    /// Events read and overflows seen, per root.
+    counts: Vec<(u64, u64)>,
+    /// What the status file says, refreshed at most once per [`status::EVERY`] (a
+    /// watch count walks the map).
+    board: Arc<Mutex<StageStatus>>,
+    next_post: Instant,
 }
 
 impl<'a> Watcher<'a> {
@@ -285,6 +294,9 @@ impl<'a> Watcher<'a> {
             seq: 0,
             out: Vec::new(),
             abandoned: false,
+            counts: vec![(0, 0); config.roots.len()],
+            board: Arc::new(Mutex::new(StageStatus::new("watcher", protocol::now_us()))),
+            next_post: now,
         })
     }
 
@@ -335,8 +347,9 @@ impl<'a> Watcher<'a> {
             .filter(|r| !r.alive)
             .map(|r| r.next_check.saturating_duration_since(now))
             .min()
-            .map(|d| d.as_millis().min(i32::MAX as u128) as i32)
-            .unwrap_or(-1);
+            // Awake at least once per status interval, to keep the status file current.
+            .map_or(status::EVERY, |d| d.min(status::EVERY))
+            .as_millis() as i32;
         let mut fds = [
             libc::pollfd {
                 fd: self.inotify.as_raw_fd(),
@@ -416,6 +429,9 @@ impl<'a> Watcher<'a> {
     ) -> Result<(), WatcherError> {
         if ev.wd == -1 || ev.mask.contains(EventMask::Q_OVERFLOW) {
             warn!("inotify queue overflowed: re-walking every root, then resyncing them");
+            for c in &mut self.counts {
+                c.1 += 1;
+            }
             return self.rebuild(false);
         }
         if ev.mask.contains(EventMask::IGNORED) {
@@ -426,6 +442,7 @@ impl<'a> Watcher<'a> {
             trace!(wd = ev.wd, mask = ?ev.mask, "event for a forgotten watch");
             return Ok(());
         };
+        self.counts[root].0 += 1;
         let is_dir = ev.mask.contains(EventMask::ISDIR);
         let Some(name) = &ev.name else {
             // About the watched directory itself.
@@ -622,12 +639,30 @@ impl<'a> Watcher<'a> {
 
     /// Sends everything queued, at most [`MAX_BATCH`] events per message.
     fn flush(&mut self) -> Result<(), WatcherError> {
+        self.post_status();
         while !self.out.is_empty() {
             let n = self.out.len().min(MAX_BATCH);
             let events: Vec<RawEvent> = self.out.drain(..n).collect();
             self.send(events)?;
         }
         Ok(())
+    }
+
+    fn post_status(&mut self) {
+        let now = Instant::now();
+        if now < self.next_post {
+            return;
+        }
+        self.next_post = now + status::EVERY;
+        let Ok(mut b) = self.board.lock() else {
+            return;
+        };
+        for (i, r) in self.roots.iter().enumerate() {
+            let e = b.roots.entry(r.name.clone()).or_default();
+            e.watches = Some(self.map.count(i) as u64);
+            e.events = Some(self.counts[i].0);
+            e.overflows = Some(self.counts[i].1);
+        }
     }
 
     fn send(&mut self, events: Vec<RawEvent>) -> Result<(), WatcherError> {

@@ -1,0 +1,286 @@
+//! What each running stage says about itself, for `syncbus status` and `/metrics`.
+//!
+//! Every stage keeps a small JSON file, `<runtime_dir>/status/<name>.json`, rewritten
+//! once a second by a thread of its own ([`Writer`]) and removed when the stage stops
+//! clean. Readers never talk to a stage: a stage that hangs or dies cannot hang a
+//! probe, and a file that stopped changing (or names a pid that is gone) says so.
+//!
+//! # Invariants
+//! - A file is replaced whole (written beside it, then renamed): a reader never sees
+//!   half of one.
+//! - Times are absolute (µs since the Unix epoch); readers compute ages, so a snapshot
+//!   read late still gives the right lag.
+//! - Only counts and times: no file names, so the files leak nothing of the tree.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the status files' layout.
+pub const VERSION: u16 = 1;
+/// How often a stage rewrites its file.
+pub const EVERY: Duration = Duration::from_secs(1);
+/// A file older than this belongs to a stage that is hung or gone.
+pub const STALE: Duration = Duration::from_secs(10);
+
+/// One stage's file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageStatus {
+    pub version: u16,
+    /// `watcher`, `filter`, `dispatcher`, `retrier`, `scheduler` or `supervisor`.
+    pub stage: String,
+    pub pid: u32,
+    pub started_us: u64,
+    pub updated_us: u64,
+    /// Per root (watcher, filter).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub roots: BTreeMap<String, RootStatus>,
+    /// Per target (dispatcher, retrier).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub targets: BTreeMap<String, TargetStatus>,
+    /// The stages a supervisor runs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stages: BTreeMap<String, ChildStatus>,
+    /// Where `/metrics` is served (the metrics stage), e.g. `127.0.0.1:9477`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub listen: String,
+    /// Next run of each schedule (scheduler), µs; keyed by the cron line.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub schedules: BTreeMap<String, u64>,
+}
+
+/// What the watcher (watches, events, overflows) and the filter (changes) know of a root.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RootStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watches: Option<u64>,
+    /// Raw inotify events read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<u64>,
+    /// Kernel queue overflows (each one healed by a resync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overflows: Option<u64>,
+    /// Coalesced changes published on the change stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<u64>,
+}
+
+/// What the dispatcher (live work, runs) or the retrier (journal) knows of a target.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TargetStatus {
+    /// Paths and subtrees owed (dispatcher: queued and running; retrier: journalled).
+    pub backlog: u64,
+    /// When the oldest change not yet delivered happened (µs; 0 when none is owed).
+    pub oldest_us: u64,
+    /// Runs that failed in a row (0 once one succeeds).
+    pub failures: u32,
+    #[serde(default)]
+    pub last_success_us: u64,
+    #[serde(default)]
+    pub last_error: String,
+    /// Runs (rsync, command, webhook) and the failed ones among them (dispatcher).
+    #[serde(default)]
+    pub runs: u64,
+    #[serde(default)]
+    pub failed_runs: u64,
+    /// What rsync reported as sent, all runs summed (dispatcher, rsync targets).
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Whole-root compares per root, the initial one first (dispatcher).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub full: BTreeMap<String, FullStatus>,
+    /// When the retrier tries again (µs; 0: not waiting).
+    #[serde(default)]
+    pub next_retry_us: u64,
+}
+
+/// The whole-root compares of one root on one target.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FullStatus {
+    /// The first compare since the dispatcher started (the initial sync) finished.
+    pub initial_done: bool,
+    /// Running now: since when (µs; 0 when not running) and entries sent so far.
+    pub running_since_us: u64,
+    pub entries: u64,
+    /// The last one that finished: when and how long it took.
+    #[serde(default)]
+    pub last_done_us: u64,
+    #[serde(default)]
+    pub last_duration_ms: u64,
+}
+
+/// One stage as its supervisor sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChildStatus {
+    pub up: bool,
+    pub pid: u32,
+    pub restarts: u32,
+    /// When it was last started (µs).
+    pub since_us: u64,
+}
+
+impl StageStatus {
+    pub fn new(stage: &str, started_us: u64) -> Self {
+        StageStatus {
+            version: VERSION,
+            stage: stage.to_string(),
+            pid: std::process::id(),
+            started_us,
+            ..Default::default()
+        }
+    }
+}
+
+/// Where the status files of an instance live.
+pub fn dir(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("status")
+}
+
+/// Replaces `<dir>/<name>.json` whole.
+pub fn write(dir: &Path, name: &str, status: &StageStatus) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.json.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(status).map_err(std::io::Error::other)?)?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(format!("{name}.json")))
+}
+
+/// Every readable status file of an instance, by file name (`dispatcher`, …). Files
+/// that cannot be parsed are skipped: one is being replaced right now, or comes from
+/// a build with another layout.
+pub fn read_all(dir: &Path) -> std::io::Result<BTreeMap<String, StageStatus>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .filter(|n| !n.starts_with('.'))
+        else {
+            continue;
+        };
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        if let Ok(s) = serde_json::from_slice::<StageStatus>(&bytes) {
+            if s.version == VERSION {
+                out.insert(name.to_string(), s);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Keeps a stage's file current from a thread of its own: `snapshot` is called once a
+/// second. Dropping the writer (a clean stop) removes the file.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Writer {
+    pub fn spawn(
+        runtime_dir: &Path,
+        name: &str,
+        snapshot: impl Fn() -> StageStatus + Send + 'static,
+    ) -> Writer {
+        let dir = dir(runtime_dir);
+        let path = dir.join(format!("{name}.json"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let file = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name("status".into())
+            .spawn(move || {
+                let mut warned = false;
+                while !flag.load(Ordering::Relaxed) {
+                    let mut s = snapshot();
+                    s.updated_us = crate::now_us();
+                    if let Err(e) = write(&dir, &file, &s) {
+                        if !warned {
+                            tracing::warn!(path = %dir.display(), error = %e, "cannot write the status file");
+                            warned = true;
+                        }
+                    }
+                    std::thread::park_timeout(EVERY);
+                }
+            })
+            .ok();
+        Writer { stop, thread, path }
+    }
+}
+
+impl Writer {
+    /// [`Writer::spawn`] for a stage that keeps its status in one shared value.
+    pub fn shared(
+        runtime_dir: &Path,
+        name: &str,
+        board: &Arc<std::sync::Mutex<StageStatus>>,
+    ) -> Writer {
+        let board = board.clone();
+        Writer::spawn(runtime_dir, name, move || {
+            board.lock().map(|b| b.clone()).unwrap_or_default()
+        })
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_file_reads_back_and_half_written_ones_are_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = StageStatus::new("dispatcher", 5);
+        s.targets.insert(
+            "t".into(),
+            TargetStatus {
+                backlog: 3,
+                oldest_us: 7,
+                ..Default::default()
+            },
+        );
+        write(d.path(), "dispatcher", &s).unwrap();
+        std::fs::write(d.path().join("watcher.json"), b"{\"version\":1,").unwrap();
+        std::fs::write(d.path().join(".filter.json.tmp"), b"{}").unwrap();
+        let all = read_all(d.path()).unwrap();
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["dispatcher"]);
+        assert_eq!(all["dispatcher"], s);
+    }
+
+    #[test]
+    fn the_writer_keeps_the_file_current_and_removes_it_on_drop() {
+        let d = tempfile::tempdir().unwrap();
+        let w = Writer::spawn(d.path(), "retrier", || StageStatus::new("retrier", 1));
+        let file = dir(d.path()).join("retrier.json");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !file.exists() {
+            assert!(std::time::Instant::now() < deadline, "no status file");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let s = &read_all(&dir(d.path())).unwrap()["retrier"];
+        assert_eq!((s.stage.as_str(), s.pid), ("retrier", std::process::id()));
+        assert!(s.updated_us > 0);
+        drop(w);
+        assert!(!file.exists());
+    }
+}

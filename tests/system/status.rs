@@ -1,0 +1,129 @@
+//! `syncbus status` and `/metrics` as an operator meets them: healthy, a target down,
+//! recovered, stopped. Exit codes follow the Nagios convention (0 ok, 2 critical, 3
+//! unknown); every wait is a condition with a deadline.
+
+use std::io::{Read, Write};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::{bin, Mirror, CONVERGE};
+
+/// `syncbus status --json`: its exit code and report.
+fn status(m: &Mirror) -> (i32, Value) {
+    let out = Command::new(bin())
+        .args(["status", "--json", "--config"])
+        .arg(&m.config)
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out.status.code().unwrap(), report)
+}
+
+/// A GET of the Prometheus endpoint, whose address the metrics stage reports.
+fn scrape(m: &Mirror) -> Option<String> {
+    let (_, r) = status(m);
+    let url = r["metrics_url"].as_str()?;
+    let addr = url.strip_prefix("http://")?.strip_suffix("/metrics")?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    Some(text)
+}
+
+/// The value of one sample in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn status_and_metrics_follow_a_target_going_down_and_coming_back() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    std::fs::write(m.s("payload"), vec![b'x'; 100_000]).unwrap();
+    m.converge();
+
+    // Healthy: every stage up, the initial sync done, nothing owed, bytes counted.
+    let r = m.wait_for("status ok", CONVERGE, || {
+        let (code, r) = status(&m);
+        (code == 0).then_some(r)
+    });
+    assert_eq!(r["health"], "ok", "{r:#}");
+    for stage in [
+        "watcher",
+        "filter",
+        "dispatcher",
+        "retrier",
+        "scheduler",
+        "metrics",
+    ] {
+        assert_eq!(r["stages"][stage]["up"], true, "{stage}: {r:#}");
+    }
+    assert_eq!(r["roots"]["r"]["initial_sync"], "done");
+    assert!(r["roots"]["r"]["watches"].as_u64() >= Some(1));
+    assert!(r["roots"]["r"]["changes"].as_u64() >= Some(1), "{r:#}");
+    let t = &r["targets"]["t0"];
+    assert_eq!(
+        (t["lag_s"].as_f64(), t["backlog"].as_u64()),
+        (Some(0.0), Some(0))
+    );
+    assert!(t["bytes_sent"].as_u64() > Some(100_000), "{t:#}");
+    assert!(t["last_success_us"].as_u64() > Some(0));
+
+    // The target goes down with a change pending: critical, with lag and backlog.
+    m.daemons[0].kill();
+    std::fs::write(m.s("while-down"), "pending").unwrap();
+    let r = m.wait_for("status critical", CONVERGE, || {
+        let (code, r) = status(&m);
+        let t = &r["targets"]["t0"];
+        (code == 2 && t["failures"].as_u64() >= Some(1) && t["lag_s"].as_f64() > Some(0.0))
+            .then_some(r)
+    });
+    assert!(r["targets"]["t0"]["backlog"].as_u64() >= Some(1), "{r:#}");
+    let problems = r["problems"].to_string();
+    assert!(problems.contains("target t0 is failing"), "{problems}");
+    let text = m.wait_for("a scrape that sees the failure", CONVERGE, || {
+        scrape(&m).filter(|t| {
+            sample(t, "syncbus_target_consecutive_failures{target=\"t0\"}") >= Some(1.0)
+        })
+    });
+    assert_eq!(sample(&text, "syncbus_health"), Some(2.0));
+    assert!(sample(&text, "syncbus_target_lag_seconds{target=\"t0\"}") > Some(0.0));
+    assert_eq!(
+        sample(&text, "syncbus_stage_up{stage=\"watcher\"}"),
+        Some(1.0)
+    );
+
+    // Back: healthy again, nothing owed.
+    m.daemons[0].restart();
+    m.converge();
+    m.wait_for("status ok again", CONVERGE, || {
+        let (code, r) = status(&m);
+        (code == 0 && r["targets"]["t0"]["backlog"] == 0).then_some(())
+    });
+
+    // Stopped: unknown, and the human table says why.
+    let p = m.proc.as_mut().unwrap();
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(CONVERGE).and_then(|s| s.code()), Some(0));
+    let out = Command::new(bin())
+        .args(["status", "--config"])
+        .arg(&m.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("syncbus UNKNOWN") && text.contains("not running"),
+        "{text}"
+    );
+}
