@@ -270,7 +270,7 @@ fn deploy_units_verify_and_supervisor_programs_name_real_subcommands() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert!(units.len() >= 7, "{units:?}");
+    assert!(units.len() >= 8, "{units:?}");
     if Command::new("systemd-analyze")
         .arg("--version")
         .output()
@@ -308,6 +308,7 @@ fn deploy_units_verify_and_supervisor_programs_name_real_subcommands() {
         "dispatcher",
         "watcher",
         "scheduler",
+        "metrics",
     ];
     let mut programs = 0;
     for f in fs::read_dir(deploy.join("supervisor")).unwrap() {
@@ -325,7 +326,7 @@ fn deploy_units_verify_and_supervisor_programs_name_real_subcommands() {
         }
     }
     assert_eq!(
-        programs, 6,
-        "one `syncbus run` program and five stage programs"
+        programs, 7,
+        "one `syncbus run` program and six stage programs"
     );
 }
