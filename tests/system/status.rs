@@ -111,6 +111,14 @@ fn status_and_metrics_follow_a_target_going_down_and_coming_back() {
         (code == 0 && r["targets"]["t0"]["backlog"] == 0).then_some(())
     });
 
+    // INFO is lifecycle only: no line names a file.
+    let log = m.log();
+    let per_file: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" INFO ") && (l.contains("payload") || l.contains("while-down")))
+        .collect();
+    assert!(per_file.is_empty(), "{per_file:#?}");
+
     // Stopped: unknown, and the human table says why.
     let p = m.proc.as_mut().unwrap();
     p.signal(libc::SIGTERM);
