@@ -79,6 +79,21 @@ fn status_and_metrics_follow_a_target_going_down_and_coming_back() {
     assert!(t["bytes_sent"].as_u64() > Some(100_000), "{t:#}");
     assert!(t["last_success_us"].as_u64() > Some(0));
 
+    // --watch redraws (home, clear, the table) until interrupted.
+    let screen = m.dir.path().join("watch.out");
+    let mut watch = Command::new(bin())
+        .args(["status", "--watch", "--config"])
+        .arg(&m.config)
+        .stdout(std::fs::File::create(&screen).unwrap())
+        .spawn()
+        .unwrap();
+    m.wait_for("two screens", CONVERGE, || {
+        let text = std::fs::read_to_string(&screen).ok()?;
+        (text.matches("\x1b[H\x1b[2Jsyncbus OK").count() >= 2).then_some(())
+    });
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+
     // The target goes down with a change pending: critical, with lag and backlog.
     m.daemons[0].kill();
     std::fs::write(m.s("while-down"), "pending").unwrap();
