@@ -1,7 +1,9 @@
 //! `syncbus`, the one command users type: `run` supervises the whole pipeline on this
 //! machine, `watcher` / `filter` / `dispatcher` run one stage (for systemd or supervisor
-//! units), `check-config` validates a config file, `demo` mirrors a local demo tree.
+//! units), `check-config` validates a config file, `import-sersync` converts a sersync
+//! config, `demo` mirrors a local demo tree.
 
+mod import_sersync;
 mod metrics;
 mod status;
 mod supervisor;
@@ -54,6 +56,18 @@ enum Cmd {
         /// The config file (syncbus.toml).
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Convert a sersync 2.5 config (confxml.xml) into a syncbus config, on stdout.
+    ///
+    /// `syncbus import-sersync confxml.xml > syncbus.toml`. The TOML carries a comment at
+    /// each decision; stderr gets a report in three lists: what was mapped, what was
+    /// changed on purpose, and what has no equivalent. Read it, then run
+    /// `syncbus check-config syncbus.toml`. The file may be ISO-8859-1 or UTF-8. Exit 64
+    /// when it is unreadable or not a usable sersync config; the message names the file,
+    /// and the line and column where there is one.
+    ImportSersync {
+        /// The sersync config (confxml.xml).
+        file: PathBuf,
     },
     /// Mirror a demo tree (`demo/src` → `demo/mirror`) with an embedded config.
     Demo {
@@ -118,6 +132,7 @@ fn main() -> ExitCode {
         Cmd::Tail(args) => tail::run(args),
         Cmd::Status(args) => status::run(args),
         Cmd::FailLog { config } => fail_log(&config),
+        Cmd::ImportSersync { file } => import_sersync(&file),
         Cmd::Demo { dir } => supervisor::demo(&dir),
         Cmd::Watcher { args } => {
             protocol::stage::stage_main("watcher", args, |c, _, s| watcher::run(c, s))
@@ -177,6 +192,32 @@ fn fail_log(file: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("{e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn import_sersync(file: &std::path::Path) -> ExitCode {
+    use std::io::Write;
+    let name = file.display().to_string();
+    let converted = std::fs::read(file)
+        .map_err(|source| import_sersync::ImportError::Read {
+            file: name.clone(),
+            source,
+        })
+        .and_then(|bytes| import_sersync::convert(&bytes, &name));
+    match converted {
+        Ok(c) => {
+            eprint!("{}", c.report());
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(c.toml.as_bytes()).and_then(|()| out.flush()) {
+                eprintln!("cannot write the converted config: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_BAD_CONFIG as u8)
         }
     }
 }

@@ -330,3 +330,84 @@ fn deploy_units_verify_and_supervisor_programs_name_real_subcommands() {
         "one `syncbus run` program and six stage programs"
     );
 }
+
+/// The migration path from sersync: the stock `confxml.xml` (ISO-8859-1) converts into a
+/// config that `check-config` accepts; a broken file is refused with exit 64, the file
+/// and the line.
+#[test]
+fn import_sersync_turns_the_stock_file_into_a_valid_config_and_refuses_a_broken_one() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let watch = dir.path().join("tongbu");
+    fs::create_dir(&watch).unwrap();
+    let stock = fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sersync/confxml.xml"),
+    )
+    .unwrap();
+    // The stock file watches /opt/tongbu: point it here, byte for byte (it stays Latin-1).
+    let at = stock.windows(11).position(|w| w == b"/opt/tongbu").unwrap();
+    let mut xml = stock.clone();
+    xml.splice(at..at + 11, watch.as_os_str().as_bytes().iter().copied());
+    assert!(xml.contains(&0xe9), "the fixture keeps a Latin-1 byte");
+    let input = dir.path().join("confxml.xml");
+    fs::write(&input, &xml).unwrap();
+
+    let import = |file: &std::path::Path| {
+        Command::new(bin())
+            .arg("import-sersync")
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let out = import(&input);
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let toml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        toml.contains("url = \"rsync://127.0.0.1/tongbu1\"")
+            && toml.contains("extra_args = [\"-z\"]")
+            && toml.contains(&format!("path = \"{}\"", watch.display())),
+        "{toml}"
+    );
+    for part in [
+        "mapped:",
+        "changed on purpose:",
+        "no equivalent:",
+        "`-u` (`--update`) dropped",
+    ] {
+        assert!(report.contains(part), "`{part}` missing:\n{report}");
+    }
+    let converted = dir.path().join("syncbus.toml");
+    fs::write(&converted, &toml).unwrap();
+    let out = check_config(&converted);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{toml}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let broken = dir.path().join("broken.xml");
+    fs::write(
+        &broken,
+        "<?xml version=\"1.0\"?>\n<head>\n  <sersync>\n    <localpath watch=\"/srv\">\n",
+    )
+    .unwrap();
+    let out = import(&broken);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:", broken.display()))
+            && err.contains("`<localpath>` (line 4) is never closed"),
+        "{err}"
+    );
+
+    let out = import(&dir.path().join("missing.xml"));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
