@@ -20,6 +20,7 @@ use protocol::status::{self, StageStatus};
 
 /// Largest request head read; a scraper sends a few hundred bytes.
 const MAX_REQUEST: usize = 8192;
+/// All a client gets to send its request, and to take the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
@@ -64,12 +65,15 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         ];
         // SAFETY: two valid pollfd for the duration of the call (fd -1 is ignored).
         unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        status::beat(&board);
         shutdown.drain();
         if shutdown.requested() {
             return Ok(());
         }
+        // One connection per round, each within IO_TIMEOUT all told, so that slow
+        // clients queued behind each other cannot hold up a stop.
         let Some(l) = &listener else { continue };
-        while let Ok((stream, _)) = l.accept() {
+        if let Ok((stream, _)) = l.accept() {
             if let Err(e) = serve(stream, config) {
                 tracing::debug!(error = %e, "metrics request failed");
             }
@@ -80,11 +84,18 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
 /// Answers one request and closes the connection.
 fn serve(mut stream: TcpStream, config: &Config) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    let left = || {
+        let d = deadline.saturating_duration_since(std::time::Instant::now());
+        (!d.is_zero())
+            .then_some(d)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))
+    };
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+        stream.set_read_timeout(Some(left()?))?;
         let n = stream.read(&mut buf)?;
         if n == 0 {
             break;

@@ -72,7 +72,7 @@ pub struct StageView {
     pub pid: u32,
     /// Restarts by `syncbus run` (0 when another supervisor runs the stage).
     pub restarts: u32,
-    /// Age of its status file in seconds (it is rewritten every second).
+    /// Seconds since its main loop last checked in (at least once a second).
     pub reported_s: Option<f64>,
 }
 
@@ -113,6 +113,11 @@ pub struct TargetView {
 /// The stages a `syncbus run` runs when no supervisor file says otherwise.
 const STAGES: [&str; 5] = ["watcher", "filter", "dispatcher", "retrier", "scheduler"];
 
+/// When a stage last showed it is alive: its main loop's heartbeat (or its start).
+fn last_beat(s: &StageStatus) -> u64 {
+    s.alive_us.max(s.started_us)
+}
+
 fn age_s(now_us: u64, t_us: u64) -> f64 {
     now_us.saturating_sub(t_us) as f64 / 1e6
 }
@@ -136,7 +141,7 @@ pub fn gather(
 ) -> Report {
     let mut problems: Vec<(Health, String)> = Vec::new();
     let fresh =
-        |s: &StageStatus| age_s(now_us, s.updated_us) < status::STALE.as_secs_f64() && alive(s.pid);
+        |s: &StageStatus| age_s(now_us, last_beat(s)) < status::STALE.as_secs_f64() && alive(s.pid);
     let supervisor = files.get("supervisor").filter(|s| fresh(s));
 
     // Stages: what the supervisor runs, else the usual five; every dispatcher file.
@@ -162,13 +167,13 @@ pub fn gather(
             up,
             pid: file.map_or(sup.map_or(0, |c| c.pid), |f| f.pid),
             restarts: sup.map_or(0, |c| c.restarts),
-            reported_s: file.map(|f| age_s(now_us, f.updated_us)),
+            reported_s: file.map(|f| age_s(now_us, last_beat(f))),
         };
         if !up {
             let why = match file {
                 None => "not running".to_string(),
                 Some(f) if !alive(f.pid) => format!("gone (pid {})", f.pid),
-                Some(f) => format!("silent for {:.0} s", age_s(now_us, f.updated_us)),
+                Some(f) => format!("silent for {:.0} s", age_s(now_us, last_beat(f))),
             };
             problems.push((Health::Critical, format!("stage {name} is down: {why}")));
         }
@@ -279,7 +284,15 @@ pub fn gather(
             ));
         }
     }
+    // A root no target mirrors (say, one only followed by `syncbus tail`) owes nothing.
+    let bound = |root: &str| {
+        config.is_none_or(|c| c.targets.iter().any(|t| t.roots.iter().any(|r| r == root)))
+    };
     for (name, v) in &mut roots {
+        if !bound(name) {
+            v.initial_sync = "no targets".into();
+            continue;
+        }
         let all = fulls.get(name).map(Vec::as_slice).unwrap_or_default();
         let running: Vec<&status::FullStatus> = all
             .iter()
@@ -629,15 +642,22 @@ pub fn locate(config: Option<&PathBuf>) -> Result<(Option<Config>, PathBuf), Str
 
 /// Reads the status files and builds the report now.
 pub fn report(config: Option<&Config>, runtime_dir: &std::path::Path, lag: (u64, u64)) -> Report {
-    let files = status::read_all(&status::dir(runtime_dir)).unwrap_or_default();
-    gather(
-        &files,
-        config,
-        runtime_dir.to_path_buf(),
-        protocol::now_us(),
-        &alive,
-        lag,
-    )
+    let dir = status::dir(runtime_dir);
+    let (files, error) = match status::read_all(&dir) {
+        Ok(f) => (f, None),
+        Err(e) => (BTreeMap::new(), Some(e)),
+    };
+    let now = protocol::now_us();
+    let mut r = gather(&files, config, runtime_dir.to_path_buf(), now, &alive, lag);
+    if let Some(e) = error {
+        // Not "not running": most often a probe run as another user (the runtime dir
+        // is 0700).
+        r.problems = vec![format!(
+            "cannot read {}: {e} (run syncbus status as the user syncbus runs as)",
+            dir.display()
+        )];
+    }
+    r
 }
 
 pub fn run(args: StatusArgs) -> ExitCode {
@@ -682,6 +702,7 @@ mod tests {
             pid,
             started_us: NOW - 60_000_000,
             updated_us: NOW - 500_000,
+            alive_us: NOW - 700_000,
             ..Default::default()
         }
     }
@@ -782,7 +803,8 @@ mod tests {
         assert!(r.problems[0].contains("filter"), "{:?}", r.problems);
 
         let mut files = healthy();
-        files.get_mut("retrier").unwrap().updated_us = NOW - 60_000_000;
+        // Its file is fresh, but its main loop went silent.
+        files.get_mut("retrier").unwrap().alive_us = NOW - 60_000_000;
         assert_eq!(at(&files, &[]).health, Health::Critical);
 
         let mut files = healthy();
@@ -859,6 +881,58 @@ mod tests {
         let r = at(&files, &[]);
         assert_eq!(r.stages["watcher"].restarts, 2);
         assert!(!r.stages.contains_key("supervisor"));
+    }
+
+    #[test]
+    fn split_dispatchers_each_count_and_a_root_without_targets_owes_nothing() {
+        let mut files = healthy();
+        let d = files.remove("dispatcher").unwrap();
+        let mut other = file("dispatcher", 200);
+        other.targets.insert("u".into(), d.targets["t"].clone());
+        files.insert("dispatcher@t".into(), d);
+        files.insert("dispatcher@u".into(), other);
+        let tmp = tempfile::tempdir().unwrap();
+        for r in ["r", "tailonly"] {
+            std::fs::create_dir(tmp.path().join(r)).unwrap();
+        }
+        let text = "[[root]]\nname = \"r\"\npath = \"r\"\n[[root]]\nname = \"tailonly\"\npath = \"tailonly\"\n\
+                    [[target]]\nname = \"t\"\nurl = \"rsync://h/m\"\nroots = [\"r\"]\n\
+                    [[target]]\nname = \"u\"\nurl = \"rsync://h/n\"\nroots = [\"r\"]\n";
+        let config = Config::parse(text, &tmp.path().join("c.toml")).unwrap();
+        let r = gather(
+            &files,
+            Some(&config),
+            "/run/x".into(),
+            NOW,
+            &|_| true,
+            (30, 300),
+        );
+        assert_eq!(r.health, Health::Ok, "{:?}", r.problems);
+        assert!(
+            !r.stages.contains_key("dispatcher"),
+            "{:?}",
+            r.stages.keys()
+        );
+        assert!(r.stages["dispatcher@t"].up && r.stages["dispatcher@u"].up);
+        assert_eq!(r.roots["tailonly"].initial_sync, "no targets");
+        assert_eq!(r.roots["r"].initial_sync_targets_done, 2);
+
+        // A dispatcher that serves nothing of a configured target: critical.
+        files.remove("dispatcher@u");
+        let r = gather(
+            &files,
+            Some(&config),
+            "/run/x".into(),
+            NOW,
+            &|_| true,
+            (30, 300),
+        );
+        assert_eq!(r.health, Health::Critical);
+        assert!(
+            r.problems.iter().any(|p| p.contains("target u")),
+            "{:?}",
+            r.problems
+        );
     }
 
     #[test]

@@ -157,6 +157,8 @@ pub fn run(args: RunArgs) -> ExitCode {
             protocol::now_us(),
         ))),
     };
+    // What a killed run left there is not about this one.
+    status::clear(&config.runtime_dir);
     let _status = status::Writer::shared(&config.runtime_dir, "supervisor", &sup.board);
     let code = sup.supervise(&shutdown);
     tracing::info!(code, "syncbus stopped");
@@ -450,6 +452,7 @@ impl Supervisor {
 
     fn post_status(&self) {
         let Ok(mut b) = self.board.lock() else { return };
+        b.alive_us = protocol::now_us();
         for s in &self.stages {
             let c = b.stages.entry(s.name.to_string()).or_default();
             c.up = s.child.is_some();

@@ -42,6 +42,14 @@ impl RootWork {
         self.resyncs.is_empty() && self.paths.is_empty() && self.catch_up.is_none()
     }
 
+    /// Drops the change times (work sent once already, owed again only for safety).
+    pub fn forget_times(&mut self) {
+        self.since_us = 0;
+        for t in self.paths.values_mut() {
+            t.since_us = 0;
+        }
+    }
+
     /// Asks for a catch-up since `since_us`, unless the whole root is compared anyway.
     pub fn catch_up(&mut self, since_us: u64) {
         if !self.resyncs.contains(&PathBytes::root()) {
@@ -355,5 +363,30 @@ mod tests {
         let all = b.take().unwrap();
         assert!(all.roots["r1"].paths.is_empty());
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn work_keeps_the_time_of_its_oldest_change_and_can_forget_it() {
+        let at = |p: &str, t| Change {
+            since_us: t,
+            ..up(p)
+        };
+        let mut b = Batcher::new();
+        b.push("r", &at("a", 30));
+        b.push("r", &at("b", 10));
+        b.push("r", &at("c", 0)); // unknown never wins
+        b.push("q", &at("x", 20));
+        assert_eq!(b.oldest_us(), 10);
+        let mut w = b
+            .take_where(|r| r == "r")
+            .unwrap()
+            .roots
+            .remove("r")
+            .unwrap();
+        assert_eq!((w.since_us, b.oldest_us()), (10, 20));
+        w.forget_times();
+        assert!(w.since_us == 0 && w.paths.values().all(|t| t.since_us == 0));
+        b.merge("q", w);
+        assert_eq!(b.oldest_us(), 20);
     }
 }

@@ -143,6 +143,13 @@ pub fn run(
     } else {
         format!("dispatcher@{}", only_targets.join(","))
     };
+    // Every target it serves is in its first file, so a probe right after the start
+    // does not read "no dispatcher serves it".
+    if let Ok(mut b) = control.board.lock() {
+        for t in &targets {
+            b.targets.entry(t.name.clone()).or_default();
+        }
+    }
     let _status = status::Writer::shared(&config.runtime_dir, &file, &control.board);
     // root name → the workers bound to it
     let mut routes: HashMap<String, Vec<Served>> = HashMap::new();
@@ -282,6 +289,7 @@ pub fn run(
         );
     }
     let result = loop {
+        status::beat(&control.board);
         let now = Instant::now();
         let due: Vec<String> = starts
             .deferred

@@ -334,22 +334,15 @@ impl Intake {
                     self.batcher.push(&root, c);
                 }
             }
+            // Start compares carry no change time: they are not lag (the status
+            // shows them as the initial sync) however long they take.
             Job::Resync { root } => {
                 self.cron_excludes.remove(&*root);
-                let mut w = RootWork {
-                    since_us: protocol::now_us(),
-                    ..Default::default()
-                };
-                w.resync(PathBytes::root());
-                self.batcher.merge(&root, w);
+                self.batcher.resync(&root, PathBytes::root());
             }
             Job::CatchUp { root, since_us } => {
                 self.cron_excludes.remove(&*root);
-                // Owed since the checkpoint: what changed meanwhile is that old.
-                let mut w = RootWork {
-                    since_us,
-                    ..Default::default()
-                };
+                let mut w = RootWork::default();
                 w.catch_up(since_us);
                 self.batcher.merge(&root, w);
             }
@@ -430,8 +423,10 @@ struct FullState {
     /// What the live lane sent meanwhile: sent again once the full sync is over, since
     /// the full sync may have copied an older version over it.
     replay: RootWork,
-    /// When the oldest change it brings over happened (µs), for the status.
+    /// When the oldest change it brings over happened (µs), for the status; the
+    /// same for the run asked for meanwhile.
     since_us: u64,
+    again_since_us: u64,
     /// Another run asked for while this one ran, and the jobs it covers.
     again: Option<(FullKind, Vec<u64>)>,
 }
@@ -704,6 +699,8 @@ impl Runner {
         // ("sent N bytes …") feeds the status; it is taken out of what the caller sees.
         let at = args.len() - 2;
         args.insert(at, "--info=stats1".into());
+        // After the user's `extra_args`: plain digits even if they ask for `-h`.
+        args.insert(at, "--no-human-readable".into());
         let keep = capture.is_some();
         let count = !keep && self.progress.is_some() && mode == Mode::Resync;
         if keep {
@@ -1468,7 +1465,7 @@ impl Worker {
     fn post_status(&self, intake: &Intake) {
         let (paths, resyncs) = intake.batcher.pending_counts();
         let oldest = self.full.values().fold(intake.batcher.oldest_us(), |t, f| {
-            protocol::earliest_us(t, f.since_us)
+            protocol::earliest_us(protocol::earliest_us(t, f.since_us), f.again_since_us)
         });
         let failures = self.failing.values().map(|f| f.attempt).max().unwrap_or(0);
         self.control.post(&self.target.name, |t| {
@@ -1654,7 +1651,7 @@ impl Worker {
 
     fn start_full(&mut self, root: &str, kind: FullKind, covers: Vec<u64>, since_us: u64) {
         if let Some(running) = self.full.get_mut(root) {
-            running.since_us = protocol::earliest_us(running.since_us, since_us);
+            running.again_since_us = protocol::earliest_us(running.again_since_us, since_us);
             // This request may have come after the running one passed the part that
             // was lost: run once more when it is over. Live work keeps flowing.
             running.again = Some(match running.again.take() {
@@ -1678,6 +1675,7 @@ impl Worker {
                 FullState {
                     replay: RootWork::default(),
                     since_us,
+                    again_since_us: 0,
                     again: None,
                 },
             );
@@ -1732,13 +1730,16 @@ impl Worker {
         }
         let Some(state) = state else { return };
         // Sent during the full sync: send again, the full sync may have overtaken it.
+        // It did reach the target once, so it is no lag.
         if !state.replay.is_empty() {
+            let mut replay = state.replay;
+            replay.forget_times();
             intake.cron_excludes.remove(&done.root);
-            intake.batcher.merge(&done.root, state.replay);
+            intake.batcher.merge(&done.root, replay);
         }
         if let Some((kind, covers)) = state.again {
             let (mut owed, excludes) = kind.owed();
-            owed.since_us = since_us;
+            owed.since_us = state.again_since_us;
             // A cron sync's own excludes only when it owes nothing else (see accept).
             if !excludes.is_empty() && !intake.batcher.has_work(&done.root) {
                 intake.cron_excludes.insert(done.root.clone(), excludes);
@@ -1801,6 +1802,27 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rsyncs_summary_gives_the_bytes_sent() {
+        let cases: [(&[u8], Option<u64>); 6] = [
+            (
+                b"sent 100,134 bytes  received 35 bytes  200,338.00 bytes/sec",
+                Some(100_134),
+            ),
+            (
+                b"sent 67 bytes  received 12 bytes  158.00 bytes/sec",
+                Some(67),
+            ),
+            (b"sent 1.234.567 bytes  received 1 bytes", Some(1_234_567)),
+            (b"total size is 100,000  speedup is 1.00", None),
+            (b">f+++++++++ sent 5 bytes", None),
+            (b"sent 3.00M bytes  received 1 bytes", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(sent_bytes(line), want, "{}", String::from_utf8_lossy(line));
+        }
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap_with_bounded_jitter() {

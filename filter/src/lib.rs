@@ -319,6 +319,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     );
     let mut next_heartbeat = Instant::now();
     loop {
+        status::beat(&out.board);
         let now = Instant::now();
         if now >= next_heartbeat {
             for root in filter.root_names() {

@@ -10,6 +10,8 @@
 //!   half of one.
 //! - Times are absolute (µs since the Unix epoch); readers compute ages, so a snapshot
 //!   read late still gives the right lag.
+//! - Liveness is the main loop's own heartbeat (`alive_us`, stamped at least once a
+//!   second), never the writer thread's: a stage stuck in its loop goes silent.
 //! - Only counts and times: no file names, so the files leak nothing of the tree.
 
 use std::collections::BTreeMap;
@@ -37,6 +39,11 @@ pub struct StageStatus {
     pub pid: u32,
     pub started_us: u64,
     pub updated_us: u64,
+    /// When the stage's main loop last went round ([`beat`]); the file's writer is a
+    /// thread of its own, so a stage whose loop is stuck shows here, not in
+    /// `updated_us`.
+    #[serde(default)]
+    pub alive_us: u64,
     /// Per root (watcher, filter).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub roots: BTreeMap<String, RootStatus>,
@@ -136,6 +143,13 @@ impl StageStatus {
     }
 }
 
+/// Stamps the main loop's heartbeat into a stage's shared status.
+pub fn beat(board: &std::sync::Mutex<StageStatus>) {
+    if let Ok(mut b) = board.lock() {
+        b.alive_us = crate::now_us();
+    }
+}
+
 /// Where the status files of an instance live.
 pub fn dir(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("status")
@@ -156,7 +170,11 @@ pub fn write(dir: &Path, name: &str, status: &StageStatus) -> std::io::Result<()
 /// a build with another layout.
 pub fn read_all(dir: &Path) -> std::io::Result<BTreeMap<String, StageStatus>> {
     let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(dir)? {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        r => r?,
+    };
+    for entry in entries {
         let path = entry?.path();
         let Some(name) = path
             .file_name()
@@ -176,6 +194,16 @@ pub fn read_all(dir: &Path) -> std::io::Result<BTreeMap<String, StageStatus>> {
         }
     }
     Ok(out)
+}
+
+/// Removes the files of an earlier run (a killed stage leaves its own behind), so that
+/// only stages of this run are reported; `syncbus run` calls it under its lock.
+pub fn clear(runtime_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir(runtime_dir)) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Keeps a stage's file current from a thread of its own: `snapshot` is called once a

@@ -75,7 +75,8 @@ impl Job {
             root: rec.root.clone(),
             attempt: rec.attempt,
             in_flight: None,
-            since_us: protocol::earliest_us(rec.work.since_us, rec.since_us),
+            // The work's oldest change; a full sync request has none (not lag).
+            since_us: rec.work.since_us,
             len: rec.work.len().max(1),
         }
     }
@@ -268,6 +269,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         let now = Instant::now();
         r.tick(now, &publisher)?;
         r.post_status(now);
+        status::beat(&r.board);
         let wait = r.next_wake(now).saturating_duration_since(Instant::now());
         let mut items = [
             pull.as_poll_item(zmq::POLLIN),
@@ -658,7 +660,10 @@ impl Retrier<'_> {
             .collect();
         for j in self.jobs.values() {
             if let Some(st) = targets.get_mut(&j.target) {
-                st.backlog += j.len as u64;
+                // Out with a dispatcher, it counts in the dispatcher's backlog.
+                if j.in_flight.is_none() {
+                    st.backlog += j.len as u64;
+                }
                 st.oldest_us = protocol::earliest_us(st.oldest_us, j.since_us);
             }
         }

@@ -184,8 +184,8 @@ impl Requests {
                 paths: Vec::new(),
                 excludes: schedule.exclude_glob.clone(),
                 catch_up_us: 0,
-                // Owed from now: a target that cannot take it falls behind from here.
-                since_us: protocol::now_us(),
+                // A routine compare, not a change: no lag unless it fails (status).
+                since_us: 0,
             },
             error: String::new(),
             time_us: protocol::now_us(),
@@ -292,9 +292,11 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         }
     }
     loop {
-        let timeout = table.next_wake().map_or(-1, |t| {
+        status::beat(&board);
+        // Awake at least once per status interval: the heartbeat says it is alive.
+        let timeout = table.next_wake().map_or(poll_ms(status::EVERY), |t| {
             let wait = (t - Local::now()).to_std().unwrap_or(Duration::ZERO);
-            poll_ms(wait.min(MAX_SLEEP))
+            poll_ms(wait.min(MAX_SLEEP).min(status::EVERY))
         });
         let mut items = [zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN)];
         match zmq::poll(&mut items, timeout) {

@@ -306,6 +306,7 @@ impl<'a> Watcher<'a> {
         self.rebuild(true)?;
         self.flush()?;
         loop {
+            status::beat(&self.board);
             if self.shutdown.requested() {
                 break;
             }
