@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 use protocol::wire::{Change, Op, RawEvent, RawKind};
 use protocol::PathBytes;
 
+/// How long a closed file waits for more events (a rename) before it is published,
+/// when that is shorter than the quiet window.
+const CLOSED_SETTLE: Duration = Duration::from_millis(2);
+
 /// A move half waits this long for its partner (they normally arrive in the same read).
 const MOVE_PAIRING: Duration = Duration::from_secs(1);
 
@@ -114,11 +118,20 @@ impl Coalescer {
                 e.recursive |= ev.dir;
             }
             RawKind::Modify | RawKind::CloseWrite | RawKind::Attrib => {
-                let e = self.touch(key, since_us, now, false);
+                let max_hold = self.timing_of(&key.0).max_hold;
+                let e = self.touch(key.clone(), since_us, now, false);
                 if e.net == Net::Delete {
                     e.net = Net::Upsert;
                 }
                 e.dir = ev.dir;
+                if ev.kind == RawKind::CloseWrite {
+                    // A writer closed the file: it is whole. Wait only for a rename
+                    // that follows at once (editors and `sed -i` close a temp file
+                    // and rename it over the original), not for the quiet window.
+                    let at = (now + CLOSED_SETTLE).min(e.first + max_hold);
+                    let gen = e.gen;
+                    self.deadlines.push(Reverse((at, gen, key)));
+                }
             }
             RawKind::Delete => self.delete(key, ev.dir, since_us, now),
             RawKind::MovedFrom => {
@@ -387,14 +400,42 @@ mod tests {
     }
 
     #[test]
-    fn create_modify_close_write_is_one_upsert_after_the_quiet_window() {
+    fn create_modify_is_one_upsert_after_the_quiet_window() {
         let mut s = Sim::new();
-        s.f(Create, "a").f(Modify, "a").f(CloseWrite, "a");
+        s.f(Create, "a").f(Modify, "a");
+        assert!(s.out().is_empty(), "held during the quiet window");
+        s.at_ms(9);
         assert!(s.out().is_empty(), "held during the quiet window");
         s.at_ms(10);
         assert_eq!(s.out(), vec![up("a")]);
         s.at_ms(50);
         assert!(s.out().is_empty(), "emitted once");
+    }
+
+    #[test]
+    fn a_closed_file_goes_after_a_short_settle_unless_written_again() {
+        let mut s = Sim::new();
+        s.f(Create, "a").f(Modify, "a").f(CloseWrite, "a");
+        s.at_ms(1);
+        assert!(s.out().is_empty(), "a rename may follow at once");
+        s.at_ms(2);
+        assert_eq!(s.out(), vec![up("a")], "well before the 10 ms quiet window");
+        // Opened and written again right after the close: the quiet window rules.
+        s.f(CloseWrite, "b").f(Modify, "b").at_ms(4);
+        assert!(s.out().is_empty(), "{:?}", s.out());
+        s.at_ms(12);
+        assert_eq!(s.out(), vec![up("b")]);
+    }
+
+    #[test]
+    fn a_temp_file_closed_and_renamed_at_once_reaches_the_targets_as_the_final_name() {
+        let mut s = Sim::new();
+        s.f(Create, "sedX1")
+            .f(CloseWrite, "sedX1")
+            .ev(MovedFrom, "sedX1", false, 9)
+            .ev(MovedTo, "conf", false, 9)
+            .at_ms(20);
+        assert_eq!(s.out(), vec![up("conf")]);
     }
 
     #[test]
