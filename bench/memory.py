@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Memory of a running syncbus: summed RSS (what the harness reports) and summed PSS
+(each shared page counted once) of all its processes, at start and at rest.
+
+    python3 bench/memory.py [--dirs 20000] [--files 60000] [--syncbus target/release/syncbus]
+
+Builds a tree of --dirs directories and --files files in /dev/shm, starts `syncbus run`
+against a local rsync daemon, samples every 50 ms until the tree is mirrored and the
+watches are live (a sentinel written after the start arrives), then once more after
+5 s at rest. Prints one JSON line. The stages are separate processes that map the same
+binary and libraries, so summed RSS counts those pages once per process; PSS is the
+memory they really take.
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def tool_pids(root_pid):
+    """The tool and its descendants."""
+    kids = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            kids.setdefault(ppid, []).append(int(p))
+    out, todo = [], [root_pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def mem(pids, exe):
+    rss = pss = 0
+    for p in pids:
+        try:
+            if os.readlink(f"/proc/{p}/exe") != exe:
+                continue  # rsync children are the transfer, not the tool
+            for line in open(f"/proc/{p}/smaps_rollup"):
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            pass
+    return rss / 1024, pss / 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dirs", type=int, default=20_000)
+    ap.add_argument("--files", type=int, default=60_000)
+    ap.add_argument("--syncbus", default="target/release/syncbus")
+    args = ap.parse_args()
+    exe = os.path.realpath(args.syncbus)
+    work = tempfile.mkdtemp(prefix="syncbus-memory-", dir="/dev/shm")
+    src, dst = os.path.join(work, "src"), os.path.join(work, "dst")
+    os.makedirs(dst)
+    dirs = [os.path.join(src, f"a{i // 100:04d}", f"b{i % 100:02d}") for i in range(args.dirs)]
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    for i in range(args.files):
+        with open(os.path.join(dirs[i % len(dirs)], f"f{i}"), "wb") as f:
+            f.write(b"x" * 100)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with open(os.path.join(work, "rsyncd.conf"), "w") as f:
+        f.write(f"port = {port}\naddress = 127.0.0.1\nuse chroot = no\nuid = {os.getuid()}\n"
+                f"gid = {os.getgid()}\n[m]\npath = {dst}\nread only = false\n")
+    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", "--config",
+                               os.path.join(work, "rsyncd.conf")])
+    with open(os.path.join(work, "c.toml"), "w") as f:
+        f.write(f'[bus]\nruntime_dir = "{work}/run"\n[retry]\nstate_dir = "{work}/state"\n'
+                f'[[root]]\nname = "r"\npath = "{src}"\n'
+                f'[[target]]\nname = "t"\nurl = "rsync://127.0.0.1:{port}/m"\n')
+    t0 = time.time()
+    tool = subprocess.Popen([exe, "run", "--config", os.path.join(work, "c.toml")],
+                            stderr=open(os.path.join(work, "log"), "w"))
+    peak_rss = peak_pss = 0.0
+    sentinel, n = os.path.join(src, "sentinel"), 0
+    ready = None
+    while ready is None and time.time() - t0 < 600:
+        rss, pss = mem(tool_pids(tool.pid), exe)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        n += 1
+        if n % 20 == 1:
+            with open(sentinel, "w") as f:
+                f.write(str(n))
+        try:
+            if open(os.path.join(dst, "sentinel")).read() == str(n - (n - 1) % 20):
+                ready = time.time() - t0
+        except OSError:
+            pass
+        time.sleep(0.05)
+    time.sleep(5)
+    rss, pss = mem(tool_pids(tool.pid), exe)
+    processes = len([p for p in tool_pids(tool.pid) if os.path.exists(f"/proc/{p}")])
+    print(json.dumps({
+        "dirs": args.dirs, "files": args.files, "ready_s": ready and round(ready, 2),
+        "processes": processes,
+        "peak_rss_mib": round(peak_rss, 1), "peak_pss_mib": round(peak_pss, 1),
+        "idle_rss_mib": round(rss, 1), "idle_pss_mib": round(pss, 1),
+    }))
+    tool.terminate()
+    tool.wait()
+    daemon.terminate()
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if ready else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
