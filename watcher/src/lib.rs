@@ -256,6 +256,8 @@ struct Watcher<'a> {
     /// watch count walks the map).
     board: Arc<Mutex<StageStatus>>,
     next_post: Instant,
+    /// Something the status shows changed since it was last posted.
+    status_dirty: bool,
 }
 
 impl<'a> Watcher<'a> {
@@ -297,6 +299,7 @@ impl<'a> Watcher<'a> {
             counts: vec![(0, 0); config.roots.len()],
             board: Arc::new(Mutex::new(StageStatus::new("watcher", protocol::now_us()))),
             next_post: now,
+            status_dirty: true,
         })
     }
 
@@ -433,6 +436,7 @@ impl<'a> Watcher<'a> {
             for c in &mut self.counts {
                 c.1 += 1;
             }
+            self.status_dirty = true;
             return self.rebuild(false);
         }
         if ev.mask.contains(EventMask::IGNORED) {
@@ -444,6 +448,7 @@ impl<'a> Watcher<'a> {
             return Ok(());
         };
         self.counts[root].0 += 1;
+        self.status_dirty = true;
         let is_dir = ev.mask.contains(EventMask::ISDIR);
         let Some(name) = &ev.name else {
             // About the watched directory itself.
@@ -527,6 +532,7 @@ impl<'a> Watcher<'a> {
 
     /// Watches `start` of `root` and every directory below it, into the live map.
     fn walk(&mut self, root: RootIx, start: &PathBytes) -> Result<usize, WatcherError> {
+        self.status_dirty = true;
         let r = &self.roots[root];
         walk(
             &mut self.watches,
@@ -542,6 +548,7 @@ impl<'a> Watcher<'a> {
     /// map had that the walk did not find, then queues `Resync ""` for each existing root.
     /// Used at start (`first`) and after a queue overflow.
     fn rebuild(&mut self, first: bool) -> Result<(), WatcherError> {
+        self.status_dirty = true;
         let mut fresh = WatchMap::new();
         let mut live = Vec::new();
         for i in 0..self.roots.len() {
@@ -628,6 +635,7 @@ impl<'a> Watcher<'a> {
     }
 
     fn rm_watches(&mut self, wds: &[i32]) {
+        self.status_dirty = true;
         for &wd in wds {
             // SAFETY: inotify_rm_watch takes two integers; a wrong wd yields EINVAL.
             let rc = unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd) };
@@ -651,10 +659,11 @@ impl<'a> Watcher<'a> {
 
     fn post_status(&mut self) {
         let now = Instant::now();
-        if now < self.next_post {
+        if !self.status_dirty || now < self.next_post {
             return;
         }
         self.next_post = now + status::EVERY;
+        self.status_dirty = false;
         let Ok(mut b) = self.board.lock() else {
             return;
         };

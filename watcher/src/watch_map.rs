@@ -134,9 +134,12 @@ impl WatchMap {
         self.by_wd.contains_key(&wd)
     }
 
-    /// Number of watched directories of `root`.
+    /// Number of watched directories of `root` (a walk of its range, no copies).
     pub fn count(&self, root: RootIx) -> usize {
-        self.subtree(root, &PathBytes::root()).len()
+        self.by_path
+            .range((root, PathBytes::root())..)
+            .take_while(|((r, _), _)| *r == root)
+            .count()
     }
 
     pub fn len(&self) -> usize {
