@@ -112,12 +112,20 @@ def main() -> int:
         time.sleep(0.05)
     time.sleep(5)
     rss, pss = mem(tool_pids(tool.pid), exe)
+    per_stage = {}
+    for p in tool_pids(tool.pid):
+        try:
+            name = open(f"/proc/{p}/cmdline").read().split("\0")[1]
+            per_stage[name] = round(mem([p], exe)[1], 1)
+        except (OSError, IndexError):
+            pass
     processes = len([p for p in tool_pids(tool.pid) if os.path.exists(f"/proc/{p}")])
     print(json.dumps({
         "dirs": args.dirs, "files": args.files, "watches_live_s": ready and round(ready, 2),
         "processes": processes,
         "peak_rss_mib": round(peak_rss, 1), "peak_pss_mib": round(peak_pss, 1),
         "idle_rss_mib": round(rss, 1), "idle_pss_mib": round(pss, 1),
+        "idle_pss_mib_per_process": per_stage,
     }))
     tool.terminate()
     tool.wait()
