@@ -85,7 +85,7 @@ def main() -> int:
         f"## Latest full run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
         f"(commit {sh('git', 'rev-parse', '--short', 'HEAD')})",
         "",
-        "Written by `bench/run.sh` (raw results in `" + out + "`, not committed).",
+        "Written by `bench/run.sh` (raw results in `" + out + "`).",
         "",
         f"- Machine: {machine()}; scratch on /dev/shm.",
         f"- Versions: {sh('rsync', '--version').splitlines()[0]}; "
