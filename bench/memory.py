@@ -5,11 +5,14 @@
     python3 bench/memory.py [--dirs 20000] [--files 60000] [--syncbus target/release/syncbus]
 
 Builds a tree of --dirs directories and --files files in /dev/shm, starts `syncbus run`
-against a local rsync daemon, samples every 50 ms until every directory is watched (as
-`syncbus status` reports it, refreshed once a second), then once more after 5 s, while
-the start's full compare may still run in the background. Prints one JSON line. The stages are separate processes that map the same
+against a local rsync daemon, and samples every 50 ms from the start until 5 s after
+every directory is watched (as `syncbus status` reports it, refreshed once a second;
+the start's full compare may still run then). Prints one JSON line: the peak over that
+time and the values at its end ("rest"), of the syncbus processes only (rsync children
+are the transfer, not the tool). The stages are separate processes that map the same
 binary and libraries, so summed RSS counts those pages once per process; PSS is the
-memory they really take.
+memory they really take. A tree larger than the inotify watch limit gets a larger
+limit for the run when run as root (restored after).
 """
 import argparse
 import json
@@ -91,51 +94,64 @@ def main() -> int:
     old_limit = int(open(limit_file).read())
     if args.dirs + 10_000 > old_limit and os.geteuid() == 0:
         with open(limit_file, "w") as f:
-            f.write(str(args.dirs * 2))
+            f.write(str(max(old_limit, args.dirs * 2)))
     t0 = time.time()
     tool = subprocess.Popen([exe, "run", "--config", os.path.join(work, "c.toml")],
                             stderr=open(os.path.join(work, "log"), "w"))
+    try:
+        return measure(args, exe, work, dirs, tool, t0)
+    finally:
+        tool.terminate()
+        tool.wait()
+        daemon.terminate()
+        daemon.wait()
+        if int(open(limit_file).read()) != old_limit:
+            with open(limit_file, "w") as f:
+                f.write(str(old_limit))
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, exe, work, dirs, tool, t0) -> int:
     peak_rss = peak_pss = 0.0
     ready = None
     config = os.path.join(work, "c.toml")
-    while ready is None and time.time() - t0 < 600:
+    want = len(set(os.path.dirname(d) for d in dirs)) + len(dirs) + 1
+    deadline = t0 + 600
+    rest_until = None
+    # Sampled every 50 ms from the start until 5 s after every directory is watched
+    # (the start's full compare may still run then): the peak covers both.
+    while time.time() < (rest_until or deadline):
         rss, pss = mem(tool_pids(tool.pid), exe)
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        # Ready: every directory watched, as the watcher itself reports it.
-        out = subprocess.run([exe, "status", "--json", "--config", config], capture_output=True)
-        try:
-            watches = json.loads(out.stdout)["roots"]["r"].get("watches") or 0
-        except (ValueError, KeyError):
-            watches = 0
-        if watches >= len(set(os.path.dirname(d) for d in dirs)) + len(dirs) + 1:
-            ready = time.time() - t0
+        if ready is None:
+            # Ready: every directory watched, as the watcher itself reports it.
+            out = subprocess.run([exe, "status", "--json", "--config", config],
+                                 capture_output=True)
+            try:
+                watches = json.loads(out.stdout)["roots"]["r"].get("watches") or 0
+            except (ValueError, KeyError):
+                watches = 0
+            if watches >= want:
+                ready = time.time() - t0
+                rest_until = time.time() + 5
         time.sleep(0.05)
-    time.sleep(5)
     rss, pss = mem(tool_pids(tool.pid), exe)
     per_stage = {}
     for p in tool_pids(tool.pid):
         try:
-            name = open(f"/proc/{p}/cmdline").read().split("\0")[1]
-            per_stage[name] = round(mem([p], exe)[1], 1)
+            if os.readlink(f"/proc/{p}/exe") == exe:
+                name = open(f"/proc/{p}/cmdline").read().split("\0")[1]
+                per_stage[name] = round(mem([p], exe)[1], 1)
         except (OSError, IndexError):
             pass
-    processes = len([p for p in tool_pids(tool.pid) if os.path.exists(f"/proc/{p}")])
     print(json.dumps({
         "dirs": args.dirs, "files": args.files, "watches_live_s": ready and round(ready, 2),
-        "processes": processes,
+        "processes": len(per_stage),
         "peak_rss_mib": round(peak_rss, 1), "peak_pss_mib": round(peak_pss, 1),
-        "idle_rss_mib": round(rss, 1), "idle_pss_mib": round(pss, 1),
-        "idle_pss_mib_per_process": per_stage,
+        "rest_rss_mib": round(rss, 1), "rest_pss_mib": round(pss, 1),
+        "rest_pss_mib_per_process": per_stage,
     }))
-    tool.terminate()
-    tool.wait()
-    daemon.terminate()
-    if int(open(limit_file).read()) != old_limit:
-        with open(limit_file, "w") as f:
-            f.write(str(old_limit))
-    shutil.rmtree(work, ignore_errors=True)
     return 0 if ready else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

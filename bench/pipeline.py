@@ -7,9 +7,11 @@ Starts `syncbus run` with one root and a command target that reads the paths and
 drops them (`dd of=/dev/null`, so no rsync is involved), writes --files new files into
 --dirs directories that exist before the start, as fast as this script can, and follows
 the delivery stream until every path was delivered. Prints one JSON line: files,
-inotify events read (from `syncbus status`), seconds from the first write to the last
-delivery, events and files per second, and loss (paths never delivered, gaps in the
-stream's seq). Scratch is /dev/shm; needs pyzmq and msgpack.
+inotify events read (from `syncbus status`, read until it holds still: the watcher
+posts at most once a second), seconds from the first write to the last delivery (the
+deliveries' own end times, not when this script got round to reading them), events and
+files per second, and loss (paths never delivered, gaps in the stream's seq). Scratch
+is /dev/shm; needs pyzmq and msgpack.
 """
 import argparse
 import json
@@ -46,6 +48,15 @@ def main() -> int:
         )
     proc = subprocess.Popen([args.syncbus, "run", "--config", config],
                             stderr=open(os.path.join(work, "log"), "w"))
+    try:
+        return measure(args, work, src, run, config)
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work, src, run, config) -> int:
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 1_000_000)
@@ -59,10 +70,10 @@ def main() -> int:
     sub.connect("ipc://" + os.path.join(run, "deliveries.sock"))
 
     # Ready: the start compare delivered, and a sentinel made it through.
-    delivered, gaps, last = set(), 0, {}
+    delivered, gaps, last, last_end_us = set(), 0, {}, 0
 
     def drain(until: float) -> None:
-        nonlocal gaps
+        nonlocal gaps, last_end_us
         while time.time() < until:
             if not sub.poll(50):
                 continue
@@ -79,6 +90,7 @@ def main() -> int:
                 last[key] = (m["epoch"], m["seq"])
                 if m["ok"]:
                     delivered.update(p["path"] for p in m["paths"])
+                    last_end_us = max(last_end_us, m["time_us"])
             return
 
     # Rewritten until it comes through: the first may predate the watches.
@@ -93,12 +105,22 @@ def main() -> int:
         drain(time.time() + 0.5)
     delivered.clear()
 
-    def events() -> int:
+    def events_now() -> int:
         out = subprocess.run([args.syncbus, "status", "--json", "--config", config],
                              capture_output=True)
         return json.loads(out.stdout)["roots"]["r"].get("events") or 0
 
-    time.sleep(1.2)  # the watcher's status file is rewritten once a second
+    def events() -> int:
+        # The watcher posts at most once a second and its file is rewritten once a
+        # second after that: read until two reads 1.5 s apart agree.
+        prev = events_now()
+        while True:
+            time.sleep(1.5)
+            cur = events_now()
+            if cur == prev:
+                return cur
+            prev = cur
+
     ev0 = events()
     want = set()
     t0 = time.time()
@@ -107,14 +129,11 @@ def main() -> int:
         with open(os.path.join(src, rel), "wb") as f:
             f.write(b"x")
         want.add(rel.encode())
-        if i % 5000 == 0:
-            drain(time.time())  # keep the SUB socket from filling up
     t_written = time.time()
     deadline = t0 + args.timeout
     while not want <= delivered and time.time() < deadline:
         drain(time.time() + 0.05)
-    t_done = time.time()
-    time.sleep(1.2)
+    t_done = last_end_us / 1e6 if want <= delivered else time.time()
     ev = events() - ev0
     missing = len(want - delivered)
     secs = t_done - t0
@@ -128,9 +147,6 @@ def main() -> int:
         "missing": missing,
         "stream_gaps": gaps,
     }))
-    proc.terminate()
-    proc.wait()
-    shutil.rmtree(work, ignore_errors=True)
     return 1 if missing else 0
 
 

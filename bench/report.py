@@ -11,6 +11,7 @@ figures that answer them, and the bus-alone throughput.
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -36,8 +37,12 @@ def machine() -> str:
 def median(results, key):
     """The median of `key` over every run of one tool and workload."""
     vals = [run.get(key) for r in results for run in r.get("runs", [])]
-    vals = sorted(v for v in vals if isinstance(v, (int, float)))
-    return vals[len(vals) // 2] if vals else None
+    vals = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return round(statistics.median(vals), 3) if vals else None
+
+
+def runs(results):
+    return sum(len(r.get("runs", [])) for r in results)
 
 
 def main() -> int:
@@ -51,9 +56,16 @@ def main() -> int:
         return median(by.get((name, wl), []), key)
 
     table = sh(sys.executable, HARNESS, "--summarize", os.path.join(out, "all.jsonl"))
-    pipeline = json.load(open(os.path.join(out, "pipeline.json")))
-    memory = [json.loads(l) for l in open(os.path.join(out, "memory.jsonl"))]
+    def lines(name):
+        try:
+            return [json.loads(l) for l in open(os.path.join(out, name)) if l.strip()]
+        except OSError:
+            return []
+
+    pipeline = (lines("pipeline.json") or [None])[-1]
+    memory = lines("memory.jsonl")
     commands = open(os.path.join(out, "commands.txt")).read().strip()
+    version = open(os.path.join(out, "version.txt")).read().strip()
 
     def fmt(v, unit=""):
         return "n/a" if v is None else f"{v:g}{unit}"
@@ -77,20 +89,23 @@ def main() -> int:
          f"edit converged median {fmt(m(sb, 'bigfile', 'mod_converge_median_s'), ' s')}, max {fmt(m(sb, 'bigfile', 'mod_converge_max_s'), ' s')}",
          f"median {fmt(m(ls, 'bigfile', 'mod_converge_median_s'), ' s')}, max {fmt(m(ls, 'bigfile', 'mod_converge_max_s'), ' s')}"),
         ("scale: ready faster than lsyncd, summed RSS ≤ lsyncd's",
-         f"ready {fmt(m(sb, 'scale', 'ready_s'), ' s')}, peak RSS {fmt(m(sb, 'scale', 'startup_peak_rss_mib'), ' MiB')}",
-         f"ready {fmt(m(ls, 'scale', 'ready_s'), ' s')}, peak RSS {fmt(m(ls, 'scale', 'startup_peak_rss_mib'), ' MiB')}"),
+         f"ready {fmt(m(sb, 'scale', 'ready_s'), ' s')}, RSS peak {fmt(m(sb, 'scale', 'startup_peak_rss_mib'), ' MiB')}, at rest {fmt(m(sb, 'scale', 'idle_rss_mib'), ' MiB')}",
+         f"ready {fmt(m(ls, 'scale', 'ready_s'), ' s')}, RSS peak {fmt(m(ls, 'scale', 'startup_peak_rss_mib'), ' MiB')}, at rest {fmt(m(ls, 'scale', 'idle_rss_mib'), ' MiB')}"),
     ]
     lines = [
         BEGIN,
         f"## Latest full run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-        f"(commit {sh('git', 'rev-parse', '--short', 'HEAD')})",
+        f"(syncbus {version})",
         "",
         "Written by `bench/run.sh` (raw results in `" + out + "`).",
         "",
         f"- Machine: {machine()}; scratch on /dev/shm.",
         f"- Versions: {sh('rsync', '--version').splitlines()[0]}; "
         f"{(sh('lsyncd', '--version') or 'lsyncd: not installed').splitlines()[0]}; "
-        f"syncbus {sh('git', 'describe', '--always', '--dirty')}.",
+        f"syncbus {version} (as built for the run).",
+        "",
+        "Figures are medians over the runs shown in the summary's `n=` (latency: 3 runs per",
+        "tool; the rest: 1, so read them as one sample on a noisy 2-core machine).",
         "",
         "Commands:",
         "",
@@ -106,9 +121,10 @@ def main() -> int:
         "",
         "### Bus alone (watcher → filter → dispatcher → a no-op command target)",
         "",
+        "(failed: see the results)" if pipeline is None else
         f"{pipeline['files']:,} new files ({pipeline['inotify_events']:,} inotify events) written "
-        f"in {pipeline['write_s']} s by one Python writer; all delivered {pipeline['converge_s']} s "
-        f"after the first write: **{pipeline['events_per_s']:,} events/s** "
+        f"in {pipeline['write_s']} s by one Python writer; the last delivery ended "
+        f"{pipeline['converge_s']} s after the first write: **{pipeline['events_per_s']:,} events/s** "
         f"({pipeline['files_per_s']:,} files/s) sustained, {pipeline['missing']} lost, "
         f"{pipeline['stream_gaps']} gaps in the delivery stream. The writer is the limit: the "
         "pipeline finishes right behind it.",
@@ -119,10 +135,10 @@ def main() -> int:
         "the same binary and libraries, so it counts those pages once per process. PSS",
         "counts each page once: the memory they really take.",
         "",
-        "| tree | processes | every directory watched (± 1 s) | peak RSS | peak PSS | idle RSS | idle PSS |",
+        "| tree | processes | every directory watched (± 1 s) | peak RSS | peak PSS | RSS at rest | PSS at rest |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         *[f"| {r['dirs']:,} dirs, {r['files']:,} files | {r['processes']} | {fmt(r['watches_live_s'], ' s')} | "
-          f"{r['peak_rss_mib']} MiB | {r['peak_pss_mib']} MiB | {r['idle_rss_mib']} MiB | {r['idle_pss_mib']} MiB |"
+          f"{r['peak_rss_mib']} MiB | {r['peak_pss_mib']} MiB | {r['rest_rss_mib']} MiB | {r['rest_pss_mib']} MiB |"
           for r in memory],
         "",
         "### All workloads (harness summary, medians)",

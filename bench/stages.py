@@ -18,6 +18,18 @@ open(W + "/c.toml", "w").write(f'[bus]\nruntime_dir = "{W}/run"\n[retry]\nstate_
 exe = os.path.realpath(sys.argv[1] if len(sys.argv) > 1 else "target/release/syncbus")
 env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
 p = subprocess.Popen([exe, "run", "--config", W + "/c.toml"], stderr=open(W + "/log", "w"), env=env)
+perf = None
+
+
+def cleanup():
+    for proc in (perf, p, d):
+        if proc and proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+
+
+import atexit
+atexit.register(cleanup)
 def ready():
     open(W + "/src/.ready", "w").write("x")
     t = time.time()
@@ -48,9 +60,12 @@ for i in range(N):
     with open(f"{W}/src/d{i % D:03d}/f{i:05d}", "wb") as f: f.write(b"x" * 1024)
 tw = time.time() - t0
 last = f"{W}/dst/d{(N-1) % D:03d}/f{N-1:05d}"
+deadline = time.time() + 120
 while True:
-    n = sum(len(fs) for _, _, fs in os.walk(W + "/dst")) - 1
+    # rsync's temp files (.name.XXXXXX) are not there yet.
+    n = sum(1 for _, _, fs in os.walk(W + "/dst") for f in fs if not f.startswith("."))
     if n >= N: break
+    if time.time() > deadline: raise SystemExit(f"not converged: {n} of {N}")
     time.sleep(0.01)
 tc = time.time() - t0
 time.sleep(0.5)
@@ -62,4 +77,5 @@ for k in sorted(c1):
     if c1[k]-c0.get(k,0) > 0: print(f"  {k:12s} {c1[k]-c0.get(k,0):.3f} cpu-s")
 print(f"  total        {sum(c1.values())-sum(c0.values()):.3f}")
 print(f"  daemon       {sum(int(x) for x in open(f'/proc/{d.pid}/stat').read().rsplit(')',1)[1].split()[11:15])/os.sysconf('SC_CLK_TCK'):.3f} (incl. children)")
-p.terminate(); p.wait(); d.terminate()
+cleanup()
+shutil.rmtree(W, ignore_errors=True)

@@ -441,6 +441,7 @@ impl<'a> Watcher<'a> {
         }
         if ev.mask.contains(EventMask::IGNORED) {
             self.map.remove_wd(ev.wd);
+            self.status_dirty = true;
             return Ok(());
         }
         let Some((root, dir)) = self.map.get(ev.wd).map(|(r, p)| (r, p.clone())) else {
