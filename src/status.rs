@@ -499,132 +499,131 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The same figures in the Prometheus text exposition format (version 0.0.4).
-pub fn metrics_text(r: &Report) -> String {
-    let mut o = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(o, "{name}{labels} {v}");
-        }
-    };
-    let one = |k: &str, v: &str| format!("{{{k}=\"{}\"}}", label(v));
-    family(
-        "syncbus_health",
-        "gauge",
-        "Overall health as `syncbus status` exits: 0 ok, 1 warning, 2 critical, 3 unknown.",
-        vec![(String::new(), r.health as u8 as f64)],
-    );
-    let stages = |f: &dyn Fn(&StageView) -> f64| {
-        r.stages
-            .iter()
-            .map(|(n, s)| (one("stage", n), f(s)))
-            .collect::<Vec<_>>()
-    };
-    family(
+/// A metric family: name, type, help, and how to read it from one view.
+type Family<V> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&V) -> Option<f64>,
+);
+
+const STAGE_FAMILIES: [Family<StageView>; 2] = [
+    (
         "syncbus_stage_up",
         "gauge",
         "1 when the stage runs and reports.",
-        stages(&|s| f64::from(u8::from(s.up))),
-    );
-    family(
+        |s| Some(f64::from(u8::from(s.up))),
+    ),
+    (
         "syncbus_stage_restarts_total",
         "counter",
         "Restarts of the stage by syncbus run.",
-        stages(&|s| f64::from(s.restarts)),
-    );
-    let roots = |f: &dyn Fn(&RootView) -> Option<u64>| {
-        r.roots
-            .iter()
-            .filter_map(|(n, v)| f(v).map(|x| (one("root", n), x as f64)))
-            .collect::<Vec<_>>()
-    };
-    family(
+        |s| Some(f64::from(s.restarts)),
+    ),
+];
+
+const ROOT_FAMILIES: [Family<RootView>; 5] = [
+    (
         "syncbus_root_watches",
         "gauge",
         "Directories watched with inotify.",
-        roots(&|v| v.watches),
-    );
-    family(
+        |v| v.watches.map(|x| x as f64),
+    ),
+    (
         "syncbus_root_events_total",
         "counter",
         "inotify events read.",
-        roots(&|v| v.events),
-    );
-    family(
+        |v| v.events.map(|x| x as f64),
+    ),
+    (
         "syncbus_root_changes_total",
         "counter",
         "Changes published on the change stream after filtering and coalescing.",
-        roots(&|v| v.changes),
-    );
-    family(
+        |v| v.changes.map(|x| x as f64),
+    ),
+    (
         "syncbus_root_overflows_total",
         "counter",
         "inotify queue overflows (each healed by a resync).",
-        roots(&|v| v.overflows),
-    );
-    family(
+        |v| v.overflows.map(|x| x as f64),
+    ),
+    (
         "syncbus_root_initial_sync_done",
         "gauge",
         "1 once the initial sync reached every target of the root.",
-        r.roots
-            .iter()
-            .map(|(n, v)| {
-                (
-                    one("root", n),
-                    f64::from(u8::from(v.initial_sync == "done")),
-                )
-            })
-            .collect(),
-    );
-    let targets = |f: &dyn Fn(&TargetView) -> f64| {
-        r.targets
-            .iter()
-            .map(|(n, v)| (one("target", n), f(v)))
-            .collect::<Vec<_>>()
-    };
-    family(
+        |v| Some(f64::from(u8::from(v.initial_sync == "done"))),
+    ),
+];
+
+const TARGET_FAMILIES: [Family<TargetView>; 7] = [
+    (
         "syncbus_target_lag_seconds",
         "gauge",
         "Age of the oldest change not yet on the target (0 when none is owed).",
-        targets(&|v| v.lag_s),
-    );
-    family(
+        |v| Some(v.lag_s),
+    ),
+    (
         "syncbus_target_backlog",
         "gauge",
         "Paths and subtrees owed to the target (queued and journalled).",
-        targets(&|v| v.backlog as f64),
-    );
-    family(
+        |v| Some(v.backlog as f64),
+    ),
+    (
         "syncbus_target_last_success_timestamp_seconds",
         "gauge",
         "When a run last reached the target (Unix time; 0 never).",
-        targets(&|v| v.last_success_us as f64 / 1e6),
-    );
-    family(
+        |v| Some(v.last_success_us as f64 / 1e6),
+    ),
+    (
         "syncbus_target_consecutive_failures",
         "gauge",
         "Failed runs in a row (0 when the target is healthy).",
-        targets(&|v| f64::from(v.failures)),
-    );
-    family(
+        |v| Some(f64::from(v.failures)),
+    ),
+    (
         "syncbus_target_sent_bytes_total",
         "counter",
         "Bytes rsync reported as sent to the target.",
-        targets(&|v| v.bytes_sent as f64),
-    );
-    family(
+        |v| Some(v.bytes_sent as f64),
+    ),
+    (
         "syncbus_target_runs_total",
         "counter",
         "Runs (rsync, command or webhook) for the target.",
-        targets(&|v| v.runs as f64),
-    );
-    family(
+        |v| Some(v.runs as f64),
+    ),
+    (
         "syncbus_target_failed_runs_total",
         "counter",
         "Runs for the target that failed.",
-        targets(&|v| v.failed_runs as f64),
+        |v| Some(v.failed_runs as f64),
+    ),
+];
+
+/// Writes the families of one kind of view, each sample labelled `key="name"`.
+fn families<V>(o: &mut String, key: &str, views: &BTreeMap<String, V>, list: &[Family<V>]) {
+    for (name, kind, help, get) in list {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (n, v) in views {
+            if let Some(x) = get(v) {
+                let _ = writeln!(o, "{name}{{{key}=\"{}\"}} {x}", label(n));
+            }
+        }
+    }
+}
+
+/// The same figures in the Prometheus text exposition format (version 0.0.4).
+pub fn metrics_text(r: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP syncbus_health Overall health as `syncbus status` exits: 0 ok, 1 warning, \
+         2 critical, 3 unknown.\n# TYPE syncbus_health gauge\nsyncbus_health {}",
+        r.health as u8
     );
+    families(&mut o, "stage", &r.stages, &STAGE_FAMILIES);
+    families(&mut o, "root", &r.roots, &ROOT_FAMILIES);
+    families(&mut o, "target", &r.targets, &TARGET_FAMILIES);
     o
 }
 
