@@ -717,12 +717,14 @@ pub fn demo(dir: &Path) -> ExitCode {
     println!(
         "syncbus demo: mirroring {} → {} (config: {}).\n\
          Try, in another terminal:  echo hi > {}/new.txt; ls -l {}\n\
+         and see how it is doing:   syncbus status --config {}\n\
          Stop with Ctrl-C.",
         src.display(),
         mirror.display(),
         file.display(),
         src.display(),
-        mirror.display()
+        mirror.display(),
+        file.display()
     );
     run(RunArgs {
         config: Some(file),
