@@ -133,7 +133,7 @@ impl Node {
     fn attr(&self, key: &str) -> Option<&str> {
         self.attrs
             .iter()
-            .find(|(k, _)| k == key)
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
             .map(|(_, v)| v.as_str())
     }
 
@@ -142,12 +142,17 @@ impl Node {
         self.attr(key).map(str::trim).filter(|v| !v.is_empty())
     }
 
+    // sersync's parser compared element and attribute names case-insensitively.
     fn child(&self, name: &str) -> Option<&Node> {
-        self.children.iter().find(|c| c.name == name)
+        self.children
+            .iter()
+            .find(|c| c.name.eq_ignore_ascii_case(name))
     }
 
     fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
-        self.children.iter().filter(move |c| c.name == name)
+        self.children
+            .iter()
+            .filter(move |c| c.name.eq_ignore_ascii_case(name))
     }
 
     /// sersync compared with `"true"` exactly: anything else is off.
@@ -157,6 +162,9 @@ impl Node {
 }
 
 /// Line and column (both 1-based, the column in characters) of a byte offset.
+/// Deeper than any sersync file (it nests 4 levels): refused, not recursed into.
+const MAX_DEPTH: usize = 64;
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
@@ -209,6 +217,14 @@ fn parse(text: &str, file: &str) -> Result<Node, ImportError> {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let node = element(e, text, offset, &err)?;
                 if matches!(event, Event::Start(_)) {
+                    // sersync's own nesting is 4 deep; a pathological file must not
+                    // exhaust the stack when the tree is dropped.
+                    if open.len() >= MAX_DEPTH {
+                        return Err(err(
+                            offset,
+                            format!("elements nested more than {MAX_DEPTH} deep"),
+                        ));
+                    }
                     open.push(node);
                     None
                 } else {
@@ -334,6 +350,8 @@ impl Table {
         let p = if self.disabled { "# " } else { "" };
         let _ = writeln!(out, "{p}{}", self.header);
         for (key, value, note) in &self.entries {
+            // A multi-line string must stay inside the comment line by line.
+            let value = value.to_string().replace('\n', &format!("\n{p}"));
             let _ = match note {
                 Some(n) => writeln!(out, "{p}{key} = {value}  # {}", clean(n)),
                 None => writeln!(out, "{p}{key} = {value}"),
@@ -480,6 +498,19 @@ impl Ctx<'_> {
                 }
                 Ok(s.to_string())
             }
+            Err(e) if matches!(declared.as_deref(), Some("utf-8" | "utf8")) => {
+                // Declared UTF-8 and is not: say where, as sersync's parser did.
+                let good = &bytes[..e.valid_up_to()];
+                let line = 1 + good.iter().filter(|&&b| b == b'\n').count();
+                let column =
+                    1 + good.len() - good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                Err(ImportError::Invalid {
+                    file: self.file.to_string(),
+                    line,
+                    column,
+                    message: "the file is declared UTF-8 but this byte is not UTF-8".into(),
+                })
+            }
             Err(_) => {
                 self.latin1 = true;
                 Ok(bytes.iter().map(|&b| char::from(b)).collect())
@@ -553,7 +584,7 @@ impl Ctx<'_> {
         }
         if localpaths.len() > 1 {
             self.changed(format!(
-                "{} `<localpath>` elements: sersync 2.5 used only the first and ignored the rest; each becomes a `[[root]]` here, with its own remotes",
+                "{} `<localpath>` elements: sersync 2.5 used only the first and ignored the rest; the others are written here commented out (enabling one mirrors, with deletes, a directory sersync never mirrored: check that its targets do not share a module)",
                 localpaths.len()
             ));
         }
@@ -561,14 +592,24 @@ impl Ctx<'_> {
         let mut roots = Vec::new();
         let mut targets = Vec::new();
         let mut mapped = Vec::new();
-        for lp in localpaths {
-            let (root, root_tables) = self.root(lp, &regexes, &events, &opts);
+        for (i, lp) in localpaths.into_iter().enumerate() {
+            let ignored = i > 0;
+            let (root, mut root_tables) = self.root(lp, &regexes, &events, &opts);
+            for t in &mut root_tables {
+                t.disabled |= ignored;
+            }
             roots.extend(root_tables);
             let mut names = Vec::new();
             for r in lp.all("remote") {
-                let (name, table) = self.remote(r, &root, &opts);
-                names.push(name);
+                let (name, mut table) = self.remote(r, &root, &opts);
+                table.disabled |= ignored;
+                if !ignored {
+                    names.push(name);
+                }
                 targets.push(table);
+            }
+            if ignored {
+                continue;
             }
             let watch = lp.value("watch").unwrap_or_default().to_string();
             mapped.push(Mapped {
@@ -830,6 +871,7 @@ impl Ctx<'_> {
                 let secs = t
                     .value("time")
                     .and_then(|v| v.parse::<u64>().ok())
+                    .filter(|&v| v <= i64::MAX as u64)
                     .ok_or_else(|| {
                         self.err(
                             t,
@@ -1202,6 +1244,14 @@ impl Ctx<'_> {
                         }
                     }
                 }
+                if globs.is_empty() && !t.disabled {
+                    // sersync ran nothing with an empty include list; `include = []`
+                    // would mean every path.
+                    t.disabled = true;
+                    self.unsupported(
+                        "the command plugin's `<filter start=\"true\">` has no `<include>`: sersync ran it on nothing; the target is left commented out".into(),
+                    );
+                }
                 t.note(
                     "include",
                     strings(&globs),
@@ -1478,7 +1528,7 @@ struct Params {
 /// line; quoting and other shell syntax are refused rather than guessed at).
 fn parse_params(params: &str) -> Params {
     let mut p = Params::default();
-    let mut words = params.split_whitespace();
+    let mut words = params.split_whitespace().peekable();
     while let Some(w) = words.next() {
         if w.contains(['"', '\'', '`', '$', ';', '|', '&', '<', '>', '\\', '(', ')']) {
             p.refused.push(format!(
@@ -1517,9 +1567,9 @@ fn parse_params(params: &str) -> Params {
                     .refused
                     .push("`--dry-run`: nothing would reach the target".into()),
                 ("bwlimit", Some(v)) => p.bwlimit = Some(v),
-                ("timeout", Some(v)) => match v.parse() {
-                    Ok(t) => p.timeout = Some(t),
-                    Err(_) => p.refused.push(format!("`--timeout={v}`: not a number")),
+                ("timeout", Some(v)) => match v.parse::<u64>() {
+                    Ok(t) if t <= i64::MAX as u64 => p.timeout = Some(t),
+                    _ => p.refused.push(format!("`--timeout={v}`: not a number")),
                 },
                 ("port", Some(v)) => match v.parse() {
                     Ok(t) => p.port = Some(t),
@@ -1535,6 +1585,16 @@ fn parse_params(params: &str) -> Params {
                 ) => p.refused.push(format!(
                     "`{w}`: syncbus sets the file list, the filter rules and the transport itself; use the target's keys (`ssh_options`, `exclude_glob`…)"
                 )),
+                // sersync appended the paths itself, so a bare word after a long option
+                // is its value (`--temp-dir /var/tmp`): keep the two as one word, or
+                // rsync would take the source directory for that value.
+                (n, None) => match words.peek() {
+                    Some(v) if !v.starts_with('-') => {
+                        let v = words.next().unwrap_or_default();
+                        p.kept.push(format!("--{n}={v}"));
+                    }
+                    _ => p.kept.push(w.to_string()),
+                },
                 _ => p.kept.push(w.to_string()),
             }
         } else if let Some(short) = w.strip_prefix('-').filter(|s| !s.is_empty()) {
@@ -1609,6 +1669,16 @@ fn filter_regex(r: &str) -> (String, Vec<&'static str>) {
         }
         None => r.to_string(),
     };
+    // sersync saw paths below the top with a leading `/` (`/runtime/x`), so a regex
+    // starting `(.*)/` also matched a top-level `runtime/x`; syncbus's paths have no
+    // leading `/`, so that `/` becomes optional at the start.
+    for lead in ["(.*)/", ".*/"] {
+        if let Some(rest) = out.strip_prefix(lead) {
+            out = format!("(?:.*/)?{rest}");
+            notes.push("leading `(.*)/` made to match at the top level too (sersync's paths began with `/`)");
+            break;
+        }
+    }
     if out.ends_with('/') && !out.ends_with("\\/") {
         out.push('?');
         notes.push("trailing `/` made optional (syncbus's directory paths have none)");
@@ -1649,16 +1719,22 @@ fn command_argv(prefix: &str, suffix: &str) -> (Vec<String>, bool) {
             '=', '{', '}',
         ])
     };
-    let bare_shell = words.len() == 1
-        && matches!(
-            words[0].rsplit('/').next(),
+    // A shell, with or without options (`/bin/sh -e`): given several scripts it would
+    // run only the first.
+    let bare_shell = words.first().is_some_and(|w| {
+        matches!(
+            w.rsplit('/').next(),
             Some("sh" | "bash" | "dash" | "ash" | "ksh" | "zsh")
-        );
+        )
+    });
     if suffix.trim().is_empty() && !shell_syntax(prefix) && !bare_shell {
         return (words, false);
     }
+    // The command on a line of its own inside a group, so that a suffix ending in `&`,
+    // `;` or a `# comment` still parses; the loop's own names start with `_` so that a
+    // `$f` or `$s` of the user's is not ours. Paths only ever arrive as "$_f".
     let script = format!(
-        "s=0; for f do {} \"$f\" {} || s=$?; done; exit $s",
+        "_s=0\nfor _f do\n{{ {} \"$_f\" {}\n}} || _s=$?\ndone\nwait\nexit $_s",
         prefix.trim(),
         suffix.trim()
     );
@@ -1962,7 +2038,7 @@ mod tests {
                 ..
             } => {
                 assert_eq!(argv[..2], ["/bin/sh", "-c"]);
-                assert!(argv[2].contains("for f do /bin/sh \"$f\""), "{argv:?}");
+                assert!(argv[2].contains("{ /bin/sh \"$_f\" \n}"), "{argv:?}");
                 assert!(as_args);
                 assert_eq!(include, &["*.php", "*.sh"]);
                 assert_eq!(after, &["tongbu1"]);
@@ -2125,6 +2201,78 @@ mod tests {
         assert_eq!(p.timeout, Some(30));
         assert_eq!(p.exclude, ["*.tmp"]);
         assert_eq!(p.refused.len(), 3, "{:?}", p.refused); // -e, its `ssh`, `extra`
+    }
+
+    #[test]
+    fn review_findings_stay_fixed() {
+        // An option's value given as the next word stays with it (else rsync would
+        // take the source directory for that value).
+        let p = parse_params("-artuz --temp-dir /var/tmp --max-delete 100");
+        assert_eq!(p.kept, ["-z", "--temp-dir=/var/tmp", "--max-delete=100"]);
+        assert!(p.refused.is_empty(), "{:?}", p.refused);
+
+        // Names are case-insensitive, as in sersync's parser.
+        let t = Tree::new();
+        let c = t.convert(&[
+            ("<ssh start=\"false\"/>", "<SSH start=\"true\"/>"),
+            ("name=\"tongbu1\"", "Name=\"/srv/m\""),
+        ]);
+        assert!(
+            matches!(t.load(&c).targets[0].endpoint, Endpoint::Ssh { .. }),
+            "{}",
+            c.toml
+        );
+
+        // A second <localpath>, which sersync ignored, is written commented out.
+        std::fs::create_dir(t.dir.path().join("other")).unwrap();
+        let second = format!(
+            "</localpath>\n<localpath watch=\"{}\"><remote ip=\"10.0.0.9\" name=\"x\"/></localpath>",
+            t.path("other")
+        );
+        let c = t.convert(&[("</localpath>", &second)]);
+        let config = t.load(&c);
+        assert_eq!(
+            (config.roots.len(), config.targets.len()),
+            (1, 1),
+            "{}",
+            c.toml
+        );
+        assert!(
+            c.toml.contains("# url = \"rsync://10.0.0.9/x\""),
+            "{}",
+            c.toml
+        );
+
+        // The command plugin's shell loop parses whatever the suffix ends with.
+        for suffix in [">>/tmp/log 2>&1 # note", "&", "a;"] {
+            let (argv, shell) = command_argv("/x.sh", suffix);
+            assert!(shell);
+            let ok = std::process::Command::new("sh")
+                .args(["-n", "-c", &argv[2]])
+                .status()
+                .unwrap();
+            assert!(ok.success(), "{suffix}: {}", argv[2]);
+        }
+        assert!(
+            command_argv("/bin/sh -e", "").1,
+            "a shell with options loops too"
+        );
+
+        // Deep nesting is refused, not recursed into.
+        let deep = format!(
+            "<head>{}{}</head>",
+            "<y>".repeat(10_000),
+            "</y>".repeat(10_000)
+        );
+        assert!(error(deep.as_bytes()).contains("nested"));
+
+        // `(.*)/dir/` also matches at the top level, as sersync's leading `/` did.
+        assert_eq!(filter_regex("(.*)/runtime/(.*)").0, "(?:.*/)?runtime/(.*)");
+
+        // Declared UTF-8 with a stray Latin-1 byte: an error where the byte is.
+        let e =
+            error(b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<head>\n<!-- r\xe9 -->\n</head>");
+        assert!(e.contains(":3:") && e.contains("UTF-8"), "{e}");
     }
 
     #[test]
