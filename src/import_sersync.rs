@@ -904,6 +904,22 @@ impl Ctx<'_> {
             );
         }
         let mut summary = Vec::new();
+        // What `-a` copies that these options did not ask for.
+        let archive: Vec<&str> = ["-r", "-l", "-p", "-t", "-g", "-o", "-D"]
+            .into_iter()
+            .filter(|f| {
+                !p.implied
+                    .iter()
+                    .any(|i| i == f || i == "-a" || i == "--archive")
+            })
+            .collect();
+        if !params.trim().is_empty() && !archive.is_empty() {
+            self.changed(format!(
+                "`<commonParams params=\"{params}\">` has no {}: syncbus always runs `rsync -a`, so those ({}) are copied too",
+                archive.join(" "),
+                "recursion, links, permissions, times, group, owner, devices"
+            ));
+        }
         if !p.implied.is_empty() {
             summary.push(format!("{} implied", p.implied.join(" ")));
             self.mapped(format!(
@@ -1405,13 +1421,17 @@ impl Ctx<'_> {
             return Ok(None);
         }
         let given = c.attr("schedule").unwrap_or("").trim();
-        let minutes = match given.parse::<i64>() {
-            Ok(m) if m > 0 => m as u64,
-            Err(_) if !given.is_empty() => {
-                return Err(self.err(
-                    c,
-                    format!("`<crontab>` schedule `{given}` is not a number of minutes"),
-                ))
+        // sersync read it with atoi: the leading digits count (`600min` is 600), and
+        // anything that gives 0 meant its default of 600.
+        let digits: String = given.chars().take_while(char::is_ascii_digit).collect();
+        let minutes = match digits.parse::<u64>() {
+            Ok(m) if m > 0 => {
+                if digits != given {
+                    self.changed(format!(
+                        "`<crontab schedule=\"{given}\">`: read as {m} minutes, as sersync's atoi did"
+                    ));
+                }
+                m
             }
             _ => {
                 self.changed(format!(
@@ -2268,6 +2288,17 @@ mod tests {
 
         // `(.*)/dir/` also matches at the top level, as sersync's leading `/` did.
         assert_eq!(filter_regex("(.*)/runtime/(.*)").0, "(?:.*/)?runtime/(.*)");
+
+        // What `-a` adds to sersync's options is said; a schedule is read as atoi did.
+        let c = t.convert(&[
+            ("params=\"-artuz\"", "params=\"-rtuz\""),
+            (
+                "<crontab start=\"false\" schedule=\"600\">",
+                "<crontab start=\"true\" schedule=\"120min\">",
+            ),
+        ]);
+        assert!(has(&c.changed, "-l -p -g -o -D"), "{:?}", c.changed);
+        assert!(c.toml.contains("cron = \"0 */2 * * *\""), "{}", c.toml);
 
         // Declared UTF-8 with a stray Latin-1 byte: an error where the byte is.
         let e =
