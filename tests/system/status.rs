@@ -160,3 +160,43 @@ fn status_and_metrics_follow_a_target_going_down_and_coming_back() {
         "{text}"
     );
 }
+
+/// The per-stage deployment (one unit per stage, no `syncbus run`): every stage still
+/// reports into one status, and the mirror works.
+#[test]
+fn stages_run_one_by_one_report_into_one_status() {
+    let mut m = Mirror::new(1, "");
+    let stages: Vec<testkit::Proc> = [
+        "retrier",
+        "filter",
+        "dispatcher",
+        "watcher",
+        "scheduler",
+        "metrics",
+    ]
+    .iter()
+    .map(|s| {
+        testkit::Proc::start(
+            bin(),
+            [
+                std::ffi::OsStr::new(s),
+                std::ffi::OsStr::new("--config"),
+                m.config.as_os_str(),
+            ],
+        )
+    })
+    .collect();
+    m.wait_ready();
+    let r = m.wait_for("status ok from six separate stages", CONVERGE, || {
+        let (code, r) = status(&m);
+        (code == 0 && r["stages"].as_object()?.len() == 6).then_some(r)
+    });
+    for (name, s) in r["stages"].as_object().unwrap() {
+        assert_eq!(s["up"], true, "{name}: {r:#}");
+        assert_eq!(s["restarts"], 0, "no supervisor counts restarts: {r:#}");
+    }
+    assert!(r["metrics_url"]
+        .as_str()
+        .is_some_and(|u| u.ends_with("/metrics")));
+    drop(stages);
+}
