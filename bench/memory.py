@@ -18,11 +18,12 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+import benchlib
 
 
 def tool_pids(root_pid):
@@ -75,19 +76,11 @@ def main() -> int:
     for i in range(args.files):
         with open(os.path.join(dirs[i % len(dirs)], f"f{i}"), "wb") as f:
             f.write(b"x" * 100)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    with open(os.path.join(work, "rsyncd.conf"), "w") as f:
-        f.write(f"port = {port}\naddress = 127.0.0.1\nuse chroot = no\nuid = {os.getuid()}\n"
-                f"gid = {os.getgid()}\n[m]\npath = {dst}\nread only = false\n")
-    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", "--config",
-                               os.path.join(work, "rsyncd.conf")])
+    daemon, url = benchlib.start_daemon(work, dst)
     with open(os.path.join(work, "c.toml"), "w") as f:
         f.write(f'[bus]\nruntime_dir = "{work}/run"\n[retry]\nstate_dir = "{work}/state"\n'
                 f'[[root]]\nname = "r"\npath = "{src}"\n'
-                f'[[target]]\nname = "t"\nurl = "rsync://127.0.0.1:{port}/m"\n')
+                f'[[target]]\nname = "t"\nurl = "{url}"\n')
     # One watch per directory: a tree larger than the limit needs a larger limit (as
     # root, for this run only; restored below).
     limit_file = "/proc/sys/fs/inotify/max_user_watches"
@@ -125,12 +118,8 @@ def measure(args, exe, work, dirs, tool, t0) -> int:
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         if ready is None:
             # Ready: every directory watched, as the watcher itself reports it.
-            out = subprocess.run([exe, "status", "--json", "--config", config],
-                                 capture_output=True)
-            try:
-                watches = json.loads(out.stdout)["roots"]["r"].get("watches") or 0
-            except (ValueError, KeyError):
-                watches = 0
+            r = benchlib.status(exe, config).get("roots", {}).get("r", {})
+            watches = r.get("watches") or 0
             if watches >= want:
                 ready = time.time() - t0
                 rest_until = time.time() + 5

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 
+import benchlib
 import msgpack
 import zmq
 
@@ -106,9 +107,7 @@ def measure(args, work, src, run, config) -> int:
     delivered.clear()
 
     def events_now() -> int:
-        out = subprocess.run([args.syncbus, "status", "--json", "--config", config],
-                             capture_output=True)
-        return json.loads(out.stdout)["roots"]["r"].get("events") or 0
+        return benchlib.status(args.syncbus, config)["roots"]["r"].get("events") or 0
 
     def events() -> int:
         # The watcher posts at most once a second and its file is rewritten once a

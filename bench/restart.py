@@ -10,17 +10,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+import benchlib
 
 
 def wait_log(path, pattern, after, timeout=600):
@@ -56,18 +51,12 @@ def main():
         for i in range(a.files):
             with open(os.path.join(p, f"f{i:04}"), "w") as f:
                 f.write(f"{d} {i}\n")
-    port = free_port()
-    conf = os.path.join(work, "rsyncd.conf")
-    with open(conf, "w") as f:
-        f.write(f"use chroot = no\nsocket options = TCP_NODELAY\n[m]\npath = {dst}\n"
-                "read only = false\nuid = root\ngid = root\n")
-    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--port={port}",
-                               f"--config={conf}", "--address=127.0.0.1"])
+    daemon, url = benchlib.start_daemon(work, dst, nodelay=True)
     config = os.path.join(work, "syncbus.toml")
     with open(config, "w") as f:
         f.write(f'[bus]\nruntime_dir = "{work}/run"\n[retry]\nstate_dir = "{work}/state"\n'
                 f'[[root]]\nname = "r"\npath = "{src}"\n'
-                f'[[target]]\nname = "t"\nurl = "rsync://127.0.0.1:{port}/m/"\n')
+                f'[[target]]\nname = "t"\nurl = "{url}/"\n')
     log = os.path.join(work, "log")
     logf = open(log, "a")
 

@@ -7,14 +7,14 @@
 Prints each stage's own CPU-seconds and, for the dispatcher, those of its rsync
 children, from /proc before and after the burst.
 """
-import os, subprocess, time, sys, socket, shutil
+import os, subprocess, time, sys, shutil
+
+import benchlib
 W = "/dev/shm/prof"
 shutil.rmtree(W, ignore_errors=True)
 os.makedirs(W + "/src"); os.makedirs(W + "/dst")
-s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-open(W + "/rsyncd.conf", "w").write(f"port = {port}\naddress = 127.0.0.1\nuse chroot = no\nuid = {os.getuid()}\ngid = {os.getgid()}\n[bench]\npath = {W}/dst\nread only = false\nuse chroot = no\n")
-d = subprocess.Popen(["rsync", "--daemon", "--no-detach", "--config", W + "/rsyncd.conf"])
-open(W + "/c.toml", "w").write(f'[bus]\nruntime_dir = "{W}/run"\n[retry]\nstate_dir = "{W}/state"\n[metrics]\nlisten = "off"\n[[root]]\nname = "b"\npath = "{W}/src"\n[[target]]\nname = "d"\nurl = "rsync://127.0.0.1:{port}/bench"\n')
+d, url = benchlib.start_daemon(W, W + "/dst")
+open(W + "/c.toml", "w").write(f'[bus]\nruntime_dir = "{W}/run"\n[retry]\nstate_dir = "{W}/state"\n[metrics]\nlisten = "off"\n[[root]]\nname = "b"\npath = "{W}/src"\n[[target]]\nname = "d"\nurl = "{url}"\n')
 exe = os.path.realpath(sys.argv[1] if len(sys.argv) > 1 else "target/release/syncbus")
 env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
 p = subprocess.Popen([exe, "run", "--config", W + "/c.toml"], stderr=open(W + "/log", "w"), env=env)
