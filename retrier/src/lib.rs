@@ -171,6 +171,8 @@ struct Retrier<'a> {
     /// Probe results: (target, reachable).
     probes: (ProbeTx, ProbeRx),
     board: Arc<Mutex<StageStatus>>,
+    /// The status is rebuilt at most once per [`status::EVERY`], not on every report.
+    next_post: Instant,
 }
 
 /// Runs the retrier until `shutdown`.
@@ -235,6 +237,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         fail_log_dirty: true,
         fail_log_next: now,
         board: Arc::new(Mutex::new(StageStatus::new("retrier", protocol::now_us()))),
+        next_post: now,
     };
     let _status = status::Writer::shared(&config.runtime_dir, "retrier", &r.board);
     r.load()?;
@@ -269,7 +272,6 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         let now = Instant::now();
         r.tick(now, &publisher)?;
         r.post_status(now);
-        status::beat(&r.board);
         let wait = r.next_wake(now).saturating_duration_since(Instant::now());
         let mut items = [
             pull.as_poll_item(zmq::POLLIN),
@@ -633,7 +635,11 @@ impl Retrier<'_> {
 
     /// Per target: the journalled backlog, its oldest change, the failures in a row
     /// and when the next try is due.
-    fn post_status(&self, now: Instant) {
+    fn post_status(&mut self, now: Instant) {
+        if now < self.next_post {
+            return;
+        }
+        self.next_post = now + status::EVERY;
         let now_us = protocol::now_us();
         let mut targets: BTreeMap<String, TargetStatus> = self
             .targets
@@ -669,6 +675,8 @@ impl Retrier<'_> {
         }
         if let Ok(mut b) = self.board.lock() {
             b.targets = targets;
+            // The loop's heartbeat: it went round, at least once a second.
+            b.alive_us = now_us;
         }
     }
 
