@@ -111,7 +111,11 @@ fn serve(mut stream: TcpStream, config: &Config) -> std::io::Result<()> {
     let path = target.split(|&b| b == b'?').next().unwrap_or_default();
     let (code, kind, body) = match (method, path) {
         (b"GET" | b"HEAD", b"/metrics") => {
-            let r = crate::status::report(Some(config), &config.runtime_dir, (30, 300));
+            let r = crate::status::report(
+                Some(config),
+                &config.runtime_dir,
+                crate::status::DEFAULT_LAG,
+            );
             (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",

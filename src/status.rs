@@ -32,12 +32,16 @@ pub struct StatusArgs {
     #[arg(long)]
     watch: bool,
     /// Replication lag (seconds) above which a target is a warning.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = DEFAULT_LAG.0)]
     warn_lag: u64,
     /// Replication lag (seconds) above which a target is critical.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = DEFAULT_LAG.1)]
     crit_lag: u64,
 }
+
+/// Lag (seconds) above which a target is a warning, and critical: `syncbus status`'s
+/// defaults, and what `/metrics` reports `syncbus_health` with.
+pub const DEFAULT_LAG: (u64, u64) = (30, 300);
 
 /// How healthy the whole is; the order is the severity, the value the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
