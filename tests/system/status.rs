@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::{bin, Mirror, CONVERGE};
 
 /// `syncbus status --json`: its exit code and report.
-fn status(m: &Mirror) -> (i32, Value) {
+pub(crate) fn status(m: &Mirror) -> (i32, Value) {
     let out = Command::new(bin())
         .args(["status", "--json", "--config"])
         .arg(&m.config)
