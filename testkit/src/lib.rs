@@ -305,15 +305,23 @@ impl Proc {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        Proc::start_logging(program, args, &filter)
+    }
+
+    /// `start` with its own `RUST_LOG` filter (a test that wants a stage's debug lines
+    /// in the log it prints on failure).
+    pub fn start_logging<I, S>(program: &Path, args: I, filter: &str) -> Proc
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("stderr.log");
         let err = fs::File::create(&log).expect("create log");
         let child = Command::new(program)
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)

@@ -22,6 +22,8 @@ pub struct Mirror {
     pub daemons: Vec<RsyncDaemon>,
     pub config: PathBuf,
     pub proc: Option<Proc>,
+    /// `RUST_LOG` for `syncbus run` (default: the test's own, else `info`).
+    pub log_filter: Option<String>,
     ready_n: u32,
 }
 
@@ -55,19 +57,21 @@ impl Mirror {
             daemons,
             config,
             proc: None,
+            log_filter: None,
             ready_n: 0,
         }
     }
 
     pub fn start(&mut self) -> &mut Self {
-        self.proc = Some(Proc::start(
-            bin(),
-            [
-                std::ffi::OsStr::new("run"),
-                std::ffi::OsStr::new("--config"),
-                self.config.as_os_str(),
-            ],
-        ));
+        let args = [
+            std::ffi::OsStr::new("run"),
+            std::ffi::OsStr::new("--config"),
+            self.config.as_os_str(),
+        ];
+        self.proc = Some(match &self.log_filter {
+            Some(f) => Proc::start_logging(bin(), args, f),
+            None => Proc::start(bin(), args),
+        });
         self
     }
 

@@ -386,6 +386,9 @@ fn an_after_sync_hook_runs_once_the_path_is_on_the_other_target() {
         ),
     )
     .unwrap();
+    // CI once saw the 20 paths below never reach the hook, with nothing at INFO to
+    // say where they stopped: this test keeps the dispatcher's and retrier's detail.
+    m.log_filter = Some("info,dispatcher=debug,retrier=debug".into());
     m.start().wait_ready();
     m.wait_for("the hook ran after a delivery", CONVERGE, || {
         fs::write(m.s("after-probe"), "p").unwrap();
@@ -397,12 +400,28 @@ fn an_after_sync_hook_runs_once_the_path_is_on_the_other_target() {
     for i in 0..20 {
         fs::write(m.s(&format!("after-{i}")), format!("{i}")).unwrap();
     }
-    m.wait_for("every path through the hook", CONVERGE, || {
-        let text = fs::read_to_string(&out).ok()?;
-        (0..20)
-            .all(|i| text.contains(&format!("./after-{i} ")))
-            .then_some(())
-    });
+    let all = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        m.wait_for("every path through the hook", CONVERGE, || {
+            let text = fs::read_to_string(&out).ok()?;
+            (0..20)
+                .all(|i| text.contains(&format!("./after-{i} ")))
+                .then_some(())
+        })
+    }));
+    if let Err(e) = all {
+        let on_t0: Vec<String> = fs::read_dir(&m.dsts[0])
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "--- what the hook got ---\n{}\n--- on t0 ---\n{on_t0:?}\n--- status ---\n{}",
+            fs::read_to_string(&out).unwrap_or_default(),
+            crate::status::status(&m).1,
+        );
+        std::panic::resume_unwind(e);
+    }
     let text = fs::read_to_string(&out).unwrap();
     for line in text.lines().filter(|l| l.starts_with("./after-")) {
         assert!(
