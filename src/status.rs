@@ -86,6 +86,9 @@ pub struct RootView {
     pub events: Option<u64>,
     pub changes: Option<u64>,
     pub overflows: Option<u64>,
+    /// Two-way roots: the peer's writes and deletes, recognised and not sent back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echoes: Option<u64>,
     /// `done` (on every target bound to the root), `running` (on one at least) or
     /// `pending` (waiting, or failed and to be retried).
     pub initial_sync: String,
@@ -204,6 +207,7 @@ pub fn gather(
             v.events = r.events.or(v.events);
             v.changes = r.changes.or(v.changes);
             v.overflows = r.overflows.or(v.overflows);
+            v.echoes = r.echoes.or(v.echoes);
         }
     }
 
@@ -526,7 +530,7 @@ const STAGE_FAMILIES: [Family<StageView>; 2] = [
     ),
 ];
 
-const ROOT_FAMILIES: [Family<RootView>; 5] = [
+const ROOT_FAMILIES: [Family<RootView>; 6] = [
     (
         "syncbus_root_watches",
         "gauge",
@@ -550,6 +554,12 @@ const ROOT_FAMILIES: [Family<RootView>; 5] = [
         "counter",
         "inotify queue overflows (each healed by a resync).",
         |v| v.overflows.map(|x| x as f64),
+    ),
+    (
+        "syncbus_root_echoes_total",
+        "counter",
+        "Two-way roots: writes and deletes of the peer, recognised and not sent back.",
+        |v| v.echoes.map(|x| x as f64),
     ),
     (
         "syncbus_root_initial_sync_done",
@@ -724,6 +734,7 @@ mod tests {
                 events: Some(10),
                 overflows: Some(0),
                 changes: None,
+                echoes: None,
             },
         );
         let d = files.get_mut("dispatcher").unwrap();

@@ -54,6 +54,10 @@ pub enum Mode {
     Resync,
     /// The listings of a catch-up: `--dirs --delete` of the `./DIR/.` on stdin.
     Listing,
+    /// Two-way targets only: the listed files *from* the peer, where its copy is newer
+    /// (a file dated older than the peer's was written here, by a rename or a restore:
+    /// the push kept the peer's, so newest wins on this side too).
+    Pull,
 }
 
 /// A command line that cannot be built (a retryable failure: the config may be fixed).
@@ -183,6 +187,10 @@ pub fn build_args(
             a.push("--force".into());
             a.push("--files-from=-".into());
         }
+        Mode::Pull => {
+            a.push("--ignore-missing-args".into());
+            a.push("--files-from=-".into());
+        }
         Mode::Resync => {
             a.push("--delete".into());
             a.push("--force".into());
@@ -192,6 +200,9 @@ pub fn build_args(
             a.push("--modify-window=-1".into());
         }
     }
+    if target.two_way {
+        two_way_args(&mut a);
+    }
     // Also makes rsync read the merged rules file NUL-separated.
     a.push("--from0".into());
     if let Some(f) = rules_file {
@@ -200,11 +211,38 @@ pub fn build_args(
         a.push(s);
     }
     a.extend(common_args(target)?);
-    let mut src = root.as_os_str().to_os_string();
-    src.push("/");
-    a.push(src);
-    a.push(dest.into());
+    let mut local = root.as_os_str().to_os_string();
+    local.push("/");
+    if *mode == Mode::Pull {
+        a.push(dest.into());
+        a.push(local);
+    } else {
+        a.push(local);
+        a.push(dest.into());
+    }
     Ok(a)
+}
+
+/// A run to the other side of a two-way pair. The peer's watcher must be able to tell
+/// what this run did from what its users do, and nothing newer over there may be lost:
+/// - newest wins: `--update` keeps a file that is newer on the peer (its own syncbus
+///   brings it here), and the quick check (to the nanosecond) replaces `--ignore-times`,
+///   so a file that is already the same over there is not written again;
+/// - files are written in the peer's `.syncbus/incoming/` and renamed into place, and
+///   what a run replaces or deletes is moved into its `.syncbus/backup/`: the peer sees
+///   renames from and into its own `.syncbus/`, which it does not send back;
+/// - compares never delete (the peer may hold new files this side has not seen yet):
+///   deletes travel only as deletes of named paths;
+/// - directory times are not set: each setting would be an attribute change over there,
+///   sent back here by the peer.
+fn two_way_args(a: &mut Vec<OsString>) {
+    a.retain(|o| o != "--ignore-times" && o != "--delete");
+    a.push("--update".into());
+    a.push("--omit-dir-times".into());
+    a.push(format!("--temp-dir={}", protocol::config::TWO_WAY_INCOMING).into());
+    a.push("--backup".into());
+    a.push(format!("--backup-dir={}", protocol::config::TWO_WAY_BACKUP).into());
+    a.push(format!("--exclude=/{}/", protocol::config::TWO_WAY_DIR).into());
 }
 
 /// Notices a child whose I/O counters (`/proc/PID/io`: bytes read and written through
@@ -552,6 +590,7 @@ mod tests {
             timeout: 30,
             bwlimit: None,
             extra_args: vec!["--chmod=D755".into()],
+            two_way: false,
         }
     }
 
@@ -651,6 +690,38 @@ mod tests {
                 "/backup/"
             ]
         );
+    }
+
+    #[test]
+    fn two_way_runs_keep_what_is_newer_and_never_delete_in_a_compare() {
+        let mut t = target(Endpoint::Local {
+            path: PathBuf::from("/peer"),
+        });
+        t.two_way = true;
+        t.extra_args.clear();
+        let own = [
+            "--update",
+            "--omit-dir-times",
+            "--temp-dir=.syncbus/incoming",
+            "--backup",
+            "--backup-dir=.syncbus/backup",
+            "--exclude=/.syncbus/",
+        ];
+        for mode in [
+            Mode::Incremental,
+            Mode::Resync,
+            Mode::Listing,
+            Mode::DeleteOnly,
+            Mode::Pull,
+        ] {
+            let a = strings(build_args(&t, &mode, None, Path::new("/srv"), "/peer/").unwrap());
+            for want in own {
+                assert!(a.iter().any(|x| x == want), "{want} missing from {a:?}");
+            }
+            for never in ["--delete", "--ignore-times"] {
+                assert!(!a.iter().any(|x| x == never), "{never} in {a:?}");
+            }
+        }
     }
 
     #[test]

@@ -172,6 +172,27 @@ fn sent_bytes(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
+/// The files among `paths` whose mtime is older than the change that sent them, by
+/// more than clocks and rsync's rounding can explain: a file renamed or restored
+/// here, which the peer may hold newer.
+fn old_dated(root: &Path, paths: &BTreeMap<PathBytes, Touch>) -> BTreeMap<PathBytes, Touch> {
+    use std::os::unix::fs::MetadataExt;
+    const SLACK_US: u64 = 2_000_000;
+    let now = protocol::now_us();
+    paths
+        .iter()
+        .filter(|(p, t)| {
+            let Ok(m) = std::fs::symlink_metadata(p.under(root)) else {
+                return false;
+            };
+            let seen = if t.since_us == 0 { now } else { t.since_us };
+            let mtime_us = (m.mtime().max(0) as u64) * 1_000_000 + m.mtime_nsec() as u64 / 1000;
+            m.is_file() && mtime_us + SLACK_US < seen
+        })
+        .map(|(p, t)| (p.clone(), *t))
+        .collect()
+}
+
 /// A root whose last run failed.
 struct Failing {
     attempt: u32,
@@ -648,7 +669,7 @@ impl Runner {
         let rules = plan::exclude_rules(&info.rules, &Default::default());
         let list = plan::files_from(&entries);
         let dest = self.target.destination(root);
-        self.rsync(
+        let pushed = self.rsync(
             Mode::Incremental,
             &rules,
             &info.path,
@@ -656,7 +677,19 @@ impl Runner {
             &list,
             tick,
             None,
-        )
+        );
+        if !self.target.two_way || pushed.outcome != Outcome::Success {
+            return pushed;
+        }
+        // `--update` kept the peer's copy of a file dated older here than there (a
+        // rename or a restore of an old file): newest wins here too, so fetch it.
+        let old = old_dated(&info.path, paths);
+        if old.is_empty() {
+            return pushed;
+        }
+        tracing::debug!(target = %self.target.name, root, files = old.len(), "fetching what may be newer on the peer");
+        let list = plan::files_from(&old);
+        self.rsync(Mode::Pull, &rules, &info.path, &dest, &list, tick, None)
     }
 
     /// One rsync run. With `capture`, its itemized output (`%i %n` lines) lands there.

@@ -24,6 +24,9 @@ const MOVE_PAIRING: Duration = Duration::from_secs(1);
 pub struct Timing {
     pub quiet: Duration,
     pub max_hold: Duration,
+    /// A closed file goes after [`CLOSED_SETTLE`] instead of the quiet window (off for
+    /// roots whose files must rest first: an upload may close and open again).
+    pub closed_settle: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,9 @@ struct PendingMove {
     root: String,
     from: PathBytes,
     existed: bool,
+    /// The source had a change of its own waiting here (an upsert or a move) when it
+    /// was moved away.
+    prior_upsert: bool,
     /// Gen of the delete entry the `moved_from` left behind (None if it left nothing).
     delete_gen: Option<u64>,
     /// First-seen order of the source, which the destination inherits.
@@ -118,13 +124,14 @@ impl Coalescer {
                 e.recursive |= ev.dir;
             }
             RawKind::Modify | RawKind::CloseWrite | RawKind::Attrib => {
-                let max_hold = self.timing_of(&key.0).max_hold;
+                let timing = self.timing_of(&key.0);
+                let max_hold = timing.max_hold;
                 let e = self.touch(key.clone(), since_us, now, false);
                 if e.net == Net::Delete {
                     e.net = Net::Upsert;
                 }
                 e.dir = ev.dir;
-                if ev.kind == RawKind::CloseWrite {
+                if ev.kind == RawKind::CloseWrite && timing.closed_settle {
                     // A writer closed the file: it is whole. Wait only for a rename
                     // that follows at once (editors and `sed -i` close a temp file
                     // and rename it over the original), not for the quiet window.
@@ -136,6 +143,7 @@ impl Coalescer {
             RawKind::Delete => self.delete(key, ev.dir, since_us, now),
             RawKind::MovedFrom => {
                 let existed = self.entries.get(&key).map(|e| !e.created).unwrap_or(true);
+                let prior_upsert = self.entries.get(&key).is_some_and(|e| e.net != Net::Delete);
                 let order = self.entries.get(&key).map(|e| e.order);
                 self.delete(key.clone(), ev.dir, since_us, now);
                 let delete_gen = self.entries.get(&key).map(|e| e.gen);
@@ -145,6 +153,7 @@ impl Coalescer {
                         root: ev.root.clone(),
                         from: ev.path.clone(),
                         existed,
+                        prior_upsert,
                         delete_gen,
                         order,
                         at: now,
@@ -166,6 +175,17 @@ impl Coalescer {
                         net = Net::Move(m.from.clone());
                     }
                 }
+                // Renamed over the destination of a move still held: the earlier
+                // source is gone all the same (found by the two-way random test).
+                if let Some(Net::Move(earlier)) = self.entries.get(&key).map(|e| e.net.clone()) {
+                    if net != Net::Move(earlier.clone()) {
+                        let from_key = (key.0.clone(), earlier);
+                        if !self.entries.contains_key(&from_key) {
+                            let d = self.touch(from_key, since_us, now, false);
+                            d.net = Net::Delete;
+                        }
+                    }
+                }
                 // Never `created`: a rename over an existing file (or one from an
                 // excluded temp name) arrives as a lone `moved_to`, and deleting it
                 // again must still reach the targets.
@@ -178,6 +198,42 @@ impl Coalescer {
                 e.recursive |= ev.dir;
             }
         }
+    }
+
+    /// Forgets what is held for `path`: the peer just wrote it (a two-way root), so
+    /// this side's version is not news to it any more.
+    pub fn forget(&mut self, root: &str, path: &PathBytes) {
+        self.entries.remove(&(root.to_string(), path.clone()));
+    }
+
+    /// The peer moved a path away (into a two-way root's backup dir): takes back the
+    /// delete its `moved_from` left. Returns the path and whether it had a change of
+    /// this side's own waiting when it went.
+    pub fn undo_move(&mut self, root: &str, cookie: u32) -> Option<(PathBytes, bool)> {
+        let m = self.moves.remove(&cookie).filter(|m| m.root == root)?;
+        let key = (m.root.clone(), m.from.clone());
+        if m.delete_gen.is_some() && self.entries.get(&key).map(|e| e.gen) == m.delete_gen {
+            self.entries.remove(&key);
+        }
+        Some((m.from, m.prior_upsert))
+    }
+
+    /// `undo_move` for a move whose `moved_to` went unseen, found by its source path.
+    pub fn undo_move_from(&mut self, root: &str, from: &PathBytes) -> Option<bool> {
+        let cookie = self
+            .moves
+            .iter()
+            .find(|(_, m)| m.root == root && &m.from == from)
+            .map(|(c, _)| *c)?;
+        self.undo_move(root, cookie).map(|(_, held)| held)
+    }
+
+    /// Drops what is held for `path`; true when it was a change of its own (not a
+    /// delete).
+    pub fn take_held(&mut self, root: &str, path: &PathBytes) -> bool {
+        self.entries
+            .remove(&(root.to_string(), path.clone()))
+            .is_some_and(|e| e.net != Net::Delete)
     }
 
     /// The entry for `key`, created if absent (then `created` says whether the path is
@@ -254,6 +310,7 @@ impl Coalescer {
         self.timing.get(root).copied().unwrap_or(Timing {
             quiet: Duration::from_millis(protocol::config::DEFAULT_QUIET_MS),
             max_hold: Duration::from_millis(protocol::config::DEFAULT_MAX_HOLD_MS),
+            closed_settle: true,
         })
     }
 
@@ -346,6 +403,7 @@ mod tests {
                 Timing {
                     quiet: Q,
                     max_hold: HOLD,
+                    closed_settle: true,
                 },
             );
             let t0 = Instant::now();
@@ -539,6 +597,25 @@ mod tests {
             .at_ms(10);
         let out = s.out();
         assert_eq!(out, vec![(Op::Upsert, "e".into(), None, true), up("e/f")]);
+    }
+
+    #[test]
+    fn a_second_rename_over_a_moved_file_still_deletes_the_first_source() {
+        let mut s = Sim::new();
+        s.f(RawKind::CloseWrite, "a").at_ms(100);
+        s.out();
+        s.ev(RawKind::MovedFrom, "a", false, 1)
+            .ev(RawKind::MovedTo, "b", false, 1)
+            .ev(RawKind::MovedFrom, "c", false, 2)
+            .ev(RawKind::MovedTo, "b", false, 2)
+            .at_ms(200);
+        let out = s.out();
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(out.contains(&del("a")), "{out:?}");
+        assert!(
+            out.contains(&(Op::Move, "b".into(), Some("c".into()), false)),
+            "{out:?}"
+        );
     }
 
     #[test]

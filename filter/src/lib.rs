@@ -62,11 +62,91 @@ pub fn wanted(events: &Events, ev: &RawEvent) -> bool {
     }
 }
 
+/// How long the two-way bookkeeping keeps a rename half or a path found in the backup
+/// waiting for its other half.
+pub const RACE_WINDOW: Duration = Duration::from_secs(2);
+/// A local change of a two-way root not yet reported delivered to the peer is
+/// forgotten after this (its delivery went unseen: a gap, a restarted retrier).
+const UNDELIVERED_FOR: Duration = Duration::from_secs(600);
+/// At most this many undelivered paths are remembered (the oldest go first).
+const MAX_UNDELIVERED: usize = 100_000;
+
 /// The pure part of the stage: raw events in, changes out.
 pub struct Filter {
     roots: HashMap<String, RootState>,
     coalescer: Coalescer,
     watchers: Vec<(u64, SeqTracker)>,
+    two_way: TwoWay,
+}
+
+/// What a two-way root's filter remembers to tell the peer's writes from local ones.
+#[derive(Default)]
+struct TwoWay {
+    /// Cookies of renames out of `.syncbus/incoming/` (the peer's rsync finishing a
+    /// file), waiting for their `moved_to`.
+    incoming: HashMap<u32, (String, Instant)>,
+    /// Local changes published and not yet reported delivered to the peer (the
+    /// delivery stream): a delete from the peer that reaches one of them raced it,
+    /// and the changed file wins.
+    undelivered: HashMap<(String, PathBytes), Instant>,
+    next_prune: Option<Instant>,
+    /// Size and mtime at the last event, for roots whose files must rest (`stable`).
+    snapshots: HashMap<(String, PathBytes), Option<Stat>>,
+    /// Paths found in the backup before their `moved_from` was read (the peer's
+    /// rsync moved them into a backup directory this side did not watch yet).
+    backed_up: HashMap<(String, PathBytes), Instant>,
+    /// Echoes recognised since the last `take_echoes`, per root.
+    echoes: HashMap<String, u64>,
+}
+
+/// Where `path` lies below a two-way root's own dir: `Some("")` for the dir itself.
+fn own_dir_part(path: &PathBytes) -> Option<&[u8]> {
+    let p = path.as_bytes();
+    let own = protocol::config::TWO_WAY_DIR.as_bytes();
+    let rest = p.strip_prefix(own)?;
+    match rest {
+        [] => Some(rest),
+        [b'/', tail @ ..] => Some(tail),
+        _ => None,
+    }
+}
+
+/// The part of `own` (a path below [`protocol::config::TWO_WAY_DIR`]) below `dir`, one
+/// of its subdirectories; `None` for `dir` itself and anything outside it.
+fn below<'a>(own: &'a [u8], dir: &str) -> Option<&'a [u8]> {
+    let dir = &dir.as_bytes()[protocol::config::TWO_WAY_DIR.len() + 1..];
+    match own.strip_prefix(dir)? {
+        [b'/', rest @ ..] if !rest.is_empty() => Some(rest),
+        _ => None,
+    }
+}
+
+/// Every non-directory below `base/rel`, as paths relative to `base`.
+fn files_below(base: &std::path::Path, rel: Vec<u8>, out: &mut Vec<Vec<u8>>) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(entries) = std::fs::read_dir(base.join(std::ffi::OsStr::from_bytes(&rel))) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let mut p = rel.clone();
+        p.push(b'/');
+        p.extend_from_slice(e.file_name().as_bytes());
+        match e.file_type() {
+            Ok(t) if t.is_dir() => files_below(base, p, out),
+            Ok(_) => out.push(p),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Size, mtime seconds and nanoseconds of a file.
+type Stat = (u64, i64, i64);
+
+/// Size and mtime of a file (`None` when it is gone or not a file).
+fn stat_of(path: &std::path::Path) -> Option<Stat> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    m.is_file().then(|| (m.size(), m.mtime(), m.mtime_nsec()))
 }
 
 /// One root's config and what the filter has learnt about its directories.
@@ -117,8 +197,9 @@ impl Filter {
                 (
                     r.name.clone(),
                     Timing {
-                        quiet: r.quiet,
-                        max_hold: r.max_hold,
+                        quiet: r.quiet.max(r.stable),
+                        max_hold: r.max_hold.max(r.stable),
+                        closed_settle: r.stable.is_zero(),
                     },
                 )
             })
@@ -137,6 +218,7 @@ impl Filter {
                 .collect(),
             coalescer: Coalescer::new(timing),
             watchers: Vec::new(),
+            two_way: TwoWay::default(),
         }
     }
 
@@ -199,13 +281,161 @@ impl Filter {
             tracing::warn!(root = %ev.root, "event for a root this filter does not know; dropped");
             return;
         };
+        if state.root.two_way && ev.kind != RawKind::Resync && self.peer_event(ev, now) {
+            return;
+        }
+        let Some(state) = self.roots.get_mut(&ev.root) else {
+            return;
+        };
         if !wanted(&state.root.events, ev) {
             return;
         }
         if ev.kind != RawKind::Resync && state.excluded(ev) {
             return;
         }
+        if !state.root.stable.is_zero() {
+            let file = !ev.dir
+                && matches!(
+                    ev.kind,
+                    RawKind::Create
+                        | RawKind::Modify
+                        | RawKind::CloseWrite
+                        | RawKind::Attrib
+                        | RawKind::MovedTo
+                );
+            let key = (ev.root.clone(), ev.path.clone());
+            if file {
+                let snap = stat_of(&ev.path.under(&state.root.path));
+                self.two_way.snapshots.insert(key, snap);
+            } else if matches!(ev.kind, RawKind::Delete | RawKind::MovedFrom) {
+                self.two_way.snapshots.remove(&key);
+            }
+        }
         self.coalescer.push(ev, since_us, now);
+    }
+
+    /// A two-way root's event that is the peer's doing, or syncbus's own dir: handled
+    /// here (true) and never sent back. The peer's rsync writes a file in
+    /// `.syncbus/incoming/` and renames it into place; what it replaces or deletes it
+    /// moves into `.syncbus/backup/`.
+    fn peer_event(&mut self, ev: &RawEvent, now: Instant) -> bool {
+        let tw = &mut self.two_way;
+        if let Some(own) = own_dir_part(&ev.path) {
+            let incoming = below(own, protocol::config::TWO_WAY_INCOMING);
+            let backup = below(own, protocol::config::TWO_WAY_BACKUP);
+            match (ev.kind, incoming, backup) {
+                (RawKind::MovedFrom, Some(_), _) => {
+                    tw.incoming.insert(ev.cookie, (ev.root.clone(), now));
+                }
+                (RawKind::MovedTo, _, Some(path)) => {
+                    let path = PathBytes::new(path.to_vec());
+                    match self.coalescer.undo_move(&ev.root, ev.cookie) {
+                        Some((from, held)) => self.peer_deleted(&ev.root, &from, held),
+                        None => self.moved_to_backup(&ev.root, path, now),
+                    }
+                }
+                // The peer's rsync makes the backup's directories as it needs them, and
+                // moves files in before this side watches them: what a new one holds
+                // was moved there from the tree.
+                (RawKind::Create, _, Some(path)) if ev.dir => {
+                    let Some(state) = self.roots.get(&ev.root) else {
+                        return true;
+                    };
+                    let backup_root = state.root.path.join(protocol::config::TWO_WAY_BACKUP);
+                    let mut found = Vec::new();
+                    files_below(&backup_root, path.to_vec(), &mut found);
+                    for p in found {
+                        self.moved_to_backup(&ev.root, PathBytes::new(p), now);
+                    }
+                }
+                _ => {}
+            }
+            return true;
+        }
+        match ev.kind {
+            RawKind::MovedTo => {
+                if let Some((root, _)) = tw.incoming.remove(&ev.cookie) {
+                    if root == ev.root {
+                        // The peer's version, which it has: whatever this side held
+                        // for the path is older (the peer's rsync only replaces older
+                        // files).
+                        self.coalescer.forget(&ev.root, &ev.path);
+                        let key = (ev.root.clone(), ev.path.clone());
+                        tw.undelivered.remove(&key);
+                        tw.snapshots.remove(&key);
+                        *tw.echoes.entry(ev.root.clone()).or_default() += 1;
+                        return true;
+                    }
+                }
+            }
+            RawKind::MovedFrom => {
+                // Already found in the backup (its `moved_to` went unseen).
+                let key = (ev.root.clone(), ev.path.clone());
+                if tw.backed_up.remove(&key).is_some() {
+                    let held = self.coalescer.take_held(&ev.root, &ev.path);
+                    self.peer_deleted(&ev.root, &ev.path, held);
+                    return true;
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+
+    /// `path` (tree-relative) just appeared in the backup: the peer deleted it here.
+    /// Its `moved_from` came first (a delete is pending) or is still to come.
+    fn moved_to_backup(&mut self, root: &str, path: PathBytes, now: Instant) {
+        match self.coalescer.undo_move_from(root, &path) {
+            Some(held) => self.peer_deleted(root, &path, held),
+            None => {
+                self.two_way.backed_up.insert((root.to_string(), path), now);
+            }
+        }
+    }
+
+    /// The peer deleted `path` here (moved it into the backup). Not sent back; and if
+    /// this side's change of it had not reached the peer yet (`held`: still waiting
+    /// here; or published and not reported delivered), the delete raced it: the
+    /// changed file wins and goes back.
+    fn peer_deleted(&mut self, root: &str, path: &PathBytes, held: bool) {
+        let tw = &mut self.two_way;
+        *tw.echoes.entry(root.to_string()).or_default() += 1;
+        let key = (root.to_string(), path.clone());
+        let racing = tw.undelivered.remove(&key).is_some();
+        tw.snapshots.remove(&key);
+        if held || racing {
+            self.keep_changed(root, path);
+        }
+    }
+
+    /// A delete from the peer raced a change made here: the changed file goes back
+    /// where it was (from the backup the peer's rsync moved it to), and that rename is
+    /// an ordinary change that goes to the peer.
+    fn keep_changed(&self, root: &str, path: &PathBytes) {
+        let Some(state) = self.roots.get(root) else {
+            return;
+        };
+        let to = path.under(&state.root.path);
+        let from = path.under(&state.root.path.join(protocol::config::TWO_WAY_BACKUP));
+        if std::fs::symlink_metadata(&to).is_ok() {
+            return; // something is there again already
+        }
+        if let Some(parent) = to.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {
+                tracing::info!(root, path = %path, "a delete from the peer raced a change made here; kept the changed file")
+            }
+            Err(e) => {
+                tracing::warn!(root, path = %path, error = %e, "a delete from the peer raced a change made here; could not put the file back (it is in the backup dir)")
+            }
+        }
+    }
+
+    /// Two-way roots: echoes recognised since the last call, per root.
+    pub fn take_echoes(&mut self) -> HashMap<String, u64> {
+        std::mem::take(&mut self.two_way.echoes)
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -214,7 +444,83 @@ impl Filter {
 
     /// Ready changes grouped by root, in first-seen order within a root.
     pub fn ready(&mut self, now: Instant) -> Vec<(String, Vec<Change>)> {
-        group(self.coalescer.pop_ready(now))
+        let mut out = self.coalescer.pop_ready(now);
+        if !self.two_way.snapshots.is_empty() || self.roots.values().any(|r| r.root.two_way) {
+            out.retain(|(root, c)| self.settled(root, c, now));
+        }
+        group(out)
+    }
+
+    /// For roots whose files must rest: a file whose size or mtime moved since its
+    /// last event (a write inotify did not report, through mmap) is held once more.
+    /// Two-way roots also remember what they publish, for [`RACE_WINDOW`].
+    fn settled(&mut self, root: &str, c: &Change, now: Instant) -> bool {
+        let Some(state) = self.roots.get(root) else {
+            return true;
+        };
+        let key = (root.to_string(), c.path.clone());
+        if c.op == Op::Upsert && !c.dir {
+            if let Some(snap) = self.two_way.snapshots.remove(&key) {
+                let current = stat_of(&c.path.under(&state.root.path));
+                if current != snap {
+                    self.two_way.snapshots.insert(key.clone(), current);
+                    let ev = RawEvent {
+                        root: root.to_string(),
+                        path: c.path.clone(),
+                        kind: RawKind::Modify,
+                        dir: false,
+                        cookie: 0,
+                    };
+                    self.coalescer.push(&ev, c.since_us, now);
+                    return false;
+                }
+            }
+        }
+        if state.root.two_way && matches!(c.op, Op::Upsert | Op::Move) {
+            let tw = &mut self.two_way;
+            if tw.next_prune.is_none_or(|t| now >= t) {
+                tw.undelivered
+                    .retain(|_, t| now.duration_since(*t) < UNDELIVERED_FOR);
+                tw.incoming
+                    .retain(|_, (_, t)| now.duration_since(*t) < RACE_WINDOW);
+                tw.backed_up
+                    .retain(|_, t| now.duration_since(*t) < RACE_WINDOW);
+                tw.next_prune = Some(now + RACE_WINDOW);
+            }
+            if tw.undelivered.len() >= MAX_UNDELIVERED {
+                if let Some(oldest) = tw.undelivered.iter().min_by_key(|(_, t)| **t) {
+                    let oldest = oldest.0.clone();
+                    tw.undelivered.remove(&oldest);
+                }
+            }
+            tw.undelivered.insert(key, now);
+        }
+        true
+    }
+
+    /// Two-way roots: what a run brought to the peer is no longer racing a delete.
+    pub fn delivered(&mut self, d: &wire::Delivery) {
+        if !d.ok || !self.roots.get(&d.root).is_some_and(|r| r.root.two_way) {
+            return;
+        }
+        let tw = &mut self.two_way;
+        for p in &d.paths {
+            tw.undelivered.remove(&(d.root.clone(), p.path.clone()));
+        }
+        for sub in &d.resyncs {
+            tw.undelivered
+                .retain(|(root, p), _| root != &d.root || !p.is_within(sub));
+        }
+    }
+
+    /// The targets whose deliveries [`Filter::delivered`] wants: the two-way ones.
+    pub fn two_way_targets(config: &Config) -> Vec<String> {
+        config
+            .targets
+            .iter()
+            .filter(|t| t.two_way)
+            .map(|t| t.name.clone())
+            .collect()
     }
 
     pub fn flush_all(&mut self) -> Vec<(String, Vec<Change>)> {
@@ -310,6 +616,18 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     };
     let _status = status::Writer::shared(&config.runtime_dir, "filter", &out.board);
     let mut filter = Filter::new(config);
+    // Two-way roots follow what reached the peer (see `Filter::delivered`).
+    let deliveries = bus::socket(&ctx, zmq::SUB)?;
+    let peers = Filter::two_way_targets(config);
+    for t in &peers {
+        let topic = wire::deliveries_topic(t);
+        deliveries
+            .set_subscribe(topic.as_bytes())
+            .map_err(|e| StageError::Failed(format!("cannot subscribe to `{topic}`: {e}")))?;
+    }
+    if !peers.is_empty() {
+        bus::connect(&deliveries, &endpoints.deliveries)?;
+    }
     tracing::info!(
         epoch = out.epoch,
         raw = %endpoints.raw,
@@ -334,6 +652,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         let mut items = [
             pull.as_poll_item(zmq::POLLIN),
             zmq::PollItem::from_fd(shutdown.fd(), zmq::POLLIN),
+            deliveries.as_poll_item(zmq::POLLIN),
         ];
         match zmq::poll(&mut items, poll_ms(timeout)) {
             // A signal interrupted the wait: the loop looks at it below.
@@ -345,6 +664,13 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         }
         if shutdown.requested() {
             break;
+        }
+        if items[2].is_readable() {
+            while let Some((_, payload)) = bus::try_recv(&deliveries)? {
+                if let Ok(d) = wire::decode::<wire::Delivery>(&payload) {
+                    filter.delivered(&d);
+                }
+            }
         }
         // Drain what is queued, then publish what is ready: one pass per wake-up.
         for _ in 0..1024 {
@@ -361,6 +687,15 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         }
         for (root, changes) in filter.ready(Instant::now()) {
             out.publish(&root, changes)?;
+        }
+        let echoes = filter.take_echoes();
+        if !echoes.is_empty() {
+            if let Ok(mut b) = out.board.lock() {
+                for (root, n) in echoes {
+                    let r = b.roots.entry(root).or_default();
+                    r.echoes = Some(r.echoes.unwrap_or(0) + n);
+                }
+            }
         }
     }
     // What the watcher sent before it stopped may still be queued here: take it in
@@ -485,6 +820,155 @@ mod tests {
         let t0 = Instant::now();
         f.push_batch(&raw(57, vec![]), t0);
         assert_eq!(f.ready(t0)[0].1[0].op, Op::Resync);
+    }
+
+    const PEER: &str =
+        "[[target]]\nname = \"peer\"\nurl = \"rsync://127.0.0.1:9/m/\"\ntwo_way = true\n";
+
+    fn mv(kind: RawKind, path: &str, cookie: u32) -> RawEvent {
+        RawEvent {
+            cookie,
+            ..ev(kind, path)
+        }
+    }
+
+    #[test]
+    fn the_peers_writes_and_deletes_are_not_sent_back() {
+        let (_t, c) = config(&format!("stable_ms = 0\n{PEER}"));
+        let mut f = Filter::new(&c);
+        let t0 = Instant::now();
+        f.push_batch(
+            &raw(
+                1,
+                vec![
+                    // The peer's rsync: a new file, a replaced one, a deleted one.
+                    ev(RawKind::Create, ".syncbus/incoming/new.Ab12Cd"),
+                    ev(RawKind::CloseWrite, ".syncbus/incoming/new.Ab12Cd"),
+                    mv(RawKind::MovedFrom, ".syncbus/incoming/new.Ab12Cd", 1),
+                    mv(RawKind::MovedTo, "d/new", 1),
+                    ev(RawKind::Modify, "old"), // a local change, then the peer's newer one
+                    mv(RawKind::MovedFrom, ".syncbus/incoming/old.Xy34Zw", 2),
+                    mv(RawKind::MovedTo, "old", 2),
+                    mv(RawKind::MovedFrom, "gone", 3),
+                    mv(RawKind::MovedTo, ".syncbus/backup/gone", 3),
+                    // A user's own rename out of an unrelated hidden dir still counts.
+                    mv(RawKind::MovedFrom, ".cache/x", 4),
+                    mv(RawKind::MovedTo, "x", 4),
+                    ev(RawKind::CloseWrite, "mine"),
+                ],
+            ),
+            t0,
+        );
+        let out = f.ready(t0 + Duration::from_secs(2));
+        assert_eq!(paths(&out), vec!["x", "mine"]);
+        assert_eq!(f.take_echoes().get("r"), Some(&3));
+    }
+
+    #[test]
+    fn a_delete_into_a_backup_dir_not_watched_yet_is_still_the_peers() {
+        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
+        let backup = t.path().join("src/.syncbus/backup");
+        std::fs::create_dir_all(backup.join("d/e")).unwrap();
+        std::fs::write(backup.join("d/e/g"), "g").unwrap();
+        std::fs::write(backup.join("d/h"), "h").unwrap();
+        let mut f = Filter::new(&c);
+        let t0 = Instant::now();
+        let mut dir = ev(RawKind::Create, ".syncbus/backup/d");
+        dir.dir = true;
+        f.push_batch(
+            &raw(
+                1,
+                vec![
+                    // The `moved_to` into the new, unwatched dir is never seen: one
+                    // `moved_from` is read before the directory is, one after.
+                    mv(RawKind::MovedFrom, "d/e/g", 11),
+                    dir,
+                    mv(RawKind::MovedFrom, "d/h", 12),
+                ],
+            ),
+            t0,
+        );
+        assert!(paths(&f.ready(t0 + Duration::from_secs(2))).is_empty());
+        assert_eq!(f.take_echoes().get("r"), Some(&2));
+    }
+
+    #[test]
+    fn a_delete_from_the_peer_that_races_a_local_change_is_taken_back() {
+        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join(".syncbus/backup")).unwrap();
+        let mut f = Filter::new(&c);
+        let t0 = Instant::now();
+        // Changed here and published: then the peer's delete arrives (its rsync moved
+        // the file into the backup dir).
+        f.push_batch(&raw(1, vec![ev(RawKind::CloseWrite, "edited")]), t0);
+        assert_eq!(
+            paths(&f.ready(t0 + Duration::from_millis(50))),
+            vec!["edited"]
+        );
+        std::fs::write(src.join(".syncbus/backup/edited"), "mine").unwrap();
+        let t1 = t0 + Duration::from_millis(100);
+        f.push_batch(
+            &raw(
+                2,
+                vec![
+                    mv(RawKind::MovedFrom, "edited", 7),
+                    mv(RawKind::MovedTo, ".syncbus/backup/edited", 7),
+                ],
+            ),
+            t1,
+        );
+        assert_eq!(std::fs::read(src.join("edited")).unwrap(), b"mine");
+        // A delete of a change the peer already had is the peer's to make.
+        f.push_batch(&raw(3, vec![ev(RawKind::CloseWrite, "old")]), t1);
+        assert_eq!(paths(&f.ready(t1 + Duration::from_millis(50))), vec!["old"]);
+        f.delivered(&wire::Delivery {
+            version: wire::VERSION,
+            epoch: 1,
+            seq: 1,
+            target: "peer".into(),
+            root: "r".into(),
+            ok: true,
+            time_us: 0,
+            paths: vec![wire::Delivered {
+                path: "old".into(),
+                since_us: 0,
+            }],
+            resyncs: Vec::new(),
+            attempt: 0,
+            error: String::new(),
+        });
+        std::fs::write(src.join(".syncbus/backup/old"), "old").unwrap();
+        let late = t1 + Duration::from_millis(100);
+        f.push_batch(
+            &raw(
+                4,
+                vec![
+                    mv(RawKind::MovedFrom, "old", 8),
+                    mv(RawKind::MovedTo, ".syncbus/backup/old", 8),
+                ],
+            ),
+            late,
+        );
+        assert!(!src.join("old").exists());
+        assert!(paths(&f.ready(late + Duration::from_secs(1))).is_empty());
+    }
+
+    #[test]
+    fn a_file_that_must_rest_waits_until_size_and_mtime_stop_moving() {
+        let (t, c) = config("stable_ms = 500\n");
+        let file = t.path().join("src/upload");
+        std::fs::write(&file, "part").unwrap();
+        let mut f = Filter::new(&c);
+        let t0 = Instant::now();
+        f.push_batch(&raw(1, vec![ev(RawKind::CloseWrite, "upload")]), t0);
+        // Closed, but not rested: held for the whole window.
+        assert!(f.ready(t0 + Duration::from_millis(400)).is_empty());
+        // Written again without an event (as through mmap): held once more.
+        std::fs::write(&file, "part and the rest").unwrap();
+        assert!(f.ready(t0 + Duration::from_millis(600)).is_empty());
+        let later = f.next_deadline().unwrap();
+        assert_eq!(paths(&f.ready(later)), vec!["upload"]);
     }
 
     #[test]

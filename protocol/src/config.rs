@@ -19,6 +19,14 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 
 pub const DEFAULT_QUIET_MS: u64 = 10;
 pub const DEFAULT_MAX_HOLD_MS: u64 = 1000;
+/// How long a file of a two-way root must be left alone before it is sent (ms).
+pub const DEFAULT_STABLE_MS: u64 = 1000;
+/// Where a two-way root keeps syncbus's own files, relative to the root: the peer's
+/// rsync writes into `incoming/` and renames into place, and moves what it replaces or
+/// deletes into `backup/`. Excluded from every sync.
+pub const TWO_WAY_DIR: &str = ".syncbus";
+pub const TWO_WAY_INCOMING: &str = ".syncbus/incoming";
+pub const TWO_WAY_BACKUP: &str = ".syncbus/backup";
 pub const DEFAULT_TIMEOUT_S: u64 = 30;
 pub const DEFAULT_RETRY_INITIAL_MS: u64 = 1000;
 pub const DEFAULT_RETRY_MAX_S: u64 = 60;
@@ -94,6 +102,7 @@ struct RawRoot {
     builtin_excludes: bool,
     quiet_ms: Option<Spanned<u64>>,
     max_hold_ms: Option<Spanned<u64>>,
+    stable_ms: Option<Spanned<u64>>,
     #[serde(default)]
     events: Events,
 }
@@ -125,6 +134,7 @@ struct RawTarget {
     identity_file: Option<Spanned<String>>,
     #[serde(default)]
     ssh_options: Vec<Spanned<String>>,
+    two_way: Option<Spanned<bool>>,
 }
 
 fn yes() -> bool {
@@ -215,6 +225,13 @@ pub struct Root {
     pub events: Events,
     pub quiet: Duration,
     pub max_hold: Duration,
+    /// A file is sent only once no write, truncate or attribute change touched it for
+    /// this long, and its size and mtime still match (0: off). Two-way roots default
+    /// to [`DEFAULT_STABLE_MS`].
+    pub stable: Duration,
+    /// Bound to a two-way target: writes and deletes the peer made here are recognised
+    /// and not sent back, and [`TWO_WAY_DIR`] is left out.
+    pub two_way: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +244,10 @@ pub struct Target {
     pub timeout: u64,
     pub bwlimit: Option<String>,
     pub extra_args: Vec<String>,
+    /// The other side of a two-way pair (it runs syncbus too, with this machine as
+    /// its two-way target): newest wins (`--update`), whole-tree compares never
+    /// delete, and what a run replaces or deletes is kept in the peer's backup dir.
+    pub two_way: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -467,7 +488,15 @@ impl Validator<'_> {
         let mut names = Vec::new();
         let root_spans: Vec<Range<usize>> =
             raw.root.iter().map(|r| r.get_ref().path.span()).collect();
-        let roots: Vec<Root> = raw
+        let given: Vec<(bool, bool)> = raw
+            .root
+            .iter()
+            .map(|r| {
+                let r = r.get_ref();
+                (r.stable_ms.is_some(), r.max_hold_ms.is_some())
+            })
+            .collect();
+        let mut roots: Vec<Root> = raw
             .root
             .into_iter()
             .enumerate()
@@ -520,12 +549,25 @@ impl Validator<'_> {
                 )
             })
             .collect();
-        let targets = raw
+        let targets: Vec<Target> = raw
             .target
             .into_iter()
             .enumerate()
             .filter_map(|(i, t)| self.target(i, t, &roots, &mut tnames, &kinds))
             .collect();
+        for (root, (stable_given, max_hold_given)) in roots.iter_mut().zip(given) {
+            root.two_way = targets
+                .iter()
+                .any(|t| t.two_way && t.roots.contains(&root.name));
+            if root.two_way && !stable_given {
+                root.stable = Duration::from_millis(DEFAULT_STABLE_MS);
+            }
+            if !root.stable.is_zero() && !max_hold_given {
+                // A file that must rest is not sent while it is still being written,
+                // however long that takes (unless `max_hold_ms` says otherwise).
+                root.max_hold = Duration::from_secs(365 * 86_400);
+            }
+        }
         let retry = self.retry(raw.retry);
         let metrics = self.metrics(raw.metrics);
         let schedules = raw
@@ -705,6 +747,7 @@ impl Validator<'_> {
                 .as_ref()
                 .map(|p| ("identity_file", p.span())),
             raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
+            raw.two_way.as_ref().map(|p| ("two_way", p.span())),
         ];
         for (key, span) in rsync_only.into_iter().flatten() {
             self.error(span, k(key), "not for command targets");
@@ -740,6 +783,7 @@ impl Validator<'_> {
                 .unwrap_or(DEFAULT_TIMEOUT_S),
             bwlimit: None,
             extra_args: Vec::new(),
+            two_way: false,
         })
     }
 
@@ -846,6 +890,7 @@ impl Validator<'_> {
                 .as_ref()
                 .map(|p| ("identity_file", p.span())),
             raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
+            raw.two_way.as_ref().map(|p| ("two_way", p.span())),
             raw.paths.as_ref().map(|p| ("paths", p.span())),
         ];
         for (key, span) in not_here.into_iter().flatten() {
@@ -906,6 +951,7 @@ impl Validator<'_> {
                 .unwrap_or(DEFAULT_TIMEOUT_S),
             bwlimit: None,
             extra_args: Vec::new(),
+            two_way: false,
         })
     }
 
@@ -1024,6 +1070,8 @@ impl Validator<'_> {
             events: raw.events,
             quiet: Duration::from_millis(quiet),
             max_hold: Duration::from_millis(max_hold),
+            stable: Duration::from_millis(raw.stable_ms.map_or(0, |s| s.into_inner())),
+            two_way: false,
         }
     }
 
@@ -1177,6 +1225,16 @@ impl Validator<'_> {
                 );
             }
         }
+        let two_way = raw.two_way.as_ref().is_some_and(|t| *t.get_ref());
+        if let (true, Some(t)) = (two_way, &raw.two_way) {
+            if bound.len() != 1 {
+                self.error(
+                    t.span(),
+                    k("two_way"),
+                    "a two-way target mirrors exactly one root (set `roots = [\"…\"]`): the peer's root is that one directory",
+                );
+            }
+        }
         for (j, a) in raw.extra_args.iter().enumerate() {
             let arg = a.get_ref();
             const OURS: &[&str] = &[
@@ -1218,6 +1276,7 @@ impl Validator<'_> {
                 .unwrap_or(DEFAULT_TIMEOUT_S),
             bwlimit: raw.bwlimit.map(|b| b.into_inner()),
             extra_args: raw.extra_args.into_iter().map(|a| a.into_inner()).collect(),
+            two_way,
         })
     }
 }

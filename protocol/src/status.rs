@@ -75,6 +75,9 @@ pub struct RootStatus {
     /// Coalesced changes published on the change stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<u64>,
+    /// Two-way roots: writes and deletes of the peer, recognised and not sent back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echoes: Option<u64>,
 }
 
 /// What the dispatcher (live work, runs) or the retrier (journal) knows of a target.

@@ -89,7 +89,22 @@ pub fn scan(root: &Path) -> BTreeMap<Vec<u8>, Entry> {
 
 /// Differences between two trees (empty when equal), at most `limit` lines.
 pub fn tree_diff(a: &Path, b: &Path) -> Vec<String> {
-    let (ta, tb) = (scan(a), scan(b));
+    tree_diff_without(a, b, None)
+}
+
+/// `tree_diff` leaving out one top-level entry of both trees and what is below it
+/// (a two-way root's own `.syncbus`).
+pub fn tree_diff_without(a: &Path, b: &Path, skip: Option<&str>) -> Vec<String> {
+    let keep = |t: BTreeMap<Vec<u8>, Entry>| -> BTreeMap<Vec<u8>, Entry> {
+        let Some(skip) = skip else { return t };
+        t.into_iter()
+            .filter(|(k, _)| {
+                let rest = k.strip_prefix(skip.as_bytes());
+                !rest.is_some_and(|r| r.is_empty() || r[0] == b'/')
+            })
+            .collect()
+    };
+    let (ta, tb) = (keep(scan(a)), keep(scan(b)));
     let show = |k: &[u8]| String::from_utf8_lossy(k).escape_debug().to_string();
     let mut out = Vec::new();
     for (k, va) in &ta {

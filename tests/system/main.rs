@@ -7,6 +7,7 @@ mod mirror;
 mod reliability;
 mod status;
 mod stream;
+mod two_way;
 
 #[path = "../common/mod.rs"]
 mod common;

@@ -224,6 +224,9 @@ struct RootState {
     name: String,
     path: PathBuf,
     alive: bool,
+    /// One side of a two-way pair: its `.syncbus/` dirs must exist (and be watched, so
+    /// the peer's renames out of and into them pair up in the filter).
+    two_way: bool,
     /// When to look for a missing root next.
     next_check: Instant,
 }
@@ -286,6 +289,7 @@ impl<'a> Watcher<'a> {
                     path: r.path.clone(),
                     // Everything starts dead; `rebuild` brings up what exists.
                     alive: false,
+                    two_way: r.two_way,
                     next_check: now,
                 })
                 .collect(),
@@ -557,6 +561,19 @@ impl<'a> Watcher<'a> {
                 continue; // polled for separately
             }
             let r = &self.roots[i];
+            if r.two_way {
+                for dir in [
+                    protocol::config::TWO_WAY_INCOMING,
+                    protocol::config::TWO_WAY_BACKUP,
+                ] {
+                    // A root that is not there yet gets its dirs when it is rebuilt.
+                    if r.path.is_dir() {
+                        if let Err(e) = std::fs::create_dir_all(r.path.join(dir)) {
+                            tracing::warn!(root = %r.name, dir, error = %e, "cannot create the two-way dir; the peer's runs fail until it exists");
+                        }
+                    }
+                }
+            }
             let n = walk(
                 &mut self.watches,
                 &mut fresh,
