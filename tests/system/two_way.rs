@@ -192,7 +192,12 @@ fn changes_on_both_sides_converge_without_echoes() {
     fs::remove_file(a.p("from-b/deep/g3")).unwrap();
     fs::remove_file(b.p("from-a/f7")).unwrap();
     pair.converge();
-    assert!(!b.p("from-b/deep/g3").exists() && !a.p("from-a/f7").exists());
+    assert!(
+        !b.p("from-b/deep/g3").exists() && !a.p("from-a/f7").exists(),
+        "a delete came back\n--- a's log ---\n{}\n--- b's log ---\n{}",
+        a.log(),
+        b.log()
+    );
 
     // Echoes: new files from a into a directory b has. Once b's filter has seen them
     // all as a's writes, b has nothing to send.
