@@ -202,8 +202,22 @@ impl Coalescer {
 
     /// Forgets what is held for `path`: the peer just wrote it (a two-way root), so
     /// this side's version is not news to it any more.
-    pub fn forget(&mut self, root: &str, path: &PathBytes) {
-        self.entries.remove(&(root.to_string(), path.clone()));
+    pub fn forget(&mut self, root: &str, path: &PathBytes, now: Instant) {
+        self.remove_keeping_sources(&(root.to_string(), path.clone()), now);
+    }
+
+    /// Removes `key`'s entry; if it was a move, its source is still gone (a delete).
+    fn remove_keeping_sources(&mut self, key: &Key, now: Instant) -> Option<Entry> {
+        let e = self.entries.remove(key)?;
+        if let Net::Move(from) = &e.net {
+            let from_key = (key.0.clone(), from.clone());
+            if !self.entries.contains_key(&from_key) {
+                let d = self.touch(from_key, e.since_us, now, false);
+                d.net = Net::Delete;
+                d.dir = e.dir;
+            }
+        }
+        Some(e)
     }
 
     /// The peer moved a path away (into a two-way root's backup dir): takes back the
@@ -230,9 +244,8 @@ impl Coalescer {
 
     /// Drops what is held for `path`; true when it was a change of its own (not a
     /// delete).
-    pub fn take_held(&mut self, root: &str, path: &PathBytes) -> bool {
-        self.entries
-            .remove(&(root.to_string(), path.clone()))
+    pub fn take_held(&mut self, root: &str, path: &PathBytes, now: Instant) -> bool {
+        self.remove_keeping_sources(&(root.to_string(), path.clone()), now)
             .is_some_and(|e| e.net != Net::Delete)
     }
 
@@ -616,6 +629,19 @@ mod tests {
             out.contains(&(Op::Move, "b".into(), Some("c".into()), false)),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn forgetting_a_moved_file_still_deletes_its_source() {
+        let mut s = Sim::new();
+        s.f(RawKind::CloseWrite, "a").at_ms(100);
+        s.out();
+        s.ev(RawKind::MovedFrom, "a", false, 1)
+            .ev(RawKind::MovedTo, "b", false, 1);
+        let now = s.now;
+        s.c.forget("r", &"b".into(), now);
+        s.at_ms(200);
+        assert_eq!(s.out(), vec![del("a")]);
     }
 
     #[test]

@@ -359,7 +359,7 @@ impl Filter {
                         // The peer's version, which it has: whatever this side held
                         // for the path is older (the peer's rsync only replaces older
                         // files).
-                        self.coalescer.forget(&ev.root, &ev.path);
+                        self.coalescer.forget(&ev.root, &ev.path, now);
                         let key = (ev.root.clone(), ev.path.clone());
                         tw.undelivered.remove(&key);
                         tw.snapshots.remove(&key);
@@ -372,7 +372,7 @@ impl Filter {
                 // Already found in the backup (its `moved_to` went unseen).
                 let key = (ev.root.clone(), ev.path.clone());
                 if tw.backed_up.remove(&key).is_some() {
-                    let held = self.coalescer.take_held(&ev.root, &ev.path);
+                    let held = self.coalescer.take_held(&ev.root, &ev.path, now);
                     self.peer_deleted(&ev.root, &ev.path, held);
                     return true;
                 }
