@@ -210,6 +210,8 @@ pub struct Reporter {
     /// The delivery stream's own gap-free counter.
     delivery_seq: u64,
     target: String,
+    /// When the run being reported began (0: unknown, as for the full lane's).
+    pub run_started_us: u64,
 }
 
 impl Reporter {
@@ -220,6 +222,7 @@ impl Reporter {
             seq: 0,
             delivery_seq: 0,
             target: target.to_string(),
+            run_started_us: 0,
         }
     }
 
@@ -251,6 +254,7 @@ impl Reporter {
             resyncs: resyncs.to_vec(),
             attempt: failed.map_or(0, |f| f.0),
             error: failed.map_or(String::new(), |f| f.1.to_string()),
+            started_us: self.run_started_us,
         };
         let topic = wire::deliveries_topic(&self.target);
         let payload = wire::encode(&msg);
@@ -1551,6 +1555,7 @@ impl Worker {
                 }
             }
             let sent = work.clone();
+            self.reporter.run_started_us = protocol::now_us();
             match self.sync_root(&root, work, intake) {
                 None => {
                     let resyncs: Vec<PathBytes> = sent.resyncs.iter().cloned().collect();
@@ -1716,6 +1721,7 @@ impl Worker {
     }
 
     fn full_finished(&mut self, done: &FullDone, intake: &mut Intake) {
+        self.reporter.run_started_us = 0;
         let state = self.full.remove(&done.root);
         let since_us = state.as_ref().map_or(0, |s| s.since_us);
         let whole = [PathBytes::root()];

@@ -88,7 +88,9 @@ struct TwoWay {
     /// Local changes published and not yet reported delivered to the peer (the
     /// delivery stream): a delete from the peer that reaches one of them raced it,
     /// and the changed file wins.
-    undelivered: HashMap<(String, PathBytes), Instant>,
+    /// With when they were published (monotonic, and µs since the Unix epoch to
+    /// compare with a run's start).
+    undelivered: HashMap<(String, PathBytes), (Instant, u64)>,
     next_prune: Option<Instant>,
     /// Size and mtime at the last event, for roots whose files must rest (`stable`).
     snapshots: HashMap<(String, PathBytes), Option<Stat>>,
@@ -335,17 +337,21 @@ impl Filter {
                     }
                 }
                 // The peer's rsync makes the backup's directories as it needs them, and
-                // moves files in before this side watches them: what a new one holds
-                // was moved there from the tree.
+                // moves deleted files in before this side watches them. (What it
+                // replaces it hard-links there: that path is still in the tree.)
                 (RawKind::Create, _, Some(path)) if ev.dir => {
                     let Some(state) = self.roots.get(&ev.root) else {
                         return true;
                     };
-                    let backup_root = state.root.path.join(protocol::config::TWO_WAY_BACKUP);
+                    let tree = state.root.path.clone();
+                    let backup_root = tree.join(protocol::config::TWO_WAY_BACKUP);
                     let mut found = Vec::new();
                     files_below(&backup_root, path.to_vec(), &mut found);
                     for p in found {
-                        self.moved_to_backup(&ev.root, PathBytes::new(p), now);
+                        let p = PathBytes::new(p);
+                        if std::fs::symlink_metadata(p.under(&tree)).is_err() {
+                            self.moved_to_backup(&ev.root, p, now);
+                        }
                     }
                 }
                 _ => {}
@@ -354,16 +360,20 @@ impl Filter {
         }
         match ev.kind {
             RawKind::MovedTo => {
-                if let Some((root, _)) = tw.incoming.remove(&ev.cookie) {
+                let fresh = |t: &Instant| now.duration_since(*t) < RACE_WINDOW;
+                if let Some((root, _)) = tw.incoming.remove(&ev.cookie).filter(|(_, t)| fresh(t)) {
                     if root == ev.root {
-                        // The peer's version, which it has: whatever this side held
-                        // for the path is older (the peer's rsync only replaces older
-                        // files).
-                        self.coalescer.forget(&ev.root, &ev.path, now);
+                        // The peer's version, which it has. rsync's `--update` kept
+                        // anything newer here when the run began; a change made here
+                        // while the file was in flight is newer, and goes back.
                         let key = (ev.root.clone(), ev.path.clone());
-                        tw.undelivered.remove(&key);
+                        let held = self.coalescer.take_held(&ev.root, &ev.path, now);
+                        let undelivered = tw.undelivered.remove(&key).is_some();
                         tw.snapshots.remove(&key);
                         *tw.echoes.entry(ev.root.clone()).or_default() += 1;
+                        if held || undelivered {
+                            self.keep_newer(&ev.root, &ev.path);
+                        }
                         return true;
                     }
                 }
@@ -371,7 +381,8 @@ impl Filter {
             RawKind::MovedFrom => {
                 // Already found in the backup (its `moved_to` went unseen).
                 let key = (ev.root.clone(), ev.path.clone());
-                if tw.backed_up.remove(&key).is_some() {
+                let fresh = |t: Instant| now.duration_since(t) < RACE_WINDOW;
+                if tw.backed_up.remove(&key).is_some_and(fresh) {
                     let held = self.coalescer.take_held(&ev.root, &ev.path, now);
                     self.peer_deleted(&ev.root, &ev.path, held);
                     return true;
@@ -433,6 +444,35 @@ impl Filter {
         }
     }
 
+    /// The peer's copy of `path` just replaced one changed here that had not reached
+    /// the peer: if the replaced copy (hard-linked into the backup) is the newer, it
+    /// goes back in place, and from there to the peer.
+    fn keep_newer(&self, root: &str, path: &PathBytes) {
+        use std::os::unix::fs::MetadataExt;
+        let Some(state) = self.roots.get(root) else {
+            return;
+        };
+        let here = path.under(&state.root.path);
+        let kept = path.under(&state.root.path.join(protocol::config::TWO_WAY_BACKUP));
+        let mtime = |p: &std::path::Path| {
+            std::fs::symlink_metadata(p)
+                .ok()
+                .map(|m| (m.mtime(), m.mtime_nsec()))
+        };
+        if let (Some(theirs), Some(ours)) = (mtime(&here), mtime(&kept)) {
+            if ours > theirs {
+                match std::fs::rename(&kept, &here) {
+                    Ok(()) => {
+                        tracing::info!(root, path = %path, "the peer's copy replaced a newer change made here while it was in flight; put the newer one back")
+                    }
+                    Err(e) => {
+                        tracing::warn!(root, path = %path, error = %e, "could not put back a newer change the peer's copy replaced (it is in the backup dir)")
+                    }
+                }
+            }
+        }
+    }
+
     /// Two-way roots: echoes recognised since the last call, per root.
     pub fn take_echoes(&mut self) -> HashMap<String, u64> {
         std::mem::take(&mut self.two_way.echoes)
@@ -476,11 +516,14 @@ impl Filter {
                 }
             }
         }
+        if c.op == Op::Move {
+            self.two_way.snapshots.remove(&key);
+        }
         if state.root.two_way && matches!(c.op, Op::Upsert | Op::Move) {
             let tw = &mut self.two_way;
             if tw.next_prune.is_none_or(|t| now >= t) {
                 tw.undelivered
-                    .retain(|_, t| now.duration_since(*t) < UNDELIVERED_FOR);
+                    .retain(|_, (t, _)| now.duration_since(*t) < UNDELIVERED_FOR);
                 tw.incoming
                     .retain(|_, (_, t)| now.duration_since(*t) < RACE_WINDOW);
                 tw.backed_up
@@ -488,12 +531,15 @@ impl Filter {
                 tw.next_prune = Some(now + RACE_WINDOW);
             }
             if tw.undelivered.len() >= MAX_UNDELIVERED {
-                if let Some(oldest) = tw.undelivered.iter().min_by_key(|(_, t)| **t) {
-                    let oldest = oldest.0.clone();
-                    tw.undelivered.remove(&oldest);
-                }
+                // The older half goes at once (one pass per MAX/2 publishes, not one
+                // per publish: found in review).
+                let mut times: Vec<Instant> = tw.undelivered.values().map(|(t, _)| *t).collect();
+                let mid = times.len() / 2;
+                let (_, cut, _) = times.select_nth_unstable(mid);
+                let cut = *cut;
+                tw.undelivered.retain(|_, (t, _)| *t > cut);
             }
-            tw.undelivered.insert(key, now);
+            tw.undelivered.insert(key, (now, protocol::now_us()));
         }
         true
     }
@@ -503,13 +549,19 @@ impl Filter {
         if !d.ok || !self.roots.get(&d.root).is_some_and(|r| r.root.two_way) {
             return;
         }
+        // A change published after the run began went with a later run (found in
+        // review: the delivery of v1 must not clear v2).
+        let carried = |published_us: u64| d.started_us == 0 || published_us <= d.started_us;
         let tw = &mut self.two_way;
         for p in &d.paths {
-            tw.undelivered.remove(&(d.root.clone(), p.path.clone()));
+            let key = (d.root.clone(), p.path.clone());
+            if tw.undelivered.get(&key).is_some_and(|(_, us)| carried(*us)) {
+                tw.undelivered.remove(&key);
+            }
         }
         for sub in &d.resyncs {
             tw.undelivered
-                .retain(|(root, p), _| root != &d.root || !p.is_within(sub));
+                .retain(|(root, p), (_, us)| root != &d.root || !p.is_within(sub) || !carried(*us));
         }
     }
 
@@ -893,6 +945,116 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_file_in_a_new_backup_dir_is_not_a_delete() {
+        // rsync hard-links what it replaces into the backup: the path stays in the
+        // tree, and a later move of it here is the user's (found in review).
+        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join(".syncbus/backup/d")).unwrap();
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join(".syncbus/backup/d/f"), "old").unwrap();
+        std::fs::write(src.join("d/f"), "new").unwrap();
+        let mut f = Filter::new(&c);
+        let t0 = Instant::now();
+        let mut dir = ev(RawKind::Create, ".syncbus/backup/d");
+        dir.dir = true;
+        f.push_batch(&raw(1, vec![dir]), t0);
+        f.push_batch(
+            &raw(
+                2,
+                vec![
+                    mv(RawKind::MovedFrom, "d/f", 21),
+                    mv(RawKind::MovedTo, "d/g", 21),
+                ],
+            ),
+            t0 + Duration::from_millis(10),
+        );
+        let out = f.ready(t0 + Duration::from_secs(1));
+        assert_eq!(out[0].1.len(), 1, "{out:?}");
+        assert_eq!(out[0].1[0].op, Op::Move);
+        assert_eq!(out[0].1[0].from, Some("d/f".into()));
+    }
+
+    #[test]
+    fn a_change_made_while_the_peers_copy_was_in_flight_goes_back_if_newer() {
+        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join(".syncbus/backup")).unwrap();
+        let at = |secs| std::time::UNIX_EPOCH + Duration::from_secs(secs);
+        // The peer's copy (older) replaced this side's edit (newer), which rsync
+        // hard-linked into the backup.
+        std::fs::write(src.join("f"), "theirs").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(src.join("f"))
+            .unwrap()
+            .set_modified(at(1_000_000))
+            .unwrap();
+        std::fs::write(src.join(".syncbus/backup/f"), "ours").unwrap();
+        let mut f = Filter::new(&c);
+        let t0 = Instant::now();
+        f.push_batch(
+            &raw(
+                1,
+                vec![
+                    ev(RawKind::CloseWrite, "f"),
+                    mv(RawKind::MovedFrom, ".syncbus/incoming/f.Ab12Cd", 31),
+                    mv(RawKind::MovedTo, "f", 31),
+                ],
+            ),
+            t0,
+        );
+        assert_eq!(std::fs::read(src.join("f")).unwrap(), b"ours");
+    }
+
+    #[test]
+    fn the_delivery_of_an_earlier_version_does_not_cover_a_later_one() {
+        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join(".syncbus/backup")).unwrap();
+        let mut f = Filter::new(&c);
+        let t0 = Instant::now();
+        f.push_batch(&raw(1, vec![ev(RawKind::CloseWrite, "v")]), t0);
+        assert_eq!(paths(&f.ready(t0 + Duration::from_millis(50))), vec!["v"]);
+        let started_us = protocol::now_us();
+        while protocol::now_us() <= started_us {}
+        let t1 = t0 + Duration::from_millis(100);
+        f.push_batch(&raw(2, vec![ev(RawKind::CloseWrite, "v")]), t1);
+        assert_eq!(paths(&f.ready(t1 + Duration::from_millis(50))), vec!["v"]);
+        // The run that began before the second version was published reports.
+        f.delivered(&wire::Delivery {
+            version: wire::VERSION,
+            epoch: 1,
+            seq: 1,
+            target: "peer".into(),
+            root: "r".into(),
+            ok: true,
+            time_us: 0,
+            paths: vec![wire::Delivered {
+                path: "v".into(),
+                since_us: 0,
+            }],
+            resyncs: Vec::new(),
+            attempt: 0,
+            error: String::new(),
+            started_us,
+        });
+        std::fs::write(src.join(".syncbus/backup/v"), "second").unwrap();
+        let t2 = t1 + Duration::from_millis(200);
+        f.push_batch(
+            &raw(
+                3,
+                vec![
+                    mv(RawKind::MovedFrom, "v", 41),
+                    mv(RawKind::MovedTo, ".syncbus/backup/v", 41),
+                ],
+            ),
+            t2,
+        );
+        assert_eq!(std::fs::read(src.join("v")).unwrap(), b"second");
+    }
+
+    #[test]
     fn a_delete_from_the_peer_that_races_a_local_change_is_taken_back() {
         let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
         let src = t.path().join("src");
@@ -937,6 +1099,7 @@ mod tests {
             resyncs: Vec::new(),
             attempt: 0,
             error: String::new(),
+            started_us: 0,
         });
         std::fs::write(src.join(".syncbus/backup/old"), "old").unwrap();
         let late = t1 + Duration::from_millis(100);

@@ -559,8 +559,14 @@ impl Validator<'_> {
             root.two_way = targets
                 .iter()
                 .any(|t| t.two_way && t.roots.contains(&root.name));
-            if root.two_way && !stable_given {
-                root.stable = Duration::from_millis(DEFAULT_STABLE_MS);
+            if root.two_way {
+                if !stable_given {
+                    root.stable = Duration::from_millis(DEFAULT_STABLE_MS);
+                }
+                // syncbus's own dir goes to no target, one-way ones included.
+                if let Ok(rules) = root.rules.and_glob(&format!("/{TWO_WAY_DIR}/")) {
+                    root.rules = rules;
+                }
             }
             if !root.stable.is_zero() && !max_hold_given {
                 // A file that must rest is not sent while it is still being written,

@@ -88,34 +88,25 @@ impl Rules {
             all.extend(BUILTIN_EXCLUDES.iter().map(|s| s.to_string()));
         }
         all.extend(globs.iter().cloned());
-        let (mut any, mut dirs) = (GlobSetBuilder::new(), GlobSetBuilder::new());
-        for g in &all {
-            let (glob, dir_only) = translate_glob(g);
-            let compiled = GlobBuilder::new(&glob)
-                .literal_separator(true)
-                .backslash_escape(true)
-                .build()
-                .map_err(|source| RuleError::Glob {
-                    pattern: g.clone(),
-                    source,
-                })?;
-            if dir_only {
-                dirs.add(compiled);
-            } else {
-                any.add(compiled);
-            }
-        }
-        let build = |b: GlobSetBuilder| {
-            b.build().map_err(|source| RuleError::Glob {
-                pattern: all.join(" "),
-                source,
-            })
-        };
+        let (any, dirs) = compile_globs(&all)?;
         Ok(Rules {
             regexes,
-            any: build(any)?,
-            dirs: build(dirs)?,
-            globs: all.clone(),
+            any,
+            dirs,
+            globs: all,
+        })
+    }
+
+    /// These rules and one more rsync-style glob (a two-way root's own `/.syncbus/`).
+    pub fn and_glob(&self, glob: &str) -> Result<Rules, RuleError> {
+        let mut all = self.globs.clone();
+        all.push(glob.to_string());
+        let (any, dirs) = compile_globs(&all)?;
+        Ok(Rules {
+            regexes: self.regexes.clone(),
+            any,
+            dirs,
+            globs: all,
         })
     }
 
@@ -206,6 +197,35 @@ fn translate_glob(pattern: &str) -> (String, bool) {
         None => format!("**/{p}"),
     };
     (glob, dir_only)
+}
+
+/// The two glob sets of `all`: patterns for any entry, and those written with a
+/// trailing `/` (directories only).
+fn compile_globs(all: &[String]) -> Result<(GlobSet, GlobSet), RuleError> {
+    let (mut any, mut dirs) = (GlobSetBuilder::new(), GlobSetBuilder::new());
+    for g in all {
+        let (glob, dir_only) = translate_glob(g);
+        let compiled = GlobBuilder::new(&glob)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|source| RuleError::Glob {
+                pattern: g.clone(),
+                source,
+            })?;
+        if dir_only {
+            dirs.add(compiled);
+        } else {
+            any.add(compiled);
+        }
+    }
+    let build = |b: GlobSetBuilder| {
+        b.build().map_err(|source| RuleError::Glob {
+            pattern: all.join(" "),
+            source,
+        })
+    };
+    Ok((build(any)?, build(dirs)?))
 }
 
 /// Escapes a literal path for an anchored rsync exclude rule: rsync treats a pattern

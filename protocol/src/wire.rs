@@ -255,6 +255,10 @@ pub struct Delivery {
     /// Why it failed (`ok` false); the work is journalled and retried.
     #[serde(default)]
     pub error: String,
+    /// When the run began (µs since the Unix epoch; 0 unknown): a change published
+    /// after it is not in it.
+    #[serde(default)]
+    pub started_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
