@@ -35,6 +35,9 @@ pub struct RootWork {
     /// When the oldest change behind any of it happened (µs; 0 unknown), for the lag
     /// in `syncbus status`.
     pub since_us: u64,
+    /// A two-way target's: its compares never delete, so a deleted path stays listed
+    /// even within a resync subtree (found by the two-way echo test).
+    pub keep_deletes: bool,
 }
 
 impl RootWork {
@@ -63,7 +66,7 @@ impl RootWork {
 
     fn touch(&mut self, path: PathBytes, touch: Touch) {
         self.since_us = protocol::earliest_us(self.since_us, touch.since_us);
-        if self.covered(&path) {
+        if self.covered(&path) && !(self.keep_deletes && touch.deleted) {
             return;
         }
         self.paths.entry(path).or_default().merge(touch);
@@ -74,7 +77,9 @@ impl RootWork {
             return;
         }
         self.resyncs.retain(|s| !s.is_within(&subtree));
-        self.paths.retain(|p, _| !p.is_within(&subtree));
+        let keep_deletes = self.keep_deletes;
+        self.paths
+            .retain(|p, t| !p.is_within(&subtree) || (keep_deletes && t.deleted));
         if subtree.is_root() {
             self.catch_up = None;
         }
@@ -104,11 +109,21 @@ pub struct Batch {
 #[derive(Debug, Default)]
 pub struct Batcher {
     roots: BTreeMap<String, RootWork>,
+    /// For a two-way target (see [`RootWork::keep_deletes`]).
+    keep_deletes: bool,
 }
 
 impl Batcher {
     pub fn new() -> Self {
         Batcher::default()
+    }
+
+    /// The batcher of a two-way target: deletes are never absorbed by a compare.
+    pub fn keeping_deletes() -> Self {
+        Batcher {
+            keep_deletes: true,
+            ..Batcher::default()
+        }
     }
 
     /// Records one change of `root`.
@@ -173,7 +188,11 @@ impl Batcher {
     /// The pending work of `root`; its name is copied only the first time.
     fn work(&mut self, root: &str) -> &mut RootWork {
         if !self.roots.contains_key(root) {
-            self.roots.insert(root.to_string(), RootWork::default());
+            let work = RootWork {
+                keep_deletes: self.keep_deletes,
+                ..RootWork::default()
+            };
+            self.roots.insert(root.to_string(), work);
         }
         self.roots.get_mut(root).expect("inserted above")
     }
@@ -274,6 +293,26 @@ mod tests {
 
     /// (path, deleted)
     type Want<'a> = (&'a [(&'a str, bool)], &'a [&'a str]);
+
+    #[test]
+    fn a_two_way_batcher_keeps_deletes_beside_a_compare() {
+        let mut dir = up("d");
+        dir.recursive = true;
+        for (keep, want) in [(false, vec![]), (true, vec!["d/gone"])] {
+            let mut b = if keep {
+                Batcher::keeping_deletes()
+            } else {
+                Batcher::new()
+            };
+            b.push("r", &ch(Op::Delete, "d/gone"));
+            b.push("r", &dir);
+            b.push("r", &up("d/new"));
+            let work = b.take().unwrap().roots.remove("r").unwrap();
+            let paths: Vec<String> = work.paths.keys().map(|p| p.to_string()).collect();
+            assert_eq!(paths, want, "keep_deletes {keep}");
+            assert!(work.resyncs.contains(&PathBytes::from("d")));
+        }
+    }
 
     #[test]
     fn merge_rules_table() {

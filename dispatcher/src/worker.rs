@@ -312,7 +312,12 @@ fn to_wire(work: &RootWork) -> Work {
 }
 
 fn from_wire(work: &Work) -> RootWork {
-    let mut out = RootWork::default();
+    // The wire does not say which paths were deletes: each may have been (what that
+    // changes is only whether a two-way target's batcher keeps it beside a compare).
+    let mut out = RootWork {
+        keep_deletes: true,
+        ..RootWork::default()
+    };
     for r in &work.resyncs {
         out.resync(r.clone());
     }
@@ -321,10 +326,17 @@ fn from_wire(work: &Work) -> RootWork {
         paths: work
             .paths
             .iter()
-            .map(|p| (p.clone(), Touch::default()))
+            .map(|p| {
+                let t = Touch {
+                    deleted: true,
+                    since_us: 0,
+                };
+                (p.clone(), t)
+            })
             .collect(),
         catch_up: None,
         since_us: work.since_us,
+        keep_deletes: true,
     });
     if work.catch_up_us != 0 {
         out.catch_up(work.catch_up_us);
@@ -1421,7 +1433,11 @@ impl Worker {
         tracing::info!(target = %name, roots = self.roots.len(), "worker started");
         let mut intake = Intake {
             rx,
-            batcher: Batcher::new(),
+            batcher: if self.target.two_way {
+                Batcher::keeping_deletes()
+            } else {
+                Batcher::new()
+            },
             covers: HashMap::new(),
             held: HashSet::new(),
             cron_excludes: HashMap::new(),
@@ -1829,6 +1845,7 @@ impl Worker {
                     paths: work.paths,
                     catch_up: None,
                     since_us: work.since_us,
+                    keep_deletes: work.keep_deletes,
                 };
                 return Some((rest, result));
             }

@@ -242,6 +242,13 @@ impl Coalescer {
         self.undo_move(root, cookie).map(|(_, held)| held)
     }
 
+    /// A delete of `path` is held.
+    pub fn pending_delete(&self, root: &str, path: &PathBytes) -> bool {
+        self.entries
+            .get(&(root.to_string(), path.clone()))
+            .is_some_and(|e| e.net == Net::Delete)
+    }
+
     /// Drops what is held for `path`; true when it was a change of its own (not a
     /// delete).
     pub fn take_held(&mut self, root: &str, path: &PathBytes, now: Instant) -> bool {

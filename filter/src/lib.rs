@@ -68,6 +68,9 @@ pub const RACE_WINDOW: Duration = Duration::from_secs(2);
 /// A local change of a two-way root not yet reported delivered to the peer is
 /// forgotten after this (its delivery went unseen: a gap, a restarted retrier).
 const UNDELIVERED_FOR: Duration = Duration::from_secs(600);
+/// How long a copy the peer wrote, and a delete made here, are remembered to tell a
+/// stale repeat of the copy from a new one.
+const STALE_FOR: Duration = Duration::from_secs(30);
 /// At most this many undelivered paths are remembered (the oldest go first).
 const MAX_UNDELIVERED: usize = 100_000;
 
@@ -94,6 +97,11 @@ struct TwoWay {
     next_prune: Option<Instant>,
     /// Size and mtime at the last event, for roots whose files must rest (`stable`).
     snapshots: HashMap<(String, PathBytes), Option<Stat>>,
+    /// The last copy the peer wrote of each path lately (size and mtime), and the paths
+    /// deleted here lately: a copy the peer sends again after this side deleted it is
+    /// a stale repeat (two of its runs carried it), and the delete stands.
+    received: HashMap<(String, PathBytes), (Option<Stat>, Instant)>,
+    deleted_here: HashMap<(String, PathBytes), Instant>,
     /// Paths found in the backup before their `moved_from` was read (the peer's
     /// rsync moved them into a backup directory this side did not watch yet).
     backed_up: HashMap<(String, PathBytes), Instant>,
@@ -362,6 +370,10 @@ impl Filter {
             RawKind::MovedTo => {
                 let fresh = |t: &Instant| now.duration_since(*t) < RACE_WINDOW;
                 if let Some((root, _)) = tw.incoming.remove(&ev.cookie).filter(|(_, t)| fresh(t)) {
+                    if root == ev.root && self.stale_repeat(&ev.root, &ev.path, now) {
+                        return true;
+                    }
+                    let tw = &mut self.two_way;
                     if root == ev.root {
                         // The peer's version, which it has. rsync's `--update` kept
                         // anything newer here when the run began; a change made here
@@ -390,6 +402,34 @@ impl Filter {
             }
             _ => {}
         }
+        false
+    }
+
+    /// The peer's copy of `path` just landed: true (and the copy is deleted again) when
+    /// it is the same copy as the peer's last, which this side has deleted since.
+    fn stale_repeat(&mut self, root: &str, path: &PathBytes, now: Instant) -> bool {
+        let Some(state) = self.roots.get(root) else {
+            return false;
+        };
+        let file = path.under(&state.root.path);
+        let current = stat_of(&file);
+        let key = (root.to_string(), path.clone());
+        let tw = &mut self.two_way;
+        let deleted_since =
+            tw.deleted_here.contains_key(&key) || self.coalescer.pending_delete(root, path);
+        let same = tw.received.get(&key).is_some_and(|(s, t)| {
+            current.is_some() && *s == current && now.duration_since(*t) < STALE_FOR
+        });
+        if deleted_since && same {
+            *tw.echoes.entry(root.to_string()).or_default() += 1;
+            // The unlink is this side's delete once more, and goes to the peer.
+            if let Err(e) = std::fs::remove_file(&file) {
+                tracing::warn!(root, path = %path, error = %e, "cannot delete again a copy the peer sent twice");
+            }
+            return true;
+        }
+        tw.deleted_here.remove(&key);
+        tw.received.insert(key, (current, now));
         false
     }
 
@@ -484,6 +524,20 @@ impl Filter {
 
     /// Ready changes grouped by root, in first-seen order within a root.
     pub fn ready(&mut self, now: Instant) -> Vec<(String, Vec<Change>)> {
+        let tw = &mut self.two_way;
+        if tw.next_prune.is_none_or(|t| now >= t) {
+            tw.undelivered
+                .retain(|_, (t, _)| now.duration_since(*t) < UNDELIVERED_FOR);
+            tw.incoming
+                .retain(|_, (_, t)| now.duration_since(*t) < RACE_WINDOW);
+            tw.backed_up
+                .retain(|_, t| now.duration_since(*t) < RACE_WINDOW);
+            tw.received
+                .retain(|_, (_, t)| now.duration_since(*t) < STALE_FOR);
+            tw.deleted_here
+                .retain(|_, t| now.duration_since(*t) < STALE_FOR);
+            tw.next_prune = Some(now + RACE_WINDOW);
+        }
         let mut out = self.coalescer.pop_ready(now);
         if !self.two_way.snapshots.is_empty() || self.roots.values().any(|r| r.root.two_way) {
             out.retain(|(root, c)| self.settled(root, c, now));
@@ -519,17 +573,11 @@ impl Filter {
         if c.op == Op::Move {
             self.two_way.snapshots.remove(&key);
         }
+        if state.root.two_way && c.op == Op::Delete {
+            self.two_way.deleted_here.insert(key.clone(), now);
+        }
         if state.root.two_way && matches!(c.op, Op::Upsert | Op::Move) {
             let tw = &mut self.two_way;
-            if tw.next_prune.is_none_or(|t| now >= t) {
-                tw.undelivered
-                    .retain(|_, (t, _)| now.duration_since(*t) < UNDELIVERED_FOR);
-                tw.incoming
-                    .retain(|_, (_, t)| now.duration_since(*t) < RACE_WINDOW);
-                tw.backed_up
-                    .retain(|_, t| now.duration_since(*t) < RACE_WINDOW);
-                tw.next_prune = Some(now + RACE_WINDOW);
-            }
             if tw.undelivered.len() >= MAX_UNDELIVERED {
                 // The older half goes at once (one pass per MAX/2 publishes, not one
                 // per publish: found in review).
@@ -1005,6 +1053,55 @@ mod tests {
             t0,
         );
         assert_eq!(std::fs::read(src.join("f")).unwrap(), b"ours");
+    }
+
+    #[test]
+    fn a_copy_the_peer_sends_again_after_a_delete_here_is_deleted_again() {
+        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
+        let file = t.path().join("src/twice");
+        let land = |f: &mut Filter, seq: u64, cookie: u32, at: Instant| {
+            std::fs::write(&file, "the peer's copy").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&file)
+                .unwrap()
+                .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000))
+                .unwrap();
+            f.push_batch(
+                &raw(
+                    seq,
+                    vec![
+                        mv(RawKind::MovedFrom, ".syncbus/incoming/twice.Ab12Cd", cookie),
+                        mv(RawKind::MovedTo, "twice", cookie),
+                    ],
+                ),
+                at,
+            );
+        };
+        let mut f = Filter::new(&c);
+        let t0 = Instant::now();
+        land(&mut f, 1, 51, t0);
+        assert!(f.ready(t0 + Duration::from_millis(50)).is_empty());
+        // Deleted here; the peer's second run brings the same copy again.
+        std::fs::remove_file(&file).unwrap();
+        f.push_batch(&raw(2, vec![ev(RawKind::Delete, "twice")]), t0);
+        land(&mut f, 3, 52, t0 + Duration::from_millis(5));
+        assert!(!file.exists(), "the delete made here stands");
+        let out = f.ready(t0 + Duration::from_millis(100));
+        assert_eq!(out[0].1[0].op, Op::Delete);
+        // A new copy from the peer (another mtime) is a change of its own: it stays.
+        std::fs::write(&file, "new").unwrap();
+        f.push_batch(
+            &raw(
+                4,
+                vec![
+                    mv(RawKind::MovedFrom, ".syncbus/incoming/twice.Zz99Yy", 53),
+                    mv(RawKind::MovedTo, "twice", 53),
+                ],
+            ),
+            t0 + Duration::from_millis(200),
+        );
+        assert!(file.exists());
     }
 
     #[test]
