@@ -925,6 +925,35 @@ mod tests {
     const PEER: &str =
         "[[target]]\nname = \"peer\"\nurl = \"rsync://127.0.0.1:9/m/\"\ntwo_way = true\n";
 
+    /// A filter for a two-way root (no rest time), its dir, and the root's path.
+    fn two_way() -> (tempfile::TempDir, Filter, std::path::PathBuf) {
+        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join(".syncbus/backup")).unwrap();
+        (t, Filter::new(&c), src)
+    }
+
+    /// The peer's report that `path` reached it, by a run that began at `started_us`.
+    fn delivery(path: &str, started_us: u64) -> wire::Delivery {
+        wire::Delivery {
+            version: wire::VERSION,
+            epoch: 1,
+            seq: 1,
+            target: "peer".into(),
+            root: "r".into(),
+            ok: true,
+            time_us: 0,
+            paths: vec![wire::Delivered {
+                path: path.into(),
+                since_us: 0,
+            }],
+            resyncs: Vec::new(),
+            attempt: 0,
+            error: String::new(),
+            started_us,
+        }
+    }
+
     fn mv(kind: RawKind, path: &str, cookie: u32) -> RawEvent {
         RawEvent {
             cookie,
@@ -934,8 +963,7 @@ mod tests {
 
     #[test]
     fn the_peers_writes_and_deletes_are_not_sent_back() {
-        let (_t, c) = config(&format!("stable_ms = 0\n{PEER}"));
-        let mut f = Filter::new(&c);
+        let (_t, mut f, _) = two_way();
         let t0 = Instant::now();
         f.push_batch(
             &raw(
@@ -966,12 +994,11 @@ mod tests {
 
     #[test]
     fn a_delete_into_a_backup_dir_not_watched_yet_is_still_the_peers() {
-        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
-        let backup = t.path().join("src/.syncbus/backup");
+        let (_t, mut f, src) = two_way();
+        let backup = src.join(".syncbus/backup");
         std::fs::create_dir_all(backup.join("d/e")).unwrap();
         std::fs::write(backup.join("d/e/g"), "g").unwrap();
         std::fs::write(backup.join("d/h"), "h").unwrap();
-        let mut f = Filter::new(&c);
         let t0 = Instant::now();
         let mut dir = ev(RawKind::Create, ".syncbus/backup/d");
         dir.dir = true;
@@ -996,13 +1023,11 @@ mod tests {
     fn a_replaced_file_in_a_new_backup_dir_is_not_a_delete() {
         // rsync hard-links what it replaces into the backup: the path stays in the
         // tree, and a later move of it here is the user's (found in review).
-        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
-        let src = t.path().join("src");
+        let (_t, mut f, src) = two_way();
         std::fs::create_dir_all(src.join(".syncbus/backup/d")).unwrap();
         std::fs::create_dir_all(src.join("d")).unwrap();
         std::fs::write(src.join(".syncbus/backup/d/f"), "old").unwrap();
         std::fs::write(src.join("d/f"), "new").unwrap();
-        let mut f = Filter::new(&c);
         let t0 = Instant::now();
         let mut dir = ev(RawKind::Create, ".syncbus/backup/d");
         dir.dir = true;
@@ -1025,9 +1050,7 @@ mod tests {
 
     #[test]
     fn a_change_made_while_the_peers_copy_was_in_flight_goes_back_if_newer() {
-        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
-        let src = t.path().join("src");
-        std::fs::create_dir_all(src.join(".syncbus/backup")).unwrap();
+        let (_t, mut f, src) = two_way();
         let at = |secs| std::time::UNIX_EPOCH + Duration::from_secs(secs);
         // The peer's copy (older) replaced this side's edit (newer), which rsync
         // hard-linked into the backup.
@@ -1039,7 +1062,6 @@ mod tests {
             .set_modified(at(1_000_000))
             .unwrap();
         std::fs::write(src.join(".syncbus/backup/f"), "ours").unwrap();
-        let mut f = Filter::new(&c);
         let t0 = Instant::now();
         f.push_batch(
             &raw(
@@ -1057,8 +1079,8 @@ mod tests {
 
     #[test]
     fn a_copy_the_peer_sends_again_after_a_delete_here_is_deleted_again() {
-        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
-        let file = t.path().join("src/twice");
+        let (_t, mut f, src) = two_way();
+        let file = src.join("twice");
         let land = |f: &mut Filter, seq: u64, cookie: u32, at: Instant| {
             std::fs::write(&file, "the peer's copy").unwrap();
             std::fs::File::options()
@@ -1078,7 +1100,6 @@ mod tests {
                 at,
             );
         };
-        let mut f = Filter::new(&c);
         let t0 = Instant::now();
         land(&mut f, 1, 51, t0);
         assert!(f.ready(t0 + Duration::from_millis(50)).is_empty());
@@ -1106,10 +1127,7 @@ mod tests {
 
     #[test]
     fn the_delivery_of_an_earlier_version_does_not_cover_a_later_one() {
-        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
-        let src = t.path().join("src");
-        std::fs::create_dir_all(src.join(".syncbus/backup")).unwrap();
-        let mut f = Filter::new(&c);
+        let (_t, mut f, src) = two_way();
         let t0 = Instant::now();
         f.push_batch(&raw(1, vec![ev(RawKind::CloseWrite, "v")]), t0);
         assert_eq!(paths(&f.ready(t0 + Duration::from_millis(50))), vec!["v"]);
@@ -1119,23 +1137,7 @@ mod tests {
         f.push_batch(&raw(2, vec![ev(RawKind::CloseWrite, "v")]), t1);
         assert_eq!(paths(&f.ready(t1 + Duration::from_millis(50))), vec!["v"]);
         // The run that began before the second version was published reports.
-        f.delivered(&wire::Delivery {
-            version: wire::VERSION,
-            epoch: 1,
-            seq: 1,
-            target: "peer".into(),
-            root: "r".into(),
-            ok: true,
-            time_us: 0,
-            paths: vec![wire::Delivered {
-                path: "v".into(),
-                since_us: 0,
-            }],
-            resyncs: Vec::new(),
-            attempt: 0,
-            error: String::new(),
-            started_us,
-        });
+        f.delivered(&delivery("v", started_us));
         std::fs::write(src.join(".syncbus/backup/v"), "second").unwrap();
         let t2 = t1 + Duration::from_millis(200);
         f.push_batch(
@@ -1153,10 +1155,7 @@ mod tests {
 
     #[test]
     fn a_delete_from_the_peer_that_races_a_local_change_is_taken_back() {
-        let (t, c) = config(&format!("stable_ms = 0\n{PEER}"));
-        let src = t.path().join("src");
-        std::fs::create_dir_all(src.join(".syncbus/backup")).unwrap();
-        let mut f = Filter::new(&c);
+        let (_t, mut f, src) = two_way();
         let t0 = Instant::now();
         // Changed here and published: then the peer's delete arrives (its rsync moved
         // the file into the backup dir).
@@ -1181,23 +1180,7 @@ mod tests {
         // A delete of a change the peer already had is the peer's to make.
         f.push_batch(&raw(3, vec![ev(RawKind::CloseWrite, "old")]), t1);
         assert_eq!(paths(&f.ready(t1 + Duration::from_millis(50))), vec!["old"]);
-        f.delivered(&wire::Delivery {
-            version: wire::VERSION,
-            epoch: 1,
-            seq: 1,
-            target: "peer".into(),
-            root: "r".into(),
-            ok: true,
-            time_us: 0,
-            paths: vec![wire::Delivered {
-                path: "old".into(),
-                since_us: 0,
-            }],
-            resyncs: Vec::new(),
-            attempt: 0,
-            error: String::new(),
-            started_us: 0,
-        });
+        f.delivered(&delivery("old", 0));
         std::fs::write(src.join(".syncbus/backup/old"), "old").unwrap();
         let late = t1 + Duration::from_millis(100);
         f.push_batch(
