@@ -53,6 +53,8 @@ pub struct FullDone {
     kind: FullKind,
     job_ids: Vec<u64>,
     result: RunResult,
+    /// When the run began (µs since the Unix epoch; 0 when it never ran).
+    started_us: u64,
 }
 
 /// What the full lane does for a root.
@@ -1292,6 +1294,7 @@ fn full_lane(
                     outcome: Outcome::Success,
                     error: String::new(),
                 },
+                started_us: 0,
             };
             if tx.send(Job::FullDone(Arc::new(done))).is_err() {
                 break;
@@ -1370,6 +1373,7 @@ fn full_lane(
             kind,
             job_ids: req.job_ids,
             result,
+            started_us,
         };
         if tx.send(Job::FullDone(Arc::new(done))).is_err() {
             break;
@@ -1547,14 +1551,20 @@ impl Worker {
                 }
                 continue;
             }
-            if work.resyncs.contains(&PathBytes::root()) {
-                // A whole-root resync absorbed everything else of the root.
-                let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
-                self.start_full(&root, FullKind::Full { excludes }, covers, work.since_us);
-                continue;
-            }
             let mut work = work;
             let mut covers = covers;
+            if work.resyncs.contains(&PathBytes::root()) {
+                // A whole-root resync absorbed everything else of the root, except a
+                // two-way target's deletes (its compares make none): those go live.
+                let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
+                let covers = std::mem::take(&mut covers);
+                self.start_full(&root, FullKind::Full { excludes }, covers, work.since_us);
+                if !work.keep_deletes || work.paths.is_empty() {
+                    continue;
+                }
+                work.resyncs.clear();
+                work.catch_up = None;
+            }
             if let Some(since_us) = work.catch_up.take() {
                 // The catch-up walks the tree: the full lane's. The journal jobs go
                 // with the live part when there is one (a failure of either is
@@ -1737,7 +1747,7 @@ impl Worker {
     }
 
     fn full_finished(&mut self, done: &FullDone, intake: &mut Intake) {
-        self.reporter.run_started_us = 0;
+        self.reporter.run_started_us = done.started_us;
         let state = self.full.remove(&done.root);
         let since_us = state.as_ref().map_or(0, |s| s.since_us);
         let whole = [PathBytes::root()];

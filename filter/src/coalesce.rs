@@ -242,6 +242,13 @@ impl Coalescer {
         self.undo_move(root, cookie).map(|(_, held)| held)
     }
 
+    /// A change of `path` other than a delete is held.
+    pub fn holds_change(&self, root: &str, path: &PathBytes) -> bool {
+        self.entries
+            .get(&(root.to_string(), path.clone()))
+            .is_some_and(|e| e.net != Net::Delete)
+    }
+
     /// A delete of `path` is held.
     pub fn pending_delete(&self, root: &str, path: &PathBytes) -> bool {
         self.entries

@@ -415,8 +415,10 @@ impl Filter {
         let current = stat_of(&file);
         let key = (root.to_string(), path.clone());
         let tw = &mut self.two_way;
-        let deleted_since =
-            tw.deleted_here.contains_key(&key) || self.coalescer.pending_delete(root, path);
+        // Deleted here and not written again since (a change held here, or published:
+        // that one clears `deleted_here`, found in review).
+        let deleted_since = self.coalescer.pending_delete(root, path)
+            || (tw.deleted_here.contains_key(&key) && !self.coalescer.holds_change(root, path));
         let same = tw.received.get(&key).is_some_and(|(s, t)| {
             current.is_some() && *s == current && now.duration_since(*t) < STALE_FOR
         });
@@ -573,19 +575,29 @@ impl Filter {
         if c.op == Op::Move {
             self.two_way.snapshots.remove(&key);
         }
-        if state.root.two_way && c.op == Op::Delete {
-            self.two_way.deleted_here.insert(key.clone(), now);
+        if state.root.two_way {
+            if c.op == Op::Delete {
+                self.two_way.deleted_here.insert(key.clone(), now);
+            } else {
+                self.two_way.deleted_here.remove(&key);
+            }
         }
         if state.root.two_way && matches!(c.op, Op::Upsert | Op::Move) {
             let tw = &mut self.two_way;
             if tw.undelivered.len() >= MAX_UNDELIVERED {
                 // The older half goes at once (one pass per MAX/2 publishes, not one
                 // per publish: found in review).
-                let mut times: Vec<Instant> = tw.undelivered.values().map(|(t, _)| *t).collect();
-                let mid = times.len() / 2;
-                let (_, cut, _) = times.select_nth_unstable(mid);
-                let cut = *cut;
-                tw.undelivered.retain(|_, (t, _)| *t > cut);
+                // Exactly half: many share one `Instant` (one `ready` call).
+                let mut by_time: Vec<(Instant, (String, PathBytes))> = tw
+                    .undelivered
+                    .iter()
+                    .map(|(k, (t, _))| (*t, k.clone()))
+                    .collect();
+                let mid = by_time.len() / 2;
+                by_time.select_nth_unstable_by_key(mid, |(t, _)| *t);
+                for (_, k) in by_time.drain(..mid) {
+                    tw.undelivered.remove(&k);
+                }
             }
             tw.undelivered.insert(key, (now, protocol::now_us()));
         }
@@ -1110,11 +1122,21 @@ mod tests {
         assert!(!file.exists(), "the delete made here stands");
         let out = f.ready(t0 + Duration::from_millis(100));
         assert_eq!(out[0].1[0].op, Op::Delete);
+        // Written here again (and published) before a third repeat lands: no longer
+        // deleted here, so the copy is the peer's and the file stays (found in review).
+        std::fs::write(&file, "mine again").unwrap();
+        f.push_batch(&raw(4, vec![ev(RawKind::CloseWrite, "twice")]), t0);
+        assert_eq!(
+            paths(&f.ready(t0 + Duration::from_millis(150))),
+            vec!["twice"]
+        );
+        land(&mut f, 5, 54, t0 + Duration::from_millis(160));
+        assert!(file.exists(), "a file written here again is not deleted");
         // A new copy from the peer (another mtime) is a change of its own: it stays.
         std::fs::write(&file, "new").unwrap();
         f.push_batch(
             &raw(
-                4,
+                6,
                 vec![
                     mv(RawKind::MovedFrom, ".syncbus/incoming/twice.Zz99Yy", 53),
                     mv(RawKind::MovedTo, "twice", 53),

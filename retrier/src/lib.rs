@@ -398,7 +398,15 @@ impl Retrier<'_> {
                     .max()
                     .unwrap_or(0)
                     + u32::from(!rep.error.is_empty());
-                let work = policy::collapse(policy::merge([rep.work]), self.config.retry.max_paths);
+                // A two-way target's paths may be deletes, which its compares do not
+                // make: never folded into a compare, so its backlog is not collapsed.
+                let two_way = self.config.target(&rep.target).is_some_and(|t| t.two_way);
+                let merged = policy::merge([rep.work], two_way);
+                let work = if two_way {
+                    merged
+                } else {
+                    policy::collapse(merged, self.config.retry.max_paths)
+                };
                 let rec = Record {
                     target: rep.target.clone(),
                     root: rep.root.clone(),
@@ -589,7 +597,8 @@ impl Retrier<'_> {
             msg.root = root.clone();
             msg.job_ids = ids.clone();
             msg.attempt = attempt;
-            msg.work = policy::merge(parts);
+            let two_way = self.config.target(target).is_some_and(|t| t.two_way);
+            msg.work = policy::merge(parts, two_way);
             tracing::debug!(target, root = %root, jobs = ids.len(), paths = msg.work.len(), attempt, "sending jobs");
             self.send(publisher, msg)?;
             for id in ids {

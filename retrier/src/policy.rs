@@ -21,8 +21,10 @@ pub fn next_attempt(policy: &Retry, attempt: u32, unit: f64) -> Duration {
 }
 
 /// Merges `parts` into one piece of work: subtrees absorb the paths and subtrees
-/// inside them. Cron excludes are kept only when every part is the same full sync.
-pub fn merge(parts: impl IntoIterator<Item = Work>) -> Work {
+/// inside them — unless `keep_paths` (a two-way target, whose compares never delete:
+/// a path may be a delete). Cron excludes are kept only when every part is the same
+/// full sync.
+pub fn merge(parts: impl IntoIterator<Item = Work>, keep_paths: bool) -> Work {
     let mut resyncs: BTreeSet<PathBytes> = BTreeSet::new();
     let mut paths: BTreeSet<PathBytes> = BTreeSet::new();
     let mut excludes: Option<Vec<String>> = None;
@@ -47,7 +49,9 @@ pub fn merge(parts: impl IntoIterator<Item = Work>) -> Work {
         .filter(|s| !resyncs.iter().any(|o| o != *s && s.is_within(o)))
         .cloned()
         .collect();
-    paths.retain(|p| !top.iter().any(|s| p.is_within(s)));
+    if !keep_paths {
+        paths.retain(|p| !top.iter().any(|s| p.is_within(s)));
+    }
     // A resync of the whole root covers a catch-up.
     if top.iter().any(PathBytes::is_root) {
         catch_up = 0;
@@ -84,13 +88,16 @@ pub fn collapse(work: Work, max: usize) -> Work {
         }
         let keep_paths = work.paths.into_iter().filter(|p| depth(p) != d);
         let keep_resyncs = work.resyncs.into_iter().filter(|p| depth(p) != d);
-        work = merge([Work {
-            resyncs: keep_resyncs.chain(dirs).collect(),
-            paths: keep_paths.collect(),
-            excludes: work.excludes,
-            catch_up_us: work.catch_up_us,
-            since_us: work.since_us,
-        }]);
+        work = merge(
+            [Work {
+                resyncs: keep_resyncs.chain(dirs).collect(),
+                paths: keep_paths.collect(),
+                excludes: work.excludes,
+                catch_up_us: work.catch_up_us,
+                since_us: work.since_us,
+            }],
+            false,
+        );
     }
     work
 }
@@ -128,19 +135,26 @@ mod tests {
 
     #[test]
     fn merge_lets_subtrees_absorb_what_lies_inside() {
-        let w = merge([
-            Work {
-                paths: vec![p("a/x"), p("b/y")],
-                ..Default::default()
-            },
-            Work {
-                resyncs: vec![p("a"), p("a/deep")],
-                paths: vec![p("b/y"), p("c")],
-                ..Default::default()
-            },
-        ]);
+        let parts = || {
+            [
+                Work {
+                    paths: vec![p("a/x"), p("b/y")],
+                    ..Default::default()
+                },
+                Work {
+                    resyncs: vec![p("a"), p("a/deep")],
+                    paths: vec![p("b/y"), p("c")],
+                    ..Default::default()
+                },
+            ]
+        };
+        let w = merge(parts(), false);
         assert_eq!(w.resyncs, vec![p("a")]);
         assert_eq!(w.paths, vec![p("b/y"), p("c")]);
+        // A two-way target's: a path may be a delete, which its compares do not make.
+        let w = merge(parts(), true);
+        assert_eq!(w.resyncs, vec![p("a")]);
+        assert_eq!(w.paths, vec![p("a/x"), p("b/y"), p("c")]);
     }
 
     #[test]
@@ -150,12 +164,15 @@ mod tests {
             excludes: vec!["*.log".into()],
             ..Default::default()
         };
-        assert_eq!(merge([cron.clone(), cron.clone()]).excludes, vec!["*.log"]);
+        assert_eq!(
+            merge([cron.clone(), cron.clone()], false).excludes,
+            vec!["*.log"]
+        );
         let live = Work {
             paths: vec![p("x.log")],
             ..Default::default()
         };
-        assert!(merge([cron, live]).excludes.is_empty());
+        assert!(merge([cron, live], false).excludes.is_empty());
     }
 
     #[test]
@@ -165,12 +182,12 @@ mod tests {
             since_us: 0,
             ..Default::default()
         };
-        assert_eq!(merge([c(5), c(0), c(3)]).catch_up_us, 3);
+        assert_eq!(merge([c(5), c(0), c(3)], false).catch_up_us, 3);
         let whole = Work {
             resyncs: vec![PathBytes::root()],
             ..Default::default()
         };
-        assert_eq!(merge([c(5), whole]).catch_up_us, 0);
+        assert_eq!(merge([c(5), whole], false).catch_up_us, 0);
     }
 
     #[test]
