@@ -591,6 +591,7 @@ mod tests {
             bwlimit: None,
             extra_args: vec!["--chmod=D755".into()],
             two_way: false,
+            conflict_copies: false,
         }
     }
 

@@ -798,6 +798,15 @@ impl Runner {
             },
         );
         let out = out.into_inner().unwrap_or_default();
+        let mut result = result;
+        if self.target.two_way
+            && result.outcome == Outcome::Fatal
+            && result.error.contains("temp-dir does not exist")
+        {
+            // The peer's syncbus makes its `.syncbus/incoming` when it starts: not a
+            // usage error, a peer not ready yet (found when both sides start at once).
+            result.outcome = Outcome::Retry;
+        }
         self.count_run(&result, out.sent);
         if let Some(c) = capture {
             *c = out.kept;
@@ -1860,6 +1869,11 @@ impl Worker {
                 return Some((rest, result));
             }
             tracing::debug!(target = %self.target.name, root, paths = work.paths.len(), duration_ms = started.elapsed().as_millis() as u64, "batch sent");
+            if tracing::enabled!(tracing::Level::TRACE) {
+                for (p, t) in &work.paths {
+                    tracing::trace!(target = %self.target.name, root, path = %p, deleted = t.deleted, "sent");
+                }
+            }
         }
         None
     }

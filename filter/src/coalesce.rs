@@ -180,10 +180,7 @@ impl Coalescer {
                 if let Some(Net::Move(earlier)) = self.entries.get(&key).map(|e| e.net.clone()) {
                     if net != Net::Move(earlier.clone()) {
                         let from_key = (key.0.clone(), earlier);
-                        if !self.entries.contains_key(&from_key) {
-                            let d = self.touch(from_key, since_us, now, false);
-                            d.net = Net::Delete;
-                        }
+                        self.source_gone(from_key, false, since_us, now);
                     }
                 }
                 // Never `created`: a rename over an existing file (or one from an
@@ -206,16 +203,27 @@ impl Coalescer {
         self.remove_keeping_sources(&(root.to_string(), path.clone()), now);
     }
 
+    /// A move's source, no longer carried by the move, is owed to the targets as a
+    /// delete. If something new is held there already, that path still existed on the
+    /// targets: it is not `created`, so deleting it again must reach them (found by the
+    /// two-way random test).
+    fn source_gone(&mut self, from_key: Key, dir: bool, since_us: u64, now: Instant) {
+        match self.entries.get_mut(&from_key) {
+            Some(e) => e.created = false,
+            None => {
+                let d = self.touch(from_key, since_us, now, false);
+                d.net = Net::Delete;
+                d.dir = dir;
+            }
+        }
+    }
+
     /// Removes `key`'s entry; if it was a move, its source is still gone (a delete).
     fn remove_keeping_sources(&mut self, key: &Key, now: Instant) -> Option<Entry> {
         let e = self.entries.remove(key)?;
         if let Net::Move(from) = &e.net {
             let from_key = (key.0.clone(), from.clone());
-            if !self.entries.contains_key(&from_key) {
-                let d = self.touch(from_key, e.since_us, now, false);
-                d.net = Net::Delete;
-                d.dir = e.dir;
-            }
+            self.source_gone(from_key, e.dir, e.since_us, now);
         }
         Some(e)
     }
@@ -294,11 +302,7 @@ impl Coalescer {
             Some((_, Net::Move(from))) => {
                 // The move's destination is gone again: the source is gone as well.
                 let from_key = (key.0.clone(), from);
-                if !self.entries.contains_key(&from_key) {
-                    let e = self.touch(from_key, since_us, now, false);
-                    e.net = Net::Delete;
-                    e.dir = dir;
-                }
+                self.source_gone(from_key, dir, since_us, now);
                 let e = self.touch(key, since_us, now, false);
                 e.net = Net::Delete;
                 e.recursive = false;
@@ -656,6 +660,28 @@ mod tests {
         s.c.forget("r", &"b".into(), now);
         s.at_ms(200);
         assert_eq!(s.out(), vec![del("a")]);
+    }
+
+    #[test]
+    fn a_source_made_again_and_moved_away_after_its_move_was_forgotten_is_deleted() {
+        let mut s = Sim::new();
+        s.f(RawKind::CloseWrite, "a").at_ms(100);
+        s.out();
+        s.ev(RawKind::MovedFrom, "a", false, 1)
+            .ev(RawKind::MovedTo, "b", false, 1)
+            .f(RawKind::Create, "a")
+            .f(RawKind::CloseWrite, "a");
+        let now = s.now;
+        s.c.forget("r", &"b".into(), now);
+        s.ev(RawKind::MovedFrom, "a", false, 2)
+            .ev(RawKind::MovedTo, "c", false, 2)
+            .at_ms(200);
+        let out = s.out();
+        assert!(
+            out.contains(&(Op::Move, "c".into(), Some("a".into()), false))
+                || out.contains(&del("a")),
+            "the first a must go from the targets: {out:?}"
+        );
     }
 
     #[test]

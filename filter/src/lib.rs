@@ -149,6 +149,14 @@ fn files_below(base: &std::path::Path, rel: Vec<u8>, out: &mut Vec<Vec<u8>>) {
     }
 }
 
+/// `DIR/NAME.conflict-<UTC time>` for `DIR/NAME` (bytes kept as they are).
+fn conflict_name(file: &std::path::Path, at: std::time::SystemTime) -> std::path::PathBuf {
+    let stamp = chrono::DateTime::<chrono::Utc>::from(at).format("%Y%m%dT%H%M%SZ");
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".conflict-{stamp}"));
+    file.with_file_name(name)
+}
+
 /// Size, mtime seconds and nanoseconds of a file.
 type Stat = (u64, i64, i64);
 
@@ -511,6 +519,18 @@ impl Filter {
                         tracing::warn!(root, path = %path, error = %e, "could not put back a newer change the peer's copy replaced (it is in the backup dir)")
                     }
                 }
+            } else if state.root.conflict_copies {
+                // A change made here lost to a newer one of the peer: a conflict. Its
+                // copy beside the file is a new file here, and goes to the peer too.
+                let copy = conflict_name(&here, std::time::SystemTime::now());
+                match std::fs::hard_link(&kept, &copy) {
+                    Ok(()) => {
+                        tracing::info!(root, path = %path, "a change made here lost to a newer one of the peer; kept it as a conflict copy")
+                    }
+                    Err(e) => {
+                        tracing::warn!(root, path = %path, error = %e, "could not keep a conflict copy (the losing change is in the backup dir)")
+                    }
+                }
             }
         }
     }
@@ -694,6 +714,9 @@ impl Publisher {
                     resyncs,
                     "publishing changes"
                 );
+                for c in &chunk {
+                    tracing::trace!(root, op = ?c.op, path = %c.path, from = ?c.from.as_ref().map(|f| f.to_string()), "published");
+                }
             }
             let msg = ChangeBatch {
                 version: wire::VERSION,

@@ -135,6 +135,7 @@ struct RawTarget {
     #[serde(default)]
     ssh_options: Vec<Spanned<String>>,
     two_way: Option<Spanned<bool>>,
+    losers: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -232,6 +233,9 @@ pub struct Root {
     /// Bound to a two-way target: writes and deletes the peer made here are recognised
     /// and not sent back, and [`TWO_WAY_DIR`] is left out.
     pub two_way: bool,
+    /// Two-way: a change made here that lost to a newer one of the peer is also kept
+    /// as `NAME.conflict-<UTC time>` beside it (and synced), not only in the backup.
+    pub conflict_copies: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -248,6 +252,8 @@ pub struct Target {
     /// its two-way target): newest wins (`--update`), whole-tree compares never
     /// delete, and what a run replaces or deletes is kept in the peer's backup dir.
     pub two_way: bool,
+    /// `losers = "copy"`: see [`Root::conflict_copies`].
+    pub conflict_copies: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -559,6 +565,9 @@ impl Validator<'_> {
             root.two_way = targets
                 .iter()
                 .any(|t| t.two_way && t.roots.contains(&root.name));
+            root.conflict_copies = targets
+                .iter()
+                .any(|t| t.conflict_copies && t.roots.contains(&root.name));
             if root.two_way {
                 if !stable_given {
                     root.stable = Duration::from_millis(DEFAULT_STABLE_MS);
@@ -754,6 +763,7 @@ impl Validator<'_> {
                 .map(|p| ("identity_file", p.span())),
             raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
             raw.two_way.as_ref().map(|p| ("two_way", p.span())),
+            raw.losers.as_ref().map(|p| ("losers", p.span())),
         ];
         for (key, span) in rsync_only.into_iter().flatten() {
             self.error(span, k(key), "not for command targets");
@@ -790,6 +800,7 @@ impl Validator<'_> {
             bwlimit: None,
             extra_args: Vec::new(),
             two_way: false,
+            conflict_copies: false,
         })
     }
 
@@ -897,6 +908,7 @@ impl Validator<'_> {
                 .map(|p| ("identity_file", p.span())),
             raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
             raw.two_way.as_ref().map(|p| ("two_way", p.span())),
+            raw.losers.as_ref().map(|p| ("losers", p.span())),
             raw.paths.as_ref().map(|p| ("paths", p.span())),
         ];
         for (key, span) in not_here.into_iter().flatten() {
@@ -958,6 +970,7 @@ impl Validator<'_> {
             bwlimit: None,
             extra_args: Vec::new(),
             two_way: false,
+            conflict_copies: false,
         })
     }
 
@@ -1078,6 +1091,7 @@ impl Validator<'_> {
             max_hold: Duration::from_millis(max_hold),
             stable: Duration::from_millis(raw.stable_ms.map_or(0, |s| s.into_inner())),
             two_way: false,
+            conflict_copies: false,
         }
     }
 
@@ -1241,6 +1255,29 @@ impl Validator<'_> {
                 );
             }
         }
+        let conflict_copies = match &raw.losers {
+            None => false,
+            Some(l) if !two_way => {
+                self.error(
+                    l.span(),
+                    k("losers"),
+                    "only for two-way targets (`two_way = true`)",
+                );
+                false
+            }
+            Some(l) => match l.get_ref().as_str() {
+                "backup" => false,
+                "copy" => true,
+                other => {
+                    self.error(
+                        l.span(),
+                        k("losers"),
+                        format!("`{other}`: `backup` (kept in .syncbus/backup/) or `copy` (also beside the file)"),
+                    );
+                    false
+                }
+            },
+        };
         for (j, a) in raw.extra_args.iter().enumerate() {
             let arg = a.get_ref();
             const OURS: &[&str] = &[
@@ -1283,6 +1320,7 @@ impl Validator<'_> {
             bwlimit: raw.bwlimit.map(|b| b.into_inner()),
             extra_args: raw.extra_args.into_iter().map(|a| a.into_inner()).collect(),
             two_way,
+            conflict_copies,
         })
     }
 }

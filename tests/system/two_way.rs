@@ -70,6 +70,11 @@ struct Pair {
 impl Pair {
     /// Both sides running, each with `root_extra` in its `[[root]]` table.
     fn start(root_extra: &str) -> Pair {
+        Pair::start_with(root_extra, "")
+    }
+
+    /// `start`, with `target_extra` in each side's two-way `[[target]]` table too.
+    fn start_with(root_extra: &str, target_extra: &str) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let mut daemons = Vec::new();
         let mut sides = Vec::new();
@@ -86,7 +91,7 @@ impl Pair {
                 format!(
                     "[bus]\nruntime_dir = \"run-{name}\"\n\n[retry]\nstate_dir = \"state-{name}\"\n\n\
                      [metrics]\nlisten = \"127.0.0.1:0\"\n\n[[root]]\nname = \"r\"\npath = \"{name}\"\n\
-                     {root_extra}\n\n[[target]]\nname = \"peer\"\nurl = \"{}\"\ntwo_way = true\ntimeout = 10\n",
+                     {root_extra}\n\n[[target]]\nname = \"peer\"\nurl = \"{}\"\ntwo_way = true\ntimeout = 10\n{target_extra}\n",
                     peer.url()
                 ),
             )
@@ -251,6 +256,41 @@ fn concurrent_edits_resolve_to_the_newest_on_both_sides() {
         fs::read_to_string(b.p(".syncbus/backup/other")).unwrap(),
         "b's older edit"
     );
+}
+
+/// `losers = "copy"`: the losing edit of a conflict is also kept beside the file, on
+/// both sides; an ordinary update leaves no copy.
+#[test]
+fn a_conflict_leaves_a_copy_of_the_losing_edit_when_asked_to() {
+    let pair = Pair::start_with("", "losers = \"copy\"");
+    let (a, b) = (&pair.a, &pair.b);
+    fs::write(a.p("plain"), "one").unwrap();
+    pair.wait("plain on b", || b.p("plain").exists().then_some(()));
+    fs::write(a.p("plain"), "two").unwrap();
+    let now = SystemTime::now();
+    fs::write(a.p("both"), "a's older edit").unwrap();
+    set_mtime(&a.p("both"), now - Duration::from_secs(5));
+    fs::write(b.p("both"), "b's newer edit").unwrap();
+    set_mtime(&b.p("both"), now);
+    let copies = |s: &Side| -> Vec<String> {
+        fs::read_dir(&s.root)
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.ok()?.file_name().into_string().ok()?;
+                n.contains(".conflict-").then_some(n)
+            })
+            .collect()
+    };
+    let copy = pair.wait("a conflict copy on both sides", || {
+        let (ca, cb) = (copies(a), copies(b));
+        (ca.len() == 1 && ca == cb).then(|| ca[0].clone())
+    });
+    pair.converge();
+    assert!(copy.starts_with("both.conflict-"), "{copy}");
+    assert_eq!(fs::read_to_string(a.p(&copy)).unwrap(), "a's older edit");
+    assert_eq!(fs::read_to_string(b.p("both")).unwrap(), "b's newer edit");
+    assert_eq!(fs::read_to_string(b.p("plain")).unwrap(), "two");
+    assert_eq!(copies(a), vec![copy], "an ordinary update made no copy");
 }
 
 /// A large file written slowly (open for seconds, pauses shorter than the rest time)
