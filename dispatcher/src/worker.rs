@@ -702,6 +702,11 @@ impl Runner {
         // `--update` kept the peer's copy of a file dated older here than there (a
         // rename or a restore of an old file): newest wins here too, so fetch it.
         let old = old_dated(&info.path, paths);
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for (p, t) in paths {
+                tracing::trace!(target = %self.target.name, root, path = %p, since_us = t.since_us, old_dated = old.contains_key(p), "fetch-back check");
+            }
+        }
         if old.is_empty() {
             return pushed;
         }
@@ -2210,5 +2215,40 @@ mod tests {
         assert!(g.matches(&"docs/a.md".into()));
         assert!(!g.matches(&"docs/sub/a.md".into()));
         assert!(!g.matches(&"a.htm".into()));
+    }
+}
+
+#[cfg(test)]
+mod old_dated_tests {
+    use super::*;
+
+    #[test]
+    fn a_file_dated_before_its_change_is_fetched_back() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("old"), "o").unwrap();
+        std::fs::write(t.path().join("new"), "n").unwrap();
+        let five_ago = std::time::SystemTime::now() - Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(t.path().join("old"))
+            .unwrap()
+            .set_modified(five_ago)
+            .unwrap();
+        let touch = Touch {
+            deleted: false,
+            since_us: protocol::now_us(),
+        };
+        let paths: BTreeMap<PathBytes, Touch> = [
+            ("old".into(), touch),
+            ("new".into(), touch),
+            ("gone".into(), touch),
+        ]
+        .into_iter()
+        .collect();
+        let got: Vec<String> = old_dated(t.path(), &paths)
+            .keys()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(got, vec!["old"]);
     }
 }

@@ -102,6 +102,9 @@ struct TwoWay {
     /// a stale repeat (two of its runs carried it), and the delete stands.
     received: HashMap<(String, PathBytes), (Option<Stat>, Instant)>,
     deleted_here: HashMap<(String, PathBytes), Instant>,
+    /// Local changes reported delivered lately: when the run ended (µs since the Unix
+    /// epoch), to tell a copy the peer made before it from one made after.
+    delivered_at: HashMap<(String, PathBytes), (u64, Instant)>,
     /// Paths found in the backup before their `moved_from` was read (the peer's
     /// rsync moved them into a backup directory this side did not watch yet).
     backed_up: HashMap<(String, PathBytes), Instant>,
@@ -155,6 +158,13 @@ fn conflict_name(file: &std::path::Path, at: std::time::SystemTime) -> std::path
     let mut name = file.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".conflict-{stamp}"));
     file.with_file_name(name)
+}
+
+/// A file's mtime in µs since the Unix epoch.
+fn mtime_us(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some(m.mtime().max(0) as u64 * 1_000_000 + m.mtime_nsec() as u64 / 1000)
 }
 
 /// Size, mtime seconds and nanoseconds of a file.
@@ -389,11 +399,16 @@ impl Filter {
                         let key = (ev.root.clone(), ev.path.clone());
                         let held = self.coalescer.take_held(&ev.root, &ev.path, now);
                         let undelivered = tw.undelivered.remove(&key).is_some();
+                        // Delivered, but after the peer made its copy: the peer had not
+                        // seen it (a conflict), unlike an edit made over it there.
+                        let crossed = tw.delivered_at.remove(&key).is_some_and(|(at_us, _)| {
+                            self.roots.get(&ev.root).is_some_and(|r| {
+                                mtime_us(&ev.path.under(&r.root.path)).is_some_and(|m| m < at_us)
+                            })
+                        });
                         tw.snapshots.remove(&key);
                         *tw.echoes.entry(ev.root.clone()).or_default() += 1;
-                        if held || undelivered {
-                            self.keep_newer(&ev.root, &ev.path);
-                        }
+                        self.keep_newer(&ev.root, &ev.path, held || undelivered || crossed);
                         return true;
                     }
                 }
@@ -494,42 +509,61 @@ impl Filter {
         }
     }
 
-    /// The peer's copy of `path` just replaced one changed here that had not reached
-    /// the peer: if the replaced copy (hard-linked into the backup) is the newer, it
-    /// goes back in place, and from there to the peer.
-    fn keep_newer(&self, root: &str, path: &PathBytes) {
+    /// The peer's copy of `path` just replaced the one here (which rsync hard-linked
+    /// into the backup). If the replaced copy is the newer, it goes back in place, and
+    /// from there to the peer: rsync's `--update` compares whole seconds, and checks
+    /// when its run begins, so an edit made here within the same second, or while the
+    /// copy was in flight, would lose. `conflict`: the replaced copy was a change made
+    /// here that had not reached the peer.
+    fn keep_newer(&self, root: &str, path: &PathBytes, conflict: bool) {
         use std::os::unix::fs::MetadataExt;
         let Some(state) = self.roots.get(root) else {
             return;
         };
         let here = path.under(&state.root.path);
         let kept = path.under(&state.root.path.join(protocol::config::TWO_WAY_BACKUP));
-        let mtime = |p: &std::path::Path| {
+        let times = |p: &std::path::Path| {
             std::fs::symlink_metadata(p)
                 .ok()
-                .map(|m| (m.mtime(), m.mtime_nsec()))
+                .map(|m| ((m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec())))
         };
-        if let (Some(theirs), Some(ours)) = (mtime(&here), mtime(&kept)) {
-            if ours > theirs {
-                match std::fs::rename(&kept, &here) {
-                    Ok(()) => {
-                        tracing::info!(root, path = %path, "the peer's copy replaced a newer change made here while it was in flight; put the newer one back")
-                    }
-                    Err(e) => {
-                        tracing::warn!(root, path = %path, error = %e, "could not put back a newer change the peer's copy replaced (it is in the backup dir)")
-                    }
+        let Some(((theirs, _), (ours, linked))) = times(&here).zip(times(&kept)) else {
+            return;
+        };
+        // Only a backup this run made (linked just now): an older one is of another
+        // replace or delete, long ago.
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if now_s - linked.0 > 5 {
+            return;
+        }
+        if ours > theirs {
+            match std::fs::rename(&kept, &here) {
+                Ok(()) => {
+                    // Dated now: a run of ours may have sent the peer's copy's bytes
+                    // under this file's old size and mtime (it was replaced under
+                    // rsync's feet), and the quick check must not take that for this.
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&here)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    tracing::info!(root, path = %path, "the peer's copy replaced a newer change made here while it was in flight; put the newer one back")
                 }
-            } else if state.root.conflict_copies {
-                // A change made here lost to a newer one of the peer: a conflict. Its
-                // copy beside the file is a new file here, and goes to the peer too.
-                let copy = conflict_name(&here, std::time::SystemTime::now());
-                match std::fs::hard_link(&kept, &copy) {
-                    Ok(()) => {
-                        tracing::info!(root, path = %path, "a change made here lost to a newer one of the peer; kept it as a conflict copy")
-                    }
-                    Err(e) => {
-                        tracing::warn!(root, path = %path, error = %e, "could not keep a conflict copy (the losing change is in the backup dir)")
-                    }
+                Err(e) => {
+                    tracing::warn!(root, path = %path, error = %e, "could not put back a newer change the peer's copy replaced (it is in the backup dir)")
+                }
+            }
+        } else if conflict && state.root.conflict_copies {
+            // A change made here lost to a newer one of the peer: a conflict. Its
+            // copy beside the file is a new file here, and goes to the peer too.
+            let copy = conflict_name(&here, std::time::SystemTime::now());
+            match std::fs::hard_link(&kept, &copy) {
+                Ok(()) => {
+                    tracing::info!(root, path = %path, "a change made here lost to a newer one of the peer; kept it as a conflict copy")
+                }
+                Err(e) => {
+                    tracing::warn!(root, path = %path, error = %e, "could not keep a conflict copy (the losing change is in the backup dir)")
                 }
             }
         }
@@ -558,6 +592,8 @@ impl Filter {
                 .retain(|_, (_, t)| now.duration_since(*t) < STALE_FOR);
             tw.deleted_here
                 .retain(|_, t| now.duration_since(*t) < STALE_FOR);
+            tw.delivered_at
+                .retain(|_, (_, t)| now.duration_since(*t) < STALE_FOR);
             tw.next_prune = Some(now + RACE_WINDOW);
         }
         let mut out = self.coalescer.pop_ready(now);
@@ -637,6 +673,7 @@ impl Filter {
             let key = (d.root.clone(), p.path.clone());
             if tw.undelivered.get(&key).is_some_and(|(_, us)| carried(*us)) {
                 tw.undelivered.remove(&key);
+                tw.delivered_at.insert(key, (d.time_us, Instant::now()));
             }
         }
         for sub in &d.resyncs {
