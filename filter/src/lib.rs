@@ -541,13 +541,17 @@ impl Filter {
         if ours > theirs {
             match std::fs::rename(&kept, &here) {
                 Ok(()) => {
-                    // Dated now: a run of ours may have sent the peer's copy's bytes
-                    // under this file's old size and mtime (it was replaced under
-                    // rsync's feet), and the quick check must not take that for this.
+                    // A microsecond later: a run of ours may have sent the peer's
+                    // copy's bytes under this file's size and mtime (it was replaced
+                    // under rsync's feet), and the quick check must not take that for
+                    // this. Still the newer of the two (not "now": clocks may differ).
+                    let later = std::time::UNIX_EPOCH
+                        + Duration::new(ours.0.max(0) as u64, ours.1.clamp(0, 999_999_999) as u32)
+                        + Duration::from_micros(1);
                     let _ = std::fs::File::options()
                         .write(true)
                         .open(&here)
-                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                        .and_then(|f| f.set_modified(later));
                     tracing::info!(root, path = %path, "the peer's copy replaced a newer change made here while it was in flight; put the newer one back")
                 }
                 Err(e) => {

@@ -235,13 +235,13 @@ fn changes_on_both_sides_converge_without_echoes() {
 fn concurrent_edits_resolve_to_the_newest_on_both_sides() {
     let pair = Pair::start("");
     let (a, b) = (&pair.a, &pair.b);
+    // Both written before either side lets them go (a file rests 1 s first), 1.2 s
+    // apart in mtime: in different seconds (rsync's `--update` compares whole
+    // seconds; within one, the newer edit is put back by the filter, but the loser may
+    // not stay in the backup), and too close for a restore of an old file, which is
+    // fetched back too (`a_conflict_leaves_a_copy…` covers that).
     let now = SystemTime::now();
-    // Both written before either side lets them go (a file rests 1 s first), 1.5 s
-    // apart in mtime: edits of the moment, not a restore of an old file (that one is
-    // fetched back too, and `a_conflict_leaves_a_copy…` covers it), and in different
-    // seconds (rsync's `--update` compares whole seconds; within one, the newer edit
-    // is put back by the filter, but the loser may not stay in the backup).
-    let older = now - Duration::from_millis(1500);
+    let older = now - Duration::from_millis(1200);
     fs::write(a.p("both"), "a's older edit").unwrap();
     set_mtime(&a.p("both"), older);
     fs::write(b.p("both"), "b's newer edit").unwrap();
@@ -294,8 +294,9 @@ fn a_conflict_leaves_a_copy_of_the_losing_edit_when_asked_to() {
     pair.wait("plain on b", || b.p("plain").exists().then_some(()));
     fs::write(a.p("plain"), "two").unwrap();
     let now = SystemTime::now();
+    // Dated well before its change: fetched back, which makes the conflict show here.
     fs::write(a.p("both"), "a's older edit").unwrap();
-    set_mtime(&a.p("both"), now - Duration::from_secs(5));
+    set_mtime(&a.p("both"), now - Duration::from_secs(10));
     fs::write(b.p("both"), "b's newer edit").unwrap();
     set_mtime(&b.p("both"), now);
     let copies = |s: &Side| -> Vec<String> {
