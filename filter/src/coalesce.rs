@@ -27,6 +27,10 @@ pub struct Timing {
     /// A closed file goes after [`CLOSED_SETTLE`] instead of the quiet window (off for
     /// roots whose files must rest first: an upload may close and open again).
     pub closed_settle: bool,
+    /// A path created and removed again inside the window is nothing to the targets
+    /// (off for two-way roots: the peer may have fetched it meanwhile; found by the
+    /// two-way random test).
+    pub forget_created: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,6 +281,7 @@ impl Coalescer {
         self.counter += 1;
         let gen = self.counter;
         let timing = self.timing_of(&key.0);
+        let created = created && timing.forget_created;
         let e = self.entries.entry(key.clone()).or_insert_with(|| Entry {
             net: Net::Upsert,
             created,
@@ -342,6 +347,7 @@ impl Coalescer {
             quiet: Duration::from_millis(protocol::config::DEFAULT_QUIET_MS),
             max_hold: Duration::from_millis(protocol::config::DEFAULT_MAX_HOLD_MS),
             closed_settle: true,
+            forget_created: true,
         })
     }
 
@@ -435,6 +441,7 @@ mod tests {
                     quiet: Q,
                     max_hold: HOLD,
                     closed_settle: true,
+                    forget_created: true,
                 },
             );
             let t0 = Instant::now();

@@ -228,6 +228,7 @@ impl Filter {
                         quiet: r.quiet.max(r.stable),
                         max_hold: r.max_hold.max(r.stable),
                         closed_settle: r.stable.is_zero(),
+                        forget_created: !r.two_way,
                     },
                 )
             })
@@ -1066,6 +1067,27 @@ mod tests {
         let out = f.ready(t0 + Duration::from_secs(2));
         assert_eq!(paths(&out), vec!["x", "mine"]);
         assert_eq!(f.take_echoes().get("r"), Some(&3));
+    }
+
+    #[test]
+    fn a_file_made_and_removed_inside_the_window_is_still_a_delete_on_a_two_way_root() {
+        // The peer may have fetched it meanwhile (a fetch-back of its own).
+        let (_t, mut f, _) = two_way();
+        let t0 = Instant::now();
+        f.push_batch(
+            &raw(
+                1,
+                vec![
+                    ev(RawKind::Create, "brief"),
+                    ev(RawKind::CloseWrite, "brief"),
+                    ev(RawKind::Delete, "brief"),
+                ],
+            ),
+            t0,
+        );
+        let out = f.ready(t0 + Duration::from_secs(1));
+        assert_eq!(paths(&out), vec!["brief"]);
+        assert_eq!(out[0].1[0].op, Op::Delete);
     }
 
     #[test]
