@@ -160,6 +160,27 @@ fn conflict_name(file: &std::path::Path, at: std::time::SystemTime) -> std::path
     file.with_file_name(name)
 }
 
+/// The backup holds one copy per path, which the peer's next replace or delete of
+/// the path would overwrite: the copy just made is renamed `NAME~<ns since the epoch>`
+/// at once (found in review of a CI run: a quick second replace lost a loser).
+fn keep_version(kept: &std::path::Path) {
+    if std::fs::symlink_metadata(kept).is_err() {
+        return;
+    }
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut name = kept.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("~{ns}"));
+    let _ = std::fs::rename(kept, kept.with_file_name(name));
+}
+
+/// A backup version made by [`keep_version`]: `~` and digits at the end.
+fn is_version(path: &[u8]) -> bool {
+    let digits = path.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && path.len() > digits && path[path.len() - digits - 1] == b'~'
+}
+
 /// A file's mtime in µs since the Unix epoch.
 fn mtime_us(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -356,7 +377,7 @@ impl Filter {
                 (RawKind::MovedFrom, Some(_), _) => {
                     tw.incoming.insert(ev.cookie, (ev.root.clone(), now));
                 }
-                (RawKind::MovedTo, _, Some(path)) => {
+                (RawKind::MovedTo, _, Some(path)) if !is_version(path) => {
                     let path = PathBytes::new(path.to_vec());
                     match self.coalescer.undo_move(&ev.root, ev.cookie) {
                         Some((from, held)) => self.peer_deleted(&ev.root, &from, held),
@@ -483,6 +504,10 @@ impl Filter {
         if held || racing {
             self.keep_changed(root, path);
         }
+        if let Some(state) = self.roots.get(root) {
+            let kept = path.under(&state.root.path.join(protocol::config::TWO_WAY_BACKUP));
+            keep_version(&kept);
+        }
     }
 
     /// A delete from the peer raced a change made here: the changed file goes back
@@ -571,6 +596,9 @@ impl Filter {
                     tracing::warn!(root, path = %path, error = %e, "could not keep a conflict copy (the losing change is in the backup dir)")
                 }
             }
+            keep_version(&kept);
+        } else {
+            keep_version(&kept);
         }
     }
 
