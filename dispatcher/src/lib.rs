@@ -252,16 +252,7 @@ pub fn run(
     }
     bus::connect(&jobs, &eps.jobs)?;
     // The delivery stream, for after-sync hooks (subscribed to nothing without them).
-    let delivered = bus::socket(&ctx, zmq::SUB)?;
-    for a in hooks.keys() {
-        let topic = wire::deliveries_topic(a);
-        delivered
-            .set_subscribe(topic.as_bytes())
-            .map_err(|e| StageError::Failed(format!("cannot subscribe to `{topic}`: {e}")))?;
-    }
-    if !hooks.is_empty() {
-        bus::connect(&delivered, &eps.deliveries)?;
-    }
+    let delivered = bus::deliveries_of(&ctx, &eps.deliveries, hooks.keys().map(String::as_str))?;
     let mut hook_trackers: HashMap<String, SeqTracker> = HashMap::new();
     let sub = bus::socket(&ctx, zmq::SUB)?;
     let endpoint = eps.changes.clone();

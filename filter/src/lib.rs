@@ -822,17 +822,12 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let _status = status::Writer::shared(&config.runtime_dir, "filter", &out.board);
     let mut filter = Filter::new(config);
     // Two-way roots follow what reached the peer (see `Filter::delivered`).
-    let deliveries = bus::socket(&ctx, zmq::SUB)?;
     let peers = Filter::two_way_targets(config);
-    for t in &peers {
-        let topic = wire::deliveries_topic(t);
-        deliveries
-            .set_subscribe(topic.as_bytes())
-            .map_err(|e| StageError::Failed(format!("cannot subscribe to `{topic}`: {e}")))?;
-    }
-    if !peers.is_empty() {
-        bus::connect(&deliveries, &endpoints.deliveries)?;
-    }
+    let deliveries = bus::deliveries_of(
+        &ctx,
+        &endpoints.deliveries,
+        peers.iter().map(String::as_str),
+    )?;
     tracing::info!(
         epoch = out.epoch,
         raw = %endpoints.raw,

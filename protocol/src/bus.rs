@@ -157,6 +157,31 @@ pub fn connect(s: &zmq::Socket, endpoint: &str) -> Result<(), BusError> {
     })
 }
 
+/// A SUB on the delivery stream for `targets`, connected to `endpoint` (left
+/// unconnected, and so silent, when there are none).
+pub fn deliveries_of<'a>(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    targets: impl IntoIterator<Item = &'a str>,
+) -> Result<zmq::Socket, BusError> {
+    let s = socket(ctx, zmq::SUB)?;
+    let mut any = false;
+    for t in targets {
+        let topic = crate::wire::deliveries_topic(t);
+        s.set_subscribe(topic.as_bytes())
+            .map_err(|source| BusError::Zmq {
+                op: "subscribe",
+                endpoint: topic,
+                source,
+            })?;
+        any = true;
+    }
+    if any {
+        connect(&s, endpoint)?;
+    }
+    Ok(s)
+}
+
 /// Sends `[topic, msgpack(msg)]`, blocking while the peer is at its high-water mark.
 pub fn send<T: Serialize>(s: &zmq::Socket, topic: &str, msg: &T) -> Result<(), BusError> {
     let payload = crate::wire::encode(msg);
