@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use protocol::config::{Config, EXIT_BAD_CONFIG};
+use protocol::config::{Config, Environment, EXIT_BAD_CONFIG};
 
 #[derive(Parser)]
 #[command(
@@ -46,9 +46,17 @@ enum Cmd {
     /// and Nagios probes.
     Status(status::StatusArgs),
     /// Validate a config file: every error with file, line and key; exit 64 if bad.
+    ///
+    /// By default it also checks this machine as `syncbus run` would: each root is a
+    /// directory, password and header files are private, command programs run. With
+    /// `--no-environment` it checks syntax and meaning only, for a config written for
+    /// another machine (a package, a config repository, CI).
     CheckConfig {
         /// The config file (syncbus.toml).
         file: PathBuf,
+        /// Check syntax and meaning only; look at no file or program the config names.
+        #[arg(long)]
+        no_environment: bool,
     },
     /// Print the work the retry journal still owes, as a shell script of rsync commands
     /// (sersync's `rsync_fail_log.sh`, every name quoted). Safe while syncbus runs.
@@ -128,7 +136,17 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Cmd::Run(args) => supervisor::run(args),
-        Cmd::CheckConfig { file } => check_config(&file),
+        Cmd::CheckConfig {
+            file,
+            no_environment,
+        } => check_config(
+            &file,
+            if no_environment {
+                Environment::Ignored
+            } else {
+                Environment::Checked
+            },
+        ),
         Cmd::Tail(args) => tail::run(args),
         Cmd::Status(args) => status::run(args),
         Cmd::FailLog { config } => fail_log(&config),
@@ -155,8 +173,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(file: &std::path::Path) -> ExitCode {
-    match Config::load(file) {
+fn check_config(file: &std::path::Path, environment: Environment) -> ExitCode {
+    match Config::load_in(file, environment) {
         Ok(c) => {
             println!(
                 "{}: ok ({} root{}, {} target{})",

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use protocol::bus::{self, Shutdown};
 use protocol::config::{self, Config, EXIT_BAD_CONFIG};
-use protocol::stage::EXIT_ENVIRONMENT;
+use protocol::stage::{EXIT_ENVIRONMENT, EXIT_UNAVAILABLE};
 use protocol::status::{self, StageStatus};
 
 /// Start order: the binders first (the retrier binds the report and job sockets, the
@@ -48,7 +48,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A stage that ran this long before dying starts again from the shortest backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
-const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -100,6 +99,12 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
+    if config.targets.iter().any(|t| t.runs_rsync()) {
+        if let Err(msg) = dispatcher::command::find_rsync() {
+            tracing::error!("{msg}");
+            return ExitCode::from(EXIT_UNAVAILABLE as u8);
+        }
+    }
     if let Err(e) = bus::ensure_runtime_dir(&config.runtime_dir) {
         tracing::error!(error = %e, "cannot use the runtime dir");
         return ExitCode::from(EXIT_ENVIRONMENT as u8);
@@ -108,7 +113,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(l) => l,
         Err(msg) => {
             tracing::error!("{msg}");
-            return ExitCode::from(EXIT_UNAVAILABLE);
+            return ExitCode::from(EXIT_UNAVAILABLE as u8);
         }
     };
     let shutdown = match Shutdown::install() {
@@ -478,11 +483,18 @@ impl Supervisor {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit());
+        // The parent-death signal is ours to ask for: a stage started alone (a unit, a
+        // shell's `&`) must outlive whatever started it.
+        let parent = std::process::id() as libc::pid_t;
         // SAFETY: between fork and exec we only call async-signal-safe functions.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::setpgid(0, 0);
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                // We may have died before the prctl: then no signal will ever come.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
                 Ok(())
             });
         }
@@ -535,7 +547,10 @@ impl Supervisor {
             };
             s.child = None;
             let code = status.code();
-            if matches!(code, Some(EXIT_BAD_CONFIG) | Some(EXIT_ENVIRONMENT)) {
+            if matches!(
+                code,
+                Some(EXIT_BAD_CONFIG | EXIT_ENVIRONMENT | EXIT_UNAVAILABLE)
+            ) {
                 tracing::error!(
                     stage = s.name,
                     code,
@@ -682,15 +697,9 @@ const DEMO_CONFIG: &str = include_str!("../deploy/demo.toml");
 
 /// `syncbus demo`: a local mirror with the embedded config, no remote server needed.
 pub fn demo(dir: &Path) -> ExitCode {
-    let rsync_ok = Command::new("rsync")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !rsync_ok {
-        eprintln!("syncbus needs rsync: install it with `apt-get install rsync` (scripts/demo.sh does this for you)");
-        return ExitCode::from(EXIT_UNAVAILABLE);
+    if let Err(msg) = dispatcher::command::find_rsync() {
+        eprintln!("syncbus demo: {msg} (scripts/demo.sh does this for you)");
+        return ExitCode::from(EXIT_UNAVAILABLE as u8);
     }
     let (src, mirror, file) = (
         dir.join("src"),

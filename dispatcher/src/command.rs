@@ -4,8 +4,9 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -70,6 +71,39 @@ pub fn rsync_program() -> OsString {
     std::env::var_os("SYNCBUS_RSYNC")
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| "rsync".into())
+}
+
+/// Where the rsync that runs will be found (`$SYNCBUS_RSYNC`, or `rsync` in PATH);
+/// `Err` says what is missing and how to get it. Looked up, not run: a stage checks it
+/// once at start, so a machine without rsync is an error, not a retry loop.
+pub fn find_rsync() -> Result<PathBuf, String> {
+    let program = rsync_program();
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.is_file() && m.permissions().mode() & 0o111 != 0
+        })
+    };
+    let found = if program.as_bytes().contains(&b'/') {
+        Some(PathBuf::from(&program)).filter(|p| runnable(p))
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(&program))
+                .find(|p| runnable(p))
+        })
+    };
+    found.ok_or_else(|| {
+        format!(
+            "cannot find `{}`{}: install rsync (`apt-get install rsync`), or set SYNCBUS_RSYNC to its path",
+            program.to_string_lossy(),
+            if program.as_bytes().contains(&b'/') {
+                ""
+            } else {
+                " in PATH"
+            }
+        )
+    })
 }
 
 /// rsync's `-e` value for an ssh target. rsync splits it on spaces honouring quotes, so

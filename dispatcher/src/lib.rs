@@ -130,6 +130,9 @@ pub fn run(
     shutdown: &Shutdown,
 ) -> Result<(), StageError> {
     let targets = select(config, only_targets)?;
+    if targets.iter().any(|t| t.runs_rsync()) {
+        command::find_rsync().map_err(StageError::Unavailable)?;
+    }
     let control = Arc::new(Control {
         board: Arc::new(Mutex::new(StageStatus::new(
             "dispatcher",

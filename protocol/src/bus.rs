@@ -311,15 +311,6 @@ pub fn new_epoch() -> u64 {
     rand::random::<u64>() | 1
 }
 
-/// Asks the kernel to SIGTERM this process when its parent dies, so stages never outlive
-/// a killed `syncbus run`. Harmless when not supervised.
-pub fn die_with_parent() {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

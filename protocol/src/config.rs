@@ -302,6 +302,14 @@ pub enum Endpoint {
 }
 
 impl Target {
+    /// Whether runs to this target are rsync runs (daemon, ssh and local targets).
+    pub fn runs_rsync(&self) -> bool {
+        matches!(
+            self.endpoint,
+            Endpoint::Rsync { .. } | Endpoint::Ssh { .. } | Endpoint::Local { .. }
+        )
+    }
+
     /// Where `root` lands on this target, with a trailing `/`. A target that mirrors
     /// several roots keeps each in a subdirectory named after the root.
     pub fn destination(&self, root: &str) -> String {
@@ -330,6 +338,16 @@ impl Config {
 
     /// Reads and validates a config file.
     pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
+        Config::load_in(file, Environment::Checked)
+    }
+
+    /// Validates `text` as if read from `file` (relative paths resolve against its dir).
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+        Config::parse_in(text, file, Environment::Checked)
+    }
+
+    /// Reads and validates a config file, looking at this machine only as `environment` says.
+    pub fn load_in(file: &Path, environment: Environment) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(file).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 file: file.to_path_buf(),
@@ -339,12 +357,17 @@ impl Config {
                 message: format!("cannot read config file: {e}"),
             }])
         })?;
-        Config::parse(&text, file)
+        Config::parse_in(&text, file, environment)
     }
 
-    /// Validates `text` as if read from `file` (relative paths resolve against its dir).
-    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+    /// [`Config::parse`], looking at this machine only as `environment` says.
+    pub fn parse_in(
+        text: &str,
+        file: &Path,
+        environment: Environment,
+    ) -> Result<Config, ConfigErrors> {
         let mut v = Validator {
+            environment,
             text,
             file,
             base: file
@@ -427,6 +450,20 @@ struct Validator<'a> {
     file: &'a Path,
     base: PathBuf,
     errors: Vec<ConfigError>,
+    /// Whether the files and programs the config names are looked at on this machine
+    /// (root directories, password and header files, command programs).
+    environment: Environment,
+}
+
+/// How much of a config [`Config::parse_in`] checks beyond its syntax and meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    /// Also that roots are directories here, password and header files are private,
+    /// and command programs are executable: what `syncbus run` needs.
+    Checked,
+    /// Syntax and meaning only, nothing on this machine is looked at: for a config
+    /// written for another machine (`syncbus check-config --no-environment`).
+    Ignored,
 }
 
 impl Validator<'_> {
@@ -742,7 +779,7 @@ impl Validator<'_> {
                     std::fs::metadata(p)
                         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
                 });
-                if !runnable {
+                if !runnable && self.environment == Environment::Checked {
                     self.error(
                         command.get_ref()[0].span(),
                         format!("{}[0]", k("command")),
@@ -887,7 +924,7 @@ impl Validator<'_> {
                     None => Ok(()),
                 }
             });
-            if let Err(msg) = check {
+            if let (Err(msg), Environment::Checked) = (check, self.environment) {
                 self.error(
                     h.span(),
                     k("header_file"),
@@ -1032,6 +1069,7 @@ impl Validator<'_> {
         let name = self.name(&raw.name, &k("name"), names);
         let path = self.resolve(raw.path.get_ref());
         match std::fs::metadata(&path) {
+            _ if self.environment == Environment::Ignored => {}
             Ok(m) if m.is_dir() => {}
             Ok(_) => self.error(
                 raw.path.span(),
@@ -1171,8 +1209,10 @@ impl Validator<'_> {
                 url,
                 password_file: raw.password_file.as_ref().map(|p| {
                     let path = self.resolve(p.get_ref());
-                    if let Err(msg) = check_password_file(&path) {
-                        self.error(p.span(), k("password_file"), msg);
+                    if self.environment == Environment::Checked {
+                        if let Err(msg) = check_password_file(&path) {
+                            self.error(p.span(), k("password_file"), msg);
+                        }
                     }
                     path
                 }),
@@ -1300,6 +1340,12 @@ impl Validator<'_> {
                     a.span(),
                     format!("{}[{j}]", k("extra_args")),
                     format!("`{o}` is set by syncbus itself (use the target's own key where there is one)"),
+                );
+            } else if let Some((o, why)) = changes_meaning(arg) {
+                self.error(
+                    a.span(),
+                    format!("{}[{j}]", k("extra_args")),
+                    format!("`{o}` would make a run report success without the target holding the source ({why}); syncbus refuses it"),
                 );
             } else if !arg.starts_with('-') {
                 self.error(
@@ -1488,6 +1534,67 @@ pub fn default_runtime_dir() -> PathBuf {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("syncbus"),
         _ => PathBuf::from(format!("/tmp/syncbus-{uid}")),
     }
+}
+
+/// rsync options that change what a run means: with them a run can exit 0 while the
+/// target does not hold what the source holds (or the source loses files), so status
+/// would say OK over a diverged mirror. Returns the option as written and why.
+fn changes_meaning(arg: &str) -> Option<(&str, &'static str)> {
+    const LONG: &[(&str, &str)] = &[
+        ("--dry-run", "nothing is written"),
+        ("--list-only", "nothing is written"),
+        ("--only-write-batch", "nothing is written"),
+        ("--write-batch", "a batch file is written beside the run"),
+        ("--read-batch", "the source is not read"),
+        ("--remove-source-files", "it deletes files from the source"),
+        ("--existing", "new files are never sent"),
+        ("--ignore-non-existing", "new files are never sent"),
+        ("--ignore-existing", "changed files are never sent"),
+        (
+            "--update",
+            "a newer file on the target is kept; use `two_way = true` for newest-wins",
+        ),
+        ("--size-only", "an edit that keeps the size is never sent"),
+        (
+            "--cvs-exclude",
+            "it excludes ordinary files such as *.bak, *.o and core",
+        ),
+        (
+            "--max-delete",
+            "deletes stop part way; syncbus guards whole-root deletes itself",
+        ),
+    ];
+    let name = arg.split_once('=').map_or(arg, |(n, _)| n);
+    if arg.starts_with("--") {
+        return LONG
+            .iter()
+            .find(|(o, _)| *o == name)
+            .map(|(_, why)| (name, *why));
+    }
+    // A cluster of short options (`-avn`); the rest of the word after an option that
+    // takes a value (`-T/tmp`) is that value, not options.
+    const SHORT: &[(char, &str, &str)] = &[
+        ('n', "-n", "nothing is written"),
+        (
+            'u',
+            "-u",
+            "a newer file on the target is kept; use `two_way = true` for newest-wins",
+        ),
+        (
+            'C',
+            "-C",
+            "it excludes ordinary files such as *.bak, *.o and core",
+        ),
+    ];
+    for c in arg.strip_prefix('-')?.chars() {
+        if "BefTM@".contains(c) {
+            break;
+        }
+        if let Some((_, o, why)) = SHORT.iter().find(|(s, _, _)| *s == c) {
+            return Some((o, why));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -1847,6 +1954,24 @@ roots = [\"www\", \"other\"]
                 "target[0].extra_args[1]"
             ]
         );
+    }
+
+    #[test]
+    fn options_that_change_what_a_run_means_are_errors() {
+        let f = Fixture::new();
+        let e = f.errors(&format!(
+            "{MINIMAL}[[target]]\nname = \"t\"\nurl = \"/tmp/x\"\nextra_args = [\"-avn\", \"--dry-run\", \"--list-only\", \"--remove-source-files\", \"--existing\", \"-rtu\", \"--update\", \"--max-delete=5\", \"-T/tmp/nu\", \"-z\", \"--inplace\", \"--compress-level=3\"]\n"
+        ));
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            (0..8)
+                .map(|j| format!("target[0].extra_args[{j}]"))
+                .collect::<Vec<_>>()
+        );
+        assert!(e[0].message.contains("`-n`"), "{}", e[0].message);
+        assert!(e[3].message.contains("deletes files from the source"));
+        assert!(e[6].message.contains("two_way"));
     }
 
     #[test]

@@ -13,12 +13,17 @@ use crate::config::{Config, EXIT_BAD_CONFIG};
 /// Exit code for an environment limit a restart cannot fix (EX_CONFIG), e.g. the inotify
 /// watch limit: the supervisor stops instead of restarting in a loop.
 pub const EXIT_ENVIRONMENT: i32 = 78;
+/// Exit code for a missing service or program (EX_UNAVAILABLE): rsync not installed,
+/// the runtime dir held by another instance. Not restarted either.
+pub const EXIT_UNAVAILABLE: i32 = 69;
 
 /// How a stage ended, beyond plain success.
 #[derive(Debug)]
 pub enum StageError {
     /// Fix the machine, not the process (exit 78, not restarted).
     Environment(String),
+    /// Something this stage needs is missing, e.g. rsync (exit 69, not restarted).
+    Unavailable(String),
     /// Anything else (exit 1, restarted by the supervisor).
     Failed(String),
 }
@@ -91,7 +96,6 @@ pub fn stage_main(
         }
     };
     bus::init_logging(args.log_json);
-    bus::die_with_parent();
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(errors) => {
@@ -119,6 +123,10 @@ pub fn stage_main(
         Err(StageError::Environment(msg)) => {
             tracing::error!(stage, error = %msg, "stage cannot run here");
             ExitCode::from(EXIT_ENVIRONMENT as u8)
+        }
+        Err(StageError::Unavailable(msg)) => {
+            tracing::error!(stage, error = %msg, "stage cannot run here");
+            ExitCode::from(EXIT_UNAVAILABLE as u8)
         }
         Err(StageError::Failed(msg)) => {
             tracing::error!(stage, error = %msg, "stage failed");

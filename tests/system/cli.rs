@@ -54,8 +54,11 @@ fn check_config_names_file_line_and_key_and_exits_64() {
     );
 }
 
+/// The shipped examples name directories of the machine they are written for; a user
+/// (or a package build) checks them where they are with `--no-environment`, which
+/// README documents. Without it, the missing directories are reported by name.
 #[test]
-fn every_example_config_in_deploy_is_valid() {
+fn every_example_config_in_deploy_is_valid_without_its_environment() {
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     let mut checked = 0;
     for entry in fs::read_dir(&deploy).unwrap() {
@@ -63,14 +66,11 @@ fn every_example_config_in_deploy_is_valid() {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        // Examples name paths relative to themselves; give them a tree to point at.
-        let dir = tempfile::tempdir().unwrap();
-        let copy = dir.path().join(path.file_name().unwrap());
-        fs::copy(&path, &copy).unwrap();
-        for sub in ["src", "data/www", "data/uploads"] {
-            fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
-        let out = check_config(&copy);
+        let out = Command::new(bin())
+            .args(["check-config", "--no-environment"])
+            .arg(&path)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "{}: {}",
@@ -79,7 +79,38 @@ fn every_example_config_in_deploy_is_valid() {
         );
         checked += 1;
     }
-    assert!(checked >= 1, "no example configs found in deploy/");
+    assert!(checked >= 3, "example configs missing from deploy/");
+
+    let example = deploy.join("syncbus.example.toml");
+    let out = check_config(&example);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("root[0].path") && err.contains("cannot use"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_refuses_rsync_options_that_change_what_a_run_means() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("src")).unwrap();
+    let file = dir.path().join("syncbus.toml");
+    fs::write(
+        &file,
+        "[[root]]\nname = \"r\"\npath = \"src\"\n\n[[target]]\nname = \"t\"\nurl = \"rsync://h/m\"\nextra_args = [\"-z\", \"-avn\", \"--remove-source-files\"]\n",
+    )
+    .unwrap();
+    let out = check_config(&file);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("target[0].extra_args[1]")
+            && err.contains("`-n`")
+            && err.contains("target[0].extra_args[2]")
+            && !err.contains("extra_args[0]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -143,6 +174,26 @@ fn a_second_run_on_the_same_runtime_dir_is_refused() {
     m.wait_ready();
 }
 
+#[test]
+fn a_missing_rsync_exits_69_at_start_with_what_to_install() {
+    let m = Mirror::new(1, "");
+    for args in [&["run", "--config"][..], &["dispatcher", "--config"][..]] {
+        let out = Command::new(bin())
+            .args(args)
+            .arg(&m.config)
+            .env("PATH", "/nonexistent")
+            .env_remove("SYNCBUS_RSYNC")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot find `rsync` in PATH") && err.contains("apt-get install rsync"),
+            "{err}"
+        );
+    }
+}
+
 fn check_config(file: &std::path::Path) -> std::process::Output {
     Command::new(bin())
         .arg("check-config")
@@ -186,6 +237,65 @@ fn sighup_applies_a_valid_config_and_keeps_running_on_a_bad_one() {
     assert!(
         !dst.join("after.skip").exists(),
         "the reloaded exclude was not applied"
+    );
+}
+
+/// `nohup syncbus retrier … &` from a shell that then exits: the stage keeps running
+/// (only stages that `syncbus run` spawns die with their parent).
+#[test]
+fn a_stage_started_alone_outlives_the_shell_that_started_it() {
+    use std::io::{BufRead, Write};
+    let m = Mirror::new(1, "");
+    let log = m.dir.path().join("retrier.log");
+    // The shell starts the stage and exits when told to. The paths reach it as its
+    // arguments, never inside its script.
+    let mut shell = Command::new("sh")
+        .args([
+            "-c",
+            "\"$0\" retrier --config \"$1\" >\"$2\" 2>&1 & echo $!; read _",
+        ])
+        .arg(bin())
+        .arg(&m.config)
+        .arg(&log)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(shell.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid: i32 = line.trim().parse().unwrap();
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the stage this test started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _kill = Kill(pid);
+    let heartbeat = || {
+        let text = fs::read_to_string(m.dir.path().join("run/status/retrier.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["alive_us"].as_u64()
+    };
+    // The stage is up (its main loop stamps a heartbeat) before its shell exits.
+    m.wait_for("the retrier's first heartbeat", crate::CONVERGE, heartbeat);
+    shell.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert!(shell.wait().unwrap().success());
+    let shell_gone = protocol::now_us();
+    // Its heartbeat goes on well after that (stamped once a second by a live loop).
+    m.wait_for(
+        "the retrier's heartbeat 3 s after its shell exited",
+        crate::CONVERGE,
+        || (heartbeat()? > shell_gone + 3_000_000).then_some(()),
+    );
+    // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+    assert_eq!(
+        unsafe { libc::kill(pid, 0) },
+        0,
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
     );
 }
 
