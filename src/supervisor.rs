@@ -401,6 +401,35 @@ fn stage_sections(stage: &str) -> &'static [&'static str] {
     }
 }
 
+/// What of the config `stage` reads, as written: a SIGHUP restarts the stages whose
+/// view changed. Roots take settings from the targets bound to them (a two-way target
+/// makes its root tell the peer's writes apart, rest files, keep `.syncbus/` off every
+/// target), so the watcher and the filter see those keys of the targets too.
+fn stage_view(stage: &str, config: &toml::Table) -> toml::Table {
+    let mut view: toml::Table = stage_sections(stage)
+        .iter()
+        .filter_map(|sec| Some((sec.to_string(), config.get(*sec)?.clone())))
+        .collect();
+    if matches!(stage, "watcher" | "filter") {
+        if let Some(toml::Value::Array(targets)) = config.get("target") {
+            let binding = targets
+                .iter()
+                .filter_map(|t| {
+                    let t = t.as_table()?;
+                    let keys = ["name", "roots", "two_way", "losers"];
+                    let kept: toml::Table = keys
+                        .iter()
+                        .filter_map(|k| Some((k.to_string(), t.get(*k)?.clone())))
+                        .collect();
+                    Some(toml::Value::Table(kept))
+                })
+                .collect();
+            view.insert("target".into(), toml::Value::Array(binding));
+        }
+    }
+    view
+}
+
 /// The config file's top-level tables as written (empty when unreadable: every stage
 /// then counts as changed).
 fn read_sections(file: &Path) -> toml::Table {
@@ -673,11 +702,7 @@ impl Supervisor {
             .stages
             .iter()
             .map(|s| s.name)
-            .filter(|name| {
-                stage_sections(name)
-                    .iter()
-                    .any(|sec| self.loaded.get(*sec) != new.get(*sec))
-            })
+            .filter(|name| stage_view(name, &self.loaded) != stage_view(name, &new))
             .collect();
         self.loaded = new;
         if changed.is_empty() {

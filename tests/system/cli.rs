@@ -370,6 +370,47 @@ fn sighup_with_only_retry_settings_changed_restarts_the_retrier_alone_and_keeps_
     );
 }
 
+/// A target's own settings restart the dispatcher alone; `two_way`, which changes how
+/// its root is watched and filtered, restarts the watcher and the filter too.
+#[test]
+fn sighup_flipping_two_way_restarts_the_watcher_and_the_filter() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    let pids = |m: &Mirror| -> Vec<i32> {
+        ["watcher", "filter", "dispatcher"]
+            .iter()
+            .map(|s| stage_pid(&m.log(), s))
+            .collect()
+    };
+    let first = pids(&m);
+    let good = fs::read_to_string(&m.config).unwrap();
+    let slower = good.replace("timeout = 10\n", "timeout = 11\n");
+    assert_ne!(slower, good);
+    fs::write(&m.config, &slower).unwrap();
+    m.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    m.wait_for("the dispatcher restarted", crate::CONVERGE, || {
+        (pids(&m)[2] != first[2]).then_some(())
+    });
+    let second = pids(&m);
+    assert_eq!(first[..2], second[..2], "{}", m.log());
+    m.wait_ready();
+
+    fs::write(
+        &m.config,
+        slower.replace("timeout = 11\n", "timeout = 11\ntwo_way = true\n"),
+    )
+    .unwrap();
+    m.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    m.wait_for(
+        "the watcher and the filter restarted",
+        crate::CONVERGE,
+        || {
+            let now = pids(&m);
+            (now[0] != second[0] && now[1] != second[1]).then_some(())
+        },
+    );
+}
+
 /// The deploy units (issue #5 asks for them; CI checks them): `systemd-analyze verify`
 /// must accept every unit without a warning, and every supervisor program must run a
 /// real `syncbus` subcommand.
