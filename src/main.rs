@@ -4,6 +4,7 @@
 //! config, `demo` mirrors a local demo tree.
 
 mod import_sersync;
+mod instance;
 mod metrics;
 mod status;
 mod supervisor;
@@ -61,9 +62,9 @@ enum Cmd {
     /// Print the work the retry journal still owes, as a shell script of rsync commands
     /// (sersync's `rsync_fail_log.sh`, every name quoted). Safe while syncbus runs.
     FailLog {
-        /// The config file (syncbus.toml).
-        #[arg(long, short)]
-        config: PathBuf,
+        /// Which instance: `--config`, a one-liner's `--source`, or `--runtime-dir`.
+        #[command(flatten)]
+        which: instance::Which,
     },
     /// Convert a sersync 2.5 config (confxml.xml) into a syncbus config, on stdout.
     ///
@@ -149,7 +150,7 @@ fn main() -> ExitCode {
         ),
         Cmd::Tail(args) => tail::run(args),
         Cmd::Status(args) => status::run(args),
-        Cmd::FailLog { config } => fail_log(&config),
+        Cmd::FailLog { which } => fail_log(&which),
         Cmd::ImportSersync { file } => import_sersync(&file),
         Cmd::Demo { dir } => supervisor::demo(&dir),
         Cmd::Watcher { args } => {
@@ -193,11 +194,11 @@ fn check_config(file: &std::path::Path, environment: Environment) -> ExitCode {
     }
 }
 
-fn fail_log(file: &std::path::Path) -> ExitCode {
-    let config = match Config::load(file) {
+fn fail_log(which: &instance::Which) -> ExitCode {
+    let config = match instance::find_config(which) {
         Ok(c) => c,
-        Err(errors) => {
-            eprintln!("{errors}");
+        Err(msg) => {
+            eprintln!("{msg}");
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };

@@ -15,16 +15,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use protocol::config::{self, Config, EXIT_BAD_CONFIG};
+use protocol::config::{Config, EXIT_BAD_CONFIG};
 use protocol::status::{self, StageStatus};
 use serde::Serialize;
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    /// The config file of the running syncbus (its runtime dir, and the roots, targets
-    /// and stages it should have). Without it: the default runtime dir.
-    #[arg(long, short)]
-    config: Option<PathBuf>,
+    /// Which instance (`--config`, a one-liner's `--source`, or `--runtime-dir`); with
+    /// none, the default runtime dir, and a list of the one-liners running.
+    #[command(flatten)]
+    which: crate::instance::Which,
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -641,18 +641,6 @@ pub fn metrics_text(r: &Report) -> String {
     o
 }
 
-/// Where the status files are: the config's runtime dir, or the default one.
-pub fn locate(config: Option<&PathBuf>) -> Result<(Option<Config>, PathBuf), String> {
-    match config {
-        Some(file) => {
-            let c = Config::load(file).map_err(|e| e.to_string())?;
-            let dir = c.runtime_dir.clone();
-            Ok((Some(c), dir))
-        }
-        None => Ok((None, config::default_runtime_dir())),
-    }
-}
-
 /// Reads the status files and builds the report now.
 pub fn report(config: Option<&Config>, runtime_dir: &std::path::Path, lag: (u64, u64)) -> Report {
     let dir = status::dir(runtime_dir);
@@ -674,7 +662,7 @@ pub fn report(config: Option<&Config>, runtime_dir: &std::path::Path, lag: (u64,
 }
 
 pub fn run(args: StatusArgs) -> ExitCode {
-    let (config, dir) = match locate(args.config.as_ref()) {
+    let (config, dir) = match crate::instance::find(&args.which) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("{e}");
@@ -686,6 +674,17 @@ pub fn run(args: StatusArgs) -> ExitCode {
         let r = report(config.as_ref(), &dir, lag);
         let out = if args.json {
             serde_json::to_string_pretty(&r).expect("a report always serializes") + "\n"
+        } else if r.health == Health::Unknown && args.which.is_default() {
+            // Nothing at the default place: say which one-liners run, and how to ask.
+            let running = crate::instance::running();
+            let mut t = text(&r);
+            if !running.is_empty() {
+                t.push_str(crate::instance::listing(&running).trim_start());
+                t.push_str(
+                    "\n(ask about one with `syncbus status --source DIR` or `--runtime-dir DIR`)\n",
+                );
+            }
+            t
         } else {
             text(&r)
         };

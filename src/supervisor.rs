@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -20,9 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::bus::{self, Shutdown};
-use protocol::config::{self, Config, EXIT_BAD_CONFIG};
+use protocol::config::{Config, EXIT_BAD_CONFIG};
 use protocol::stage::{EXIT_ENVIRONMENT, EXIT_UNAVAILABLE};
 use protocol::status::{self, StageStatus};
+
+use crate::instance::{self, PlanError, RunWhat};
 
 /// Start order: the binders first (the retrier binds the report and job sockets, the
 /// filter the raw and change sockets), the watcher last. Stop order follows the data
@@ -82,23 +84,27 @@ struct Stage {
 
 pub fn run(args: RunArgs) -> ExitCode {
     bus::init_logging(args.log_json);
-    let file = match config_file(&args) {
-        Ok(f) => f,
-        Err(msg) => {
+    let plan = match instance::plan(&RunWhat {
+        config: args.config.as_deref(),
+        source: args.source.as_deref(),
+        targets: &args.targets,
+        runtime_dir: args.runtime_dir.as_deref(),
+        state_dir: args.state_dir.as_deref(),
+    }) {
+        Ok(p) => p,
+        Err(PlanError::Usage(msg)) => {
             eprintln!("{msg}");
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
-    };
-    let config = match Config::load(&file) {
-        Ok(c) => c,
-        Err(errors) => {
+        Err(PlanError::Config(errors, generated)) => {
             eprintln!("{errors}");
-            if args.source.is_some() {
+            if generated {
                 eprintln!("(in the config generated from --source/--target)");
             }
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
+    let config = &plan.config;
     if config.targets.iter().any(|t| t.runs_rsync()) {
         if let Err(msg) = dispatcher::command::find_rsync() {
             tracing::error!("{msg}");
@@ -109,13 +115,38 @@ pub fn run(args: RunArgs) -> ExitCode {
         tracing::error!(error = %e, "cannot use the runtime dir");
         return ExitCode::from(EXIT_ENVIRONMENT as u8);
     }
-    let _lock = match lock(&config.runtime_dir) {
+    // Both dirs are this instance's before anything is written into either: a second
+    // `syncbus run` sharing one of them is refused here, having changed nothing.
+    let _locks = match lock(&config.runtime_dir, "runtime dir").and_then(|runtime| {
+        let state = &config.retry.state_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state)
+            .map_err(|e| format!("cannot create the state dir `{}`: {e}", state.display()))?;
+        // One dir for both is one lock (a second flock of the same file would fail).
+        let same =
+            std::fs::canonicalize(state).ok() == std::fs::canonicalize(&config.runtime_dir).ok();
+        Ok((
+            runtime,
+            if same {
+                None
+            } else {
+                Some(lock(state, "state dir")?)
+            },
+        ))
+    }) {
         Ok(l) => l,
         Err(msg) => {
             tracing::error!("{msg}");
             return ExitCode::from(EXIT_UNAVAILABLE as u8);
         }
     };
+    if let Err(msg) = plan.write_generated() {
+        tracing::error!("{msg}");
+        return ExitCode::from(EXIT_ENVIRONMENT as u8);
+    }
+    let file = plan.file.clone();
     let shutdown = match Shutdown::install() {
         Ok(s) => s,
         Err(e) => {
@@ -137,7 +168,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         targets = config.targets.len(),
         "syncbus starting"
     );
-    let catch_up = take_checkpoint(&config, &file);
+    let catch_up = take_checkpoint(config, &file);
     let mut sup = Supervisor {
         exe,
         runtime_dir: config.runtime_dir.clone(),
@@ -170,167 +201,10 @@ pub fn run(args: RunArgs) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// The config file to use: `--config`, or one generated from `--source`/`--target`.
-fn config_file(args: &RunArgs) -> Result<PathBuf, String> {
-    if let Some(c) = &args.config {
-        if args.runtime_dir.is_none() && args.state_dir.is_none() {
-            return Ok(c.clone());
-        }
-        // An override of the runtime dir: append it to a private copy of the config.
-        let text =
-            std::fs::read_to_string(c).map_err(|e| format!("{}: cannot read: {e}", c.display()))?;
-        let mut table: toml::Table = toml::from_str(&text).map_err(|_| {
-            // Let the normal loader report the syntax error with its position.
-            match Config::load(c) {
-                Err(e) => e.to_string(),
-                Ok(_) => format!("{}: cannot parse", c.display()),
-            }
-        })?;
-        let base = c
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        absolutize_paths(&mut table, &absolute(base)?);
-        for (section, key, value) in [
-            ("bus", "runtime_dir", &args.runtime_dir),
-            ("retry", "state_dir", &args.state_dir),
-        ] {
-            let Some(v) = value else { continue };
-            let t = table
-                .entry(section)
-                .or_insert_with(|| toml::Value::Table(Default::default()));
-            if let toml::Value::Table(t) = t {
-                let v = absolute(v)?.to_string_lossy().into_owned();
-                t.insert(key.into(), toml::Value::String(v));
-            }
-        }
-        let dir = match &args.runtime_dir {
-            Some(d) => absolute(d)?,
-            None => Config::load(c).map_err(|e| e.to_string())?.runtime_dir,
-        };
-        return write_generated(&dir, &table);
-    }
-    let Some(source) = &args.source else {
-        return Err("syncbus run: give `--config FILE`, or `--source DIR --target URL` (see `syncbus run --help`)".into());
-    };
-    let src = std::fs::canonicalize(source)
-        .map_err(|e| format!("--source `{}`: {e}", source.display()))?;
-    let src = src.to_str().ok_or_else(|| {
-        format!(
-            "--source `{}`: a non-UTF-8 path cannot go in a config file",
-            src.display()
-        )
-    })?;
-    let name = Path::new(src)
-        .file_name()
-        .map(|n| {
-            n.to_string_lossy()
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect::<String>()
-        })
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "source".into());
-    let mut root = toml::Table::new();
-    root.insert("name".into(), name.into());
-    root.insert("path".into(), src.into());
-    let mut targets = Vec::new();
-    for (i, url) in args.targets.iter().enumerate() {
-        let url = if config::is_local_url(url) {
-            absolute(Path::new(url))?.to_string_lossy().into_owned()
-        } else {
-            url.clone()
-        };
-        let mut t = toml::Table::new();
-        t.insert("name".into(), format!("target{}", i + 1).into());
-        t.insert("url".into(), url.into());
-        targets.push(toml::Value::Table(t));
-    }
-    let dir = match &args.runtime_dir {
-        Some(d) => absolute(d)?,
-        None => config::default_runtime_dir(),
-    };
-    let mut bus = toml::Table::new();
-    bus.insert(
-        "runtime_dir".into(),
-        dir.to_string_lossy().into_owned().into(),
-    );
-    let mut table = toml::Table::new();
-    table.insert("bus".into(), toml::Value::Table(bus));
-    if let Some(state) = &args.state_dir {
-        let mut retry = toml::Table::new();
-        retry.insert(
-            "state_dir".into(),
-            absolute(state)?.to_string_lossy().into_owned().into(),
-        );
-        table.insert("retry".into(), toml::Value::Table(retry));
-    }
-    table.insert(
-        "root".into(),
-        toml::Value::Array(vec![toml::Value::Table(root)]),
-    );
-    table.insert("target".into(), toml::Value::Array(targets));
-    write_generated(&dir, &table)
-}
-
-fn absolute(p: &Path) -> Result<PathBuf, String> {
-    std::path::absolute(p).map_err(|e| format!("`{}`: {e}", p.display()))
-}
-
-/// Makes the relative paths of a config absolute, so a copy elsewhere means the same.
-fn absolutize_paths(table: &mut toml::Table, base: &Path) {
-    let fix = |v: &mut toml::Value, local_only: bool| {
-        if let toml::Value::String(s) = v {
-            if !Path::new(s.as_str()).is_absolute() && (!local_only || config::is_local_url(s)) {
-                *s = base.join(s.as_str()).to_string_lossy().into_owned();
-            }
-        }
-    };
-    for (section, key) in [("bus", "runtime_dir"), ("retry", "state_dir")] {
-        if let Some(toml::Value::Table(t)) = table.get_mut(section) {
-            if let Some(v) = t.get_mut(key) {
-                fix(v, false);
-            }
-        }
-    }
-    for (section, keys) in [
-        ("root", &["path"][..]),
-        ("target", &["url", "password_file", "identity_file"][..]),
-    ] {
-        if let Some(toml::Value::Array(items)) = table.get_mut(section) {
-            for item in items {
-                if let toml::Value::Table(t) = item {
-                    for key in keys {
-                        if let Some(v) = t.get_mut(*key) {
-                            fix(v, *key == "url");
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn write_generated(dir: &Path, table: &toml::Table) -> Result<PathBuf, String> {
-    bus::ensure_runtime_dir(dir).map_err(|e| e.to_string())?;
-    let file = dir.join("generated.toml");
-    let text = format!(
-        "# Generated by `syncbus run`; edit your own config instead.\n{}",
-        toml::to_string(table).map_err(|e| e.to_string())?
-    );
-    std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
-    Ok(file)
-}
-
 /// Takes the runtime dir's lock, so two instances never share sockets.
-fn lock(dir: &Path) -> Result<File, String> {
-    let path = dir.join("run.lock");
+/// `what` is "runtime dir" or "state dir", for the message.
+fn lock(dir: &Path, what: &str) -> Result<File, String> {
+    let path = dir.join(instance::LOCK_FILE);
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -343,9 +217,14 @@ fn lock(dir: &Path) -> Result<File, String> {
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
         return Err(format!(
-            "another `syncbus run` (pid {}) uses the runtime dir `{}`; stop it, or give this one its own (`bus.runtime_dir` or `--runtime-dir`)",
+            "another `syncbus run` (pid {}) uses the {what} `{}`; stop it, or give this one its own ({})",
             holder.trim(),
-            dir.display()
+            dir.display(),
+            if what == "state dir" {
+                "`retry.state_dir` or `--state-dir`"
+            } else {
+                "`bus.runtime_dir` or `--runtime-dir`"
+            }
         ));
     }
     use std::io::Write;

@@ -3,20 +3,19 @@
 //! lost on the way (a gap in `seq`, a restarted publisher) are reported, never hidden.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use protocol::bus::{self, Endpoints};
-use protocol::config::{Config, EXIT_BAD_CONFIG};
+use protocol::config::EXIT_BAD_CONFIG;
 use protocol::seq::{Seen, SeqTracker};
 use protocol::wire::{self, Change, ChangeBatch, Delivery};
 use protocol::PathBytes;
 
 #[derive(clap::Args)]
 pub struct TailArgs {
-    /// The config file of the running syncbus (for its runtime dir).
-    #[arg(long, short)]
-    config: PathBuf,
+    /// Which instance: `--config`, a one-liner's `--source`, or `--runtime-dir`.
+    #[command(flatten)]
+    which: crate::instance::Which,
     /// Only this root (repeatable).
     #[arg(long)]
     root: Vec<String>,
@@ -159,7 +158,7 @@ fn delivery_lines(d: &Delivery, keep: &dyn Fn(&PathBytes) -> bool, json: bool) -
 }
 
 pub fn run(args: TailArgs) -> ExitCode {
-    let config = match Config::load(&args.config) {
+    let config = match crate::instance::find_config(&args.which) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -168,7 +167,7 @@ pub fn run(args: TailArgs) -> ExitCode {
     };
     for r in &args.root {
         if config.root(r).is_none() {
-            eprintln!("no root named `{r}` in {}", args.config.display());
+            eprintln!("no root named `{r}` in this instance's config");
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     }
@@ -187,7 +186,7 @@ pub fn run(args: TailArgs) -> ExitCode {
     };
     for t in &args.target {
         if config.target(t).is_none() {
-            eprintln!("no target named `{t}` in {}", args.config.display());
+            eprintln!("no target named `{t}` in this instance's config");
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     }

@@ -336,6 +336,21 @@ impl Config {
         self.targets.iter().find(|t| t.name == name)
     }
 
+    /// What work owed to `target` for `root` is owed to, beyond their names: the root's
+    /// path and where it lands on the target (for a command, its argv; for a webhook,
+    /// its URL). Work journalled under another identity is not replayed (the names now
+    /// mean another tree or another place). `None` if either is not configured.
+    pub fn owed_to(&self, root: &str, target: &str) -> Option<String> {
+        let r = self.root(root)?;
+        let t = self.target(target)?;
+        let place = match &t.endpoint {
+            Endpoint::Command { argv, .. } => format!("command {argv:?}"),
+            Endpoint::Http { url, .. } => format!("webhook {url}"),
+            _ => t.destination(root),
+        };
+        Some(format!("{} -> {place}", r.path.display()))
+    }
+
     /// Reads and validates a config file.
     pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
         Config::load_in(file, Environment::Checked)

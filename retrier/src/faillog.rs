@@ -208,6 +208,7 @@ mod tests {
             attempt: 2,
             since_us: 1,
             error: "line one\nline two".into(),
+            owed_to: String::new(),
         };
         let script = d.path().join("rsync_fail_log.sh");
         write(&script, &render(&config, &[(7, rec)])).unwrap();

@@ -29,6 +29,11 @@ pub struct Record {
     pub since_us: u64,
     #[serde(default)]
     pub error: String,
+    /// The root path and target place this work is owed to
+    /// ([`protocol::config::Config::owed_to`]); empty in journals written before it
+    /// was recorded, which is treated as another identity.
+    #[serde(default)]
+    pub owed_to: String,
 }
 
 #[derive(Debug, Error)]
@@ -143,6 +148,7 @@ mod tests {
             attempt: 1,
             since_us: 5,
             error: "down".into(),
+            owed_to: "/src -> rsync://h/m/".into(),
         }
     }
 

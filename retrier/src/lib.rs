@@ -343,15 +343,62 @@ pub fn fail_log(config: &Config) -> Result<Vec<u8>, String> {
 }
 
 impl Retrier<'_> {
+    fn owed_to(&self, root: &str, target: &str) -> String {
+        self.config.owed_to(root, target).unwrap_or_default()
+    }
+
+    /// Takes in the journal. Work owed to another identity (the root's path or the
+    /// target's place changed under the same names, or a journal from before identities
+    /// were recorded) is not replayed: it is dropped, and replaced by a whole-root
+    /// compare of that root to that target, since the tree is the truth.
     fn load(&mut self) -> Result<(), StageError> {
         let all = self.journal.load()?;
         let mut per_target: BTreeMap<String, usize> = BTreeMap::new();
+        let mut dropped = Vec::new();
+        let mut compares: Vec<Record> = Vec::new();
         for (id, rec) in all {
             if !self.targets.contains_key(&rec.target) {
                 tracing::warn!(job_id = id, target = %rec.target, "journal job for a target no longer configured; kept, not sent");
+            } else if let Some(now) = self.config.owed_to(&rec.root, &rec.target) {
+                if rec.owed_to != now {
+                    tracing::warn!(
+                        job_id = id,
+                        target = %rec.target,
+                        root = %rec.root,
+                        owed_to = %rec.owed_to,
+                        now = %now,
+                        "journalled work was owed to another root path or target place; dropped, comparing the root in full instead"
+                    );
+                    dropped.push(id);
+                    if !compares
+                        .iter()
+                        .any(|c| c.root == rec.root && c.target == rec.target)
+                    {
+                        compares.push(Record {
+                            target: rec.target.clone(),
+                            root: rec.root.clone(),
+                            work: Work {
+                                resyncs: vec![protocol::PathBytes::root()],
+                                ..Default::default()
+                            },
+                            attempt: 0,
+                            since_us: protocol::now_us(),
+                            error: String::new(),
+                            owed_to: now,
+                        });
+                    }
+                    continue;
+                }
             }
             *per_target.entry(rec.target.clone()).or_default() += 1;
             self.jobs.insert(id, Job::of(&rec));
+        }
+        if !dropped.is_empty() {
+            let ids = self.journal.replace(&dropped, &compares)?;
+            for (id, rec) in ids.into_iter().zip(&compares) {
+                *per_target.entry(rec.target.clone()).or_default() += 1;
+                self.jobs.insert(id, Job::of(rec));
+            }
         }
         for (target, jobs) in per_target {
             tracing::info!(target = %target, jobs, "resuming pending jobs from the journal");
@@ -414,6 +461,7 @@ impl Retrier<'_> {
                     attempt,
                     since_us: rep.time_us,
                     error: rep.error.clone(),
+                    owed_to: self.owed_to(&rep.root, &rep.target),
                 };
                 let new = if rec.work.is_empty() {
                     vec![]
@@ -476,6 +524,7 @@ impl Retrier<'_> {
                         attempt: 0,
                         since_us: rep.time_us,
                         error: String::new(),
+                        owed_to: self.owed_to(&rep.root, t),
                     })
                     .collect();
                 if let Some(ids) = self.store(&[], &recs) {
