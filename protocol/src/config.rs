@@ -327,6 +327,10 @@ impl Target {
     }
 }
 
+/// The largest config file read: far beyond any real one (a config of 1,000 roots is
+/// about 100 KiB), small enough that a wrong file is refused at once.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
 impl Config {
     pub fn root(&self, name: &str) -> Option<&Root> {
         self.roots.iter().find(|r| r.name == name)
@@ -363,15 +367,31 @@ impl Config {
 
     /// Reads and validates a config file, looking at this machine only as `environment` says.
     pub fn load_in(file: &Path, environment: Environment) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(file).map_err(|e| {
+        let error = |message: String| {
             ConfigErrors(vec![ConfigError {
                 file: file.to_path_buf(),
                 line: 0,
                 column: 0,
                 key: String::new(),
-                message: format!("cannot read config file: {e}"),
+                message,
             }])
-        })?;
+        };
+        // Read at most one byte past the bound: `/dev/zero` or a wrong file must end.
+        let mut bytes = Vec::new();
+        std::fs::File::open(file)
+            .and_then(|f| {
+                use std::io::Read;
+                f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)
+            })
+            .map_err(|e| error(format!("cannot read config file: {e}")))?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(error(format!(
+                "larger than {} MiB: not a syncbus config",
+                MAX_CONFIG_BYTES >> 20
+            )));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| error(format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))?;
         Config::parse_in(&text, file, environment)
     }
 

@@ -44,6 +44,11 @@ fn check_config_names_file_line_and_key_and_exits_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 
+    // A file without end is refused, not read forever.
+    let out = check_config(std::path::Path::new("/dev/zero"));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than 4 MiB"));
+
     fs::write(&file, "[[root]]\nname = \"r\"\npath = \"src\"\n").unwrap();
     let out = check_config(&file);
     assert_eq!(
