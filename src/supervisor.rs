@@ -249,6 +249,13 @@ fn take_checkpoint(config: &Config, file: &Path) -> Option<u64> {
         tracing::warn!(path = %path.display(), error = %e, "cannot remove the checkpoint; comparing in full");
         return None;
     }
+    // The checkpoint vouches only for what was read before the stop; what was owed then
+    // is in the journal. Without one (removed, emptied) the owed work is unknown.
+    let journal = config.retry.state_dir.join("journal.redb");
+    if std::fs::metadata(&journal).map_or(true, |m| m.len() == 0) {
+        tracing::warn!(journal = %journal.display(), "the journal is missing or empty: comparing in full");
+        return None;
+    }
     let saved: toml::Table = toml::from_str(&text).ok()?;
     let now = read_sections(file);
     let same = ["root", "target"]

@@ -390,8 +390,12 @@ impl Config {
                 MAX_CONFIG_BYTES >> 20
             )));
         }
-        let text = String::from_utf8(bytes)
-            .map_err(|e| error(format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            error(format!(
+                "not UTF-8 text (byte {})",
+                e.utf8_error().valid_up_to()
+            ))
+        })?;
         Config::parse_in(&text, file, environment)
     }
 

@@ -16,6 +16,9 @@ use thiserror::Error;
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_ID: &str = "next_id";
+/// A random number given to a journal when it is made: a journal found with another
+/// one (or none) than the state dir remembers is not the one work was owed in.
+const JOURNAL_ID: &str = "journal_id";
 
 /// One unit of owed work: a target, a root, what to send, and its history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +43,9 @@ pub struct Record {
 pub enum JournalError {
     #[error("journal `{path}`: {message}")]
     Open { path: PathBuf, message: String },
+    /// The file is not a journal that can be read (garbage, a torn page, another format).
+    #[error("journal `{path}` cannot be read: {message}")]
+    Broken { path: PathBuf, message: String },
     #[error("journal write: {0}")]
     Write(String),
     #[error("journal read: {0}")]
@@ -48,6 +54,7 @@ pub enum JournalError {
 
 pub struct Journal {
     db: Database,
+    id: u64,
 }
 
 fn write_err(e: impl std::fmt::Display) -> JournalError {
@@ -59,23 +66,72 @@ fn read_err(e: impl std::fmt::Display) -> JournalError {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal. A second retrier on the same file is refused.
+    /// Opens (or creates) the journal and checks that all of it can be read. A second
+    /// retrier on the same file is refused (`Open`); a file that is not a readable
+    /// journal is `Broken` (redb may panic on a garbage page: that is caught here, once,
+    /// instead of in a restart loop later).
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let broken = |message: String| JournalError::Broken {
+            path: path.to_path_buf(),
+            message,
+        };
+        // A panic here is an answer ("broken"), reported by the caller: keep the
+        // default hook from printing it as a crash meanwhile.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(|| {
+            let journal = Journal::open_unchecked(path)?;
+            // Every page of the jobs table is read once now: a bad one fails here.
+            journal.load().map_err(|e| broken(e.to_string()))?;
+            Ok(journal)
+        });
+        std::panic::set_hook(hook);
+        opened.unwrap_or_else(|panic| Err(broken(panic_message(&*panic))))
+    }
+
+    fn open_unchecked(path: &Path) -> Result<Journal, JournalError> {
         let err = |message: String| JournalError::Open {
             path: path.to_path_buf(),
             message,
         };
-        let db = Database::create(path).map_err(|e| match e {
+        let broken = |e: &dyn std::fmt::Display| JournalError::Broken {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let mut db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => err(
                 "in use by another retrier (one journal per syncbus instance: give each its own `retry.state_dir`)".into(),
             ),
-            e => err(e.to_string()),
+            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => err(io.to_string()),
+            e => broken(&e),
         })?;
-        let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
-        txn.open_table(JOBS).map_err(|e| err(e.to_string()))?;
-        txn.open_table(META).map_err(|e| err(e.to_string()))?;
-        txn.commit().map_err(|e| err(e.to_string()))?;
-        Ok(Journal { db })
+        if !db.check_integrity().map_err(|e| broken(&e))? {
+            return Err(broken(&"its integrity check failed"));
+        }
+        let txn = db.begin_write().map_err(|e| broken(&e))?;
+        let id = {
+            txn.open_table(JOBS).map_err(|e| broken(&e))?;
+            let mut meta = txn.open_table(META).map_err(|e| broken(&e))?;
+            let id = meta
+                .get(JOURNAL_ID)
+                .map_err(|e| broken(&e))?
+                .map(|v| v.value());
+            match id {
+                Some(id) => id,
+                None => {
+                    let id = rand::random::<u64>() | 1;
+                    meta.insert(JOURNAL_ID, id).map_err(|e| broken(&e))?;
+                    id
+                }
+            }
+        };
+        txn.commit().map_err(|e| broken(&e))?;
+        Ok(Journal { db, id })
+    }
+
+    /// This journal's own random number (see `JOURNAL_ID`).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Every job on disk, oldest id first.
@@ -130,6 +186,15 @@ impl Journal {
         let v = table.get(id).map_err(read_err)?;
         Ok(v.and_then(|v| rmp_serde::from_slice(v.value()).ok()))
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into());
+    format!("the database library failed on it: {what}")
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ pub mod policy;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -175,6 +175,79 @@ struct Retrier<'a> {
     next_post: Instant,
 }
 
+/// The file in the state dir that remembers which journal work is owed in.
+const JOURNAL_ID_FILE: &str = "journal.id";
+
+/// Opens the journal of `dir`. `Some(why)` beside it when work may have been lost: the
+/// journal was missing, empty, replaced by another (its id is not the one the state dir
+/// remembers) or unreadable (moved aside as `journal.redb.broken-<time>`, and a new one
+/// made). Then only whole-root compares of every root to every target can make up for
+/// it.
+fn open_journal(dir: &Path) -> Result<(Journal, Option<String>), StageError> {
+    let path = dir.join("journal.redb");
+    let id_path = dir.join(JOURNAL_ID_FILE);
+    let remembered: Option<u64> = std::fs::read_to_string(&id_path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    // `syncbus fail-log` may hold the journal for a moment: wait a little before
+    // calling it a second instance.
+    let give_up = Instant::now() + Duration::from_secs(5);
+    let mut lost = None;
+    let journal = loop {
+        match Journal::open(&path) {
+            Ok(j) => break j,
+            Err(e @ journal::JournalError::Open { .. }) if Instant::now() >= give_up => {
+                return Err(StageError::Environment(e.to_string()))
+            }
+            Err(journal::JournalError::Open { .. }) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e @ journal::JournalError::Broken { .. }) => {
+                let aside = dir.join(format!(
+                    "journal.redb.broken-{}",
+                    protocol::now_us() / 1_000_000
+                ));
+                std::fs::rename(&path, &aside).map_err(|r| {
+                    StageError::Environment(format!(
+                        "{e}; it cannot be moved aside either ({r}): move or remove `{}` by hand",
+                        path.display()
+                    ))
+                })?;
+                tracing::error!(error = %e, moved_to = %aside.display(), "the journal cannot be read; moved aside, starting a new one");
+                lost = Some(format!("unreadable, moved to {}", aside.display()));
+            }
+            Err(e) => return Err(StageError::Failed(e.to_string())),
+        }
+    };
+    if let Some(old) = remembered.filter(|old| *old != journal.id()) {
+        lost.get_or_insert_with(|| {
+            format!(
+                "missing, emptied or replaced (it was journal {old:x}, this one is {:x})",
+                journal.id()
+            )
+        });
+    }
+    if remembered != Some(journal.id()) {
+        write_synced(&id_path, format!("{}\n", journal.id()).as_bytes()).map_err(|e| {
+            StageError::Environment(format!("cannot write `{}`: {e}", id_path.display()))
+        })?;
+    }
+    Ok((journal, lost))
+}
+
+/// Writes `path` whole and durably (a temp file, fsync, rename).
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Runs the retrier until `shutdown`.
 pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let dir = &config.retry.state_dir;
@@ -187,20 +260,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         })?;
     // `syncbus fail-log` may hold the journal for a moment: wait a little before
     // calling it a second instance.
-    let path = dir.join("journal.redb");
-    let give_up = Instant::now() + Duration::from_secs(5);
-    let journal = loop {
-        match Journal::open(&path) {
-            Ok(j) => break j,
-            Err(e @ journal::JournalError::Open { .. }) if Instant::now() >= give_up => {
-                return Err(StageError::Environment(e.to_string()))
-            }
-            Err(journal::JournalError::Open { .. }) => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            Err(e) => return Err(StageError::Failed(e.to_string())),
-        }
-    };
+    let (journal, lost) = open_journal(dir)?;
     let now = Instant::now();
     let mut r = Retrier {
         probes: std::sync::mpsc::channel(),
@@ -241,6 +301,9 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     };
     let _status = status::Writer::shared(&config.runtime_dir, "retrier", &r.board);
     r.load()?;
+    if let Some(why) = lost {
+        r.compare_everything(&why)?;
+    }
     // At once, so `syncbus fail-log` finds a current copy while this retrier holds
     // the journal.
     r.write_fail_log();
@@ -403,6 +466,40 @@ impl Retrier<'_> {
         for (target, jobs) in per_target {
             tracing::info!(target = %target, jobs, "resuming pending jobs from the journal");
         }
+        Ok(())
+    }
+
+    /// The journal was lost (`why`): what it owed is unknown, so every root is compared
+    /// in full with every target bound to it, through the journal like any other work.
+    fn compare_everything(&mut self, why: &str) -> Result<(), StageError> {
+        let recs: Vec<Record> = self
+            .config
+            .targets
+            .iter()
+            .flat_map(|t| t.roots.iter().map(move |r| (t, r)))
+            .map(|(t, r)| Record {
+                target: t.name.clone(),
+                root: r.clone(),
+                work: Work {
+                    resyncs: vec![protocol::PathBytes::root()],
+                    ..Default::default()
+                },
+                attempt: 0,
+                since_us: protocol::now_us(),
+                error: String::new(),
+                owed_to: self.owed_to(r, &t.name),
+            })
+            .collect();
+        tracing::warn!(
+            why,
+            compares = recs.len(),
+            "the journal was lost: comparing every root with every target in full"
+        );
+        let ids = self.journal.replace(&[], &recs)?;
+        for (id, rec) in ids.into_iter().zip(&recs) {
+            self.jobs.insert(id, Job::of(rec));
+        }
+        self.fail_log_dirty = true;
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 
 mod cli;
 mod identity;
+mod journal;
 mod mirror;
 mod reliability;
 mod status;
