@@ -267,11 +267,69 @@ fn take_checkpoint(config: &Config, file: &Path) -> Option<u64> {
         tracing::info!("the clock is behind the last stop: comparing in full");
         return None;
     }
+    let at_stop = Clocks {
+        boot_id: saved.get("boot_id")?.as_str()?.to_string(),
+        boottime_us: saved.get("boottime_us")?.as_integer()?.max(0) as u64,
+        realtime_us: saved.get("realtime_us")?.as_integer()?.max(0) as u64,
+    };
+    if let Err(why) = at_stop.still_trusted(&Clocks::now()) {
+        tracing::warn!("{why}: the file times since the stop cannot be trusted; comparing in full");
+        return None;
+    }
     if !same {
         tracing::info!("roots or targets changed since the last stop: comparing in full");
         return None;
     }
     Some((since.max(0) as u64).saturating_sub(CHECKPOINT_MARGIN_US))
+}
+
+/// The clocks at one moment: enough to tell later whether the wall clock, which stamps
+/// ctimes, may have gone back since (a checkpoint's time is then ahead of changes made
+/// after it, and a catch-up would miss them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Clocks {
+    /// `/proc/sys/kernel/random/boot_id`: the boot clock means nothing across boots.
+    boot_id: String,
+    /// CLOCK_BOOTTIME: monotonic, counts suspend too.
+    boottime_us: u64,
+    /// CLOCK_REALTIME: what ctimes are stamped with.
+    realtime_us: u64,
+}
+
+impl Clocks {
+    fn now() -> Clocks {
+        let read = |clock| {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes one timespec we own.
+            unsafe { libc::clock_gettime(clock, &mut ts) };
+            ts.tv_sec.max(0) as u64 * 1_000_000 + ts.tv_nsec.max(0) as u64 / 1_000
+        };
+        Clocks {
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            boottime_us: read(libc::CLOCK_BOOTTIME),
+            realtime_us: read(libc::CLOCK_REALTIME),
+        }
+    }
+
+    /// `Err(why)` unless the wall clock provably never went back between `self` and
+    /// `now`: the same boot, and the wall clock advanced as much as the boot clock, less
+    /// what NTP may slew (500 ppm) and half a second.
+    fn still_trusted(&self, now: &Clocks) -> Result<(), &'static str> {
+        if self.boot_id.is_empty() || self.boot_id != now.boot_id {
+            return Err("the machine restarted since the last stop");
+        }
+        let elapsed = now.boottime_us.saturating_sub(self.boottime_us);
+        let slack = 500_000 + elapsed / 2_000;
+        if now.realtime_us + slack < self.realtime_us + elapsed {
+            return Err("the clock was set back since the last stop");
+        }
+        Ok(())
+    }
 }
 
 /// The config sections each stage reads: a SIGHUP restarts only the stages whose
@@ -544,6 +602,16 @@ impl Supervisor {
         let _ = std::fs::remove_file(&stopped);
         let mut table = toml::Table::new();
         table.insert("since_us".into(), toml::Value::Integer(since));
+        let clocks = Clocks::now();
+        table.insert("boot_id".into(), clocks.boot_id.into());
+        table.insert(
+            "boottime_us".into(),
+            toml::Value::Integer(clocks.boottime_us as i64),
+        );
+        table.insert(
+            "realtime_us".into(),
+            toml::Value::Integer(clocks.realtime_us as i64),
+        );
         // The sections the stages ran with, not the file as it is now: an edit not yet
         // applied (no SIGHUP) must make the next start compare in full.
         for (k, v) in &self.loaded {
@@ -654,4 +722,38 @@ pub fn demo(dir: &Path) -> ExitCode {
         state_dir: None,
         log_json: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(boot_id: &str, boottime_s: u64, realtime_s: u64) -> Clocks {
+        Clocks {
+            boot_id: boot_id.into(),
+            boottime_us: boottime_s * 1_000_000,
+            realtime_us: realtime_s * 1_000_000,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_trusted_only_while_the_wall_clock_never_went_back() {
+        let stop = at("b1", 100, 1_000_000);
+        // An hour later, both clocks moved alike.
+        assert_eq!(stop.still_trusted(&at("b1", 3_700, 1_003_600)), Ok(()));
+        // The wall clock set forward meanwhile: changes still have later ctimes.
+        assert_eq!(stop.still_trusted(&at("b1", 3_700, 1_009_000)), Ok(()));
+        // Set back by 10 s within the hour (the clock was fast at the stop).
+        assert!(stop.still_trusted(&at("b1", 3_700, 1_003_590)).is_err());
+        // NTP's slew over a day (500 ppm, ~43 s) is not a step.
+        assert_eq!(
+            stop.still_trusted(&at("b1", 86_500, 1_086_400 - 40)),
+            Ok(())
+        );
+        // Another boot, or no boot id: the boot clock says nothing.
+        assert!(stop.still_trusted(&at("b2", 3_700, 1_003_600)).is_err());
+        assert!(at("", 100, 1_000_000)
+            .still_trusted(&at("", 3_700, 1_003_600))
+            .is_err());
+    }
 }

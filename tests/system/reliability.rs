@@ -257,3 +257,31 @@ fn a_stopped_syncbus_run_resumes_from_the_journal_and_catches_up_without_a_full_
         "a full resync ran after a clean stop:\n{log}"
     );
 }
+
+/// The clock fast at a clean stop and set right while stopped: the checkpoint's time is
+/// then ahead of the ctimes of changes made while stopped. The boot clock tells the step
+/// back, and the start compares in full instead of catching up from that time.
+#[test]
+fn a_clock_set_back_across_a_clean_stop_means_a_full_compare() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    m.converge();
+    let p = m.proc.as_mut().unwrap();
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(CONVERGE).and_then(|s| s.code()), Some(0));
+    let checkpoint = m.dir.path().join("state/checkpoint.toml");
+    let mut saved: toml::Table = toml::from_str(&fs::read_to_string(&checkpoint).unwrap()).unwrap();
+    fs::write(m.s("changed-while-stopped"), "x").unwrap();
+    // As if the wall clock had been 1.5 s fast when the checkpoint was written.
+    let fast = protocol::now_us() as i64 + 1_500_000;
+    saved.insert("since_us".into(), fast.into());
+    saved.insert("realtime_us".into(), fast.into());
+    fs::write(&checkpoint, toml::to_string(&saved).unwrap()).unwrap();
+    // The clock has passed that time again (else the plain "clock behind" check decides).
+    testkit::eventually("the clock past the checkpoint", CONVERGE, || {
+        (protocol::now_us() as i64 > fast + 100_000).then_some(())
+    });
+    m.start();
+    m.converge();
+    assert!(m.log().contains("the clock was set back"), "{}", m.log());
+}
