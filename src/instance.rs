@@ -15,6 +15,9 @@
 //! # Invariants
 //! - Planning reads only: nothing is written into a runtime or state dir before
 //!   `syncbus run` holds its locks ([`Plan::write_generated`] comes after them).
+//! - A generated config reaches the stages as a sealed memfd the supervisor made
+//!   (`--config /dev/fd/3`), never as a file they read back from the runtime dir; the
+//!   copy written there is for `status`, `tail` and `fail-log` to find the instance.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -31,19 +34,22 @@ const INSTANCES: &str = "instances";
 pub struct Plan {
     /// The validated config.
     pub config: Config,
-    /// The file the stages are told to read.
+    /// The user's config file, or where the copy of a generated one goes.
     pub file: PathBuf,
-    /// The text to write to `file` once the locks are held (`None`: the user's own file).
-    generated: Option<String>,
+    /// The config as the stages get it.
+    pub text: String,
+    /// Whether `text` was generated (a one-liner, or dirs given on the command line).
+    pub generated: bool,
 }
 
 impl Plan {
     /// Writes the generated config, if any, into the runtime dir: only once the caller
     /// holds the runtime dir's lock, so a refused second instance never touches it.
     pub fn write_generated(&self) -> Result<(), String> {
-        let Some(text) = &self.generated else {
+        if !self.generated {
             return Ok(());
-        };
+        }
+        let text = &self.text;
         let tmp = self.file.with_extension("toml.tmp");
         let _ = std::fs::remove_file(&tmp);
         let written = std::fs::OpenOptions::new()
@@ -83,10 +89,13 @@ pub fn plan(what: &RunWhat) -> Result<Plan, PlanError> {
     if let Some(c) = what.config {
         if what.runtime_dir.is_none() && what.state_dir.is_none() {
             let config = Config::load(c).map_err(|e| PlanError::Config(e, false))?;
+            let text = std::fs::read_to_string(c)
+                .map_err(|e| usage(format!("{}: cannot read: {e}", c.display())))?;
             return Ok(Plan {
                 config,
                 file: c.to_path_buf(),
-                generated: None,
+                text,
+                generated: false,
             });
         }
         // An override of the dirs: a copy of the config with them, paths made absolute
@@ -174,7 +183,8 @@ fn generated(table: toml::Table, runtime_dir: &Path, one_liner: bool) -> Result<
     Ok(Plan {
         config,
         file,
-        generated: Some(text),
+        text,
+        generated: true,
     })
 }
 
@@ -256,7 +266,10 @@ fn absolutize_paths(table: &mut toml::Table, base: &Path) {
     }
     for (section, keys) in [
         ("root", &["path"][..]),
-        ("target", &["url", "password_file", "identity_file"][..]),
+        (
+            "target",
+            &["url", "password_file", "identity_file", "header_file"][..],
+        ),
     ] {
         if let Some(toml::Value::Array(items)) = table.get_mut(section) {
             for item in items {
@@ -264,6 +277,14 @@ fn absolutize_paths(table: &mut toml::Table, base: &Path) {
                     for key in keys {
                         if let Some(v) = t.get_mut(*key) {
                             fix(v, *key == "url");
+                        }
+                    }
+                    // A command named by a relative path (`./bin/hook`), not one from PATH.
+                    if let Some(toml::Value::Array(argv)) = t.get_mut("command") {
+                        if let Some(v @ toml::Value::String(_)) = argv.first_mut() {
+                            if v.as_str().is_some_and(|p| p.contains('/')) {
+                                fix(v, false);
+                            }
                         }
                     }
                 }

@@ -11,8 +11,8 @@
 //!   everything stops and `syncbus run` exits with that code.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -82,15 +82,21 @@ struct Stage {
     next_start: Option<Instant>,
 }
 
+impl RunArgs {
+    fn what(&self) -> RunWhat<'_> {
+        RunWhat {
+            config: self.config.as_deref(),
+            source: self.source.as_deref(),
+            targets: &self.targets,
+            runtime_dir: self.runtime_dir.as_deref(),
+            state_dir: self.state_dir.as_deref(),
+        }
+    }
+}
+
 pub fn run(args: RunArgs) -> ExitCode {
     bus::init_logging(args.log_json);
-    let plan = match instance::plan(&RunWhat {
-        config: args.config.as_deref(),
-        source: args.source.as_deref(),
-        targets: &args.targets,
-        runtime_dir: args.runtime_dir.as_deref(),
-        state_dir: args.state_dir.as_deref(),
-    }) {
+    let plan = match instance::plan(&args.what()) {
         Ok(p) => p,
         Err(PlanError::Usage(msg)) => {
             eprintln!("{msg}");
@@ -111,42 +117,26 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE as u8);
         }
     }
-    if let Err(e) = bus::ensure_runtime_dir(&config.runtime_dir) {
-        tracing::error!(error = %e, "cannot use the runtime dir");
-        return ExitCode::from(EXIT_ENVIRONMENT as u8);
-    }
     // Both dirs are this instance's before anything is written into either: a second
     // `syncbus run` sharing one of them is refused here, having changed nothing.
-    let _locks = match lock(&config.runtime_dir, "runtime dir").and_then(|runtime| {
-        let state = &config.retry.state_dir;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state)
-            .map_err(|e| format!("cannot create the state dir `{}`: {e}", state.display()))?;
-        // One dir for both is one lock (a second flock of the same file would fail).
-        let same =
-            std::fs::canonicalize(state).ok() == std::fs::canonicalize(&config.runtime_dir).ok();
-        Ok((
-            runtime,
-            if same {
-                None
-            } else {
-                Some(lock(state, "state dir")?)
-            },
-        ))
-    }) {
-        Ok(l) => l,
-        Err(msg) => {
+    let held = match Held::take(config) {
+        Ok(h) => h,
+        Err((code, msg)) => {
             tracing::error!("{msg}");
-            return ExitCode::from(EXIT_UNAVAILABLE as u8);
+            return ExitCode::from(code);
         }
     };
     if let Err(msg) = plan.write_generated() {
         tracing::error!("{msg}");
         return ExitCode::from(EXIT_ENVIRONMENT as u8);
     }
-    let file = plan.file.clone();
+    let staged = match StagedConfig::of(&plan) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot hand the generated config to the stages");
+            return ExitCode::from(EXIT_ENVIRONMENT as u8);
+        }
+    };
     let shutdown = match Shutdown::install() {
         Ok(s) => s,
         Err(e) => {
@@ -162,21 +152,23 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     tracing::info!(
-        config = %file.display(),
+        config = %plan.file.display(),
         runtime_dir = %config.runtime_dir.display(),
         roots = config.roots.len(),
         targets = config.targets.len(),
         "syncbus starting"
     );
-    let catch_up = take_checkpoint(config, &file);
+    let loaded = sections(&plan.text);
+    let catch_up = take_checkpoint(config, &loaded);
     let mut sup = Supervisor {
         exe,
         runtime_dir: config.runtime_dir.clone(),
         state_dir: config.retry.state_dir.clone(),
+        args,
+        staged,
+        held,
         catch_up,
-        loaded: read_sections(&file),
-        file,
-        log_json: args.log_json,
+        loaded,
         stages: START_ORDER
             .iter()
             .map(|&name| Stage {
@@ -194,25 +186,93 @@ pub fn run(args: RunArgs) -> ExitCode {
         ))),
     };
     // What a killed run left there is not about this one.
-    status::clear(&config.runtime_dir);
-    let _status = status::Writer::shared(&config.runtime_dir, "supervisor", &sup.board);
+    status::clear(&sup.runtime_dir);
+    let _status = status::Writer::shared(&sup.runtime_dir, "supervisor", &sup.board);
     let code = sup.supervise(&shutdown);
     tracing::info!(code, "syncbus stopped");
     ExitCode::from(code)
 }
 
-/// Takes the runtime dir's lock, so two instances never share sockets.
-/// `what` is "runtime dir" or "state dir", for the message.
-fn lock(dir: &Path, what: &str) -> Result<File, String> {
+/// The runtime and state dirs, held: opened without following symlinks, checked to be
+/// this user's own and private ([`bus::private_dir`]), and locked, for as long as
+/// `syncbus run` runs.
+struct Held {
+    runtime_dir: PathBuf,
+    state_dir: PathBuf,
+    /// (device, inode) of the runtime dir as opened: the path naming another one later
+    /// means it was removed (or replaced) under us.
+    runtime_id: (u64, u64),
+    _dirs: Vec<OwnedFd>,
+    _locks: Vec<File>,
+}
+
+impl Held {
+    /// `Err((exit code, message))`.
+    fn take(config: &Config) -> Result<Held, (u8, String)> {
+        let open = |dir: &Path, what: &str| {
+            bus::private_dir(dir).map_err(|m| {
+                (
+                    EXIT_ENVIRONMENT as u8,
+                    format!("cannot use the {what} `{}`: {m}", dir.display()),
+                )
+            })
+        };
+        let runtime = open(&config.runtime_dir, "runtime dir")?;
+        let state = open(&config.retry.state_dir, "state dir")?;
+        let id = |fd: &OwnedFd| {
+            File::from(fd.try_clone().ok()?)
+                .metadata()
+                .ok()
+                .map(|m| (m.dev(), m.ino()))
+        };
+        let runtime_id = id(&runtime).unwrap_or_default();
+        let unavailable = |m: String| (EXIT_UNAVAILABLE as u8, m);
+        let mut locks =
+            vec![lock(&runtime, &config.runtime_dir, "runtime dir").map_err(unavailable)?];
+        // One dir for both is one lock (a second flock of the same file would fail).
+        if id(&state) != Some(runtime_id) {
+            locks.push(lock(&state, &config.retry.state_dir, "state dir").map_err(unavailable)?);
+        }
+        Ok(Held {
+            runtime_dir: config.runtime_dir.clone(),
+            state_dir: config.retry.state_dir.clone(),
+            runtime_id,
+            _dirs: vec![runtime, state],
+            _locks: locks,
+        })
+    }
+
+    /// Whether the runtime dir's path still names the dir we hold.
+    fn runtime_dir_intact(&self) -> bool {
+        std::fs::symlink_metadata(&self.runtime_dir)
+            .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino()) == self.runtime_id)
+    }
+}
+
+/// Takes a dir's lock, so two instances never share sockets or a journal. The lock file
+/// is opened inside the held dir, never through a symlink. `what` is "runtime dir" or
+/// "state dir", for the message.
+fn lock(dir_fd: &OwnedFd, dir: &Path, what: &str) -> Result<File, String> {
+    let name = std::ffi::CString::new(instance::LOCK_FILE).expect("no NUL in a constant");
+    // SAFETY: openat(2) relative to a directory fd we hold, with a NUL-terminated name.
+    let fd = unsafe {
+        libc::openat(
+            dir_fd.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
     let path = dir.join(instance::LOCK_FILE);
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
+    if fd < 0 {
+        return Err(format!(
+            "cannot open `{}`: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `fd` was just opened and is owned by the File from here on.
+    let mut f = unsafe { File::from_raw_fd(fd) };
     // SAFETY: flock on a file descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
@@ -233,6 +293,53 @@ fn lock(dir: &Path, what: &str) -> Result<File, String> {
     Ok(f)
 }
 
+/// How the stages get their config: the user's file by its path, or a generated one as
+/// a sealed memfd each stage inherits as fd 3 (`--config /dev/fd/3`), so no stage ever
+/// reads a config from a dir where someone else might have put one.
+enum StagedConfig {
+    File(PathBuf),
+    Memfd(OwnedFd),
+}
+
+/// The fd number a stage finds a generated config at.
+const CONFIG_FD: i32 = 3;
+
+impl StagedConfig {
+    fn of(plan: &instance::Plan) -> std::io::Result<StagedConfig> {
+        if !plan.generated {
+            return Ok(StagedConfig::File(plan.file.clone()));
+        }
+        let name = std::ffi::CString::new("syncbus.toml").expect("no NUL in a constant");
+        // SAFETY: memfd_create with a NUL-terminated name; the fd is owned below.
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor we just made.
+        let mut f = unsafe { File::from_raw_fd(fd) };
+        std::io::Write::write_all(&mut f, plan.text.as_bytes())?;
+        let seals =
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor we own.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(StagedConfig::Memfd(OwnedFd::from(f)))
+    }
+
+    /// The `--config` argument, and the fd to hand over as [`CONFIG_FD`].
+    fn arg(&self) -> (std::ffi::OsString, Option<i32>) {
+        match self {
+            StagedConfig::File(p) => (p.clone().into_os_string(), None),
+            StagedConfig::Memfd(fd) => {
+                (format!("/dev/fd/{CONFIG_FD}").into(), Some(fd.as_raw_fd()))
+            }
+        }
+    }
+}
+
 /// The file in the state dir that holds the last clean stop's checkpoint.
 const CHECKPOINT_FILE: &str = "checkpoint.toml";
 /// Taken off a checkpoint: the kernel stamps ctimes with a coarse clock.
@@ -241,7 +348,7 @@ const CHECKPOINT_MARGIN_US: u64 = 1_000_000;
 /// Reads and removes the checkpoint of the last clean stop (so a crash after this start
 /// can never reuse it). Usable only if the roots and targets are the ones it was taken
 /// with: a new target has never seen a full compare.
-fn take_checkpoint(config: &Config, file: &Path) -> Option<u64> {
+fn take_checkpoint(config: &Config, now: &toml::Table) -> Option<u64> {
     let _ = std::fs::remove_file(config.runtime_dir.join(watcher::STOPPED_FILE));
     let path = config.retry.state_dir.join(CHECKPOINT_FILE);
     let text = std::fs::read_to_string(&path).ok()?;
@@ -257,7 +364,6 @@ fn take_checkpoint(config: &Config, file: &Path) -> Option<u64> {
         return None;
     }
     let saved: toml::Table = toml::from_str(&text).ok()?;
-    let now = read_sections(file);
     let same = ["root", "target"]
         .iter()
         .all(|k| saved.get(*k) == now.get(*k));
@@ -374,25 +480,25 @@ fn stage_view(stage: &str, config: &toml::Table) -> toml::Table {
     view
 }
 
-/// The config file's top-level tables as written (empty when unreadable: every stage
-/// then counts as changed).
-fn read_sections(file: &Path) -> toml::Table {
-    std::fs::read_to_string(file)
-        .ok()
-        .and_then(|t| toml::from_str(&t).ok())
-        .unwrap_or_default()
+/// A config's top-level tables as written (empty when unreadable: every stage then
+/// counts as changed).
+fn sections(text: &str) -> toml::Table {
+    toml::from_str(text).unwrap_or_default()
 }
 
 struct Supervisor {
     exe: PathBuf,
-    file: PathBuf,
+    /// What `syncbus run` was asked to run: planned again at each SIGHUP.
+    args: RunArgs,
+    /// The config the stages are started with.
+    staged: StagedConfig,
+    held: Held,
     runtime_dir: PathBuf,
     state_dir: PathBuf,
     /// The checkpoint of the last clean stop, for the first dispatcher.
     catch_up: Option<u64>,
     /// The sections of the config the running stages were started with.
     loaded: toml::Table,
-    log_json: bool,
     stages: Vec<Stage>,
     /// What `syncbus status` learns from the supervisor: stages up, pids, restarts.
     board: Arc<Mutex<StageStatus>>,
@@ -425,6 +531,17 @@ impl Supervisor {
                 let _ = self.stop_all(shutdown);
                 return code;
             }
+            if !self.held.runtime_dir_intact() {
+                // Its sockets are gone with it: restarted stages could not meet. Stop
+                // and let the service manager start us again, which makes it anew
+                // (0700), rather than limp on.
+                tracing::error!(
+                    runtime_dir = %self.runtime_dir.display(),
+                    "the runtime dir was removed or replaced while running; stopping (a new start makes it again)"
+                );
+                let _ = self.stop_all(shutdown);
+                return 1;
+            }
         }
     }
 
@@ -439,9 +556,10 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&mut self, name: &str) -> std::io::Result<Child> {
+    fn spawn(&mut self, name: &'static str) -> std::io::Result<Child> {
         let mut cmd = Command::new(&self.exe);
-        cmd.arg(name).arg("--config").arg(&self.file);
+        let (config_arg, config_fd) = self.staged.arg();
+        cmd.arg(name).arg("--config").arg(config_arg);
         cmd.env_remove(dispatcher::CATCH_UP_ENV);
         if name == "dispatcher" {
             // Only the first dispatcher after a clean stop: a restart after a crash
@@ -450,7 +568,7 @@ impl Supervisor {
                 cmd.env(dispatcher::CATCH_UP_ENV, t.to_string());
             }
         }
-        if self.log_json {
+        if self.args.log_json {
             cmd.arg("--log-json");
         }
         cmd.stdin(Stdio::null())
@@ -467,6 +585,17 @@ impl Supervisor {
                 // We may have died before the prctl: then no signal will ever come.
                 if libc::getppid() != parent {
                     return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                // The generated config, as fd 3 without close-on-exec.
+                if let Some(fd) = config_fd {
+                    let kept = if fd == CONFIG_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, CONFIG_FD)
+                    };
+                    if kept < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -647,11 +776,35 @@ impl Supervisor {
     /// first (a restarted watcher or filter means a resync; the journal keeps what is
     /// pending); an invalid one is reported and the running pipeline kept.
     fn reload(&mut self, shutdown: &Shutdown) {
-        if let Err(errors) = Config::load(&self.file) {
-            tracing::error!(errors = %errors, "SIGHUP: new config is invalid; keeping the running one");
+        let plan = match instance::plan(&self.args.what()) {
+            Ok(p) => p,
+            Err(PlanError::Config(errors, _)) => {
+                tracing::error!(errors = %errors, "SIGHUP: new config is invalid; keeping the running one");
+                return;
+            }
+            Err(PlanError::Usage(msg)) => {
+                tracing::error!(error = %msg, "SIGHUP: cannot read the config; keeping the running one");
+                return;
+            }
+        };
+        if plan.config.runtime_dir != self.held.runtime_dir
+            || plan.config.retry.state_dir != self.held.state_dir
+        {
+            tracing::error!("SIGHUP: the new config moves the runtime or state dir, which a running instance cannot do; keeping the running one (restart syncbus to move them)");
             return;
         }
-        let new = read_sections(&self.file);
+        let staged = plan
+            .write_generated()
+            .map_err(std::io::Error::other)
+            .and_then(|()| StagedConfig::of(&plan));
+        match staged {
+            Ok(s) => self.staged = s,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: cannot hand the new config to the stages; keeping the running one");
+                return;
+            }
+        }
+        let new = sections(&plan.text);
         let changed: Vec<&'static str> = self
             .stages
             .iter()

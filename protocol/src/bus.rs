@@ -71,32 +71,80 @@ impl Endpoints {
 /// Creates the runtime dir with mode 0700, or checks that an existing one is ours and
 /// private: anyone who can write there can inject changes into the mirror.
 pub fn ensure_runtime_dir(path: &Path) -> Result<(), BusError> {
-    let err = |message: String| BusError::RuntimeDir {
-        path: path.to_path_buf(),
-        message,
-    };
-    match std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-    {
-        Ok(()) => {}
-        Err(e) => return Err(err(format!("cannot create: {e}"))),
+    private_dir(path)
+        .map(drop)
+        .map_err(|message| BusError::RuntimeDir {
+            path: path.to_path_buf(),
+            message,
+        })
+}
+
+/// Creates `path` (mode 0700) or takes the existing one, and proves it is this user's
+/// own: the last component is opened without following a symlink, and owner and mode
+/// are read from the opened directory, which is returned so that callers can work
+/// inside it without resolving the path again. Its parent must not let others replace
+/// it (not writable by others, or sticky like /tmp). `Err` is the reason, for a message
+/// that names the dir.
+///
+/// Another local user can otherwise pre-create the dir (in /tmp) as a symlink to a dir
+/// the victim owns, pass a check that follows it, and swap it later for one of his own.
+pub fn private_dir(path: &Path) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| format!("cannot create its parent: {e}"))?;
+        let meta = std::fs::metadata(parent).map_err(|e| format!("its parent: {e}"))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(format!(
+                "its parent `{}` is writable by anyone and not sticky (mode {:04o}): others could replace it",
+                parent.display(),
+                mode & 0o7777
+            ));
+        }
     }
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create: {e}")),
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| "a NUL byte in the path".to_string())?;
+    // SAFETY: open(2) with a NUL-terminated path; the fd is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
+                "not a directory of its own (a symlink or a file): refusing it, someone else may have made it; remove it".to_string()
+            }
+            _ => format!("cannot open: {e}"),
+        });
+    }
+    // SAFETY: `fd` is a descriptor we just opened and own from here on.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let meta = std::fs::File::from(fd.try_clone().map_err(|e| e.to_string())?)
+        .metadata()
+        .map_err(|e| e.to_string())?;
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     if meta.uid() != uid {
-        return Err(err(format!(
-            "owned by uid {}, not by us ({uid})",
-            meta.uid()
-        )));
+        return Err(format!("owned by uid {}, not by us ({uid})", meta.uid()));
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(err(format!("mode {mode:04o}, expected 0700")));
+        return Err(format!("mode {mode:04o}, expected 0700"));
     }
-    Ok(())
+    Ok(fd)
 }
 
 /// A socket with the house settings: explicit HWMs, linger, fast reconnects.
@@ -327,6 +375,30 @@ mod tests {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
         let e = ensure_runtime_dir(&d).unwrap_err().to_string();
         assert!(e.contains("mode 0755, expected 0700"), "{e}");
+    }
+
+    /// Another user's trap: the dir pre-made as a symlink to a private dir we own, which
+    /// a check that follows symlinks would take as ours.
+    #[test]
+    fn a_symlink_in_place_of_the_dir_is_refused_even_to_our_own_private_dir() {
+        let t = tempfile::tempdir().unwrap();
+        let ours = t.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = t.path().join("syncbus-0");
+        std::os::unix::fs::symlink(&ours, &link).unwrap();
+        let e = ensure_runtime_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("symlink"), "{e}");
+
+        let open = t.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ensure_runtime_dir(&open.join("run"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("writable by anyone and not sticky"), "{e}");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        ensure_runtime_dir(&open.join("run")).unwrap();
     }
 
     #[test]

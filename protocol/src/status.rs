@@ -158,11 +158,21 @@ pub fn dir(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("status")
 }
 
-/// Replaces `<dir>/<name>.json` whole.
+/// Replaces `<dir>/<name>.json` whole. Only `dir` itself is made (0700): a runtime dir
+/// that is gone is an error, not made again with the wrong mode. The temp file is
+/// created anew (`O_EXCL`: never through a symlink left in its place).
 pub fn write(dir: &Path, name: &str, status: &StageStatus) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
     let tmp = dir.join(format!(".{name}.json.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
     f.write_all(&serde_json::to_vec(status).map_err(std::io::Error::other)?)?;
     drop(f);
     std::fs::rename(&tmp, dir.join(format!("{name}.json")))

@@ -37,7 +37,6 @@ pub mod policy;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -251,13 +250,10 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Runs the retrier until `shutdown`.
 pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let dir = &config.retry.state_dir;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| {
-            StageError::Environment(format!("cannot create state dir `{}`: {e}", dir.display()))
-        })?;
+    // Made or taken only when provably ours and private, like the runtime dir.
+    bus::private_dir(dir).map_err(|e| {
+        StageError::Environment(format!("cannot use the state dir `{}`: {e}", dir.display()))
+    })?;
     // `syncbus fail-log` may hold the journal for a moment: wait a little before
     // calling it a second instance.
     let (journal, lost) = open_journal(dir)?;

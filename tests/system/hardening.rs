@@ -1,0 +1,109 @@
+//! A hostile local user and a damaged machine: the runtime dir is taken only when it is
+//! provably ours, the stages never read a config from it, and its loss stops syncbus
+//! with a message instead of leaving it limping.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use testkit::{wait_trees_equal, Proc, RsyncDaemon};
+
+use crate::{bin, stage_pid, Mirror, CONVERGE};
+
+/// The runtime dir pre-made as a symlink to a private dir we own (what another user can
+/// do in /tmp): refused, and nothing is written through it.
+#[test]
+fn a_runtime_dir_that_is_a_symlink_is_refused_and_left_untouched() {
+    let m = Mirror::new(1, "");
+    let ours = m.dir.path().join("victim-private");
+    fs::create_dir(&ours).unwrap();
+    fs::set_permissions(&ours, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&ours, m.dir.path().join("run")).unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&m.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("runtime dir") && err.contains("symlink"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_dir(&ours).unwrap().count(),
+        0,
+        "written through the link"
+    );
+}
+
+/// A one-liner's stages get their config from the supervisor (a sealed memfd), not from
+/// the copy in the runtime dir: a restarted stage runs what the supervisor planned even
+/// when that copy was changed meanwhile.
+#[test]
+fn restarted_stages_never_read_a_config_from_the_runtime_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let (dst, other) = (dir.path().join("dst"), dir.path().join("other"));
+    let (d, o) = (RsyncDaemon::start(&dst), RsyncDaemon::start(&other));
+    let run = dir.path().join("run");
+    let p = Proc::start(
+        bin(),
+        [
+            OsStr::new("run"),
+            OsStr::new("--source"),
+            src.as_os_str(),
+            OsStr::new("--target"),
+            OsStr::new(&d.url()),
+            OsStr::new("--runtime-dir"),
+            run.as_os_str(),
+            OsStr::new("--state-dir"),
+            dir.path().join("state").as_os_str(),
+        ],
+    );
+    fs::write(src.join("first"), "1").unwrap();
+    wait_trees_equal(&src, &dst, CONVERGE);
+    let copy = run.join("generated.toml");
+    let text = fs::read_to_string(&copy).unwrap();
+    fs::write(&copy, text.replace(&d.url(), &o.url())).unwrap();
+    let pid = stage_pid(&p.log_text(), "dispatcher");
+    // SAFETY: kill(2) with a pid read from our child's log.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    testkit::eventually("the dispatcher restarted", CONVERGE, || {
+        (stage_pid(&p.log_text(), "dispatcher") != pid).then_some(())
+    });
+    fs::write(src.join("second"), "2").unwrap();
+    wait_trees_equal(&src, &dst, CONVERGE);
+    assert!(
+        fs::read_dir(&other).map_or(true, |mut e| e.next().is_none()),
+        "a stage ran the config found in the runtime dir"
+    );
+}
+
+/// The runtime dir removed under a running syncbus: it stops with a message (so a
+/// service manager starts it again), and the next start makes the dir anew, 0700.
+#[test]
+fn a_removed_runtime_dir_stops_syncbus_with_a_message_and_the_next_start_heals() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    let run = m.dir.path().join("run");
+    fs::remove_dir_all(&run).unwrap();
+    let p = m.proc.as_mut().unwrap();
+    let status = p.wait_exit(CONVERGE).expect("syncbus run stops");
+    assert_eq!(status.code(), Some(1), "{}", p.log_text());
+    assert!(
+        p.log_text()
+            .contains("the runtime dir was removed or replaced"),
+        "{}",
+        p.log_text()
+    );
+    m.start().wait_ready();
+    assert_eq!(
+        fs::metadata(&run).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    fs::write(m.s("after"), "a").unwrap();
+    m.converge();
+}
