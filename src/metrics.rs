@@ -6,10 +6,15 @@
 //!
 //! A port already taken (say, by a second syncbus on the host) is a warning: the
 //! mirror matters more than its metrics.
+//!
+//! Each connection is served on a thread of its own within [`IO_TIMEOUT`] all told, and
+//! at most [`MAX_OPEN`] at once (more are closed at once): idle or slow clients, which
+//! any local user can open, neither delay other scrapes nor pile up.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +27,8 @@ use protocol::status::{self, StageStatus};
 const MAX_REQUEST: usize = 8192;
 /// All a client gets to send its request, and to take the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once; a scraper needs one.
+const MAX_OPEN: usize = 32;
 
 pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let board = Arc::new(Mutex::new(StageStatus::new("metrics", protocol::now_us())));
@@ -50,6 +57,9 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         }
         tracing::info!(url = %format!("http://{bound}/metrics"), "metrics endpoint listening");
     }
+    // Connections being served now (each on its own thread, each done within
+    // IO_TIMEOUT); a stop does not wait for them.
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let mut fds = [
             libc::pollfd {
@@ -70,12 +80,25 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         if shutdown.requested() {
             return Ok(());
         }
-        // One connection per round, each within IO_TIMEOUT all told, so that slow
-        // clients queued behind each other cannot hold up a stop.
         let Some(l) = &listener else { continue };
-        if let Ok((stream, _)) = l.accept() {
-            if let Err(e) = serve(stream, config) {
-                tracing::debug!(error = %e, "metrics request failed");
+        while let Ok((stream, _)) = l.accept() {
+            if open.load(Ordering::Acquire) >= MAX_OPEN {
+                // Closed at once: the client may try again.
+                continue;
+            }
+            open.fetch_add(1, Ordering::AcqRel);
+            let (slot, config) = (open.clone(), config.clone());
+            let spawned = std::thread::Builder::new()
+                .name("metrics-conn".into())
+                .spawn(move || {
+                    if let Err(e) = serve(stream, &config) {
+                        tracing::debug!(error = %e, "metrics request failed");
+                    }
+                    slot.fetch_sub(1, Ordering::AcqRel);
+                });
+            if spawned.is_err() {
+                // No thread, no connection: its slot is free again.
+                open.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
