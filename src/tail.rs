@@ -157,6 +157,22 @@ fn delivery_lines(d: &Delivery, keep: &dyn Fn(&PathBytes) -> bool, json: bool) -
     out
 }
 
+/// A ZeroMQ connect to a socket we may not open succeeds and then reads nothing,
+/// forever; a plain connect first tells a user without the right to read the
+/// streams so. A socket not there yet is fine: the instance may still be starting.
+fn may_connect(endpoint: &str) -> Result<(), String> {
+    let Some(path) = endpoint.strip_prefix("ipc://") else {
+        return Ok(());
+    };
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(format!(
+            "cannot read the stream at `{path}`: permission denied; run syncbus tail as \
+             the user syncbus runs as (or root)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub fn run(args: TailArgs) -> ExitCode {
     let config = match crate::instance::find_config(&args.which) {
         Ok(c) => c,
@@ -194,6 +210,7 @@ pub fn run(args: TailArgs) -> ExitCode {
     let ctx = zmq::Context::new();
     let eps = Endpoints::new(&config);
     let subscribe = |endpoint: &str, topics: Vec<String>| -> Result<zmq::Socket, String> {
+        may_connect(endpoint)?;
         let sub = bus::socket(&ctx, zmq::SUB).map_err(|e| e.to_string())?;
         for t in &topics {
             sub.set_subscribe(t.as_bytes())

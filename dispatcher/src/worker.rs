@@ -498,9 +498,17 @@ impl Runner {
         lane: &str,
         control: Arc<Control>,
     ) -> std::io::Result<Self> {
-        // Private (0700) scratch for rules files, inside the private runtime dir.
+        // Private (0700) scratch for rules files, inside the private runtime dir. Its
+        // name is fixed per target and lane, so the one a killed dispatcher left behind
+        // is removed here rather than piling up, one pair per crash.
+        let name = format!("dispatcher-{}-{lane}.tmp", target.name);
+        match std::fs::remove_dir_all(runtime_dir.join(&name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let tmp = tempfile::Builder::new()
-            .prefix(&format!("dispatcher-{}-{lane}-", target.name))
+            .prefix(&name)
+            .rand_bytes(0)
             .tempdir_in(runtime_dir)?;
         let globs = match &target.endpoint {
             Endpoint::Command {

@@ -107,3 +107,36 @@ fn a_removed_runtime_dir_stops_syncbus_with_a_message_and_the_next_start_heals()
     fs::write(m.s("after"), "a").unwrap();
     m.converge();
 }
+
+/// `syncbus tail` by a user who may not open the instance's sockets says so and fails,
+/// instead of printing "following" and then nothing, forever. Needs root, to be the
+/// other user.
+#[test]
+fn tail_without_the_right_to_read_the_streams_says_so_and_fails() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: only root can run tail as another user");
+        return;
+    }
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    // The config is readable by all; the runtime dir (0700) is not.
+    fs::set_permissions(m.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&m.config, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut tail = Command::new(bin());
+    std::os::unix::process::CommandExt::uid(&mut tail, 65534);
+    std::os::unix::process::CommandExt::gid(&mut tail, 65534);
+    let err_file = m.dir.path().join("tail.err");
+    let mut child = tail
+        .args(["tail", "--config"])
+        .arg(&m.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&err_file).unwrap())
+        .spawn()
+        .unwrap();
+    let status = testkit::eventually("tail to exit", CONVERGE, || child.try_wait().unwrap());
+    let err = fs::read_to_string(&err_file).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(!err.contains("following"), "{err}");
+}

@@ -87,6 +87,14 @@ fn kill_9_of_each_stage_during_a_burst_loses_nothing() {
         });
         m.converge();
     }
+    // The dispatcher's scratch dirs, one per target and lane, are not left behind by
+    // the killed one beside those of its successor.
+    let scratch: Vec<String> = std::fs::read_dir(m.dir.path().join("run"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("dispatcher-"))
+        .collect();
+    assert_eq!(scratch.len(), 2, "{scratch:?}");
 }
 
 #[test]
