@@ -89,6 +89,9 @@ pub struct RootView {
     /// Two-way roots: the peer's writes and deletes, recognised and not sent back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub echoes: Option<u64>,
+    /// Why some of its directories are not watched (the inotify watch limit).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub unwatched: String,
     /// `done` (on every target bound to the root), `running` (on one at least) or
     /// `pending` (waiting, or failed and to be retried).
     pub initial_sync: String,
@@ -208,6 +211,20 @@ pub fn gather(
             v.changes = r.changes.or(v.changes);
             v.overflows = r.overflows.or(v.overflows);
             v.echoes = r.echoes.or(v.echoes);
+            if !r.unwatched.is_empty() {
+                v.unwatched = r.unwatched.clone();
+            }
+        }
+    }
+    for (name, v) in &roots {
+        if !v.unwatched.is_empty() {
+            problems.push((
+                Health::Critical,
+                format!(
+                    "root {name}: changes in some directories go unseen: {}",
+                    v.unwatched
+                ),
+            ));
         }
     }
 
@@ -734,6 +751,7 @@ mod tests {
                 overflows: Some(0),
                 changes: None,
                 echoes: None,
+                unwatched: String::new(),
             },
         );
         let d = files.get_mut("dispatcher").unwrap();

@@ -78,6 +78,10 @@ pub struct RootStatus {
     /// Two-way roots: writes and deletes of the peer, recognised and not sent back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub echoes: Option<u64>,
+    /// Why some directories of the root are not watched (the inotify watch limit), so
+    /// that changes in them go unseen; empty when all are.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unwatched: String,
 }
 
 /// What the dispatcher (live work, runs) or the retrier (journal) knows of a target.

@@ -140,3 +140,82 @@ fn tail_without_the_right_to_read_the_streams_says_so_and_fails() {
     assert!(err.contains("permission denied"), "{err}");
     assert!(!err.contains("following"), "{err}");
 }
+
+/// The inotify watch limit reached while running (a tree that grew) leaves that root
+/// watched in part and says so (CRITICAL), instead of stopping syncbus; once the limit
+/// is raised, the root is watched in full again and resynced, so the files written in
+/// directories that had no watch arrive too. The limit is lowered in a user namespace
+/// of the test's own (`/proc/sys/user/max_inotify_watches` is per namespace).
+#[test]
+fn the_watch_limit_reached_while_running_degrades_the_root_until_it_is_raised() {
+    let can = Command::new("unshare")
+        .args(["-U", "-r", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can {
+        eprintln!("skipped: no user namespaces here (unshare -U -r)");
+        return;
+    }
+    let mut m = Mirror::new(1, "");
+    fs::create_dir(m.s("a")).unwrap();
+    // unshare execs the shell, which execs syncbus run: the pid is syncbus run's, and
+    // SIGTERM at the end reaches it.
+    m.proc = Some(Proc::start(
+        std::path::Path::new("unshare"),
+        [
+            OsStr::new("-U"),
+            OsStr::new("-r"),
+            OsStr::new("sh"),
+            OsStr::new("-c"),
+            OsStr::new("echo \"$1\" > /proc/sys/user/max_inotify_watches && shift && exec \"$@\""),
+            OsStr::new("sh"),
+            OsStr::new("30"),
+            bin().as_os_str(),
+            OsStr::new("run"),
+            OsStr::new("--config"),
+            m.config.as_os_str(),
+        ],
+    ));
+    m.wait_ready();
+    let watcher = stage_pid(&m.log(), "watcher");
+    for i in 0..40 {
+        fs::create_dir_all(m.s(&format!("many/d{i}"))).unwrap();
+    }
+    let r = m.wait_for("status to name the unwatched root", CONVERGE, || {
+        let (code, r) = crate::status::status(&m);
+        let unseen = r["problems"]
+            .as_array()?
+            .iter()
+            .any(|p| p.as_str().is_some_and(|p| p.contains("go unseen")));
+        (code == 2 && unseen).then_some(r)
+    });
+    assert!(
+        r["roots"]["r"]["unwatched"]
+            .as_str()
+            .is_some_and(|u| u.contains("watch limit")),
+        "{r:#}"
+    );
+    // Still running: live changes in watched directories go on arriving.
+    fs::write(m.s("a/live"), "l").unwrap();
+    m.wait_for("a live change beside the unwatched part", CONVERGE, || {
+        fs::read(m.dsts[0].join("a/live")).ok()
+    });
+    assert_eq!(stage_pid(&m.log(), "watcher"), watcher, "{}", m.log());
+    // Written where some directories have no watch; then the limit is raised.
+    for i in 0..40 {
+        fs::write(m.s(&format!("many/d{i}/f")), format!("{i}")).unwrap();
+    }
+    let pid = m.proc.as_ref().unwrap().pid().to_string();
+    let raised = Command::new("nsenter")
+        .args(["-U", "-t", &pid, "sh", "-c"])
+        .arg("echo 1000 > /proc/sys/user/max_inotify_watches")
+        .status()
+        .unwrap();
+    assert!(raised.success());
+    m.converge();
+    m.wait_for(
+        "status OK once every directory is watched",
+        CONVERGE,
+        || (crate::status::status(&m).0 == 0).then_some(()),
+    );
+}

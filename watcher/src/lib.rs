@@ -22,8 +22,12 @@
 //!   a directory moved out of the tree is unwatched and reports nothing more.
 //! - Symlinks are never followed; paths are never decoded as UTF-8.
 //! - `seq` starts at 1 and has no gaps for one `epoch` (one epoch per process).
-//! - The watch limit (`ENOSPC`) and the instance limit (`EMFILE`) end the stage with
-//!   [`StageError::Environment`] naming the sysctl; sysctls are never written.
+//! - The instance limit (`EMFILE`) ends the stage with [`StageError::Environment`]
+//!   naming the sysctl; sysctls are never written.
+//! - The watch limit (`ENOSPC`) ends nothing: the root it hit is watched in part, says
+//!   so in the status file (`unwatched`, which makes `syncbus status` CRITICAL), and is
+//!   walked again every [`LIMIT_RETRY`]; once every directory is watched, it is resynced
+//!   (changes in the unwatched part went unseen). The other roots carry on.
 //!
 //! # Known problems
 //! - Mounting a filesystem over a watched directory is not noticed (inotify says nothing
@@ -77,6 +81,8 @@ pub const MAX_BATCH: usize = 4096;
 pub const MOVE_PAIR_WAIT: Duration = Duration::from_millis(10);
 /// How often a missing root is looked for.
 pub const ROOT_POLL: Duration = Duration::from_secs(1);
+/// How often a root that hit the watch limit is walked again.
+pub const LIMIT_RETRY: Duration = Duration::from_secs(5);
 /// A blocked send wakes up this often to see whether shutdown was asked for.
 const SEND_TIMEOUT_MS: i32 = 200;
 
@@ -229,6 +235,9 @@ struct RootState {
     two_way: bool,
     /// When to look for a missing root next.
     next_check: Instant,
+    /// Why some of its directories are not watched (the watch limit), and when to walk
+    /// it again.
+    unwatched: Option<(String, Instant)>,
 }
 
 /// One event as read, owned so that the buffer can be reused.
@@ -291,6 +300,7 @@ impl<'a> Watcher<'a> {
                     alive: false,
                     two_way: r.two_way,
                     next_check: now,
+                    unwatched: None,
                 })
                 .collect(),
             map: WatchMap::new(),
@@ -331,6 +341,7 @@ impl<'a> Watcher<'a> {
                 self.read_and_handle()?;
             }
             self.check_missing_roots()?;
+            self.rewalk_unwatched()?;
             self.flush()?;
         }
         // Hand over what the kernel already queued, without waiting for more.
@@ -353,7 +364,13 @@ impl<'a> Watcher<'a> {
             .roots
             .iter()
             .filter(|r| !r.alive)
-            .map(|r| r.next_check.saturating_duration_since(now))
+            .map(|r| r.next_check)
+            .chain(
+                self.roots
+                    .iter()
+                    .filter_map(|r| Some(r.unwatched.as_ref()?.1)),
+            )
+            .map(|t| t.saturating_duration_since(now))
             .min()
             // Awake at least once per status interval, to keep the status file current.
             .map_or(status::EVERY, |d| d.min(status::EVERY))
@@ -539,14 +556,55 @@ impl<'a> Watcher<'a> {
     fn walk(&mut self, root: RootIx, start: &PathBytes) -> Result<usize, WatcherError> {
         self.status_dirty = true;
         let r = &self.roots[root];
-        walk(
+        let walked = walk(
             &mut self.watches,
             &mut self.map,
             root,
             &r.name,
             &r.path,
             start,
-        )
+        );
+        self.limited(root, walked)
+    }
+
+    /// A walk that hit the watch limit leaves `root` watched in part: it is marked so
+    /// (status CRITICAL) and walked again later, and the stage carries on.
+    fn limited(
+        &mut self,
+        root: RootIx,
+        walked: Result<usize, WatcherError>,
+    ) -> Result<usize, WatcherError> {
+        let e = match walked {
+            Err(e @ WatcherError::WatchLimit { .. }) => e,
+            other => return other,
+        };
+        let r = &mut self.roots[root];
+        if r.unwatched.is_none() {
+            error!(root = %r.name, error = %e, "not every directory of the root is watched: changes in the others go unseen until the limit is raised or directories go; the other roots carry on");
+        }
+        r.unwatched = Some((e.to_string(), Instant::now() + LIMIT_RETRY));
+        self.status_dirty = true;
+        Ok(0)
+    }
+
+    /// Walks again the roots that hit the watch limit, when due; one now watched in
+    /// full is resynced, for the changes its unwatched directories did not report.
+    fn rewalk_unwatched(&mut self) -> Result<(), WatcherError> {
+        let now = Instant::now();
+        for i in 0..self.roots.len() {
+            let due = self.roots[i].unwatched.as_ref().is_some_and(|u| u.1 <= now);
+            if !due || !self.roots[i].alive {
+                continue;
+            }
+            self.roots[i].unwatched = None;
+            let n = self.walk(i, &PathBytes::root())?;
+            let r = &self.roots[i];
+            if r.unwatched.is_none() {
+                info!(root = %r.name, watches = n, "every directory of the root is watched again: resyncing it");
+                self.resync(i);
+            }
+        }
+        Ok(())
     }
 
     /// Watches every existing root from scratch into a fresh map, unwatches what the old
@@ -574,15 +632,20 @@ impl<'a> Watcher<'a> {
                     }
                 }
             }
-            let n = walk(
+            let walked = walk(
                 &mut self.watches,
                 &mut fresh,
                 i,
                 &r.name,
                 &r.path,
                 &PathBytes::root(),
-            )?;
-            if fresh.wd(i, &PathBytes::root()).is_some() {
+            );
+            self.roots[i].unwatched = None;
+            let n = self.limited(i, walked)?;
+            let r = &self.roots[i];
+            // A root the watch limit hit is live too, in part: it is resynced like the
+            // others and walked again later.
+            if fresh.wd(i, &PathBytes::root()).is_some() || r.unwatched.is_some() {
                 info!(root = %r.name, path = %r.path.display(), watches = n, "watches live");
                 live.push(i);
             } else {
@@ -612,6 +675,7 @@ impl<'a> Watcher<'a> {
             return;
         }
         r.alive = false;
+        r.unwatched = None;
         error!(
             root = %r.name,
             path = %r.path.display(),
@@ -690,6 +754,11 @@ impl<'a> Watcher<'a> {
             e.watches = Some(self.map.count(i) as u64);
             e.events = Some(self.counts[i].0);
             e.overflows = Some(self.counts[i].1);
+            e.unwatched = r
+                .unwatched
+                .as_ref()
+                .map(|u| u.0.clone())
+                .unwrap_or_default();
         }
     }
 
