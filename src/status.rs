@@ -194,6 +194,9 @@ pub fn gather(
         .filter(|(n, s)| *n != "supervisor" && fresh(s))
         .map(|(_, s)| s)
         .collect();
+    for s in live.iter().filter(|s| !s.problem.is_empty()) {
+        problems.push((Health::Critical, format!("{}: {}", s.stage, s.problem)));
+    }
 
     // Roots: watcher and filter figures, initial sync from the dispatchers.
     let mut roots: BTreeMap<String, RootView> = BTreeMap::new();

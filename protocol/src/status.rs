@@ -44,6 +44,10 @@ pub struct StageStatus {
     /// `updated_us`.
     #[serde(default)]
     pub alive_us: u64,
+    /// What the stage cannot do now and why (the retrier: its journal cannot be
+    /// written); empty when all is well.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub problem: String,
     /// Per root (watcher, filter).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub roots: BTreeMap<String, RootStatus>,

@@ -153,18 +153,25 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
 }
 
 /// Writes the script next to the journal, atomically (temp file + rename), mode 0700.
+/// A failed write removes its temp file: on a full disk it would keep the space.
 pub fn write(path: &Path, text: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("sh.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o700)
-        .open(&tmp)?;
-    f.write_all(text)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o700)
+            .open(&tmp)?;
+        f.write_all(text)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]

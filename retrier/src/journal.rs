@@ -50,11 +50,15 @@ pub enum JournalError {
     Write(String),
     #[error("journal read: {0}")]
     Read(String),
+    #[error("the journal is closed until it can be opened again")]
+    Closed,
 }
 
 pub struct Journal {
-    db: Database,
+    /// `None` only inside [`Journal::reopen`].
+    db: Option<Database>,
     id: u64,
+    path: PathBuf,
 }
 
 fn write_err(e: impl std::fmt::Display) -> JournalError {
@@ -126,7 +130,38 @@ impl Journal {
             }
         };
         txn.commit().map_err(|e| broken(&e))?;
-        Ok(Journal { db, id })
+        Ok(Journal {
+            db: Some(db),
+            id,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Closes and opens the file again: after a failed write (a full disk, say) redb
+    /// refuses every later one until then. The same journal must come back.
+    pub fn reopen(&mut self) -> Result<(), JournalError> {
+        self.db = None;
+        let fresh = Journal::open(&self.path)?;
+        if fresh.id != self.id {
+            return Err(JournalError::Broken {
+                path: self.path.clone(),
+                message: format!(
+                    "it was replaced (journal {:x} became {:x})",
+                    self.id, fresh.id
+                ),
+            });
+        }
+        *self = fresh;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `Closed` after a [`Journal::reopen`] that failed, until one succeeds.
+    fn db(&self) -> Result<&Database, JournalError> {
+        self.db.as_ref().ok_or(JournalError::Closed)
     }
 
     /// This journal's own random number (see `JOURNAL_ID`).
@@ -136,7 +171,7 @@ impl Journal {
 
     /// Every job on disk, oldest id first.
     pub fn load(&self) -> Result<Vec<(u64, Record)>, JournalError> {
-        let txn = self.db.begin_read().map_err(read_err)?;
+        let txn = self.db()?.begin_read().map_err(read_err)?;
         let table = txn.open_table(JOBS).map_err(read_err)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(read_err)? {
@@ -155,7 +190,7 @@ impl Journal {
     /// In one durable transaction: forgets `covers` and stores `new`, returning the new
     /// records' ids. Either all of it is on disk when this returns `Ok`, or none of it.
     pub fn replace(&self, covers: &[u64], new: &[Record]) -> Result<Vec<u64>, JournalError> {
-        let txn = self.db.begin_write().map_err(write_err)?;
+        let txn = self.db()?.begin_write().map_err(write_err)?;
         let mut ids = Vec::with_capacity(new.len());
         {
             let mut jobs = txn.open_table(JOBS).map_err(write_err)?;
@@ -181,7 +216,7 @@ impl Journal {
 
     /// Reads one record (for publishing it).
     pub fn get(&self, id: u64) -> Result<Option<Record>, JournalError> {
-        let txn = self.db.begin_read().map_err(read_err)?;
+        let txn = self.db()?.begin_read().map_err(read_err)?;
         let table = txn.open_table(JOBS).map_err(read_err)?;
         let v = table.get(id).map_err(read_err)?;
         Ok(v.and_then(|v| rmp_serde::from_slice(v.value()).ok()))

@@ -172,7 +172,13 @@ struct Retrier<'a> {
     board: Arc<Mutex<StageStatus>>,
     /// The status is rebuilt at most once per [`status::EVERY`], not on every report.
     next_post: Instant,
+    /// The last journal write failed (why, and when to reopen the journal): nothing is
+    /// acknowledged meanwhile, so the reporters keep their work.
+    journal_error: Option<(String, Instant)>,
 }
+
+/// How often a journal whose write failed is opened again.
+const JOURNAL_RETRY: Duration = Duration::from_secs(1);
 
 /// The file in the state dir that remembers which journal work is owed in.
 const JOURNAL_ID_FILE: &str = "journal.id";
@@ -294,6 +300,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         fail_log_next: now,
         board: Arc::new(Mutex::new(StageStatus::new("retrier", protocol::now_us()))),
         next_post: now,
+        journal_error: None,
     };
     let _status = status::Writer::shared(&config.runtime_dir, "retrier", &r.board);
     r.load()?;
@@ -654,14 +661,48 @@ impl Retrier<'_> {
                 Some(ids)
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot write the journal; the reporter keeps its work");
+                let why = format!(
+                    "cannot write the journal `{}`: {e}",
+                    self.journal.path().display()
+                );
+                if self.journal_error.is_none() {
+                    tracing::error!(error = %why, "nothing is acknowledged until it can; the reporters keep their work");
+                }
+                self.journal_error = Some((why, Instant::now() + JOURNAL_RETRY));
                 None
+            }
+        }
+    }
+
+    /// After a failed write, redb takes no other until the file is opened again: that
+    /// is tried every [`JOURNAL_RETRY`]. A journal that cannot be read any more ends
+    /// the stage, whose next start moves it aside.
+    fn heal_journal(&mut self, now: Instant) -> Result<(), StageError> {
+        let Some((why, due)) = &self.journal_error else {
+            return Ok(());
+        };
+        if now < *due {
+            return Ok(());
+        }
+        match self.journal.reopen() {
+            Ok(()) => {
+                tracing::info!(was = %why, "the journal is open again");
+                self.journal_error = None;
+                self.fail_log_dirty = true;
+                Ok(())
+            }
+            Err(e @ journal::JournalError::Broken { .. }) => Err(StageError::Failed(e.to_string())),
+            Err(e) => {
+                tracing::debug!(error = %e, "the journal cannot be opened again yet");
+                self.journal_error = Some((why.clone(), now + JOURNAL_RETRY));
+                Ok(())
             }
         }
     }
 
     /// Heartbeats, probes, due jobs and the fail log.
     fn tick(&mut self, now: Instant, publisher: &zmq::Socket) -> Result<(), StageError> {
+        self.heal_journal(now)?;
         while let Ok((name, up)) = self.probes.1.try_recv() {
             if let Some(t) = self.targets.get_mut(&name) {
                 t.probing = false;
@@ -694,7 +735,8 @@ impl Retrier<'_> {
                     t.probing = false;
                 }
             }
-            if pending && now >= t.due {
+            // A journal that cannot be written cannot record what a run did.
+            if pending && now >= t.due && self.journal_error.is_none() {
                 self.send_due(&name, now, publisher)?;
             }
             let t = self.targets.get_mut(&name).expect("listed above");
@@ -703,7 +745,7 @@ impl Retrier<'_> {
                 self.send(publisher, beat)?;
             }
         }
-        if self.fail_log_dirty && now >= self.fail_log_next {
+        if self.fail_log_dirty && now >= self.fail_log_next && self.journal_error.is_none() {
             self.write_fail_log();
             self.fail_log_next = now + FAIL_LOG_EVERY;
         }
@@ -767,10 +809,11 @@ impl Retrier<'_> {
                 // Its answer comes on a channel, not a socket: look again soon.
                 wake = wake.min(now + Duration::from_millis(20));
             }
-            if self
-                .jobs
-                .values()
-                .any(|j| &j.target == name && j.in_flight.is_none())
+            if self.journal_error.is_none()
+                && self
+                    .jobs
+                    .values()
+                    .any(|j| &j.target == name && j.in_flight.is_none())
             {
                 wake = wake.min(t.due.max(now));
                 if t.failures > 0 {
@@ -778,8 +821,11 @@ impl Retrier<'_> {
                 }
             }
         }
-        if self.fail_log_dirty {
+        if self.fail_log_dirty && self.journal_error.is_none() {
             wake = wake.min(self.fail_log_next.max(now));
+        }
+        if let Some((_, due)) = &self.journal_error {
+            wake = wake.min((*due).max(now));
         }
         wake
     }
@@ -826,6 +872,11 @@ impl Retrier<'_> {
         }
         if let Ok(mut b) = self.board.lock() {
             b.targets = targets;
+            b.problem = self
+                .journal_error
+                .as_ref()
+                .map(|(why, _)| why.clone())
+                .unwrap_or_default();
             // The loop's heartbeat: it went round, at least once a second.
             b.alive_us = now_us;
         }

@@ -77,3 +77,71 @@ fn a_removed_journal_after_a_clean_stop_means_a_full_compare() {
 fn a_journal_with_garbage_pages_is_moved_aside_not_a_panic_loop() {
     owed_work_survives("garbage");
 }
+
+/// A tmpfs mounted where the test says, unmounted when the test ends.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The state dir's disk fills up while a target is down: status names the journal
+/// write that fails; once space is back the retrier writes again by itself (redb takes
+/// no write after a failed one until the file is opened again), every file arrives,
+/// and no temp file is left to keep the disk full. Needs root, to mount a small tmpfs.
+#[test]
+fn a_full_disk_under_the_state_dir_heals_by_itself_when_space_returns() {
+    let mut m = Mirror::new(1, "");
+    let state = m.dir.path().join("state");
+    fs::create_dir(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs"])
+        .arg(&state)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let _tmpfs = Tmpfs(state.clone());
+    m.start().wait_ready();
+    m.daemons[0].kill();
+    // Fills the disk: whatever is left goes into one file.
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    for i in 0..100 {
+        fs::write(m.s(&format!("full-{i}")), format!("{i}")).unwrap();
+    }
+    let r = m.wait_for("status to name the journal", CONVERGE, || {
+        let (code, r) = crate::status::status(&m);
+        let named = r["problems"].as_array()?.iter().any(|p| {
+            p.as_str()
+                .is_some_and(|p| p.contains("cannot write the journal"))
+        });
+        (code == 2 && named).then_some(r)
+    });
+    assert!(r["problems"].to_string().contains("journal.redb"), "{r:#}");
+    fs::remove_file(&filler).unwrap();
+    m.daemons[0].restart();
+    m.converge();
+    m.wait_for("status OK once space is back", CONVERGE, || {
+        (crate::status::status(&m).0 == 0).then_some(())
+    });
+    let left: Vec<String> = fs::read_dir(&state)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temp files left: {left:?}");
+}
