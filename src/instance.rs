@@ -81,13 +81,15 @@ pub struct RunWhat<'a> {
     pub targets: &'a [String],
     pub runtime_dir: Option<&'a Path>,
     pub state_dir: Option<&'a Path>,
+    /// `--allow-wipe`: `allow_wipe = true` on every root of the generated config.
+    pub allow_wipe: bool,
 }
 
 /// Works out the config, its dirs and the file the stages read. Reads only.
 pub fn plan(what: &RunWhat) -> Result<Plan, PlanError> {
     let usage = PlanError::Usage;
     if let Some(c) = what.config {
-        if what.runtime_dir.is_none() && what.state_dir.is_none() {
+        if what.runtime_dir.is_none() && what.state_dir.is_none() && !what.allow_wipe {
             let config = Config::load(c).map_err(|e| PlanError::Config(e, false))?;
             let text = std::fs::read_to_string(c)
                 .map_err(|e| usage(format!("{}: cannot read: {e}", c.display())))?;
@@ -115,6 +117,9 @@ pub fn plan(what: &RunWhat) -> Result<Plan, PlanError> {
             None => config.runtime_dir.clone(),
         };
         set_dirs(&mut table, Some(&runtime_dir), what.state_dir).map_err(usage)?;
+        if what.allow_wipe {
+            allow_wipe(&mut table);
+        }
         return generated(table, &runtime_dir, false);
     }
     let Some(source) = what.source else {
@@ -170,7 +175,22 @@ pub fn plan(what: &RunWhat) -> Result<Plan, PlanError> {
         None => config::default_state_dir().join(INSTANCES).join(&name),
     };
     set_dirs(&mut table, Some(&runtime_dir), Some(&state_dir)).map_err(usage)?;
+    if what.allow_wipe {
+        allow_wipe(&mut table);
+    }
     generated(table, &runtime_dir, true)
+}
+
+/// `allow_wipe = true` on every `[[root]]` (`syncbus run --allow-wipe`). Not part of a
+/// one-liner's name: the same one-liner with the switch is the same instance.
+fn allow_wipe(table: &mut toml::Table) {
+    if let Some(toml::Value::Array(roots)) = table.get_mut("root") {
+        for r in roots {
+            if let toml::Value::Table(r) = r {
+                r.insert("allow_wipe".into(), toml::Value::Boolean(true));
+            }
+        }
+    }
 }
 
 fn generated(table: toml::Table, runtime_dir: &Path, one_liner: bool) -> Result<Plan, PlanError> {
@@ -487,5 +507,53 @@ mod tests {
         );
         assert_eq!(base_name("/srv/my site"), "my_site");
         assert_eq!(base_name("/"), "source");
+    }
+
+    /// Issue #11 (3): `--allow-wipe` reaches every root of the generated config, of a
+    /// one-liner (same instance as without it) and of a config file alike.
+    #[test]
+    fn allow_wipe_goes_to_every_root_and_keeps_the_instance() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let targets = [d.path().join("t").display().to_string()];
+        let what = |allow_wipe| RunWhat {
+            config: None,
+            source: Some(&src),
+            targets: &targets,
+            runtime_dir: Some(d.path()),
+            state_dir: Some(d.path()),
+            allow_wipe,
+        };
+        let (off, on) = (
+            plan(&what(false)).ok().unwrap(),
+            plan(&what(true)).ok().unwrap(),
+        );
+        assert!(!off.config.roots[0].allow_wipe);
+        assert!(on.config.roots[0].allow_wipe);
+        assert_eq!(off.config.roots[0].name, on.config.roots[0].name);
+
+        std::fs::create_dir(d.path().join("src2")).unwrap();
+        let file = d.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[[root]]\nname = \"a\"\npath = \"src\"\n[[root]]\nname = \"b\"\npath = \"src2\"\n\
+             [[target]]\nname = \"t\"\nurl = \"t\"\n",
+        )
+        .unwrap();
+        let with_file = RunWhat {
+            config: Some(&file),
+            source: None,
+            targets: &[],
+            runtime_dir: Some(d.path()),
+            state_dir: None,
+            allow_wipe: true,
+        };
+        let p = match plan(&with_file) {
+            Ok(p) => p,
+            Err(PlanError::Usage(m)) => panic!("{m}"),
+            Err(PlanError::Config(e, _)) => panic!("{e}"),
+        };
+        assert!(p.config.roots.iter().all(|r| r.allow_wipe));
     }
 }

@@ -118,6 +118,10 @@ pub struct TargetView {
     pub failed_runs: u64,
     /// Seconds until the retrier tries again (while failing).
     pub next_retry_s: Option<f64>,
+    /// Roots whose whole-root compare to this target the root guard refused, and why
+    /// (an empty root, or one on another file system): critical until one succeeds.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub refused: BTreeMap<String, String>,
 }
 
 /// The stages a `syncbus run` runs when no supervisor file says otherwise.
@@ -263,6 +267,8 @@ pub fn gather(
             v.bytes_sent += t.bytes_sent;
             v.runs += t.runs;
             v.failed_runs += t.failed_runs;
+            v.refused
+                .extend(t.refused.iter().map(|(r, why)| (r.clone(), why.clone())));
             if t.next_retry_us > 0 {
                 v.next_retry_s = Some(t.next_retry_us.saturating_sub(now_us) as f64 / 1e6);
             }
@@ -292,6 +298,12 @@ pub fn gather(
                     "target {name} is failing ({} tries in a row): {error}",
                     v.failures
                 ),
+            ));
+        }
+        for (root, why) in &v.refused {
+            problems.push((
+                Health::Critical,
+                format!("target {name} refuses the compare of root {root}: {why}"),
             ));
         }
         if v.lag_s > crit_lag as f64 {
@@ -589,7 +601,7 @@ const ROOT_FAMILIES: [Family<RootView>; 6] = [
     ),
 ];
 
-const TARGET_FAMILIES: [Family<TargetView>; 7] = [
+const TARGET_FAMILIES: [Family<TargetView>; 8] = [
     (
         "syncbus_target_lag_seconds",
         "gauge",
@@ -631,6 +643,12 @@ const TARGET_FAMILIES: [Family<TargetView>; 7] = [
         "counter",
         "Runs for the target that failed.",
         |v| Some(v.failed_runs as f64),
+    ),
+    (
+        "syncbus_target_refused_roots",
+        "gauge",
+        "Roots whose whole-root compare to the target the root guard refused (empty, or on another file system).",
+        |v| Some(v.refused.len() as f64),
     ),
 ];
 
@@ -826,6 +844,39 @@ mod tests {
             .unwrap()
             .oldest_us = NOW - 400_000_000;
         assert_eq!(at(&files, &[]).health, Health::Critical);
+    }
+
+    /// Issue #11 (3): a compare the root guard refused is critical, with its reason,
+    /// in the report, the JSON and the metrics.
+    #[test]
+    fn a_refused_compare_is_critical_and_counted() {
+        let mut files = healthy();
+        let t = files
+            .get_mut("dispatcher")
+            .unwrap()
+            .targets
+            .get_mut("t")
+            .unwrap();
+        t.refused.insert(
+            "r".into(),
+            "root `r` (`/srv`) is empty and target `t` holds files".into(),
+        );
+        let r = at(&files, &[]);
+        assert_eq!(r.health, Health::Critical);
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.contains("target t refuses the compare of root r: root `r`")),
+            "{:?}",
+            r.problems
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json["targets"]["t"]["refused"]["r"]
+            .as_str()
+            .is_some_and(|s| s.contains("is empty")));
+        assert!(metrics_text(&r).contains("syncbus_target_refused_roots{target=\"t\"} 1"));
+        assert!(metrics_text(&at(&healthy(), &[]))
+            .contains("syncbus_target_refused_roots{target=\"t\"} 0"));
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub struct RunArgs {
     /// Directory of the retry journal and fail log. Default: the config's `retry.state_dir`.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Let whole-root compares delete on the targets even from an empty root or one on
+    /// another file system than at the last run (`allow_wipe = true` on every root,
+    /// for this run only). Without it, such a compare deletes nothing and status says
+    /// CRITICAL: an unmounted disk looks exactly like that.
+    #[arg(long)]
+    allow_wipe: bool,
     /// Log JSON lines instead of human text (passed on to every stage).
     #[arg(long)]
     log_json: bool,
@@ -90,6 +96,7 @@ impl RunArgs {
             targets: &self.targets,
             runtime_dir: self.runtime_dir.as_deref(),
             state_dir: self.state_dir.as_deref(),
+            allow_wipe: self.allow_wipe,
         }
     }
 }
@@ -873,6 +880,7 @@ pub fn demo(dir: &Path) -> ExitCode {
         targets: Vec::new(),
         runtime_dir: None,
         state_dir: None,
+        allow_wipe: false,
         log_json: false,
     })
 }

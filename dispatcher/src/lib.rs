@@ -34,7 +34,9 @@
 //!   start without a checkpoint, is a full compare.
 //! - The stage exits 0 only when its drain left nothing behind (all delivered or
 //!   journalled): that is what lets `syncbus run` trust a stop as a checkpoint.
-//! - rsync never runs from a missing source root (`--delete` would wipe the mirror).
+//! - rsync never runs from a missing source root (`--delete` would wipe the mirror),
+//!   and a whole-root compare from an empty root, or from one on another file system
+//!   than at its last compare, deletes nothing on the target unless allowed ([`guard`]).
 //! - File names reach rsync as bytes on stdin, `./`-prefixed and NUL-separated; no
 //!   shell anywhere ([`command`] is the only place that spawns processes).
 //!
@@ -56,6 +58,7 @@
 pub mod batch;
 pub mod catchup;
 pub mod command;
+pub mod guard;
 pub mod plan;
 pub mod worker;
 
@@ -182,6 +185,7 @@ pub fn run(
                 RootInfo {
                     path: root.path.clone(),
                     rules: root.rules.clone(),
+                    allow_wipe: root.allow_wipe || t.allow_wipe,
                 },
             );
         }
@@ -190,6 +194,7 @@ pub fn run(
             (*t).clone(),
             roots,
             &config.runtime_dir,
+            guard::Store::new(&config.retry.state_dir, &t.name),
             control.clone(),
             reporter(&t.name)?,
             tx.clone(),

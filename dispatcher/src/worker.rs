@@ -20,7 +20,7 @@ use protocol::PathBytes;
 
 use crate::batch::{Batcher, RootWork, Touch};
 use crate::command::{self, Mode, Outcome, RunResult};
-use crate::plan;
+use crate::{guard, plan};
 
 /// Work for every worker serving `root`, and what the retrier and the full lane say.
 #[derive(Debug, Clone)]
@@ -55,6 +55,9 @@ pub struct FullDone {
     result: RunResult,
     /// When the run began (µs since the Unix epoch; 0 when it never ran).
     started_us: u64,
+    /// False when nothing ran: the root guard refused the whole compare (not a
+    /// failure: the target is not failing; the refusal is in the status).
+    ran: bool,
 }
 
 /// What the full lane does for a root.
@@ -134,6 +137,9 @@ impl Control {
 pub struct RootInfo {
     pub path: PathBuf,
     pub rules: Rules,
+    /// Whole-root compares may delete also from an empty root or one on another file
+    /// system (`allow_wipe` of the root or the target; see [`crate::guard`]).
+    pub allow_wipe: bool,
 }
 
 pub const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -487,6 +493,9 @@ struct Runner {
     progress: Option<Arc<AtomicU64>>,
     /// A command or webhook target's include/exclude globs, compiled once.
     globs: Option<(GlobPair, GlobPair)>,
+    /// Options the root guard adds to every run for a while (`--dry-run` for its
+    /// probe, `--max-delete=0` for a compare that must not delete).
+    guard_args: Mutex<Vec<&'static str>>,
     /// A webhook target's HTTP client, kept so connections are reused across batches.
     agent: Option<ureq::Agent>,
 }
@@ -535,6 +544,7 @@ impl Runner {
             progress: None,
             globs,
             agent,
+            guard_args: Default::default(),
         })
     }
 
@@ -580,6 +590,76 @@ impl Runner {
             return self.delete_on_target(&late, &dest, tick);
         }
         result
+    }
+
+    fn set_guard_args(&self, args: &[&'static str]) {
+        if let Ok(mut g) = self.guard_args.lock() {
+            *g = args.to_vec();
+        }
+    }
+
+    /// Whether the whole-root compare of `root` would delete on the target, and how
+    /// many entries (a dry run of it, its itemized `*deleting` lines counted: rsync
+    /// reports deletes a daemon makes this way reliably, unlike the warning of
+    /// `--max-delete`).
+    fn would_delete(
+        &self,
+        root: &str,
+        info: &RootInfo,
+        extra: &[String],
+        tick: &mut dyn FnMut(Duration),
+    ) -> Result<usize, RunResult> {
+        let src = &info.path;
+        let dest = self.target.destination(root);
+        let whole = [PathBytes::root()];
+        let excluded = plan::regex_excluded(&info.rules, src, &whole);
+        let mut excludes = plan::exclude_rules(&info.rules, &excluded);
+        for g in extra {
+            excludes.extend_from_slice(b"- ");
+            excludes.extend_from_slice(g.as_bytes());
+            excludes.push(0);
+        }
+        let rules = plan::resync_rules(&excludes, &whole);
+        self.set_guard_args(&["--dry-run"]);
+        let mut itemized = Vec::new();
+        let r = self.rsync(
+            Mode::Resync,
+            &rules,
+            src,
+            &dest,
+            b"",
+            tick,
+            Some(&mut itemized),
+        );
+        self.set_guard_args(&[]);
+        if r.outcome != Outcome::Success {
+            return Err(r);
+        }
+        Ok(itemized
+            .split(|&b| b == b'\n')
+            .filter(|l| l.starts_with(b"*deleting"))
+            .count())
+    }
+
+    /// A whole-root compare that deletes nothing (`--max-delete=0`); rsync's exit
+    /// 25 (deletes skipped) is success here: the caller already knows what was kept.
+    fn resync_without_deletes(
+        &self,
+        root: &str,
+        info: &RootInfo,
+        extra: &[String],
+        tick: &mut dyn FnMut(Duration),
+    ) -> RunResult {
+        self.set_guard_args(&["--max-delete=0"]);
+        let mut r = self.resync(root, info, &[PathBytes::root()], extra, tick);
+        self.set_guard_args(&[]);
+        if r.outcome == Outcome::Fatal && r.error.contains("max-delete") {
+            r = RunResult {
+                outcome: Outcome::Success,
+                error: String::new(),
+            };
+        }
+        r
     }
 
     /// Brings the target up to what changed since `since_us` (see [`crate::catchup`]):
@@ -765,6 +845,15 @@ impl Runner {
         args.insert(at, "--info=stats1".into());
         // After the user's `extra_args`: plain digits even if they ask for `-h`.
         args.insert(at, "--no-human-readable".into());
+        let guard_args = self
+            .guard_args
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        for a in &guard_args {
+            args.insert(at, (*a).into());
+        }
+        let dry_run = guard_args.contains(&"--dry-run");
         let keep = capture.is_some();
         let count = !keep && self.progress.is_some() && mode == Mode::Resync;
         if keep {
@@ -820,7 +909,9 @@ impl Runner {
             // usage error, a peer not ready yet (found when both sides start at once).
             result.outcome = Outcome::Retry;
         }
-        self.count_run(&result, out.sent);
+        if !dry_run {
+            self.count_run(&result, out.sent);
+        }
         if let Some(c) = capture {
             *c = out.kept;
         }
@@ -1297,10 +1388,56 @@ fn check_source(src: &Path) -> Result<(), RunResult> {
     }
 }
 
+/// After a guarded compare that did not fail: remembers a refusal (status and record)
+/// or clears one, and records the root's file system when the compare proved it (it
+/// ran with deletes, or needed none, from a root that is not empty).
+fn settle_guard(
+    runner: &Runner,
+    store: &guard::Store,
+    root: &str,
+    now: &guard::Seen,
+    refused: Option<&str>,
+) {
+    let target = &runner.target.name;
+    let old = store.load(root).filter(|r| r.path == now.path);
+    let mut record = old.clone().unwrap_or_else(|| guard::Record {
+        path: now.path.clone(),
+        ..Default::default()
+    });
+    match refused {
+        Some(why) => {
+            tracing::warn!(target = %target, root, reason = why, "whole-root compare refused by the root guard (live changes keep flowing)");
+            record.refused = Some(why.to_string());
+        }
+        None => {
+            if record.refused.take().is_some() {
+                tracing::info!(target = %target, root, "whole-root compare succeeded; the root guard's refusal is cleared");
+            }
+            if !now.empty && now.mount.is_some() {
+                record.mount = now.mount.clone();
+            }
+        }
+    }
+    runner.control.post(target, |t| match refused {
+        Some(why) => {
+            t.refused.insert(root.to_string(), why.to_string());
+        }
+        None => {
+            t.refused.remove(root);
+        }
+    });
+    if old.as_ref() != Some(&record) {
+        if let Err(e) = store.save(root, &record) {
+            tracing::warn!(target = %target, root, file = %store.file(root).display(), error = %e, "cannot write the root guard's record");
+        }
+    }
+}
+
 /// The full lane: whole-root resyncs, one at a time, beside the live lane.
 fn full_lane(
     runner: Runner,
     roots: HashMap<String, RootInfo>,
+    guard: guard::Store,
     rx: Receiver<FullReq>,
     tx: Sender<Job>,
 ) {
@@ -1317,6 +1454,7 @@ fn full_lane(
                     error: String::new(),
                 },
                 started_us: 0,
+                ran: false,
             };
             if tx.send(Job::FullDone(Arc::new(done))).is_err() {
                 break;
@@ -1340,6 +1478,12 @@ fn full_lane(
             f.entries = 0;
         });
         let mut kind = req.kind.clone();
+        let mut refused = None;
+        let mut ran = true;
+        // Compares that delete on an rsync target are guarded (two-way ones never
+        // delete; programs and webhooks get paths, not deletes).
+        let guarded = runner.target.runs_rsync() && !runner.target.two_way;
+        let mut seen = None;
         let result = match check_source(&info.path) {
             Err(r) => r,
             Ok(()) => {
@@ -1355,23 +1499,86 @@ fn full_lane(
                         tracing::info!(target = %name, root = %req.root, elapsed_s = started.elapsed().as_secs(), entries_sent = sent.load(Ordering::Relaxed), "{what} in progress");
                     }
                 };
-                match &req.kind {
-                    FullKind::Full { excludes } => {
-                        runner.resync(&req.root, info, &[PathBytes::root()], excludes, &mut tick)
-                    }
-                    FullKind::CatchUp { since_us } => {
-                        let (r, touched) = runner.catch_up(&req.root, info, *since_us, &mut tick);
-                        if r.outcome != Outcome::Success && touched {
-                            // What is owed now is a full compare (see `catch_up`).
-                            kind = FullKind::Full {
-                                excludes: Vec::new(),
-                            };
+                let record = guarded.then(|| guard.load(&req.root)).flatten();
+                let verdict = if guarded {
+                    let now = guard::Seen {
+                        path: info.path.to_string_lossy().into_owned(),
+                        mount: guard::mount_of(&info.path),
+                        // Unreadable: not known to be empty; rsync will say more.
+                        empty: guard::is_empty(&info.path, &info.rules).unwrap_or(false),
+                    };
+                    let v = guard::decide(&req.root, &name, info.allow_wipe, record.as_ref(), &now);
+                    seen = Some(now);
+                    v
+                } else {
+                    guard::Verdict::Plain
+                };
+                match verdict {
+                    guard::Verdict::Refuse(why) => {
+                        ran = false;
+                        refused = Some(why);
+                        RunResult {
+                            outcome: Outcome::Success,
+                            error: String::new(),
                         }
-                        r
                     }
+                    guard::Verdict::NoDeletes(why) => {
+                        // A catch-up would not look at what the target holds: the
+                        // guarded compare is a full one.
+                        let excludes = match &req.kind {
+                            FullKind::Full { excludes } => excludes.clone(),
+                            FullKind::CatchUp { .. } => Vec::new(),
+                        };
+                        kind = FullKind::Full {
+                            excludes: excludes.clone(),
+                        };
+                        match runner.would_delete(&req.root, info, &excludes, &mut tick) {
+                            Err(r) => r,
+                            Ok(n) => {
+                                if n > 0 {
+                                    refused = Some(format!("{why} ({n} entries kept)"));
+                                }
+                                runner.resync_without_deletes(&req.root, info, &excludes, &mut tick)
+                            }
+                        }
+                    }
+                    // After a refusal, a catch-up would not see what went wrong
+                    // (files sent from the wrong tree, deletes held back): compare all.
+                    guard::Verdict::Plain
+                        if record.as_ref().is_some_and(|r| r.refused.is_some())
+                            && matches!(req.kind, FullKind::CatchUp { .. }) =>
+                    {
+                        kind = FullKind::Full {
+                            excludes: Vec::new(),
+                        };
+                        runner.resync(&req.root, info, &[PathBytes::root()], &[], &mut tick)
+                    }
+                    guard::Verdict::Plain => match &req.kind {
+                        FullKind::Full { excludes } => runner.resync(
+                            &req.root,
+                            info,
+                            &[PathBytes::root()],
+                            excludes,
+                            &mut tick,
+                        ),
+                        FullKind::CatchUp { since_us } => {
+                            let (r, touched) =
+                                runner.catch_up(&req.root, info, *since_us, &mut tick);
+                            if r.outcome != Outcome::Success && touched {
+                                // What is owed now is a full compare (see `catch_up`).
+                                kind = FullKind::Full {
+                                    excludes: Vec::new(),
+                                };
+                            }
+                            r
+                        }
+                    },
                 }
             }
         };
+        if let (Some(now), true) = (&seen, result.outcome == Outcome::Success) {
+            settle_guard(&runner, &guard, &req.root, now, refused.as_deref());
+        }
         let duration_ms = started.elapsed().as_millis() as u64;
         let entries_sent = runner
             .progress
@@ -1396,6 +1603,7 @@ fn full_lane(
             job_ids: req.job_ids,
             result,
             started_us,
+            ran,
         };
         if tx.send(Job::FullDone(Arc::new(done))).is_err() {
             break;
@@ -1425,6 +1633,7 @@ impl Worker {
         target: Target,
         roots: HashMap<String, RootInfo>,
         runtime_dir: &Path,
+        guard: guard::Store,
         control: Arc<Control>,
         reporter: Reporter,
         tx: Sender<Job>,
@@ -1436,7 +1645,7 @@ impl Worker {
         let full_roots = roots.clone();
         let full_thread = std::thread::Builder::new()
             .name(format!("full-{}", target.name))
-            .spawn(move || full_lane(full, full_roots, full_rx, tx))?;
+            .spawn(move || full_lane(full, full_roots, guard, full_rx, tx))?;
         Ok(Worker {
             target,
             roots,
@@ -1774,9 +1983,19 @@ impl Worker {
         let since_us = state.as_ref().map_or(0, |s| s.since_us);
         let whole = [PathBytes::root()];
         if done.result.outcome == Outcome::Success {
-            self.reporter
-                .deliver(&done.root, &BTreeMap::new(), &whole, None);
+            if done.ran {
+                self.reporter
+                    .deliver(&done.root, &BTreeMap::new(), &whole, None);
+            }
+            // A compare the root guard refused settles the jobs it covered too: the
+            // refusal stands in the status and in the guard's record (which makes the
+            // next compare a full one), and the target is not failing, so live
+            // changes keep flowing.
+            let last_success_us = self.last_success_us;
             self.delivered(&done.root, done.job_ids.clone(), intake);
+            if !done.ran {
+                self.last_success_us = last_success_us;
+            }
         } else {
             self.last_error = done.result.error.clone();
             let attempt = self.failing.get(&done.root).map_or(1, |f| f.attempt + 1);
@@ -1947,6 +2166,7 @@ mod tests {
         let info = RootInfo {
             path: config.roots[0].path.clone(),
             rules: config.roots[0].rules.clone(),
+            allow_wipe: false,
         };
         runner
             .catch_up("r", &info, since, &mut |w| std::thread::sleep(w))

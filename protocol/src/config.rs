@@ -105,6 +105,8 @@ struct RawRoot {
     stable_ms: Option<Spanned<u64>>,
     #[serde(default)]
     events: Events,
+    #[serde(default)]
+    allow_wipe: bool,
 }
 
 #[derive(Deserialize)]
@@ -136,6 +138,8 @@ struct RawTarget {
     ssh_options: Vec<Spanned<String>>,
     two_way: Option<Spanned<bool>>,
     losers: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_wipe: bool,
 }
 
 fn yes() -> bool {
@@ -236,6 +240,9 @@ pub struct Root {
     /// Two-way: a change made here that lost to a newer one of the peer is also kept
     /// as `NAME.conflict-<UTC time>` beside it (and synced), not only in the backup.
     pub conflict_copies: bool,
+    /// A whole-root compare may delete on a target also when the root is empty or on
+    /// another file system than at its last compare (see the dispatcher's guard).
+    pub allow_wipe: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -254,6 +261,8 @@ pub struct Target {
     pub two_way: bool,
     /// `losers = "copy"`: see [`Root::conflict_copies`].
     pub conflict_copies: bool,
+    /// See [`Root::allow_wipe`]: for every root this target mirrors.
+    pub allow_wipe: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -877,6 +886,7 @@ impl Validator<'_> {
             extra_args: Vec::new(),
             two_way: false,
             conflict_copies: false,
+            allow_wipe: raw.allow_wipe,
         })
     }
 
@@ -1047,6 +1057,7 @@ impl Validator<'_> {
             extra_args: Vec::new(),
             two_way: false,
             conflict_copies: false,
+            allow_wipe: raw.allow_wipe,
         })
     }
 
@@ -1169,6 +1180,7 @@ impl Validator<'_> {
             stable: Duration::from_millis(raw.stable_ms.map_or(0, |s| s.into_inner())),
             two_way: false,
             conflict_copies: false,
+            allow_wipe: raw.allow_wipe,
         }
     }
 
@@ -1406,6 +1418,7 @@ impl Validator<'_> {
             extra_args: raw.extra_args.into_iter().map(|a| a.into_inner()).collect(),
             two_way,
             conflict_copies,
+            allow_wipe: raw.allow_wipe,
         })
     }
 }

@@ -115,6 +115,10 @@ pub struct TargetStatus {
     /// When the retrier tries again (µs; 0: not waiting).
     #[serde(default)]
     pub next_retry_us: u64,
+    /// Roots whose whole-root compare the root guard refused (an empty root, or one
+    /// on another file system), with the reason; cleared by a compare that succeeds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refused: BTreeMap<String, String>,
 }
 
 /// The whole-root compares of one root on one target.

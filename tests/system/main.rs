@@ -3,6 +3,7 @@
 //! symlink targets). No fixed sleeps: every wait is a condition with a deadline.
 
 mod cli;
+mod guard;
 mod hardening;
 mod identity;
 mod journal;
