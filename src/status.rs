@@ -122,6 +122,10 @@ pub struct TargetView {
     /// (an empty root, or one on another file system): critical until one succeeds.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub refused: BTreeMap<String, String>,
+    /// Paths (`root/path`) that could not be sent even alone, and rsync's reason: a
+    /// warning until they are sent; the rest of the target's work goes on.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unsendable: BTreeMap<String, String>,
 }
 
 /// The stages a `syncbus run` runs when no supervisor file says otherwise.
@@ -269,6 +273,7 @@ pub fn gather(
             v.failed_runs += t.failed_runs;
             v.refused
                 .extend(t.refused.iter().map(|(r, why)| (r.clone(), why.clone())));
+            v.unsendable.extend(t.unsendable.clone());
             if t.next_retry_us > 0 {
                 v.next_retry_s = Some(t.next_retry_us.saturating_sub(now_us) as f64 / 1e6);
             }
@@ -304,6 +309,12 @@ pub fn gather(
             problems.push((
                 Health::Critical,
                 format!("target {name} refuses the compare of root {root}: {why}"),
+            ));
+        }
+        for (path, why) in &v.unsendable {
+            problems.push((
+                Health::Warning,
+                format!("target {name} cannot take {path}: {why}"),
             ));
         }
         if v.lag_s > crit_lag as f64 {
@@ -601,7 +612,7 @@ const ROOT_FAMILIES: [Family<RootView>; 6] = [
     ),
 ];
 
-const TARGET_FAMILIES: [Family<TargetView>; 8] = [
+const TARGET_FAMILIES: [Family<TargetView>; 9] = [
     (
         "syncbus_target_lag_seconds",
         "gauge",
@@ -649,6 +660,12 @@ const TARGET_FAMILIES: [Family<TargetView>; 8] = [
         "gauge",
         "Roots whose whole-root compare to the target the root guard refused (empty, or on another file system).",
         |v| Some(v.refused.len() as f64),
+    ),
+    (
+        "syncbus_target_unsendable_paths",
+        "gauge",
+        "Paths that could not be sent to the target even alone (the rest of its work goes on).",
+        |v| Some(v.unsendable.len() as f64),
     ),
 ];
 

@@ -19,8 +19,11 @@ const STDERR_TAIL: usize = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Success,
-    /// Transient (network, target busy, partial transfer): try again soon.
+    /// Transient (network, target busy): try again soon.
     Retry,
+    /// Some paths could not be sent and the rest was (rsync's 23): a failure, retried
+    /// like `Retry`, but an incremental run is first narrowed to the paths that fail.
+    Partial,
     /// Retrying will not help until someone changes something: try again rarely, loudly.
     Fatal,
 }
@@ -32,10 +35,11 @@ pub fn classify(code: Option<i32>) -> Outcome {
         Some(0 | 24) => Outcome::Success,
         // syntax/usage, protocol incompatibility, action not supported, --max-delete.
         Some(1 | 2 | 4 | 25) => Outcome::Fatal,
+        Some(23) => Outcome::Partial,
         // 3 file selection, 5 starting protocol, 6 daemon log, 10 socket I/O, 11 file I/O,
         // 12 protocol stream, 13 diagnostics, 14 IPC, 20 signal, 21 waitpid, 22 memory,
-        // 23 partial transfer, 30 timeout, 35 connect timeout, 255 ssh, a signal, or
-        // anything unknown: transient until proven otherwise.
+        // 30 timeout, 35 connect timeout, 255 ssh, a signal, or anything unknown:
+        // transient until proven otherwise.
         _ => Outcome::Retry,
     }
 }
@@ -602,7 +606,7 @@ mod tests {
             (Some(20), Retry),
             (Some(21), Retry),
             (Some(22), Retry),
-            (Some(23), Retry),
+            (Some(23), Partial),
             (Some(30), Retry),
             (Some(35), Retry),
             (Some(255), Retry),

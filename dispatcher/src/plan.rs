@@ -21,6 +21,14 @@ fn missing(root: &Path, path: &PathBytes) -> bool {
     }
 }
 
+/// The nearest directory above `path` that exists under `root` (the root at worst).
+pub fn nearest_dir(root: &Path, path: &PathBytes) -> PathBytes {
+    path.ancestors()
+        .map(|a| PathBytes::new(a.to_vec()))
+        .find(|a| std::fs::symlink_metadata(a.under(root)).is_ok_and(|m| m.is_dir()))
+        .unwrap_or_else(PathBytes::root)
+}
+
 /// The highest missing ancestor-or-self of a missing `path` (its parent exists).
 fn topmost_missing(root: &Path, path: &PathBytes) -> PathBytes {
     let mut top = path.clone();
@@ -47,8 +55,19 @@ pub fn incremental_entries(
     for p in paths.keys() {
         if !p.is_root() && missing(root, p) {
             let top = topmost_missing(root, p);
-            gone.insert(top.as_bytes().to_vec());
             let since_us = paths.get(p).map_or(0, |t| t.since_us);
+            let parent = top.ancestors().next().map(|a| PathBytes::new(a.to_vec()));
+            if let Some(file) = parent.filter(|a| !a.under(root).is_dir()) {
+                // A directory became a file (or a link) here. Sending that replaces the
+                // directory and all in it on the target (`--force`); its old entries
+                // named alone would fail with "Not a directory" (rsync's 23), forever.
+                out.entry(file).or_insert(Touch {
+                    deleted: false,
+                    since_us,
+                });
+                continue;
+            }
+            gone.insert(top.as_bytes().to_vec());
             out.insert(
                 top,
                 Touch {
@@ -203,8 +222,8 @@ mod tests {
                 ("dangling".into(), false),
                 ("gone".into(), true),
                 ("here".into(), false),
+                // A directory that became a file: the file is sent, which replaces it.
                 ("keep/f".into(), false),
-                ("keep/f/below-a-file".into(), true),
                 ("keep/sub/x".into(), true),
             ]
         );

@@ -1624,6 +1624,9 @@ pub struct Worker {
     /// For the status: the last failure's error, the last success (µs).
     last_error: String,
     last_success_us: u64,
+    /// Paths that could not be sent even alone, per root, with the reason: not
+    /// retried until they change again or a compare takes them.
+    unsendable: BTreeMap<(String, PathBytes), String>,
 }
 
 impl Worker {
@@ -1658,6 +1661,7 @@ impl Worker {
             control,
             last_error: String::new(),
             last_success_us: 0,
+            unsendable: BTreeMap::new(),
         })
     }
 
@@ -1766,6 +1770,11 @@ impl Worker {
                 String::new()
             };
             t.last_success_us = self.last_success_us;
+            t.unsendable = self
+                .unsendable
+                .iter()
+                .map(|((root, p), why)| (format!("{root}/{p}"), why.clone()))
+                .collect();
         });
     }
 
@@ -1986,6 +1995,7 @@ impl Worker {
             if done.ran {
                 self.reporter
                     .deliver(&done.root, &BTreeMap::new(), &whole, None);
+                self.unsendable.retain(|(root, _), _| *root != done.root);
             }
             // A compare the root guard refused settles the jobs it covered too: the
             // refusal stands in the status and in the guard's record (which makes the
@@ -2085,11 +2095,44 @@ impl Worker {
             if result.outcome != Outcome::Success {
                 return Some((work, result));
             }
+            self.unsendable.retain(|(r, p), _| {
+                r != root
+                    || !subtrees
+                        .iter()
+                        .any(|s| s == p || p.ancestors().any(|a| a == s.as_bytes()))
+            });
             tracing::debug!(target = %self.target.name, root, duration_ms = started.elapsed().as_millis() as u64, "subtree resync finished");
         }
         if !work.paths.is_empty() {
             let started = Instant::now();
-            let result = self.live.incremental(root, info, &work.paths, &mut tick);
+            let mut result = self.live.incremental(root, info, &work.paths, &mut tick);
+            let mut unsendable = BTreeMap::new();
+            if result.outcome == Outcome::Partial && !self.live.is_hook() {
+                (result, unsendable) = narrow(
+                    &self.live,
+                    root,
+                    info,
+                    work.paths.clone(),
+                    result,
+                    &mut tick,
+                );
+            }
+            if result.outcome == Outcome::Success {
+                for p in work.paths.keys() {
+                    let key = (root.to_string(), p.clone());
+                    match unsendable.remove(p) {
+                        None => {
+                            self.unsendable.remove(&key);
+                        }
+                        Some(why) => {
+                            if !self.unsendable.contains_key(&key) {
+                                tracing::warn!(target = %self.target.name, root, path = %p, error = %why, "cannot send this path, even alone; the rest went, and it is tried again when it changes");
+                            }
+                            self.unsendable.insert(key, why);
+                        }
+                    }
+                }
+            }
             if result.outcome != Outcome::Success {
                 let rest = RootWork {
                     resyncs: Default::default(),
@@ -2109,6 +2152,84 @@ impl Worker {
         }
         None
     }
+}
+
+/// An incremental run that sent all but some paths (rsync's 23), narrowed: the list is
+/// halved until each path that fails stands alone, and each of those is replaced by a
+/// compare of the nearest directory above it that exists here (which also clears what
+/// a changed type left in the way on the target). A path that fails even then cannot
+/// be sent: it is returned with rsync's reason, and the run is a success for the rest,
+/// so one such path neither keeps the target failing nor delays its other work. Any
+/// other failure (the target gone meanwhile) ends the narrowing with it.
+fn narrow(
+    runner: &Runner,
+    root: &str,
+    info: &RootInfo,
+    paths: BTreeMap<PathBytes, Touch>,
+    failed: RunResult,
+    tick: &mut dyn FnMut(Duration),
+) -> (RunResult, BTreeMap<PathBytes, String>) {
+    let mut alone: Vec<(PathBytes, String)> = Vec::new();
+    let mut parts = vec![(paths, failed)];
+    while let Some((mut part, failed)) = parts.pop() {
+        if part.len() == 1 {
+            let (p, _) = part.pop_first().expect("one path");
+            alone.push((p, failed.error));
+            continue;
+        }
+        let half = part
+            .keys()
+            .nth(part.len() / 2)
+            .cloned()
+            .expect("two or more");
+        let upper = part.split_off(&half);
+        for piece in [part, upper] {
+            let r = runner.incremental(root, info, &piece, tick);
+            match r.outcome {
+                Outcome::Success => {}
+                Outcome::Partial => parts.push((piece, r)),
+                _ => return (r, BTreeMap::new()),
+            }
+        }
+    }
+    let mut compared: BTreeMap<PathBytes, Option<String>> = BTreeMap::new();
+    let mut unsendable = BTreeMap::new();
+    for (p, error) in alone {
+        let dir = plan::nearest_dir(&info.path, &p);
+        // The whole root is the full lane's, behind the root guard: not compared here.
+        let failure = if dir.is_root() {
+            Some(error)
+        } else if let Some(f) = compared.get(&dir) {
+            f.clone()
+        } else {
+            let r = runner.resync(root, info, std::slice::from_ref(&dir), &[], tick);
+            let f = match r.outcome {
+                Outcome::Success => None,
+                Outcome::Partial => Some(r.error),
+                _ => return (r, BTreeMap::new()),
+            };
+            compared.insert(dir, f.clone());
+            f
+        };
+        if let Some(e) = failure {
+            unsendable.insert(p, reason(&e));
+        }
+    }
+    let ok = RunResult {
+        outcome: Outcome::Success,
+        error: String::new(),
+    };
+    (ok, unsendable)
+}
+
+/// The line of rsync's stderr that says what failed (`rsync: …`), else its first.
+fn reason(error: &str) -> String {
+    let lines = || error.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines()
+        .find(|l| l.starts_with("rsync: ") && !l.starts_with("rsync error:"))
+        .or_else(|| lines().next())
+        .unwrap_or("")
+        .to_string()
 }
 
 #[cfg(test)]

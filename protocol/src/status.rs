@@ -119,6 +119,10 @@ pub struct TargetStatus {
     /// on another file system), with the reason; cleared by a compare that succeeds.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub refused: BTreeMap<String, String>,
+    /// Paths (`root/path`) that could not be sent even alone, with rsync's reason;
+    /// the rest of the target's work goes on. Cleared when the path is sent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unsendable: BTreeMap<String, String>,
 }
 
 /// The whole-root compares of one root on one target.

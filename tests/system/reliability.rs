@@ -2,6 +2,7 @@
 //! whole `syncbus run` killed with work pending, a subscriber that never reads.
 
 use std::fs;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use testkit::eventually;
@@ -292,4 +293,94 @@ fn a_clock_set_back_across_a_clean_stop_means_a_full_compare() {
     m.start();
     m.converge();
     assert!(m.log().contains("the clock was set back"), "{}", m.log());
+}
+
+/// A directory that became a file while the target was down: the journalled deletes of
+/// what was in it named a path below a file ("Not a directory", rsync's 23) and failed
+/// the target on every retry, new work waiting behind them. Now the file is sent, which
+/// replaces the directory, and the target recovers at its first retry.
+#[test]
+fn a_directory_that_became_a_file_while_the_target_was_down_does_not_fail_it_forever() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    fs::create_dir_all(m.s("p/sub")).unwrap();
+    fs::write(m.s("p/x"), "x").unwrap();
+    fs::write(m.s("p/sub/y"), "y").unwrap();
+    m.converge();
+    m.daemons[0].kill();
+    fs::remove_dir_all(m.s("p")).unwrap();
+    fs::write(m.s("p"), "now a file").unwrap();
+    // The change fails against the down target and goes to the journal.
+    m.wait_for("the change journalled", CONVERGE, || {
+        let (_, r) = crate::status::status(&m);
+        (r["targets"]["t0"]["failures"].as_u64()? > 0).then_some(())
+    });
+    m.daemons[0].restart();
+    m.converge();
+    m.wait_for("status OK", CONVERGE, || {
+        (crate::status::status(&m).0 == 0).then_some(())
+    });
+}
+
+/// A path the target refuses even alone (here a read-only mount on the target) is
+/// narrowed out of its batch: the rest arrives, the target is not failing, status
+/// names the path (WARNING) once; when the path changes again and can be sent, it
+/// goes and status is OK. Needs root, for the mount.
+#[test]
+fn a_path_that_cannot_be_sent_is_named_and_does_not_fail_the_target() {
+    let mut m = Mirror::new(1, "");
+    m.start().wait_ready();
+    fs::create_dir_all(m.s("ro")).unwrap();
+    fs::create_dir_all(m.s("ok")).unwrap();
+    m.converge();
+    let ro = m.dsts[0].join("ro");
+    let mount = |args: &[&str]| {
+        Command::new("mount")
+            .args(args)
+            .arg(&ro)
+            .arg(&ro)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !mount(&["--bind"]) {
+        eprintln!("skipped: cannot bind-mount here (needs root)");
+        return;
+    }
+    let unmount = Unmount(ro.clone());
+    assert!(mount(&["-o", "remount,ro,bind"]));
+    fs::write(m.s("ro/blocked"), "b").unwrap();
+    for i in 0..20 {
+        fs::write(m.s(&format!("ok/f{i}")), format!("{i}")).unwrap();
+    }
+    let r = m.wait_for("status to name the path", CONVERGE, || {
+        let (code, r) = crate::status::status(&m);
+        let named = r["problems"]
+            .to_string()
+            .contains("cannot take r/ro/blocked");
+        (code == 1 && named).then_some(r)
+    });
+    assert_eq!(r["targets"]["t0"]["failures"], 0, "{r:#}");
+    for i in 0..20 {
+        assert!(m.dsts[0].join(format!("ok/f{i}")).exists(), "ok/f{i}");
+    }
+    // Later work is not held behind it.
+    fs::write(m.s("ok/later"), "l").unwrap();
+    m.wait_for("later work", CONVERGE, || {
+        fs::read(m.dsts[0].join("ok/later")).ok()
+    });
+    drop(unmount);
+    fs::write(m.s("ro/blocked"), "b2").unwrap();
+    m.converge();
+    m.wait_for("status OK once it was sent", CONVERGE, || {
+        (crate::status::status(&m).0 == 0).then_some(())
+    });
+}
+
+/// Unmounts (lazily) when the test ends.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
