@@ -384,3 +384,52 @@ impl Drop for Unmount {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Files written while syncbus starts from a checkpoint (the watcher walking, the
+/// catch-up listing) all arrive: rounds of a clean stop and a start with a writer
+/// going on through it, new files and rewrites in old and new directories. (Seen once
+/// in about 25 starts before: 27 files written during the start-up walk were missed.)
+#[test]
+fn files_written_while_a_catch_up_start_runs_all_arrive() {
+    let mut m = Mirror::new(1, "");
+    for d in 0..40 {
+        fs::create_dir_all(m.s(&format!("d{d}/sub"))).unwrap();
+        for f in 0..25 {
+            fs::write(m.s(&format!("d{d}/sub/f{f}")), "old").unwrap();
+        }
+    }
+    m.start().wait_ready();
+    for round in 0..6 {
+        m.wait_for("nothing owed before the stop", CONVERGE, || {
+            let (code, r) = crate::status::status(&m);
+            (code == 0 && r["targets"]["t0"]["backlog"] == 0).then_some(())
+        });
+        m.converge();
+        let p = m.proc.as_mut().unwrap();
+        p.signal(libc::SIGTERM);
+        assert_eq!(p.wait_exit(CONVERGE).and_then(|s| s.code()), Some(0));
+        let src = m.src.clone();
+        let writer = std::thread::spawn(move || {
+            for i in 0..80 {
+                let d = i % 40;
+                let _ = fs::create_dir_all(src.join(format!("n{round}-{d}")));
+                fs::write(src.join(format!("n{round}-{d}/w{i}")), "new").unwrap();
+                fs::write(
+                    src.join(format!("d{d}/sub/f{}", i % 25)),
+                    format!("{round}-{i}"),
+                )
+                .unwrap();
+                // Paced to span the start-up, not to wait for anything.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        m.start();
+        writer.join().unwrap();
+        m.converge();
+        let log = m.log();
+        assert!(
+            log.contains("catch-up") && !log.contains("full sync started"),
+            "round {round} did not start with a catch-up:\n{log}"
+        );
+    }
+}
