@@ -1021,7 +1021,7 @@ impl Ctx<'_> {
         ));
         let mut root = Table::new("[[root]]");
         root.notes.push(
-            "dotfiles are mirrored (sersync dropped them live); editor and temp files are not (builtin_excludes)".into(),
+            "dotfiles are mirrored (sersync dropped them live); editor swap and lock files are not (builtin_excludes); `name~`, `4913` and `.name.XXXXXX` are mirrored once they rest 1 s".into(),
         );
         root.set("name", name.as_str()).set("path", path);
         if !regexes.is_empty() {
@@ -1514,7 +1514,7 @@ impl Ctx<'_> {
     /// What differs whatever the file says.
     fn always(&mut self) {
         self.changed(
-            "dotfiles: sersync dropped every live event for a file whose name starts with `.` or ends with `~`, and vim's `4913`, though its full syncs copied them; syncbus mirrors dotfiles and leaves out only its built-in set of editor and temp files (vim swap, `*~`, `4913`, emacs `#*#` and `.#*`, LibreOffice locks, `.goutputstream-*`, `*.kate-swp`, `.nfs*`, rsync's `.name.XXXXXX`; `builtin_excludes = false` turns it off)".into(),
+            "dotfiles: sersync dropped every live event for a file whose name starts with `.` or ends with `~`, and vim's `4913`, though its full syncs copied them; syncbus mirrors dotfiles and leaves out only its built-in set of swap and lock files (vim swap, emacs `.#*`, LibreOffice locks, `.goutputstream-*`, `*.kate-swp`, `.nfs*`; `builtin_excludes = false` turns it off); a file named like a temp file (`*~`, `4913`, emacs `#*#`, rsync's `.name.XXXXXX` such as `.env.sample`) is held until it has rested 1 s, so one renamed or deleted at once never goes out and one that stays is mirrored, live and by full syncs".into(),
         );
         self.changed(
             "at every start syncbus compares each root with its targets in full (deleting on a target what the source lacks), or after a clean stop catches up on what changed since; sersync did a full sync only when started with `-r`".into(),

@@ -10,6 +10,7 @@ mod mirror;
 mod reliability;
 mod status;
 mod stream;
+mod transient;
 mod two_way;
 
 #[path = "../common/mod.rs"]
