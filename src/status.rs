@@ -113,6 +113,8 @@ pub struct TargetView {
     pub bytes_sent: u64,
     pub runs: u64,
     pub failed_runs: u64,
+    /// Failed runs of an `on_failure = "log"` target, not retried.
+    pub ignored_failures: u64,
     /// Seconds until the retrier tries again (while failing).
     pub next_retry_s: Option<f64>,
 }
@@ -243,6 +245,7 @@ pub fn gather(
             v.bytes_sent += t.bytes_sent;
             v.runs += t.runs;
             v.failed_runs += t.failed_runs;
+            v.ignored_failures += t.ignored_failures;
             if t.next_retry_us > 0 {
                 v.next_retry_s = Some(t.next_retry_us.saturating_sub(now_us) as f64 / 1e6);
             }
@@ -569,7 +572,7 @@ const ROOT_FAMILIES: [Family<RootView>; 6] = [
     ),
 ];
 
-const TARGET_FAMILIES: [Family<TargetView>; 7] = [
+const TARGET_FAMILIES: [Family<TargetView>; 8] = [
     (
         "syncbus_target_lag_seconds",
         "gauge",
@@ -611,6 +614,12 @@ const TARGET_FAMILIES: [Family<TargetView>; 7] = [
         "counter",
         "Runs for the target that failed.",
         |v| Some(v.failed_runs as f64),
+    ),
+    (
+        "syncbus_target_ignored_failures_total",
+        "counter",
+        "Failed runs of an `on_failure = \"log\"` target: logged, not retried.",
+        |v| Some(v.ignored_failures as f64),
     ),
 ];
 

@@ -626,6 +626,7 @@ mod tests {
             extra_args: vec!["--chmod=D755".into()],
             two_way: false,
             conflict_copies: false,
+            on_failure: Default::default(),
         }
     }
 

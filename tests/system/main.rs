@@ -4,6 +4,7 @@
 
 mod cli;
 mod hardening;
+mod hooks;
 mod identity;
 mod journal;
 mod mirror;
