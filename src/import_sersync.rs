@@ -1246,7 +1246,7 @@ impl Ctx<'_> {
         );
         if ignore_error {
             self.changed(
-                "the command plugin's exit status: sersync never looked at it (ignoreError=\"true\" threw its output away); syncbus maps ignoreError=\"true\" to `on_failure = \"log\"`: a run that exits non-zero is logged at WARN and counted (`ignored_failures` in `syncbus status`, `syncbus_target_ignored_failures_total`), never retried; a path whose run succeeded is never run again".into(),
+                "the command plugin's exit status: sersync never looked at it (ignoreError=\"true\" threw its output away); syncbus maps ignoreError=\"true\" to `on_failure = \"log\"`: a run that exits non-zero is logged at WARN and counted (`ignored_failures` in `syncbus status --json`, `syncbus_target_ignored_failures_total`), never retried; a path whose run succeeded is never run again".into(),
             );
         } else {
             self.changed(
