@@ -1021,7 +1021,7 @@ impl Ctx<'_> {
         ));
         let mut root = Table::new("[[root]]");
         root.notes.push(
-            "dotfiles are mirrored (sersync dropped them live); editor and temp files are not (builtin_excludes)".into(),
+            "dotfiles are mirrored (sersync dropped them live); editor swap and lock files are not (builtin_excludes); `name~`, `4913` and `.name.XXXXXX` are mirrored once they rest 1 s".into(),
         );
         root.set("name", name.as_str()).set("path", path);
         if !regexes.is_empty() {
@@ -1219,27 +1219,40 @@ impl Ctx<'_> {
         ));
         t.set("name", name.as_str())
             .set("command", strings(&argv))
-            .set("paths", "args")
+            .set("paths", "each")
             .set("roots", strings(&[m.root.as_str()]));
+        if ignore_error {
+            t.note(
+                "on_failure",
+                "log",
+                "ignoreError=\"true\": a failed run is logged and counted, never retried".into(),
+            );
+        }
         if shell {
             self.changed(format!(
                 "the command plugin `{prefix} PATH {suffix}` → `/bin/sh -c` with a loop that runs it once per path, each path given as \"$f\": a bare shell, a suffix or shell syntax cannot be an argv; the file names are arguments, never part of the shell text (sersync pasted them in unquoted)"
             ));
         } else {
             self.mapped(format!(
-                "the command plugin `{prefix} PATH` → `[[target]]` `{name}` with `command = {argv:?}` and `paths = \"args\"` (argv: no shell)"
+                "the command plugin `{prefix} PATH` → `[[target]]` `{name}` with `command = {argv:?}` and `paths = \"each\"` (once per path, as sersync; argv: no shell)"
             ));
             self.changed(format!(
-                "the command plugin: sersync ran `{prefix} PATH` once per file through a shell; syncbus runs `{}` without a shell, once per batch with every path as an argument: a program that reads only its first argument must loop over all of them",
+                "the command plugin: sersync ran `{prefix} PATH` once per file through a shell; syncbus runs `{} PATH` once per path too, without a shell",
                 argv.join(" ")
             ));
         }
         self.changed(
             "the command plugin's paths are `./dir/file`, relative to the root (it runs there), where sersync gave the absolute path".into(),
         );
-        self.changed(format!(
-            "the command plugin's exit status: sersync never looked at it (ignoreError=\"{ignore_error}\" only decided whether its output was thrown away); syncbus retries a run that exits non-zero, so the program should exit 0 for what it should not retry"
-        ));
+        if ignore_error {
+            self.changed(
+                "the command plugin's exit status: sersync never looked at it (ignoreError=\"true\" threw its output away); syncbus maps ignoreError=\"true\" to `on_failure = \"log\"`: a run that exits non-zero is logged at WARN and counted (`ignored_failures` in `syncbus status --json`, `syncbus_target_ignored_failures_total`), never retried; a path whose run succeeded is never run again".into(),
+            );
+        } else {
+            self.changed(
+                "the command plugin's exit status: sersync never looked at it (ignoreError=\"false\" only kept its output); syncbus retries the run of a path that exits non-zero, that path only (a path whose run succeeded is never run again), so the program should exit 0 for what it should not retry, or set `on_failure = \"log\"`".into(),
+            );
+        }
         match def.child("filter") {
             Some(f) if f.on() => {
                 let mut globs = Vec::new();
@@ -1514,7 +1527,7 @@ impl Ctx<'_> {
     /// What differs whatever the file says.
     fn always(&mut self) {
         self.changed(
-            "dotfiles: sersync dropped every live event for a file whose name starts with `.` or ends with `~`, and vim's `4913`, though its full syncs copied them; syncbus mirrors dotfiles and leaves out only its built-in set of editor and temp files (vim swap, `*~`, `4913`, emacs `#*#` and `.#*`, LibreOffice locks, `.goutputstream-*`, `*.kate-swp`, `.nfs*`, rsync's `.name.XXXXXX`; `builtin_excludes = false` turns it off)".into(),
+            "dotfiles: sersync dropped every live event for a file whose name starts with `.` or ends with `~`, and vim's `4913`, though its full syncs copied them; syncbus mirrors dotfiles and leaves out only its built-in set of swap and lock files (vim swap, emacs `.#*`, LibreOffice locks, `.goutputstream-*`, `*.kate-swp`, `.nfs*`; `builtin_excludes = false` turns it off); a file named like a temp file (`*~`, `4913`, emacs `#*#`, rsync's `.name.XXXXXX` such as `.env.sample`) is held until it has rested 1 s, so one renamed or deleted at once never goes out and one that stays is mirrored, live and by full syncs".into(),
         );
         self.changed(
             "at every start syncbus compares each root with its targets in full (deleting on a target what the source lacks), or after a clean stop catches up on what changed since; sersync did a full sync only when started with `-r`".into(),
@@ -2076,7 +2089,7 @@ mod tests {
             }
             e => panic!("{e:?}"),
         }
-        assert!(has(&c.changed, "must loop over all of them"));
+        assert!(has(&c.changed, "once per path too"));
         // A regex with no faithful glob leaves the target commented out.
         let c = t.convert(&[
             on,
@@ -2089,6 +2102,30 @@ mod tests {
         assert!(c.toml.contains("# command = "), "{}", c.toml);
         assert!(t.load(&c).target("command").is_none());
         assert!(has(&c.unsupported, "left commented out"));
+    }
+
+    #[test]
+    fn ignore_error_becomes_a_hook_that_logs_failures_and_runs_once_per_path() {
+        // Issue #11 (8): ignoreError="true" was turned into retry-forever.
+        let t = Tree::new();
+        let on = (
+            "<plugin start=\"false\" name=\"command\"/>",
+            "<plugin start=\"true\" name=\"command\"/>",
+        );
+        let c = t.convert(&[on]);
+        assert!(c.toml.contains("on_failure = \"log\""), "{}", c.toml);
+        let cmd = t.load(&c).target("command").unwrap().clone();
+        assert_eq!(cmd.on_failure, protocol::config::OnFailure::Log);
+        match &cmd.endpoint {
+            Endpoint::Command { each, as_args, .. } => assert!(*each && *as_args),
+            e => panic!("{e:?}"),
+        }
+        assert!(has(&c.changed, "never retried"));
+        let c = t.convert(&[on, ("ignoreError=\"true\"", "ignoreError=\"false\"")]);
+        assert!(!c.toml.contains("on_failure"), "{}", c.toml);
+        let cmd = t.load(&c).target("command").unwrap().clone();
+        assert_eq!(cmd.on_failure, protocol::config::OnFailure::Retry);
+        assert!(has(&c.changed, "that path only"));
     }
 
     #[test]

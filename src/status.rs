@@ -116,6 +116,8 @@ pub struct TargetView {
     pub bytes_sent: u64,
     pub runs: u64,
     pub failed_runs: u64,
+    /// Failed runs of an `on_failure = "log"` target, not retried.
+    pub ignored_failures: u64,
     /// Seconds until the retrier tries again (while failing).
     pub next_retry_s: Option<f64>,
     /// Roots whose whole-root compare to this target the root guard refused, and why
@@ -274,6 +276,7 @@ pub fn gather(
             v.refused
                 .extend(t.refused.iter().map(|(r, why)| (r.clone(), why.clone())));
             v.unsendable.extend(t.unsendable.clone());
+            v.ignored_failures += t.ignored_failures;
             if t.next_retry_us > 0 {
                 v.next_retry_s = Some(t.next_retry_us.saturating_sub(now_us) as f64 / 1e6);
             }
@@ -612,7 +615,7 @@ const ROOT_FAMILIES: [Family<RootView>; 6] = [
     ),
 ];
 
-const TARGET_FAMILIES: [Family<TargetView>; 9] = [
+const TARGET_FAMILIES: [Family<TargetView>; 10] = [
     (
         "syncbus_target_lag_seconds",
         "gauge",
@@ -666,6 +669,12 @@ const TARGET_FAMILIES: [Family<TargetView>; 9] = [
         "gauge",
         "Paths that could not be sent to the target even alone (the rest of its work goes on).",
         |v| Some(v.unsendable.len() as f64),
+    ),
+    (
+        "syncbus_target_ignored_failures_total",
+        "counter",
+        "Failed runs of an `on_failure = \"log\"` target: logged, not retried.",
+        |v| Some(v.ignored_failures as f64),
     ),
 ];
 

@@ -631,6 +631,7 @@ mod tests {
             two_way: false,
             conflict_copies: false,
             allow_wipe: false,
+            on_failure: Default::default(),
         }
     }
 

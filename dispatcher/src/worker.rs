@@ -12,7 +12,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use protocol::config::{Endpoint, Target};
+use protocol::config::{Endpoint, OnFailure, Target};
 use protocol::rules::Rules;
 use protocol::status::{FullStatus, StageStatus, TargetStatus};
 use protocol::wire::{self, Change, Report, ReportKind, Work};
@@ -759,15 +759,7 @@ impl Runner {
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
         if self.is_hook() {
-            let entries = paths
-                .keys()
-                .map(|p| {
-                    let mut e = b"./".to_vec();
-                    e.extend_from_slice(p.as_bytes());
-                    (p.clone(), e, false)
-                })
-                .collect();
-            return self.run_hook(root, info, entries, tick);
+            return self.hook_paths(root, info, paths, tick).0;
         }
         let entries = plan::incremental_entries(&info.path, paths);
         // Nothing is sent whole here (new directories are subtree resyncs), so the
@@ -969,6 +961,28 @@ impl Runner {
             .collect()
     }
 
+    /// A hook run on changed paths. On failure, `.1` names the paths that failed when
+    /// the hook could tell them apart (`paths = "each"`, argument chunks, per-path
+    /// webhooks): only those are owed again, and a hook that succeeded for a path is
+    /// never run again for it (issue #11: `hook1.sh` ran 3 times in 4 s).
+    fn hook_paths(
+        &self,
+        root: &str,
+        info: &RootInfo,
+        paths: &BTreeMap<PathBytes, Touch>,
+        tick: &mut dyn FnMut(Duration),
+    ) -> (RunResult, Option<Vec<PathBytes>>) {
+        let entries = paths
+            .keys()
+            .map(|p| {
+                let mut e = b"./".to_vec();
+                e.extend_from_slice(p.as_bytes());
+                (p.clone(), e, false)
+            })
+            .collect();
+        self.run_hook_paths(root, info, entries, tick)
+    }
+
     fn run_hook(
         &self,
         root: &str,
@@ -976,25 +990,36 @@ impl Runner {
         entries: Vec<HookEntry>,
         tick: &mut dyn FnMut(Duration),
     ) -> RunResult {
+        self.run_hook_paths(root, info, entries, tick).0
+    }
+
+    fn run_hook_paths(
+        &self,
+        root: &str,
+        info: &RootInfo,
+        entries: Vec<HookEntry>,
+        tick: &mut dyn FnMut(Duration),
+    ) -> (RunResult, Option<Vec<PathBytes>>) {
         let entries = self.filtered(info, entries);
         if entries.is_empty() {
-            return RunResult {
+            let ok = RunResult {
                 outcome: Outcome::Success,
                 error: String::new(),
             };
+            return (ok, None);
         }
-        let result = match &self.target.endpoint {
+        let (result, failed) = match &self.target.endpoint {
             Endpoint::Http { .. } => self.post(root, &entries),
             _ => self.run_command(root, info, entries, tick),
         };
         self.count_run(&result, 0);
-        result
+        (result, failed)
     }
 
     /// A webhook target's run: the batch as one JSON POST (paths as `./path`, with
     /// `\xNN` for bytes that are not UTF-8 and `utf8: false`), headers from its
     /// `header_file`; a 2xx answer is success, anything else is retried.
-    fn post(&self, root: &str, entries: &[HookEntry]) -> RunResult {
+    fn post(&self, root: &str, entries: &[HookEntry]) -> (RunResult, Option<Vec<PathBytes>>) {
         let Endpoint::Http {
             url,
             method,
@@ -1042,7 +1067,7 @@ impl Runner {
             .transpose()
         {
             Ok(h) => h.unwrap_or_default(),
-            Err(e) => return fail(format!("cannot read the header file: {e}")),
+            Err(e) => return (fail(format!("cannot read the header file: {e}")), None),
         };
         let Some(agent) = &self.agent else {
             unreachable!("webhook runners have an agent")
@@ -1081,25 +1106,32 @@ impl Runner {
             }
         };
         let per_path = url.contains("{url}") || url.contains("{path}");
+        let mut failed = None;
         let result = if per_path {
-            // A CDN refresh: one request per path, the placeholders filled in.
-            entries.iter().try_for_each(|(_, e, _)| {
+            // A CDN refresh: one request per path, the placeholders filled in. What
+            // was refreshed before a failure is not owed again.
+            entries.iter().enumerate().try_for_each(|(i, (_, e, _))| {
                 let rel = e.strip_prefix(b"./").unwrap_or(e);
                 let to = url.replace("{path}", &percent(rel, true)).replace(
                     "{url}",
                     &percent(public(e).unwrap_or_default().as_bytes(), false),
                 );
-                send(&to, None)
+                send(&to, None).inspect_err(|_| {
+                    failed = Some(entries[i..].iter().map(|(p, _, _)| p.clone()).collect());
+                })
             })
         } else {
             send(url, Some(body))
         };
         match result {
-            Ok(()) => RunResult {
-                outcome: Outcome::Success,
-                error: String::new(),
-            },
-            Err(e) => fail(e),
+            Ok(()) => (
+                RunResult {
+                    outcome: Outcome::Success,
+                    error: String::new(),
+                },
+                None,
+            ),
+            Err(e) => (fail(e), failed),
         }
     }
 
@@ -1107,17 +1139,24 @@ impl Runner {
     /// everything below) that pass its include/exclude globs, as NUL-separated stdin or
     /// as arguments; never a shell. It runs in the root with `SYNCBUS_TARGET`,
     /// `SYNCBUS_ROOT` and `SYNCBUS_ROOT_PATH` set; exit 0 is success, anything else is
-    /// retried like a failed rsync.
+    /// retried like a failed rsync (only the paths whose run failed, where known).
     fn run_command(
         &self,
         root: &str,
         info: &RootInfo,
         entries: Vec<HookEntry>,
         tick: &mut dyn FnMut(Duration),
-    ) -> RunResult {
-        let Endpoint::Command { argv, as_args, .. } = &self.target.endpoint else {
+    ) -> (RunResult, Option<Vec<PathBytes>>) {
+        let Endpoint::Command {
+            argv,
+            as_args,
+            each,
+            ..
+        } = &self.target.endpoint
+        else {
             unreachable!("only called for command targets")
         };
+        let keys: Vec<PathBytes> = entries.iter().map(|(p, _, _)| p.clone()).collect();
         let entries: Vec<Vec<u8>> = entries.into_iter().map(|(_, e, _)| e).collect();
         use std::os::unix::ffi::OsStrExt;
         let program: std::ffi::OsString = argv[0].clone().into();
@@ -1130,7 +1169,9 @@ impl Runner {
         };
         // As arguments, a batch goes in runs of at most ARGS_BYTES (the kernel refuses
         // an argument list beyond about 2 MiB, environment included).
-        let chunks: Vec<&[Vec<u8>]> = if *as_args {
+        let chunks: Vec<&[Vec<u8>]> = if *each {
+            entries.chunks(1).collect()
+        } else if *as_args {
             let mut out = Vec::new();
             let (mut start, mut bytes) = (0, 0);
             for (i, e) in entries.iter().enumerate() {
@@ -1149,7 +1190,16 @@ impl Runner {
         // The target's timeout is a wall clock here: a program's I/O may happen in
         // children the I/O watchdog cannot see.
         let limit = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
+        let mut first_failure: Option<RunResult> = None;
+        let mut failed: Vec<PathBytes> = Vec::new();
+        let mut start = 0;
         for chunk in chunks {
+            let range = start..start + chunk.len();
+            start = range.end;
+            if control.must_stop() && first_failure.is_some() {
+                failed.extend_from_slice(&keys[range]);
+                continue;
+            }
             let mut args: Vec<std::ffi::OsString> = argv[1..].iter().map(Into::into).collect();
             let mut stdin = Vec::new();
             for e in chunk {
@@ -1174,12 +1224,29 @@ impl Runner {
                 );
             }
             if r.outcome != Outcome::Success {
-                return r;
+                if !*each {
+                    // Chunks already run succeeded; this one and the rest are owed.
+                    return (r, Some(keys[range.start..].to_vec()));
+                }
+                tracing::debug!(target = %self.target.name, root, path = %keys[range.start], error = %r.error, "hook failed for a path");
+                failed.extend_from_slice(&keys[range]);
+                first_failure.get_or_insert(r);
             }
         }
-        RunResult {
-            outcome: Outcome::Success,
-            error: String::new(),
+        match first_failure {
+            Some(mut r) => {
+                if failed.len() > 1 {
+                    r.error = format!("{} (and {} more paths failed)", r.error, failed.len() - 1);
+                }
+                (r, Some(failed))
+            }
+            None => (
+                RunResult {
+                    outcome: Outcome::Success,
+                    error: String::new(),
+                },
+                None,
+            ),
         }
     }
 
@@ -1837,8 +1904,15 @@ impl Worker {
                     // Subtrees compared before the failure did reach the target.
                     let done: Vec<PathBytes> =
                         sent.resyncs.difference(&rest.resyncs).cloned().collect();
-                    if !done.is_empty() {
-                        self.reporter.deliver(&root, &BTreeMap::new(), &done, None);
+                    // So did the paths a hook ran for before or beside a failed one.
+                    let done_paths: BTreeMap<PathBytes, Touch> = sent
+                        .paths
+                        .iter()
+                        .filter(|(p, _)| !rest.paths.contains_key(*p))
+                        .map(|(p, t)| (p.clone(), *t))
+                        .collect();
+                    if !done.is_empty() || !done_paths.is_empty() {
+                        self.reporter.deliver(&root, &done_paths, &done, None);
                     }
                     let attempt = self.failing.get(&root).map_or(1, |f| f.attempt + 1);
                     let resyncs: Vec<PathBytes> = rest.resyncs.iter().cloned().collect();
@@ -1848,6 +1922,15 @@ impl Worker {
                         &resyncs,
                         Some((attempt, &result.error)),
                     );
+                    if self.target.on_failure == OnFailure::Log && self.live.is_hook() {
+                        // `on_failure = "log"`: logged and counted, never retried; the
+                        // journal jobs it covered are settled.
+                        tracing::warn!(target = %self.target.name, root = %root, paths = rest.paths.len(), error = %result.error, "hook failed; not retried (on_failure = \"log\")");
+                        self.control
+                            .post(&self.target.name, |t| t.ignored_failures += 1);
+                        self.settle(&root, covers, intake);
+                        continue;
+                    }
                     if self.hand_over(
                         &root,
                         &rest,
@@ -1885,6 +1968,19 @@ impl Worker {
         if let Some(f) = &was_failing {
             tracing::info!(target = %self.target.name, root, attempt = f.attempt, "target recovered");
         }
+        if !covers.is_empty() || was_failing.is_some() {
+            self.reporter
+                .send(ReportKind::Delivered, root, covers, Work::default(), "");
+        }
+    }
+
+    /// An `on_failure = "log"` hook's failed run: what it covered is done with, as
+    /// after a success, but it is no success (`last_success_us` stays).
+    fn settle(&mut self, root: &str, covers: Vec<u64>, intake: &mut Intake) {
+        for id in &covers {
+            intake.held.remove(id);
+        }
+        let was_failing = self.failing.remove(root);
         if !covers.is_empty() || was_failing.is_some() {
             self.reporter
                 .send(ReportKind::Delivered, root, covers, Work::default(), "");
@@ -2105,7 +2201,12 @@ impl Worker {
         }
         if !work.paths.is_empty() {
             let started = Instant::now();
-            let mut result = self.live.incremental(root, info, &work.paths, &mut tick);
+            let (mut result, failed) = if self.live.is_hook() {
+                self.live.hook_paths(root, info, &work.paths, &mut tick)
+            } else {
+                let r = self.live.incremental(root, info, &work.paths, &mut tick);
+                (r, None)
+            };
             let mut unsendable = BTreeMap::new();
             if result.outcome == Outcome::Partial && !self.live.is_hook() {
                 (result, unsendable) = narrow(
@@ -2134,9 +2235,14 @@ impl Worker {
                 }
             }
             if result.outcome != Outcome::Success {
+                let mut paths = work.paths;
+                if let Some(failed) = failed {
+                    let failed: BTreeSet<PathBytes> = failed.into_iter().collect();
+                    paths.retain(|p, _| failed.contains(p));
+                }
                 let rest = RootWork {
                     resyncs: Default::default(),
-                    paths: work.paths,
+                    paths,
                     catch_up: None,
                     since_us: work.since_us,
                     keep_deletes: work.keep_deletes,

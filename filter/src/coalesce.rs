@@ -20,6 +20,13 @@ const CLOSED_SETTLE: Duration = Duration::from_millis(2);
 /// A move half waits this long for its partner (they normally arrive in the same read).
 const MOVE_PAIRING: Duration = Duration::from_secs(1);
 
+/// A file whose name has a usually transient shape ([`protocol::rules::transient_name`]:
+/// `name~`, `4913`, `#name#`, rsync's `.name.XXXXXX`) is held until it has rested this
+/// long, so one its program renames or deletes within moments never goes out…
+pub const TRANSIENT_REST: Duration = Duration::from_secs(1);
+/// …and at most this long, so one written without pause still goes (issue #11).
+pub const TRANSIENT_MAX_HOLD: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub quiet: Duration,
@@ -46,6 +53,9 @@ struct Entry {
     /// The path did not exist when its first event of this window arrived, so removing
     /// it again leaves nothing to tell the targets.
     created: bool,
+    /// A recursive change of a directory above it went out while this was held: the
+    /// targets may hold the path now, so removing it must reach them after all.
+    carried: bool,
     dir: bool,
     recursive: bool,
     first: Instant,
@@ -108,19 +118,22 @@ impl Coalescer {
     pub fn push(&mut self, ev: &RawEvent, since_us: u64, now: Instant) {
         let key = (ev.root.clone(), ev.path.clone());
         match ev.kind {
-            RawKind::Resync => self.resyncs.push((
-                ev.root.clone(),
-                Change {
-                    op: Op::Resync,
-                    path: ev.path.clone(),
-                    from: None,
-                    dir: true,
-                    recursive: true,
-                    since_us,
-                },
-            )),
+            RawKind::Resync => {
+                self.mark_carried(&ev.root, &ev.path);
+                self.resyncs.push((
+                    ev.root.clone(),
+                    Change {
+                        op: Op::Resync,
+                        path: ev.path.clone(),
+                        from: None,
+                        dir: true,
+                        recursive: true,
+                        since_us,
+                    },
+                ))
+            }
             RawKind::Create => {
-                let e = self.touch(key, since_us, now, true);
+                let e = self.touch(key, since_us, now, true, ev.dir);
                 if e.net == Net::Delete {
                     e.net = Net::Upsert;
                 }
@@ -128,9 +141,9 @@ impl Coalescer {
                 e.recursive |= ev.dir;
             }
             RawKind::Modify | RawKind::CloseWrite | RawKind::Attrib => {
-                let timing = self.timing_of(&key.0);
+                let timing = self.timing_for(&key, ev.dir);
                 let max_hold = timing.max_hold;
-                let e = self.touch(key.clone(), since_us, now, false);
+                let e = self.touch(key.clone(), since_us, now, false, ev.dir);
                 if e.net == Net::Delete {
                     e.net = Net::Upsert;
                 }
@@ -144,7 +157,18 @@ impl Coalescer {
                     self.deadlines.push(Reverse((at, gen, key)));
                 }
             }
-            RawKind::Delete => self.delete(key, ev.dir, since_us, now),
+            RawKind::Delete => {
+                // A usually transient name deleted: the delete goes even if the path was
+                // created in this window (cheap; a full sync run meanwhile may have
+                // copied it). Renamed away, it is forgotten unless carried.
+                let keep = !ev.dir && protocol::rules::transient_name(ev.path.file_name());
+                if keep {
+                    if let Some(e) = self.entries.get_mut(&key) {
+                        e.carried = true;
+                    }
+                }
+                self.delete(key, ev.dir, since_us, now)
+            }
             RawKind::MovedFrom => {
                 let existed = self.entries.get(&key).map(|e| !e.created).unwrap_or(true);
                 let prior_upsert = self.entries.get(&key).is_some_and(|e| e.net != Net::Delete);
@@ -190,7 +214,7 @@ impl Coalescer {
                 // Never `created`: a rename over an existing file (or one from an
                 // excluded temp name) arrives as a lone `moved_to`, and deleting it
                 // again must still reach the targets.
-                let e = self.touch(key, since_us, now, false);
+                let e = self.touch(key, since_us, now, false, ev.dir);
                 if let Some(order) = pair.as_ref().and_then(|m| m.order) {
                     e.order = e.order.min(order);
                 }
@@ -215,7 +239,7 @@ impl Coalescer {
         match self.entries.get_mut(&from_key) {
             Some(e) => e.created = false,
             None => {
-                let d = self.touch(from_key, since_us, now, false);
+                let d = self.touch(from_key, since_us, now, false, dir);
                 d.net = Net::Delete;
                 d.dir = dir;
             }
@@ -277,14 +301,22 @@ impl Coalescer {
 
     /// The entry for `key`, created if absent (then `created` says whether the path is
     /// known not to have existed before), with its deadline refreshed.
-    fn touch(&mut self, key: Key, since_us: u64, now: Instant, created: bool) -> &mut Entry {
+    fn touch(
+        &mut self,
+        key: Key,
+        since_us: u64,
+        now: Instant,
+        created: bool,
+        dir: bool,
+    ) -> &mut Entry {
         self.counter += 1;
         let gen = self.counter;
-        let timing = self.timing_of(&key.0);
+        let timing = self.timing_for(&key, dir);
         let created = created && timing.forget_created;
         let e = self.entries.entry(key.clone()).or_insert_with(|| Entry {
             net: Net::Upsert,
             created,
+            carried: false,
             dir: false,
             recursive: false,
             first: now,
@@ -300,7 +332,11 @@ impl Coalescer {
     }
 
     fn delete(&mut self, key: Key, dir: bool, since_us: u64, now: Instant) {
-        match self.entries.get(&key).map(|e| (e.created, e.net.clone())) {
+        match self
+            .entries
+            .get(&key)
+            .map(|e| (e.created && !e.carried, e.net.clone()))
+        {
             Some((true, Net::Upsert)) => {
                 self.entries.remove(&key);
             }
@@ -308,16 +344,36 @@ impl Coalescer {
                 // The move's destination is gone again: the source is gone as well.
                 let from_key = (key.0.clone(), from);
                 self.source_gone(from_key, dir, since_us, now);
-                let e = self.touch(key, since_us, now, false);
+                let e = self.touch(key, since_us, now, false, dir);
                 e.net = Net::Delete;
                 e.recursive = false;
             }
             _ => {
-                let e = self.touch(key, since_us, now, false);
+                let e = self.touch(key, since_us, now, false, dir);
                 e.net = Net::Delete;
                 e.dir = dir;
                 e.recursive = false;
             }
+        }
+    }
+
+    /// Everything held below `dir` (all of the root for the root) may have reached the
+    /// targets with a recursive send of `dir`.
+    fn mark_carried(&mut self, root: &str, dir: &PathBytes) {
+        if dir.is_root() {
+            for ((r, _), e) in self.entries.iter_mut() {
+                if r == root {
+                    e.carried = true;
+                }
+            }
+            return;
+        }
+        let lo = (root.to_string(), dir.join(b""));
+        let mut hi_bytes = dir.as_bytes().to_vec();
+        hi_bytes.push(b'/' + 1);
+        let hi = (root.to_string(), PathBytes::new(hi_bytes));
+        for (_, e) in self.entries.range_mut(lo..hi) {
+            e.carried = true;
         }
     }
 
@@ -329,16 +385,32 @@ impl Coalescer {
         hi_bytes.push(b'/' + 1);
         let hi = (root.to_string(), PathBytes::new(hi_bytes));
         let keys: Vec<Key> = self.entries.range(lo..hi).map(|(k, _)| k.clone()).collect();
-        let timing = self.timing_of(root);
         for k in keys {
             let mut e = self.entries.remove(&k).expect("key from range");
             let new_key = (k.0.clone(), k.1.rebase(from, to));
+            let timing = self.timing_for(&new_key, e.dir);
             self.counter += 1;
             e.gen = self.counter;
             // A deadline already past pops at the next `pop_ready`, as it would have.
             self.deadlines
                 .push(Reverse((e.deadline(timing), e.gen, new_key.clone())));
             self.entries.insert(new_key, e);
+        }
+    }
+
+    /// The root's timing, longer for a file with a usually transient name: it waits
+    /// for [`TRANSIENT_REST`] of quiet and not for a close (the file is whole, but its
+    /// rename or delete may be a moment away).
+    fn timing_for(&self, key: &Key, dir: bool) -> Timing {
+        let t = self.timing_of(&key.0);
+        if dir || !protocol::rules::transient_name(key.1.file_name()) {
+            return t;
+        }
+        Timing {
+            quiet: t.quiet.max(TRANSIENT_REST),
+            max_hold: t.max_hold.max(TRANSIENT_MAX_HOLD),
+            closed_settle: false,
+            ..t
         }
     }
 
@@ -378,6 +450,11 @@ impl Coalescer {
             }
         }
         ready.sort_by_key(|(order, _, _)| *order);
+        for (_, (root, path), e) in &ready {
+            if e.dir && e.recursive && e.net != Net::Delete {
+                self.mark_carried(root, path);
+            }
+        }
         out.extend(
             ready
                 .into_iter()
@@ -741,5 +818,73 @@ mod tests {
         assert_eq!(all, vec!["b", "a"]);
         assert_eq!(s.c.pending(), 0);
         assert_eq!(s.c.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_transient_name_made_and_removed_within_its_rest_never_goes_out() {
+        // Issue #11: vim's probe, a backup made and dropped, rsync's temp renamed.
+        let mut s = Sim::new();
+        s.f(Create, "d/4913").f(CloseWrite, "d/4913");
+        s.f(Create, "d/x~").f(CloseWrite, "d/x~");
+        s.f(Create, "d/.f.Ab12Cd").f(CloseWrite, "d/.f.Ab12Cd");
+        s.at_ms(500);
+        assert!(s.out().is_empty(), "closed, but held until it rests");
+        s.f(Delete, "d/4913").f(Delete, "d/x~");
+        s.ev(MovedFrom, "d/.f.Ab12Cd", false, 9)
+            .ev(MovedTo, "d/f", false, 9);
+        s.at_ms(520);
+        assert_eq!(s.out(), vec![up("d/f")]);
+        // The unlinks still go (a full sync may have copied the file meanwhile); the
+        // renamed temp file is forgotten.
+        s.at_ms(1_500);
+        assert_eq!(s.out(), vec![del("d/4913"), del("d/x~")]);
+        s.at_ms(5_000);
+        assert!(s.out().is_empty());
+    }
+
+    #[test]
+    fn a_transient_name_carried_by_its_new_directory_is_deleted_when_renamed_away() {
+        let mut s = Sim::new();
+        s.ev(Create, "new", true, 0);
+        s.f(Create, "new/.f.Ab12Cd").f(CloseWrite, "new/.f.Ab12Cd");
+        s.at_ms(10);
+        assert_eq!(s.out(), vec![(Op::Upsert, "new".into(), None, true)]);
+        s.ev(MovedFrom, "new/.f.Ab12Cd", false, 3)
+            .ev(MovedTo, "new/f", false, 3);
+        s.at_ms(20);
+        assert_eq!(s.out(), vec![up("new/f")]);
+        s.at_ms(1_020);
+        assert_eq!(s.out(), vec![del("new/.f.Ab12Cd")]);
+    }
+
+    #[test]
+    fn a_transient_name_that_stays_is_sent_once_rested_or_after_the_maximum_hold() {
+        let mut s = Sim::new();
+        s.f(Create, "report.txt~").f(CloseWrite, "report.txt~");
+        s.at_ms(999);
+        assert!(s.out().is_empty());
+        s.at_ms(1_000);
+        assert_eq!(s.out(), vec![up("report.txt~")]);
+        // A delete of one still goes (a real file may have had the name).
+        s.f(Delete, "report.txt~");
+        s.at_ms(2_000);
+        assert_eq!(s.out(), vec![del("report.txt~")]);
+        // Written without a second's pause: it goes after the maximum hold.
+        let mut ms = 2_000;
+        s.f(Modify, "4913");
+        while ms + 500 < 2_000 + 30_000 {
+            ms += 500;
+            s.at_ms(ms).f(Modify, "4913");
+            assert!(s.out().is_empty(), "at {ms} ms");
+        }
+        s.at_ms(2_000 + 30_000);
+        assert_eq!(s.out(), vec![up("4913")]);
+        // Directories and ordinary names keep the root's timing.
+        s.ev(Create, "dir~", true, 0).f(CloseWrite, "plain");
+        s.at_ms(32_000 + 10);
+        assert_eq!(
+            s.out(),
+            vec![(Op::Upsert, "dir~".into(), None, true), up("plain")]
+        );
     }
 }

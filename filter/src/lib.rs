@@ -7,6 +7,9 @@
 //!
 //! Per event: the root's event toggles, then its exclude rules (a path is excluded when
 //! it or a directory above it matches), then the [`Coalescer`].
+//! A file with a usually transient name (`name~`, `4913`, rsync's `.name.XXXXXX`, …) is
+//! not excluded: the coalescer holds it until it rests 1 s, so it goes out only if it
+//! stays in the tree (issue #11).
 //!
 //! # Invariants
 //! - `seq` is gap-free per topic for one `epoch`; the epoch is new at every start, so a

@@ -120,6 +120,7 @@ struct RawTarget {
     method: Option<Spanned<String>>,
     cdn_base_url: Option<Spanned<String>>,
     paths: Option<Spanned<String>>,
+    on_failure: Option<Spanned<String>>,
     #[serde(default)]
     after: Vec<Spanned<String>>,
     #[serde(default)]
@@ -263,6 +264,19 @@ pub struct Target {
     pub conflict_copies: bool,
     /// See [`Root::allow_wipe`]: for every root this target mirrors.
     pub allow_wipe: bool,
+    /// Command and webhook targets: what a failed run leads to.
+    pub on_failure: OnFailure,
+}
+
+/// `on_failure` of a command or webhook target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Handed to the retrier and run again (only what failed) until it succeeds.
+    #[default]
+    Retry,
+    /// Logged at WARN and counted (`ignored_failures` in status and metrics), never
+    /// retried: sersync's `ignoreError="true"`.
+    Log,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,6 +300,9 @@ pub enum Endpoint {
         argv: Vec<String>,
         /// Paths as arguments after `argv` (else NUL-separated on stdin).
         as_args: bool,
+        /// `paths = "each"`: the program runs once per path, given as its last
+        /// argument, so a failure is known per path and only failed paths are retried.
+        each: bool,
         /// Only paths matching one of these globs (all when empty)…
         include: Vec<String>,
         /// …and none of these.
@@ -853,25 +870,31 @@ impl Validator<'_> {
         for (key, span) in rsync_only.into_iter().flatten() {
             self.error(span, k(key), "not for command targets");
         }
-        let as_args = match raw.paths.as_ref().map(|p| p.get_ref().as_str()) {
-            None | Some("stdin") => false,
-            Some("args") => true,
+        let (as_args, each) = match raw.paths.as_ref().map(|p| p.get_ref().as_str()) {
+            None | Some("stdin") => (false, false),
+            Some("args") => (true, false),
+            Some("each") => (true, true),
             Some(other) => {
                 let span = raw.paths.as_ref().map(|p| p.span()).unwrap_or(0..0);
                 self.error(
                     span,
                     k("paths"),
-                    format!("`{other}`: `stdin` (NUL-separated) or `args`"),
+                    format!(
+                        "`{other}`: `stdin` (NUL-separated), `args` or `each` (one run per path)"
+                    ),
                 );
-                false
+                (false, false)
             }
         };
+        let on_failure = self.on_failure(i, raw);
         let (include, exclude, after) = self.hook_keys(i, raw, kinds);
         Some(Target {
             name,
+            on_failure,
             endpoint: Endpoint::Command {
                 argv,
                 as_args,
+                each,
                 include,
                 exclude,
                 after,
@@ -923,6 +946,26 @@ impl Validator<'_> {
         }
         let after = raw.after.iter().map(|a| a.get_ref().clone()).collect();
         (include, exclude, after)
+    }
+
+    /// `on_failure = "retry" | "log"` of a command or webhook target.
+    fn on_failure(&mut self, i: usize, raw: &RawTarget) -> OnFailure {
+        match raw
+            .on_failure
+            .as_ref()
+            .map(|v| (v.get_ref().as_str(), v.span()))
+        {
+            None | Some(("retry", _)) => OnFailure::Retry,
+            Some(("log", _)) => OnFailure::Log,
+            Some((other, span)) => {
+                self.error(
+                    span,
+                    format!("target[{i}].on_failure"),
+                    format!("`{other}`: `retry` (until it succeeds) or `log` (logged and counted, not retried)"),
+                );
+                OnFailure::Retry
+            }
+        }
     }
 
     /// A `webhook = "http(s)://…"` target: credentials only through `header_file`.
@@ -1035,9 +1078,11 @@ impl Validator<'_> {
                 "`{url}` needs `cdn_base_url` (where the root is served)",
             );
         }
+        let on_failure = self.on_failure(i, raw);
         let (include, exclude, after) = self.hook_keys(i, raw, kinds);
         Some(Target {
             name,
+            on_failure,
             endpoint: Endpoint::Http {
                 method,
                 base_url,
@@ -1232,6 +1277,13 @@ impl Validator<'_> {
         for (key, span) in webhook_only.into_iter().flatten() {
             self.error(span, k(key), "only for webhook targets");
         }
+        if let (Some(v), None) = (&raw.on_failure, &raw.command) {
+            self.error(
+                v.span(),
+                k("on_failure"),
+                "only for command and webhook targets (an rsync target is always retried)",
+            );
+        }
         let url = match (&raw.url, &raw.command) {
             (Some(_), Some(c)) => {
                 self.error(
@@ -1419,6 +1471,7 @@ impl Validator<'_> {
             two_way,
             conflict_copies,
             allow_wipe: raw.allow_wipe,
+            on_failure: OnFailure::Retry,
         })
     }
 }
@@ -1782,6 +1835,35 @@ mod tests {
             "{}",
             e[0].message
         );
+    }
+
+    #[test]
+    fn on_failure_is_retry_or_log_and_only_for_hooks() {
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!(
+                "{MINIMAL}[[target]]\nname = \"c\"\ncommand = [\"/bin/true\"]\npaths = \"each\"\n\
+                 on_failure = \"log\"\n[[target]]\nname = \"w\"\nwebhook = \"https://x/\"\n"
+            ))
+            .unwrap();
+        assert_eq!(c.targets[0].on_failure, OnFailure::Log);
+        assert!(matches!(
+            c.targets[0].endpoint,
+            Endpoint::Command { each: true, .. }
+        ));
+        assert_eq!(c.targets[1].on_failure, OnFailure::Retry);
+        let e = f.errors(&format!(
+            "{MINIMAL}[[target]]\nname = \"c\"\ncommand = [\"/bin/true\"]\non_failure = \"ignore\"\n\
+             [[target]]\nname = \"r\"\nurl = \"rsync://h/m/\"\non_failure = \"log\"\n"
+        ));
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["target[0].on_failure", "target[1].on_failure"],
+            "{e:?}"
+        );
+        assert!(e[0].message.contains("`retry`"), "{}", e[0].message);
+        assert!(e.iter().all(|e| e.line > 0), "{e:?}");
     }
 
     #[test]

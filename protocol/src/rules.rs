@@ -1,5 +1,6 @@
 //! Exclude rules of one root: regular expressions with sersync's semantics, globs with
-//! rsync's semantics, and a built-in set of editor and temp-file names.
+//! rsync's semantics, and a built-in set of swap and lock-file names; and the shapes of
+//! usually transient names ([`transient_name`]), which the filter holds instead.
 //!
 //! A path is excluded when it, or any directory above it, matches. The filter asks
 //! [`Rules::excludes`] for every event; the dispatcher hands the globs to rsync as they
@@ -16,23 +17,42 @@ use thiserror::Error;
 
 use crate::PathBytes;
 
-/// Names no mirror wants: editor swap, lock, backup and autosave files, and the temp
-/// files of rsync and GIO. Documented in README.md; off with `builtin_excludes = false`.
+/// Names that only ever hold editor swap, lock and temp state, never a user's data:
+/// excluded everywhere, live and in full syncs. Documented in README.md; off with
+/// `builtin_excludes = false`.
+///
+/// Names that are *usually* transient but may be a real file (`*~`, `4913`, `#*#`,
+/// rsync's `.name.XXXXXX`) are not here: the filter holds them until they rest
+/// ([`transient_name`]), so a temp file renamed or deleted at once never goes out and
+/// one that stays in the tree is data, mirrored like any other (issue #11).
 pub const BUILTIN_EXCLUDES: &[&str] = &[
     ".*.sw[a-p]",       // vim swap: .name.swp, .swo, … (always hidden)
     ".*.swx",           // vim swap of a second session
     ".sw[a-p]",         // vim swap of an unnamed buffer
-    "4913",             // vim's "can I write here" probe
-    "*~",               // vim / emacs backup
-    "#*#",              // emacs autosave
     ".#*",              // emacs lock (a dangling symlink)
     ".~lock.*#",        // LibreOffice lock
     ".goutputstream-*", // GIO / gedit atomic-save temp
     "*.kate-swp",       // Kate swap
     ".nfs*",            // NFS silly-rename of an open, deleted file
-    // rsync's own temp file: .name.XXXXXX (six letters or digits)
-    ".*.[A-Za-z0-9][A-Za-z0-9][A-Za-z0-9][A-Za-z0-9][A-Za-z0-9][A-Za-z0-9]",
 ];
+
+/// True when a file name (the last component) has a shape that editors and tools use
+/// for files they create and then rename or delete within moments: backups `name~`,
+/// vim's write probe `4913`, emacs autosave `#name#`, rsync's temp `.name.XXXXXX` (six
+/// letters or digits) and `sed -i`'s `sedXXXXXX`. Such a name is held until it rests
+/// instead of being sent at once; it is never dropped, since a real file may have it.
+pub fn transient_name(name: &[u8]) -> bool {
+    let alnum6 = |s: &[u8]| s.len() == 6 && s.iter().all(u8::is_ascii_alphanumeric);
+    let rsync_temp = name.first() == Some(&b'.')
+        && name.len() > 8
+        && name[name.len() - 7] == b'.'
+        && alnum6(&name[name.len() - 6..]);
+    (name.len() > 1 && name.ends_with(b"~"))
+        || name == b"4913"
+        || (name.len() > 2 && name.starts_with(b"#") && name.ends_with(b"#"))
+        || rsync_temp
+        || (name.len() == 9 && name.starts_with(b"sed") && alnum6(&name[3..]))
+}
 
 #[derive(Debug, Error)]
 pub enum RuleError {
@@ -316,31 +336,38 @@ mod tests {
     }
 
     #[test]
-    fn builtin_set_catches_editor_temps_and_nothing_ordinary() {
+    fn builtin_set_catches_swap_and_lock_files_and_nothing_that_may_be_data() {
         let r = rules(&[], &[], true);
         for temp in [
             ".doc.txt.swp",
             ".doc.txt.swx",
-            "4913",
-            "doc.txt~",
-            "#doc.txt#",
             ".#doc.txt",
-            ".doc.txt.Ab3xZ9",
             ".goutputstream-ABC123",
             ".~lock.report.odt#",
+            "doc.kate-swp",
+            ".nfs000000001234",
         ] {
             assert!(
                 r.excludes(&PathBytes::from("d").join(temp.as_bytes()), false),
                 "{temp}"
             );
         }
+        // Issue #11: real files with names of usually transient shapes are data.
         for ok in [
             "doc.txt",
             ".bashrc",
             ".config",
             "movie.swf",
             "a.swp.txt",
+            "4913",
             "49130",
+            "report.txt~",
+            "#doc.txt#",
+            ".env.sample",
+            ".env.docker",
+            ".htaccess.backup",
+            ".vimrc.before",
+            ".doc.txt.Ab3xZ9",
             "x.tar.gz",
         ] {
             assert!(
@@ -348,7 +375,39 @@ mod tests {
                 "{ok}"
             );
         }
-        assert!(!rules(&[], &[], false).excludes(&"x.swp".into(), false));
+        assert!(!rules(&[], &[], false).excludes(&".x.swp".into(), false));
+    }
+
+    #[test]
+    fn transient_shapes_are_told_from_ordinary_names() {
+        for t in [
+            "report.txt~",
+            "4913",
+            "#doc.txt#",
+            ".doc.txt.Ab3xZ9",
+            ".env.sample",
+            ".htaccess.backup",
+            "sedAb3xZ9",
+        ] {
+            assert!(transient_name(t.as_bytes()), "{t}");
+        }
+        for ok in [
+            "~",
+            "#",
+            "##",
+            "49130",
+            "doc.txt",
+            ".bashrc",
+            ".a.b",
+            ".Ab3xZ9",
+            ".x.Ab3-Z9",
+            "sed",
+            "sedimentary",
+            "x.tar.gz",
+            ".vimrc.before1",
+        ] {
+            assert!(!transient_name(ok.as_bytes()), "{ok}");
+        }
     }
 
     #[test]

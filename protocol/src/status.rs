@@ -106,6 +106,9 @@ pub struct TargetStatus {
     pub runs: u64,
     #[serde(default)]
     pub failed_runs: u64,
+    /// Failed runs of an `on_failure = "log"` target: logged, not retried.
+    #[serde(default)]
+    pub ignored_failures: u64,
     /// What rsync reported as sent, all runs summed (dispatcher, rsync targets).
     #[serde(default)]
     pub bytes_sent: u64,

@@ -5,12 +5,14 @@
 mod cli;
 mod guard;
 mod hardening;
+mod hooks;
 mod identity;
 mod journal;
 mod mirror;
 mod reliability;
 mod status;
 mod stream;
+mod transient;
 mod two_way;
 
 #[path = "../common/mod.rs"]
