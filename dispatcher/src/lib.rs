@@ -182,6 +182,10 @@ pub fn run(
                 RootInfo {
                     path: root.path.clone(),
                     rules: root.rules.clone(),
+                    manifest: config
+                        .retry
+                        .state_dir
+                        .join(protocol::manifest::file_name(r)),
                 },
             );
         }
