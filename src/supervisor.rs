@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -355,8 +356,21 @@ const CHECKPOINT_MARGIN_US: u64 = 1_000_000;
 /// Reads and removes the checkpoint of the last clean stop (so a crash after this start
 /// can never reuse it). Usable only if the roots and targets are the ones it was taken
 /// with: a new target has never seen a full compare.
+///
+/// The two-way manifests beside it are kept for the dispatcher's catch-up only when the
+/// checkpoint is used: a manifest of another stop would delete on the peer what was
+/// never deleted here.
 fn take_checkpoint(config: &Config, now: &toml::Table) -> Option<u64> {
     let _ = std::fs::remove_file(config.runtime_dir.join(watcher::STOPPED_FILE));
+    clear_manifests(&config.runtime_dir);
+    let taken = take_checkpoint_file(config, now);
+    if taken.is_none() {
+        clear_manifests(&config.retry.state_dir);
+    }
+    taken
+}
+
+fn take_checkpoint_file(config: &Config, now: &toml::Table) -> Option<u64> {
     let path = config.retry.state_dir.join(CHECKPOINT_FILE);
     let text = std::fs::read_to_string(&path).ok()?;
     if let Err(e) = std::fs::remove_file(&path) {
@@ -394,6 +408,48 @@ fn take_checkpoint(config: &Config, now: &toml::Table) -> Option<u64> {
         return None;
     }
     Some((since.max(0) as u64).saturating_sub(CHECKPOINT_MARGIN_US))
+}
+
+/// Removes every two-way manifest (`protocol::manifest`) from `dir`.
+fn clear_manifests(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if protocol::manifest::is_manifest_name(e.file_name().as_bytes()) {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove a two-way manifest");
+            }
+        }
+    }
+}
+
+/// Moves the manifests the watcher wrote at its stop from the runtime dir into the state
+/// dir (another file system, maybe: copied, synced, then removed), replacing those of
+/// the last stop. One that cannot be moved is left out: without it the next start brings
+/// what is missing here back from the peer rather than deleting it there.
+fn keep_manifests(runtime_dir: &Path, state_dir: &Path) {
+    clear_manifests(state_dir);
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !protocol::manifest::is_manifest_name(name.as_bytes()) {
+            continue;
+        }
+        let dest = state_dir.join(&name);
+        let tmp = state_dir.join(format!("{}.tmp", name.to_string_lossy()));
+        let moved = std::fs::copy(e.path(), &tmp)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &dest));
+        if let Err(err) = moved {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&dest);
+            tracing::warn!(path = %e.path().display(), error = %err, "cannot keep the two-way manifest; the next start brings what is missing here back from the peer");
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
 }
 
 /// The clocks at one moment: enough to tell later whether the wall clock, which stamps
@@ -736,6 +792,9 @@ impl Supervisor {
             return;
         };
         let _ = std::fs::remove_file(&stopped);
+        // Before the checkpoint that vouches for them (a crash in between leaves new
+        // manifests without a checkpoint, which the next start removes).
+        keep_manifests(&self.runtime_dir, &self.state_dir);
         let mut table = toml::Table::new();
         table.insert("since_us".into(), toml::Value::Integer(since));
         let clocks = Clocks::now();
@@ -825,6 +884,12 @@ impl Supervisor {
         }
         tracing::info!(stages = ?changed, "SIGHUP: config valid; restarting the stages it changes");
         let _ = self.stop(shutdown, &changed);
+        // A watcher stopped for a reload leaves a stop time and manifests that no
+        // checkpoint may take later: the final stop writes its own.
+        if changed.contains(&"watcher") {
+            let _ = std::fs::remove_file(self.runtime_dir.join(watcher::STOPPED_FILE));
+            clear_manifests(&self.runtime_dir);
+        }
         for s in self.stages.iter_mut().filter(|s| changed.contains(&s.name)) {
             s.next_start = Some(Instant::now());
             s.backoff = BACKOFF_MIN;

@@ -136,8 +136,58 @@ pub fn listing_rules(excludes: &[u8], scan: &Scan) -> Vec<u8> {
     out
 }
 
+/// A two-way root's paths that its last clean stop's manifest (`manifest`, see
+/// [`protocol::manifest`]) lists and that are gone now, topmost only and excluded ones
+/// left out: deleted here while syncbus was stopped, so deleted on the peer too. No
+/// manifest (none was kept, or the checkpoint was not used) or an unreadable one proves
+/// nothing: then nothing is deleted, and the compare brings those files back.
+pub fn deleted_while_stopped(
+    root: &Path,
+    rules: &Rules,
+    manifest: &Path,
+) -> BTreeMap<PathBytes, Touch> {
+    let bytes = match std::fs::read(manifest) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(path = %manifest.display(), error = %e, "cannot read the two-way manifest; what is missing here comes back from the peer");
+            return BTreeMap::new();
+        }
+    };
+    let Some(listed) = protocol::manifest::decode(&bytes) else {
+        tracing::warn!(path = %manifest.display(), "not a two-way manifest; what is missing here comes back from the peer");
+        return BTreeMap::new();
+    };
+    let gone = protocol::manifest::gone(&listed, |p| {
+        std::fs::symlink_metadata(p.under(root)).is_ok()
+    });
+    gone.into_iter()
+        .filter(|(p, dir)| {
+            let two_way_dir = p
+                .as_bytes()
+                .split(|&b| b == b'/')
+                .next()
+                .is_some_and(|first| first == protocol::config::TWO_WAY_DIR.as_bytes());
+            !two_way_dir
+                && !rules.excludes(p, *dir)
+                && !p
+                    .ancestors()
+                    .any(|a| rules.excludes(&PathBytes::new(a.to_vec()), true))
+        })
+        .map(|(p, _)| {
+            (
+                p,
+                Touch {
+                    deleted: true,
+                    since_us: 0,
+                },
+            )
+        })
+        .collect()
+}
+
 /// rsync's `\#ooo` escapes (octal) in its output, undone.
-fn unescape(name: &[u8]) -> Vec<u8> {
+pub(crate) fn unescape(name: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(name.len());
     let mut i = 0;
     while i < name.len() {
@@ -203,6 +253,40 @@ mod tests {
             .collect();
         let want: Vec<&[u8]> = vec![b"L/new", b"L/swapped", b"L/odd\nname"];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn deletes_while_stopped_are_what_the_manifest_proves_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("kept")).unwrap();
+        let manifest = d.path().join("manifest-r.paths");
+        let rules = Rules::new(&[], &["*.tmp".to_string()], false).unwrap();
+        // No manifest proves nothing.
+        assert!(deleted_while_stopped(&root, &rules, &manifest).is_empty());
+        let listed: Vec<(PathBytes, bool)> = vec![
+            ("kept".into(), true),
+            ("gone".into(), false),
+            ("gone-dir".into(), true),
+            ("gone-dir/inner".into(), false),
+            ("scratch.tmp".into(), false),
+            (".syncbus/backup/x".into(), false),
+        ];
+        std::fs::write(
+            &manifest,
+            protocol::manifest::encode(listed.iter().map(|(p, d)| (p, *d))),
+        )
+        .unwrap();
+        let got: Vec<String> = deleted_while_stopped(&root, &rules, &manifest)
+            .into_iter()
+            .map(|(p, t)| {
+                assert!(t.deleted);
+                p.to_string()
+            })
+            .collect();
+        assert_eq!(got, vec!["gone", "gone-dir"]);
+        std::fs::write(&manifest, b"garbage\0gone\0").unwrap();
+        assert!(deleted_while_stopped(&root, &rules, &manifest).is_empty());
     }
 
     #[test]

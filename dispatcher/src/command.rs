@@ -63,6 +63,10 @@ pub enum Mode {
     /// (a file dated older than the peer's was written here, by a rename or a restore:
     /// the push kept the peer's, so newest wins on this side too).
     Pull,
+    /// Two-way targets only, a dry run: what a whole-root run *from* the peer would
+    /// bring here (the peer's copy newer or missing here; never deleting), itemized
+    /// with size and mtime so that files the peer is still writing can be told apart.
+    PullList,
 }
 
 /// A command line that cannot be built (a retryable failure: the config may be fixed).
@@ -229,6 +233,10 @@ pub fn build_args(
             a.push("--ignore-missing-args".into());
             a.push("--files-from=-".into());
         }
+        Mode::PullList => {
+            a.push("--dry-run".into());
+            a.push("--modify-window=-1".into());
+        }
         Mode::Resync => {
             a.push("--delete".into());
             a.push("--force".into());
@@ -251,7 +259,7 @@ pub fn build_args(
     a.extend(common_args(target)?);
     let mut local = root.as_os_str().to_os_string();
     local.push("/");
-    if *mode == Mode::Pull {
+    if matches!(mode, Mode::Pull | Mode::PullList) {
         a.push(dest.into());
         a.push(local);
     } else {
@@ -754,6 +762,7 @@ mod tests {
             Mode::Listing,
             Mode::DeleteOnly,
             Mode::Pull,
+            Mode::PullList,
         ] {
             let a = strings(build_args(&t, &mode, None, Path::new("/srv"), "/peer/").unwrap());
             for want in own {

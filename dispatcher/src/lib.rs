@@ -186,6 +186,10 @@ pub fn run(
                     path: root.path.clone(),
                     rules: root.rules.clone(),
                     allow_wipe: root.allow_wipe || t.allow_wipe,
+                    manifest: config
+                        .retry
+                        .state_dir
+                        .join(protocol::manifest::file_name(r)),
                 },
             );
         }

@@ -132,6 +132,36 @@ impl Control {
     }
 }
 
+/// How long a whole-root pull from a two-way peer waits between its two dry runs: what
+/// changed in between is still being written there.
+pub const PULL_SETTLE: Duration = Duration::from_secs(1);
+
+/// The entries two dry runs of a pull (`%i %l %M %n` lines) both list alike: files,
+/// links and directories the peer holds newer or this side lacks, and that did not
+/// change between the runs.
+fn settled_pulls(first: &[u8], second: &[u8]) -> BTreeMap<PathBytes, Touch> {
+    let lines = |b: &[u8]| -> BTreeSet<Vec<u8>> {
+        b.split(|&c| c == b'\n')
+            .filter(|l| l.len() > 12 && l[11] == b' ' && matches!(l[0], b'>' | b'c'))
+            .map(|l| l.to_vec())
+            .collect()
+    };
+    let first = lines(first);
+    let mut out = BTreeMap::new();
+    for line in lines(second).intersection(&first) {
+        // `%i %l %M %n`: the name is what follows the third space after the flags.
+        let Some(name) = line[12..].splitn(3, |&c| c == b' ').nth(2) else {
+            continue;
+        };
+        let name = crate::catchup::unescape(name.strip_suffix(b"/").unwrap_or(name));
+        if name.is_empty() || name == b"." {
+            continue;
+        }
+        out.insert(PathBytes::new(name), Touch::default());
+    }
+    out
+}
+
 /// A root as this worker sees it.
 #[derive(Clone)]
 pub struct RootInfo {
@@ -140,6 +170,9 @@ pub struct RootInfo {
     /// Whole-root compares may delete also from an empty root or one on another file
     /// system (`allow_wipe` of the root or the target; see [`crate::guard`]).
     pub allow_wipe: bool,
+    /// Where the last clean stop left this root's two-way manifest, if it did
+    /// (`protocol::manifest`; read by a two-way target's catch-up only).
+    pub manifest: PathBuf,
 }
 
 pub const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -580,6 +613,16 @@ impl Runner {
         if result.outcome != Outcome::Success {
             return result;
         }
+        if self.target.two_way && subtrees.iter().any(|s| s.is_root()) {
+            // A two-way compare never deletes: what the peer holds and this side does
+            // not (a file deleted here while syncbus was stopped and not proven so by
+            // the manifest, or one the peer made) comes here, where the peer's is newer
+            // or missing, so both sides agree once it is done.
+            let pulled = self.pull_all(root, &rules, src, &dest, tick);
+            if pulled.outcome != Outcome::Success {
+                return pulled;
+            }
+        }
         // A regex-excluded path created between the walk and the run went over:
         // take it off the target again.
         let late: Vec<PathBytes> = plan::regex_excluded(&info.rules, src, &subtrees)
@@ -682,6 +725,9 @@ impl Runner {
                 false,
             );
         }
+        if self.target.two_way {
+            return self.two_way_catch_up(root, info, tick);
+        }
         let src = &info.path;
         let scan = match crate::catchup::scan(src, &info.rules, since_us) {
             Ok(s) => s,
@@ -749,6 +795,86 @@ impl Runner {
             error: String::new(),
         };
         (ok, true)
+    }
+
+    /// Brings here what the peer holds newer or this side lacks (never deleting), but
+    /// only what rests there: two dry runs [`PULL_SETTLE`] apart, and the entries they
+    /// list alike (size, mtime, name) are fetched by name. A file the peer is still
+    /// writing is left to the peer's own syncbus, which sends it once it rests.
+    fn pull_all(
+        &self,
+        root: &str,
+        rules: &[u8],
+        src: &Path,
+        dest: &str,
+        tick: &mut dyn FnMut(Duration),
+    ) -> RunResult {
+        let mut listings = Vec::new();
+        for i in 0..2 {
+            if i > 0 {
+                tick(PULL_SETTLE);
+                if self.control.must_stop() {
+                    return RunResult {
+                        outcome: Outcome::Retry,
+                        error: "stopped during the pull from the peer".into(),
+                    };
+                }
+            }
+            let mut out = Vec::new();
+            let r = self.rsync(Mode::PullList, rules, src, dest, b"", tick, Some(&mut out));
+            if r.outcome != Outcome::Success {
+                return r;
+            }
+            listings.push(out);
+        }
+        let wanted = settled_pulls(&listings[0], &listings[1]);
+        if wanted.is_empty() {
+            return RunResult {
+                outcome: Outcome::Success,
+                error: String::new(),
+            };
+        }
+        tracing::debug!(target = %self.target.name, root, entries = wanted.len(), "fetching what the peer holds and this side lacks");
+        self.rsync(
+            Mode::Pull,
+            rules,
+            src,
+            dest,
+            &plan::files_from(&wanted),
+            tick,
+            None,
+        )
+    }
+
+    /// A two-way target's catch-up: what the manifest of the last clean stop lists and
+    /// is gone now was deleted here while syncbus was stopped, and those deletes go to
+    /// the peer by name; then a whole-root compare both ways (push, then pull) brings
+    /// everything else into agreement, the files missing here included. A failure
+    /// before the compare leaves nothing done that a retry of the catch-up would not
+    /// do again (`.1` false).
+    fn two_way_catch_up(
+        &self,
+        root: &str,
+        info: &RootInfo,
+        tick: &mut dyn FnMut(Duration),
+    ) -> (RunResult, bool) {
+        let gone = crate::catchup::deleted_while_stopped(&info.path, &info.rules, &info.manifest);
+        if !gone.is_empty() {
+            tracing::info!(target = %self.target.name, root, paths = gone.len(), "deleting on the peer what was deleted here while stopped");
+            if tracing::enabled!(tracing::Level::TRACE) {
+                for p in gone.keys() {
+                    tracing::trace!(target = %self.target.name, root, path = %p, "deleted while stopped");
+                }
+            }
+            let r = self.incremental(root, info, &gone, tick);
+            if r.outcome != Outcome::Success {
+                return (r, false);
+            }
+        }
+        (
+            self.resync(root, info, &[PathBytes::root()], &[], tick),
+            true,
+        )
     }
 
     fn incremental(
@@ -848,7 +974,9 @@ impl Runner {
         let dry_run = guard_args.contains(&"--dry-run");
         let keep = capture.is_some();
         let count = !keep && self.progress.is_some() && mode == Mode::Resync;
-        if keep {
+        if keep && mode == Mode::PullList {
+            args.insert(at, "--out-format=%i %l %M %n".into());
+        } else if keep {
             args.insert(at, "--out-format=%i %n".into());
         } else if count {
             args.insert(at, "--out-format=%n".into());
@@ -2364,6 +2492,29 @@ mod tests {
     }
 
     #[test]
+    fn a_pull_takes_only_what_rested_between_its_two_listings() {
+        let first = b".d..t...... 4096 2026/12/04-09:41:45 ./\n\
+                      cL+++++++++ 1 2026/12/04-09:41:45 lnk\n\
+                      >f+++++++++ 2 2026/12/04-09:41:45 odd name\n\
+                      >f+++++++++ 100 2026/12/04-09:41:45 growing\n\
+                      cd+++++++++ 4096 2026/12/04-09:41:45 d/\n\
+                      >f.st...... 3 2026/12/04-09:41:40 d/new\\#012line\n";
+        let second = b".d..t...... 4096 2026/12/04-09:41:46 ./\n\
+                       cL+++++++++ 1 2026/12/04-09:41:45 lnk\n\
+                       >f+++++++++ 2 2026/12/04-09:41:45 odd name\n\
+                       >f+++++++++ 200 2026/12/04-09:41:46 growing\n\
+                       cd+++++++++ 4096 2026/12/04-09:41:45 d/\n\
+                       >f.st...... 3 2026/12/04-09:41:40 d/new\\#012line\n\
+                       >f+++++++++ 1 2026/12/04-09:41:46 just-made\n";
+        let got: Vec<Vec<u8>> = settled_pulls(first, second)
+            .into_keys()
+            .map(|p| p.as_bytes().to_vec())
+            .collect();
+        let want: Vec<&[u8]> = vec![b"d", b"d/new\nline", b"lnk", b"odd name"];
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn backoff_doubles_to_the_cap_with_bounded_jitter() {
         let s = |a, o, j| backoff(a, o, j).as_millis();
         assert_eq!(s(1, Outcome::Retry, 0.0), 1000);
@@ -2394,6 +2545,7 @@ mod tests {
             path: config.roots[0].path.clone(),
             rules: config.roots[0].rules.clone(),
             allow_wipe: false,
+            manifest: work.join("no-manifest"),
         };
         runner
             .catch_up("r", &info, since, &mut |w| std::thread::sleep(w))

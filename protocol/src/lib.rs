@@ -3,7 +3,7 @@
 //! Every crate of the pipeline depends on this one: [`config`] (the TOML model, validated
 //! with errors that name file, line and key), [`wire`] (the MessagePack messages on the
 //! bus), [`rules`] (exclude rules, shared by the filter and the dispatcher's full syncs),
-//! [`seq`] (loss detection), [`status`] (the files `syncbus status` reads) and [`bus`] (ZeroMQ sockets, endpoints, shutdown signals).
+//! [`seq`] (loss detection), [`manifest`] (what a two-way root held at a clean stop), [`status`] (the files `syncbus status` reads) and [`bus`] (ZeroMQ sockets, endpoints, shutdown signals).
 //! Only `bus` does I/O on sockets; the message and config modules never import it.
 //!
 //! # Invariants
@@ -12,6 +12,7 @@
 
 pub mod bus;
 pub mod config;
+pub mod manifest;
 pub mod path;
 pub mod rules;
 pub mod seq;

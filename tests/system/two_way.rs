@@ -73,6 +73,52 @@ impl Side {
         self.proc.as_ref().map(|p| p.log_text()).unwrap_or_default()
     }
 
+    /// `syncbus run` of this side.
+    fn start(&mut self) {
+        self.proc = Some(Proc::start(
+            bin(),
+            [
+                std::ffi::OsStr::new("run"),
+                std::ffi::OsStr::new("--config"),
+                self.config.as_os_str(),
+            ],
+        ));
+    }
+
+    /// A clean stop (SIGTERM), which leaves a checkpoint.
+    fn stop(&mut self) {
+        let mut p = self.proc.take().expect("running");
+        p.signal(libc::SIGTERM);
+        let st = p.wait_exit(CONVERGE).expect("syncbus run stops on SIGTERM");
+        assert!(st.success(), "{st:?}\n{}", p.log_text());
+        assert!(
+            self.state_dir().join("checkpoint.toml").exists(),
+            "no checkpoint after a clean stop:\n{}",
+            p.log_text()
+        );
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.root
+            .parent()
+            .unwrap()
+            .join(format!("state-{}", self.name))
+    }
+
+    /// `syncbus status`'s exit code and health.
+    fn health(&self) -> (i32, String) {
+        let out = Command::new(bin())
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (
+            out.status.code().unwrap_or(-1),
+            v["health"].as_str().unwrap_or("").to_string(),
+        )
+    }
+
     fn p(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
@@ -82,7 +128,8 @@ struct Pair {
     _dir: tempfile::TempDir,
     a: Side,
     b: Side,
-    _daemons: Vec<RsyncDaemon>,
+    /// `daemons[0]` serves a's root (b's target), `daemons[1]` b's root (a's target).
+    daemons: Vec<RsyncDaemon>,
 }
 
 impl Pair {
@@ -127,17 +174,10 @@ impl Pair {
             _dir: dir,
             a,
             b,
-            _daemons: daemons,
+            daemons,
         };
         for s in [&mut pair.a, &mut pair.b] {
-            s.proc = Some(Proc::start(
-                bin(),
-                [
-                    std::ffi::OsStr::new("run"),
-                    std::ffi::OsStr::new("--config"),
-                    s.config.as_os_str(),
-                ],
-            ));
+            s.start();
         }
         // Live both ways: a file from each side reaches the other.
         for (from, to) in [(&pair.a, &pair.b), (&pair.b, &pair.a)] {
@@ -472,4 +512,88 @@ fn sixty_seconds_of_random_operations_on_both_sides_converge_without_a_loop() {
         "{runs} runs for {ops} operations: changes went back and forth"
     );
     pair.converge();
+}
+
+/// Both sides healthy by `syncbus status` (exit 0, `ok`) and the same trees.
+fn wait_healthy(pair: &Pair) {
+    pair.converge();
+    for s in [&pair.a, &pair.b] {
+        pair.wait(&format!("{}'s status OK", s.name), || {
+            (s.health() == (0, "ok".to_string())).then_some(())
+        });
+    }
+    pair.converge();
+}
+
+/// Issue #11 (5): a file deleted on one side while its syncbus was stopped is deleted on
+/// the peer soon after that side starts (its clean stop's manifest proves the file was
+/// there), and status is not OK until the two sides agree.
+#[test]
+fn a_delete_made_while_stopped_reaches_the_peer_after_the_start() {
+    let mut pair = Pair::start("");
+    for s in [&pair.a, &pair.b] {
+        fs::create_dir_all(s.p("dir")).unwrap();
+    }
+    fs::write(pair.a.p("x"), "made on a").unwrap();
+    fs::write(pair.a.p("dir/y"), "made on a").unwrap();
+    fs::write(pair.b.p("kept"), "made on b").unwrap();
+    pair.converge();
+    pair.a.stop();
+    fs::remove_file(pair.a.p("x")).unwrap();
+    fs::remove_file(pair.a.p("dir/y")).unwrap();
+    // While a cannot reach b, the two differ: a's status must not say OK.
+    pair.daemons[1].kill();
+    pair.a.start();
+    pair.wait("a's status not OK while b is out of reach", || {
+        let (code, health) = pair.a.health();
+        (code != 0 && !health.is_empty() && health != "ok").then_some(())
+    });
+    assert!(
+        pair.b.p("x").exists(),
+        "b lost x while a could not reach it"
+    );
+    pair.daemons[1].restart();
+    pair.wait("x and dir/y gone from b", || {
+        (!pair.b.p("x").exists() && !pair.b.p("dir/y").exists()).then_some(())
+    });
+    wait_healthy(&pair);
+    assert!(!pair.a.p("x").exists(), "x came back to a");
+    assert!(pair.a.p("kept").exists() && pair.b.p("dir").is_dir());
+    // What b lost is kept in its backup.
+    assert!(
+        pair.b.kept("x").contains(&"made on a".to_string()),
+        "{:?}",
+        pair.b.kept("x")
+    );
+}
+
+/// Issue #11 (5): a file missing on one side at its start that nothing proves deleted
+/// (no checkpoint, so no manifest) comes back from the peer at once: both sides agree
+/// and both statuses are OK.
+#[test]
+fn a_file_missing_without_proof_comes_back_from_the_peer_at_start() {
+    let mut pair = Pair::start("");
+    fs::write(pair.a.p("x"), "made on a").unwrap();
+    fs::create_dir_all(pair.a.p("d/e")).unwrap();
+    fs::write(pair.a.p("d/e/z"), "made on a").unwrap();
+    pair.converge();
+    pair.a.stop();
+    // An unusable checkpoint: the manifest beside it must not be used either.
+    fs::remove_file(pair.a.state_dir().join("checkpoint.toml")).unwrap();
+    assert!(
+        pair.a.state_dir().join("manifest-r.paths").exists(),
+        "a clean stop keeps the manifest beside the checkpoint"
+    );
+    fs::remove_file(pair.a.p("x")).unwrap();
+    fs::remove_dir_all(pair.a.p("d")).unwrap();
+    pair.a.start();
+    pair.wait("x and d/e/z back on a", || {
+        (pair.a.p("x").exists() && pair.a.p("d/e/z").exists()).then_some(())
+    });
+    wait_healthy(&pair);
+    assert_eq!(fs::read_to_string(pair.b.p("x")).unwrap(), "made on a");
+    assert!(
+        !pair.a.state_dir().join("manifest-r.paths").exists(),
+        "a manifest without its checkpoint was kept"
+    );
 }

@@ -51,6 +51,7 @@
 //!   "missing at start" path of [`run`] is reached only when a root vanishes between
 //!   loading and watching.
 
+mod manifest;
 mod watch_map;
 
 pub use watch_map::{Renamed, RootIx, WatchMap};
@@ -211,6 +212,9 @@ fn run_inner(config: &Config, shutdown: &Shutdown) -> Result<(), WatcherError> {
     // Every change before this moment has been read and sent: `syncbus run` turns it
     // into a checkpoint if the stages after us stop cleanly too.
     if let (Ok(Some(stopped_at)), true) = (&result, flushed) {
+        // Before the stop time: the supervisor takes a stop time to mean the manifests
+        // of this stop are written (or failed, and are absent).
+        manifest::write_all(config);
         let path = config.runtime_dir.join(STOPPED_FILE);
         if let Err(e) = std::fs::write(&path, stopped_at.to_string()) {
             warn!(path = %path.display(), error = %e, "cannot record the stop time");
