@@ -1,0 +1,197 @@
+//! The link to the retrier: reports (failed work, delivered jobs, ready), the delivery
+//! stream, the conversion of owed work to and from the wire, and the hand-over of
+//! failed work with its wait for the journal's ack.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use protocol::wire::{self, Report, ReportKind, Work};
+use protocol::PathBytes;
+
+use crate::batch::{RootWork, Touch};
+
+use super::*;
+
+/// How long a hand-over to the retrier may wait for its acknowledgement before the
+/// worker keeps the work itself.
+pub const ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends reports to the retrier (one PUSH socket per thread: zmq sockets are not shared).
+pub struct Reporter {
+    pub(super) push: zmq::Socket,
+    pub(super) epoch: u64,
+    pub(super) seq: u64,
+    /// The delivery stream's own gap-free counter.
+    pub(super) delivery_seq: u64,
+    pub(super) target: String,
+    /// When the run being reported began (0: unknown, as for the full lane's).
+    pub run_started_us: u64,
+}
+
+impl Reporter {
+    pub fn new(push: zmq::Socket, target: &str) -> Self {
+        Reporter {
+            push,
+            epoch: protocol::bus::new_epoch(),
+            seq: 0,
+            delivery_seq: 0,
+            target: target.to_string(),
+            run_started_us: 0,
+        }
+    }
+
+    /// Tells the delivery stream what one run brought to the target, or failed to
+    /// (relayed by the retrier; dropped, and seen as a gap, if it is gone for long).
+    pub fn deliver(
+        &mut self,
+        root: &str,
+        paths: &BTreeMap<PathBytes, Touch>,
+        resyncs: &[PathBytes],
+        failed: Option<(u32, &str)>,
+    ) {
+        self.delivery_seq += 1;
+        let msg = wire::Delivery {
+            version: wire::VERSION,
+            epoch: self.epoch,
+            seq: self.delivery_seq,
+            target: self.target.clone(),
+            root: root.to_string(),
+            ok: failed.is_none(),
+            time_us: protocol::now_us(),
+            paths: paths
+                .iter()
+                .map(|(p, t)| wire::Delivered {
+                    path: p.clone(),
+                    since_us: t.since_us,
+                })
+                .collect(),
+            resyncs: resyncs.to_vec(),
+            attempt: failed.map_or(0, |f| f.0),
+            error: failed.map_or(String::new(), |f| f.1.to_string()),
+            started_us: self.run_started_us,
+        };
+        let topic = wire::deliveries_topic(&self.target);
+        let payload = wire::encode(&msg);
+        if let Err(e) = self
+            .push
+            .send_multipart([topic.as_bytes(), &payload[..]], zmq::DONTWAIT)
+        {
+            tracing::debug!(target = %self.target, error = %e, "delivery report dropped");
+        }
+    }
+
+    /// Sends one report; returns its id (for the ack). A send that fails is logged:
+    /// the caller waits for an ack that will not come and keeps the work.
+    pub fn send(
+        &mut self,
+        kind: ReportKind,
+        root: &str,
+        covers: Vec<u64>,
+        work: Work,
+        error: &str,
+    ) -> u64 {
+        self.seq += 1;
+        let report = Report {
+            version: wire::VERSION,
+            epoch: self.epoch,
+            seq: self.seq,
+            report_id: rand::random::<u64>() | 1,
+            kind,
+            target: self.target.clone(),
+            root: root.to_string(),
+            covers,
+            work,
+            error: error.to_string(),
+            time_us: protocol::now_us(),
+        };
+        let payload = wire::encode(&report);
+        if let Err(e) = self
+            .push
+            .send_multipart([wire::REPORT_TOPIC.as_bytes(), &payload[..]], zmq::DONTWAIT)
+        {
+            tracing::warn!(target = %self.target, error = %e, "cannot queue a report for the retrier");
+        }
+        report.report_id
+    }
+}
+
+pub(super) fn to_wire(work: &RootWork) -> Work {
+    Work {
+        resyncs: work.resyncs.iter().cloned().collect(),
+        paths: work.paths.keys().cloned().collect(),
+        excludes: Vec::new(),
+        catch_up_us: work.catch_up.unwrap_or(0),
+        since_us: work.since_us,
+    }
+}
+
+pub(super) fn from_wire(work: &Work) -> RootWork {
+    // The wire does not say which paths were deletes: each may have been (what that
+    // changes is only whether a two-way target's batcher keeps it beside a compare).
+    let mut out = RootWork {
+        keep_deletes: true,
+        ..RootWork::default()
+    };
+    for r in &work.resyncs {
+        out.resync(r.clone());
+    }
+    out.merge(RootWork {
+        resyncs: BTreeSet::new(),
+        paths: work
+            .paths
+            .iter()
+            .map(|p| {
+                let t = Touch {
+                    deleted: true,
+                    since_us: 0,
+                };
+                (p.clone(), t)
+            })
+            .collect(),
+        catch_up: None,
+        since_us: work.since_us,
+        keep_deletes: true,
+    });
+    if work.catch_up_us != 0 {
+        out.catch_up(work.catch_up_us);
+    }
+    out
+}
+
+impl Worker {
+    /// Hands `work` to the retrier's journal and waits for the ack. `false` when the
+    /// retrier did not answer in time: the caller keeps the work.
+    pub(super) fn hand_over(
+        &mut self,
+        root: &str,
+        work: &RootWork,
+        excludes: Vec<String>,
+        covers: Vec<u64>,
+        error: &str,
+        intake: &mut Intake,
+    ) -> bool {
+        let mut w = to_wire(work);
+        w.excludes = excludes;
+        if w.is_empty() && covers.is_empty() {
+            return true;
+        }
+        let id = self
+            .reporter
+            .send(ReportKind::Failed, root, covers.clone(), w, error);
+        let deadline = Instant::now() + ACK_WAIT;
+        loop {
+            if intake.acked.remove(&id) {
+                for c in &covers {
+                    intake.held.remove(c);
+                }
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.control.abort.load(Ordering::SeqCst) {
+                return false;
+            }
+            intake.wait(Some(deadline - now));
+        }
+    }
+}
