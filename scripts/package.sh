@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds the Debian package dist/syncbus_<version>_<arch>.deb from this checkout with
 # dpkg-deb (no debhelper, no source package): the release binary (stripped by the
-# release profile), both unit shapes, tmpfiles.d for /run/syncbus, /var/lib/syncbus, the
-# example config as a conffile, man pages and bash/zsh/fish completions generated from
-# the CLI (`syncbus generate-docs`), copyright with every statically linked component,
-# and the changelogs. The packaging files are in deploy/debian/. A warm target/release
-# is reused; from cold the release build takes several minutes on 2 cores.
+# release profile), both unit shapes, tmpfiles.d for /run/syncbus, /var/lib/syncbus
+# (made by postinst), the example config as a conffile, man pages and bash/zsh/fish
+# completions generated from the CLI (`syncbus generate-docs`), copyright with every
+# statically linked component, and the changelogs. The packaging files are in
+# deploy/debian/. A warm target/release is reused; from cold the release build takes
+# several minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -38,8 +39,8 @@ for unit in deploy/systemd/*.service deploy/systemd/*.target; do
     sed 's#/usr/local/bin/syncbus#/usr/bin/syncbus#g' "$unit" > "$root/usr/lib/systemd/system/${unit##*/}"
 done
 install -D -m 0644 deploy/debian/syncbus.tmpfiles "$root/usr/lib/tmpfiles.d/syncbus.conf"
+install -D -m 0644 deploy/debian/lintian-overrides "$root/usr/share/lintian/overrides/syncbus"
 install -D -m 0644 deploy/syncbus.example.toml "$root/etc/syncbus/syncbus.example.toml"
-install -d -m 0700 "$root/var/lib/syncbus"
 
 # Man pages and completions, written by clap's generators from the CLI definition.
 "$bin" generate-docs "$work/generated" >/dev/null
@@ -64,10 +65,10 @@ for conf in deploy/supervisor/*.conf; do
     sed 's#/usr/local/bin/syncbus#/usr/bin/syncbus#g' "$conf" > "$doc/examples/supervisor/${conf##*/}"
 done
 # The crates linked into the binary (normal dependencies, this target), not the
-# workspace's own.
+# workspace's own, nor proc-macros (they run in the compiler only).
 host=$(rustc -vV | sed -n 's/^host: //p')
 cargo tree --locked -e normal -p syncbus --target "$host" --prefix none --format '{p}|{l}' |
-    sed 's/ (\*)$//' | grep -v '(/' | sort -u > "$work/crates"
+    sed 's/ (\*)$//' | grep -v -e '(/' -e '(proc-macro)' | sort -u > "$work/crates"
 registry=("${CARGO_HOME:-$HOME/.cargo}"/registry/src/*)
 {
     while IFS='|' read -r crate license; do
