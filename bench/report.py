@@ -17,7 +17,7 @@ import sys
 import time
 
 BEGIN, END = "<!-- bench:latest:begin -->", "<!-- bench:latest:end -->"
-HARNESS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "syncbench.py")
+HARNESS = os.path.join(os.path.dirname(__file__), "harness", "syncbench.py")
 
 
 def sh(*argv: str) -> str:

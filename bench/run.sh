@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs the shared harness against syncbus and lsyncd (delay 0) in one go, plus the
-# floor (one plain rsync), the one-directory burst, the bus alone and memory growth,
-# and writes the results into BENCHMARKS.md (the section between the `bench:latest`
-# markers: tables, the commands, machine and versions).
+# Runs the black-box harness (bench/harness/syncbench.py) against syncbus and lsyncd
+# (delay 0) in one go, plus the floor (one plain rsync), the one-directory burst, the bus
+# alone and memory growth, and writes the results into BENCHMARKS.md (the section
+# between the `bench:latest` markers: tables, the commands, machine and versions).
 #
 #   bench/run.sh [WORKLOADS]        default: all (burst,latency,editor,tree-ops,bigfile,scale)
 #
@@ -17,11 +17,11 @@ OUT=bench/results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 git describe --always --dirty > "$OUT/version.txt"
 cargo build --release --quiet || exit 1
-H=../shared/bench
+H=bench/harness
 SB=(python3 "$H/syncbench.py" --scratch /dev/shm --timeout 300 --settle 20)
 START_SB="$(printf %q "$PWD/target/release/syncbus") run --config {config}"
 SYNCBUS=(--config-template bench/syncbus.toml --start "$START_SB")
-LSYNCD=(--config-template "$H/peers/lsyncd-delay0.lua" --start 'lsyncd {config}')
+LSYNCD=(--config-template "$H/lsyncd-delay0.lua" --start 'lsyncd {config}')
 
 step() { # step LOG CMD…: runs one measurement, keeps going if it fails
     local log=$1; shift

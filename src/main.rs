@@ -3,6 +3,7 @@
 //! units), `check-config` validates a config file, `import-sersync` converts a sersync
 //! config, `demo` mirrors a local demo tree.
 
+mod docs;
 mod import_sersync;
 mod instance;
 mod metrics;
@@ -124,6 +125,16 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // `syncbus generate-docs DIR` (for scripts/package.sh) is not a clap subcommand:
+    // clap_complete would offer even a hidden one in the completions it writes.
+    let mut args = std::env::args_os().skip(1);
+    if let (Some("generate-docs"), Some(dir), None) = (
+        args.next().as_deref().and_then(|a| a.to_str()),
+        args.next(),
+        args.next(),
+    ) {
+        return docs::run(std::path::Path::new(&dir));
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
