@@ -1778,6 +1778,7 @@ fn command_argv(prefix: &str, suffix: &str) -> (Vec<String>, bool) {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests spawn the programs they check
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

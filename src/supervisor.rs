@@ -620,6 +620,10 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, name: &'static str) -> std::io::Result<Child> {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the supervisor spawns its stages: this binary, argv only"
+        )]
         let mut cmd = Command::new(&self.exe);
         let (config_arg, config_fd) = self.staged.arg();
         cmd.arg(name).arg("--config").arg(config_arg);

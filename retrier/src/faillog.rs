@@ -175,6 +175,7 @@ pub fn write(path: &Path, text: &[u8]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests spawn the programs they check
 mod tests {
     use super::*;
     use protocol::wire::Work;

@@ -3,6 +3,8 @@
 //! condition with a deadline instead of sleeping ([`eventually`]), and a handle on a
 //! running binary that is stopped when dropped ([`Proc`]).
 
+#![allow(clippy::disallowed_methods)] // tests and their helpers spawn what they check
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;

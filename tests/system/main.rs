@@ -2,6 +2,8 @@
 //! rsync daemons on 127.0.0.1; trees compared byte for byte (content, mode, mtime,
 //! symlink targets). No fixed sleeps: every wait is a condition with a deadline.
 
+#![allow(clippy::disallowed_methods)] // tests and their helpers spawn what they check
+
 mod cli;
 mod guard;
 mod hardening;

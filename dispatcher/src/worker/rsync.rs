@@ -452,6 +452,7 @@ impl Runner {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests spawn the programs they check
 mod tests {
     use super::*;
 

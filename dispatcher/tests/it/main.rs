@@ -3,6 +3,8 @@
 //! publishes change batches (and heartbeats, whose first sighting makes the dispatcher
 //! resync each root).
 
+#![allow(clippy::disallowed_methods)] // tests and their helpers spawn what they check
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;

@@ -3,6 +3,8 @@
 //! deadline and waits for a condition, never for a fixed time, except the one negative
 //! check that says so.
 
+#![allow(clippy::disallowed_methods)] // tests and their helpers spawn what they check
+
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
