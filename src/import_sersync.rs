@@ -1173,7 +1173,7 @@ impl Ctx<'_> {
             match name {
                 "command" => tables.push(self.command_plugin(def, first)?),
                 "refreshCDN" => tables.push(self.cdn_plugin(def, first)?),
-                _ => self.socket_plugin(def),
+                _ => tables.push(self.socket_plugin(def, first)?),
             }
         }
         Ok(tables)
@@ -1396,28 +1396,68 @@ impl Ctx<'_> {
         Ok(t)
     }
 
-    /// `<plugin name="socket">`: no push; the change stream is the replacement.
-    fn socket_plugin(&mut self, def: &Node) {
-        let dest = def
-            .child("localpath")
-            .and_then(|l| l.child("deshost"))
-            .map(|d| {
-                format!(
-                    "{}:{}",
-                    d.attr("ip").unwrap_or(""),
-                    d.attr("port").unwrap_or("")
+    /// `<plugin name="socket">` → a `tcp://` target with sersync's framing: one
+    /// connection per path carrying its absolute path, so the receiver runs unchanged.
+    fn socket_plugin(&mut self, def: &Node, m: &Mapped) -> Result<Table, ImportError> {
+        let Some(lp) = def.child("localpath") else {
+            return Err(self.err(
+                def,
+                "the socket plugin is enabled but has no `<localpath>`".into(),
+            ));
+        };
+        let host = lp.child("deshost");
+        let Some(ip) = host.and_then(|h| h.value("ip")) else {
+            return Err(self.err(
+                host.unwrap_or(lp),
+                "the socket plugin is enabled but `<deshost>` has no `ip`: where should the paths go?".into(),
+            ));
+        };
+        let port = host
+            .and_then(|h| h.value("port"))
+            .and_then(|p| p.parse::<u16>().ok())
+            .filter(|&p| p > 0)
+            .ok_or_else(|| {
+                self.err(
+                    host.unwrap_or(lp),
+                    format!(
+                        "`<deshost>` port `{}` is not a TCP port (1-65535)",
+                        host.and_then(|h| h.value("port")).unwrap_or("")
+                    ),
                 )
-            })
-            .unwrap_or_default();
-        self.trailer.extend([
-            "sersync's socket plugin pushed each path to a TCP listener; syncbus publishes".into(),
-            "its change stream instead, for the receiver to subscribe (unauthenticated):".into(),
-            "[bus]".into(),
-            "tcp_changes = \"IP:PORT\"".into(),
-        ]);
-        self.unsupported(format!(
-            "the socket plugin (each changed path pushed over TCP to `{dest}`): syncbus pushes to no one; the receiver subscribes to the change stream instead, which `bus.tcp_changes = \"IP:PORT\"` publishes on TCP (unauthenticated: see docs/wire-format.md), or runs `syncbus tail --json`"
+            })?;
+        let ip = ip.trim_start_matches('[').trim_end_matches(']');
+        let url = if ip.contains(':') {
+            format!("tcp://[{ip}]:{port}")
+        } else {
+            format!("tcp://{ip}:{port}")
+        };
+        let watch = lp.value("watch").unwrap_or("");
+        if watch.trim_end_matches('/') != m.watch.trim_end_matches('/') {
+            self.changed(format!(
+                "the socket plugin watches `{watch}`, `<sersync>` watches `{}`: sersync then watched the plugin's directory for everything; syncbus keeps root `{}` and sends its paths (absolute paths under `{}`)",
+                m.watch, m.root, m.watch
+            ));
+        }
+        let name = unique_name("socket", "socket", &mut self.target_names);
+        let mut t = Table::new("[[target]]");
+        t.notes.push(
+            "sersync's socket plugin: each changed path on a TCP connection of its own".into(),
+        );
+        t.set("name", name.as_str()).set("url", url.as_str());
+        t.note(
+            "framing",
+            "sersync",
+            "the absolute path, no newline, no operation, then close; `json` or `nul` add the operation (upsert, delete) on one connection per batch".into(),
+        );
+        t.set("roots", strings(&[m.root.as_str()]));
+        self.mapped(format!(
+            "the socket plugin `<deshost ip=\"{ip}\" port=\"{port}\">` → `[[target]]` `{name}` with `url = \"{url}\"` and `framing = \"sersync\"`: each changed path on a connection of its own, its absolute path and nothing else, as sersync sent it; the receiver runs unchanged"
         ));
+        self.changed(
+            "the socket plugin: a path the receiver cannot take (down, refusing) is journalled and sent again until it connects, where sersync dropped it; a path whose connection succeeded is not sent again. A compare of the whole root (at start) sends the root's own path: everything below it may have changed".into(),
+        );
+        self.after(&mut t, "socket", m);
+        Ok(t)
     }
 
     /// `<crontab>` → a `[[schedule]]`; `<crontabfilter>` → its `exclude_glob`.
@@ -2180,6 +2220,57 @@ mod tests {
         let c = t.convert(&with_regex);
         assert!(c.toml.contains("# webhook = "), "{}", c.toml);
         assert!(has(&c.unsupported, "<regexurl regex=\"true\""));
+    }
+
+    #[test]
+    fn the_socket_plugin_becomes_a_tcp_target_with_sersync_framing() {
+        let t = Tree::new();
+        let on = (
+            "<plugin start=\"false\" name=\"command\"/>",
+            "<plugin start=\"true\" name=\"socket\"/>",
+        );
+        let c = t.convert(&[on]);
+        let config = t.load(&c);
+        let target = config
+            .target("socket")
+            .unwrap_or_else(|| panic!("{}", c.toml));
+        assert_eq!(
+            target.endpoint,
+            Endpoint::Tcp {
+                addr: "192.168.138.20:8009".into(),
+                framing: protocol::config::Framing::Sersync,
+                include: vec![],
+                exclude: vec![],
+                after: vec!["tongbu1".into()],
+            }
+        );
+        assert_eq!(target.roots, ["tongbu"]);
+        assert!(
+            has(&c.mapped, "`url = \"tcp://192.168.138.20:8009\"`"),
+            "{:?}",
+            c.mapped
+        );
+        assert!(has(&c.changed, "journalled and sent again"));
+        assert!(
+            !has(&c.unsupported, "socket") && !c.toml.contains("tcp_changes"),
+            "{:?}\n{}",
+            c.unsupported,
+            c.toml
+        );
+        // An IPv6 receiver is bracketed; a bad port is an error naming the line.
+        let c = t.convert(&[on, ("ip=\"192.168.138.20\"", "ip=\"fe80::2\"")]);
+        assert!(
+            c.toml.contains("url = \"tcp://[fe80::2]:8009\""),
+            "{}",
+            c.toml
+        );
+        t.load(&c);
+        let bad = t.xml(&[on, ("port=\"8009\"", "port=\"80099\"")]);
+        let e = error(bad.as_bytes());
+        assert!(
+            e.contains("confxml.xml:58:") && e.contains("`80099`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -184,7 +184,10 @@ pub fn common_args(target: &Target) -> Result<Vec<OsString>, ArgError> {
             a.push("-e".into());
             a.push(ssh_command(*port, identity_file.as_deref(), options)?.into());
         }
-        Endpoint::Local { .. } | Endpoint::Command { .. } | Endpoint::Http { .. } => {}
+        Endpoint::Local { .. }
+        | Endpoint::Command { .. }
+        | Endpoint::Http { .. }
+        | Endpoint::Tcp { .. } => {}
     }
     a.extend(target.extra_args.iter().map(OsString::from));
     Ok(a)

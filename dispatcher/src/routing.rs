@@ -110,12 +110,14 @@ impl Routing {
             let is_hook = matches!(
                 &t.endpoint,
                 protocol::config::Endpoint::Command { after, .. }
-                | protocol::config::Endpoint::Http { after, .. } if !after.is_empty()
+                | protocol::config::Endpoint::Http { after, .. }
+                | protocol::config::Endpoint::Tcp { after, .. } if !after.is_empty()
             );
             stops.push((is_hook, tx.clone()));
             let after = match &t.endpoint {
                 protocol::config::Endpoint::Command { after, .. }
-                | protocol::config::Endpoint::Http { after, .. } => after.clone(),
+                | protocol::config::Endpoint::Http { after, .. }
+                | protocol::config::Endpoint::Tcp { after, .. } => after.clone(),
                 _ => Vec::new(),
             };
             if after.is_empty() {

@@ -13,6 +13,9 @@ use toml::Spanned;
 
 use crate::rules::Rules;
 
+mod tcp;
+pub use tcp::Framing;
+
 /// Exit code for a bad config or command line (EX_USAGE); systemd units list it in
 /// `RestartPreventExitStatus`.
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -141,6 +144,7 @@ struct RawTarget {
     losers: Option<Spanned<String>>,
     #[serde(default)]
     allow_wipe: bool,
+    framing: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -325,6 +329,18 @@ pub enum Endpoint {
         exclude: Vec<String>,
         after: Vec<String>,
     },
+    /// A TCP listener (`tcp://host:port`) given each changed path: with
+    /// `framing = "sersync"` one connection per path carrying its absolute path and
+    /// nothing else (sersync's socket plugin), else one connection per batch of
+    /// records with their operation (see [`Framing`]).
+    Tcp {
+        /// `host:port` (`[v6]:port`), as `TcpStream::connect` takes it.
+        addr: String,
+        framing: Framing,
+        include: Vec<String>,
+        exclude: Vec<String>,
+        after: Vec<String>,
+    },
 }
 
 impl Target {
@@ -343,7 +359,9 @@ impl Target {
             Endpoint::Rsync { url, .. } => url.clone(),
             Endpoint::Ssh { dest, .. } => dest.clone(),
             Endpoint::Local { path } => format!("{}/", path.display()),
-            Endpoint::Command { .. } | Endpoint::Http { .. } => return String::new(),
+            Endpoint::Command { .. } | Endpoint::Http { .. } | Endpoint::Tcp { .. } => {
+                return String::new()
+            }
         };
         if self.roots.len() > 1 {
             format!("{base}{root}/")
@@ -376,6 +394,7 @@ impl Config {
         let place = match &t.endpoint {
             Endpoint::Command { argv, .. } => format!("command {argv:?}"),
             Endpoint::Http { url, .. } => format!("webhook {url}"),
+            Endpoint::Tcp { addr, framing, .. } => format!("tcp {addr} {framing:?}"),
             _ => t.destination(root),
         };
         Some(format!("{} -> {place}", r.path.display()))
@@ -651,10 +670,9 @@ impl Validator<'_> {
             .target
             .iter()
             .map(|t| {
-                (
-                    t.get_ref().name.get_ref().clone(),
-                    t.get_ref().command.is_some(),
-                )
+                let t = t.get_ref();
+                let tcp = t.url.as_ref().is_some_and(|u| tcp::is_tcp(u.get_ref()));
+                (t.name.get_ref().clone(), t.command.is_some() || tcp)
             })
             .collect();
         let targets: Vec<Target> = raw
@@ -935,7 +953,7 @@ impl Validator<'_> {
             let msg = match kinds.iter().find(|(n, _)| n == a.get_ref()) {
                 None => Some(format!("no target named `{}`", a.get_ref())),
                 Some((_, true)) => Some(format!(
-                    "`{}` is a command or webhook target: a hook runs after an rsync target",
+                    "`{}` is a command or tcp target: a hook runs after an rsync target",
                     a.get_ref()
                 )),
                 Some(_) => None,
@@ -1267,6 +1285,12 @@ impl Validator<'_> {
         if let Some(w) = &raw.webhook {
             return self.webhook_target(i, &raw, w, name, bound, kinds);
         }
+        if let Some(u) = raw.url.as_ref().filter(|u| tcp::is_tcp(u.get_ref())) {
+            return self.tcp_target(i, &raw, u, name, bound, kinds);
+        }
+        if let Some(f) = &raw.framing {
+            self.error(f.span(), k("framing"), "only for tcp:// targets");
+        }
         let webhook_only = [
             raw.header_file.as_ref().map(|p| ("header_file", p.span())),
             raw.method.as_ref().map(|p| ("method", p.span())),
@@ -1542,7 +1566,7 @@ fn parse_url(url: &str) -> Result<Url, String> {
     }
     if url.contains("://") {
         return Err(format!(
-            "unsupported URL scheme in `{url}` (rsync://, [user@]host:path or a directory)"
+            "unsupported URL scheme in `{url}` (rsync://, tcp://, [user@]host:path or a directory)"
         ));
     }
     if let Some((host, module)) = url.split_once("::") {

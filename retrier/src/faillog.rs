@@ -70,11 +70,13 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
         };
         if matches!(
             target.endpoint,
-            protocol::config::Endpoint::Command { .. } | protocol::config::Endpoint::Http { .. }
+            protocol::config::Endpoint::Command { .. }
+                | protocol::config::Endpoint::Http { .. }
+                | protocol::config::Endpoint::Tcp { .. }
         ) {
             comment(
                 &mut out,
-                "command or webhook target: no rsync command (the retrier runs it again)",
+                "command, webhook or tcp target: no rsync command (the retrier runs it again)",
             );
             continue;
         }

@@ -112,6 +112,7 @@ fn probe_of(endpoint: &Endpoint, port: Option<u16>) -> Probe {
             Probe::Tcp(format!("{host}:{}", p.or(port).unwrap_or(22)))
         }
         Endpoint::Command { .. } => Probe::None,
+        Endpoint::Tcp { addr, .. } => Probe::Tcp(addr.clone()),
         Endpoint::Http { url, .. } => {
             let (default, rest) = match url.strip_prefix("https://") {
                 Some(r) => (443, r),
@@ -933,5 +934,16 @@ mod tests {
             path: "/mnt/backup/www".into(),
         };
         assert_eq!(probe_of(&local, None), Probe::Dir("/mnt/backup".into()));
+        let tcp = Endpoint::Tcp {
+            addr: "192.168.138.20:8009".into(),
+            framing: protocol::config::Framing::Sersync,
+            include: vec![],
+            exclude: vec![],
+            after: vec![],
+        };
+        assert_eq!(
+            probe_of(&tcp, None),
+            Probe::Tcp("192.168.138.20:8009".into())
+        );
     }
 }

@@ -18,6 +18,7 @@ mod program;
 mod retrier_link;
 mod rsync;
 mod runner;
+mod tcp;
 mod two_way;
 mod webhook;
 

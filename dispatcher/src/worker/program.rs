@@ -207,6 +207,7 @@ impl Runner {
         }
         let (result, failed) = match &self.target.endpoint {
             Endpoint::Http { .. } => self.post(root, &entries),
+            Endpoint::Tcp { .. } => self.push(root, info, &entries),
             _ => self.run_command(root, info, entries, tick),
         };
         self.count_run(&result, 0);

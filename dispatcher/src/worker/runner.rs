@@ -1,5 +1,5 @@
 //! The seam every transport sits behind: a `Runner` runs one target's work of one
-//! lane, by rsync or by the target's program or webhook.
+//! lane, by rsync or by the target's program, webhook or TCP listener.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -56,6 +56,9 @@ impl Runner {
             }
             | Endpoint::Http {
                 include, exclude, ..
+            }
+            | Endpoint::Tcp {
+                include, exclude, ..
             } => Some((GlobPair::new(include), GlobPair::new(exclude))),
             _ => None,
         };
@@ -88,11 +91,11 @@ impl Runner {
         });
     }
 
-    /// A command or webhook target: given the paths, no rsync.
+    /// A command, webhook or tcp target: given the paths, no rsync.
     pub(super) fn is_hook(&self) -> bool {
         matches!(
             self.target.endpoint,
-            Endpoint::Command { .. } | Endpoint::Http { .. }
+            Endpoint::Command { .. } | Endpoint::Http { .. } | Endpoint::Tcp { .. }
         )
     }
 
