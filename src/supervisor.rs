@@ -7,8 +7,9 @@
 //! - Children are in their own process group (a terminal's Ctrl-C reaches only us, so
 //!   the stop order holds) and get SIGTERM from the kernel if we die
 //!   (`PR_SET_PDEATHSIG`), so no stage outlives a killed supervisor.
-//! - A stage that exits 64 (bad config) or 78 (environment limit) is not restarted:
-//!   everything stops and `syncbus run` exits with that code.
+//! - A stage that exits 64, 69, 71 or 78 (`protocol::stage`: a bad command line,
+//!   something missing, a kernel limit, a bad config) is not restarted: everything
+//!   stops and `syncbus run` exits with that code.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -21,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::bus::{self, Shutdown};
-use protocol::config::{Config, EXIT_BAD_CONFIG};
-use protocol::stage::{EXIT_ENVIRONMENT, EXIT_UNAVAILABLE};
+use protocol::config::Config;
+use protocol::stage::{EXIT_CONFIG, EXIT_OSERR, EXIT_UNAVAILABLE, EXIT_USAGE};
 use protocol::status::{self, StageStatus};
 
 use crate::instance::{self, PlanError, RunWhat};
@@ -107,15 +108,15 @@ pub fn run(args: RunArgs) -> ExitCode {
     let plan = match instance::plan(&args.what()) {
         Ok(p) => p,
         Err(PlanError::Usage(msg)) => {
-            eprintln!("{msg}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            protocol::errln!("{msg}");
+            return ExitCode::from(EXIT_USAGE as u8);
         }
         Err(PlanError::Config(errors, generated)) => {
-            eprintln!("{errors}");
+            protocol::errln!("{errors}");
             if generated {
-                eprintln!("(in the config generated from --source/--target)");
+                protocol::errln!("(in the config generated from --source/--target)");
             }
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
     let config = &plan.config;
@@ -136,13 +137,13 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     if let Err(msg) = plan.write_generated() {
         tracing::error!("{msg}");
-        return ExitCode::from(EXIT_ENVIRONMENT as u8);
+        return ExitCode::from(EXIT_CONFIG as u8);
     }
     let staged = match StagedConfig::of(&plan) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot hand the generated config to the stages");
-            return ExitCode::from(EXIT_ENVIRONMENT as u8);
+            return ExitCode::from(EXIT_OSERR as u8);
         }
     };
     let shutdown = match Shutdown::install() {
@@ -220,7 +221,7 @@ impl Held {
         let open = |dir: &Path, what: &str| {
             bus::private_dir(dir).map_err(|m| {
                 (
-                    EXIT_ENVIRONMENT as u8,
+                    EXIT_CONFIG as u8,
                     format!("cannot use the {what} `{}`: {m}", dir.display()),
                 )
             })
@@ -714,7 +715,7 @@ impl Supervisor {
             let code = status.code();
             if matches!(
                 code,
-                Some(EXIT_BAD_CONFIG | EXIT_ENVIRONMENT | EXIT_UNAVAILABLE)
+                Some(EXIT_USAGE | EXIT_UNAVAILABLE | EXIT_OSERR | EXIT_CONFIG)
             ) {
                 tracing::error!(
                     stage = s.name,
@@ -902,7 +903,7 @@ const DEMO_CONFIG: &str = include_str!("../deploy/demo.toml");
 /// `syncbus demo`: a local mirror with the embedded config, no remote server needed.
 pub fn demo(dir: &Path) -> ExitCode {
     if let Err(msg) = dispatcher::command::find_rsync() {
-        eprintln!("syncbus demo: {msg} (scripts/demo.sh does this for you)");
+        protocol::errln!("syncbus demo: {msg} (scripts/demo.sh does this for you)");
         return ExitCode::from(EXIT_UNAVAILABLE as u8);
     }
     let (src, mirror, file) = (
@@ -912,7 +913,7 @@ pub fn demo(dir: &Path) -> ExitCode {
     );
     for d in [&src, &mirror] {
         if let Err(e) = std::fs::create_dir_all(d) {
-            eprintln!("cannot create `{}`: {e}", d.display());
+            protocol::errln!("cannot create `{}`: {e}", d.display());
             return ExitCode::FAILURE;
         }
     }
@@ -924,10 +925,10 @@ pub fn demo(dir: &Path) -> ExitCode {
         );
     }
     if let Err(e) = std::fs::write(&file, DEMO_CONFIG) {
-        eprintln!("cannot write `{}`: {e}", file.display());
+        protocol::errln!("cannot write `{}`: {e}", file.display());
         return ExitCode::FAILURE;
     }
-    println!(
+    protocol::outln!(
         "syncbus demo: mirroring {} → {} (config: {}).\n\
          Try, in another terminal:  echo hi > {}/new.txt; ls -l {}\n\
          and see how it is doing:   syncbus status --config {}\n\

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::{bin, stage_pid, Mirror};
 
 #[test]
-fn check_config_names_file_line_and_key_and_exits_64() {
+fn check_config_names_file_line_and_key_and_exits_78() {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir(dir.path().join("src")).unwrap();
     let file = dir.path().join("bad.toml");
@@ -17,7 +17,7 @@ fn check_config_names_file_line_and_key_and_exits_64() {
     )
     .unwrap();
     let out = check_config(&file);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!("{}:8:", file.display()))
@@ -32,7 +32,7 @@ fn check_config_names_file_line_and_key_and_exits_64() {
     )
     .unwrap();
     let out = check_config(&file);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(":4:") && err.contains("speed"), "{err}");
 
@@ -42,11 +42,11 @@ fn check_config_names_file_line_and_key_and_exits_64() {
         .arg(&file)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
 
     // A file without end is refused, not read forever.
     let out = check_config(std::path::Path::new("/dev/zero"));
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("larger than 4 MiB"));
 
     fs::write(&file, "[[root]]\nname = \"r\"\npath = \"src\"\n").unwrap();
@@ -88,7 +88,7 @@ fn every_example_config_in_deploy_is_valid_without_its_environment() {
 
     let example = deploy.join("syncbus.example.toml");
     let out = check_config(&example);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("root[0].path") && err.contains("cannot use"),
@@ -107,7 +107,7 @@ fn check_config_refuses_rsync_options_that_change_what_a_run_means() {
     )
     .unwrap();
     let out = check_config(&file);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("target[0].extra_args[1]")
@@ -488,8 +488,8 @@ fn deploy_units_verify_and_supervisor_programs_name_real_subcommands() {
 }
 
 /// The migration path from sersync: the stock `confxml.xml` (ISO-8859-1) converts into a
-/// config that `check-config` accepts; a broken file is refused with exit 64, the file
-/// and the line.
+/// config that `check-config` accepts; a broken file is refused with exit 65
+/// (EX_DATAERR), the file and the line; a missing one with 66 (EX_NOINPUT).
 #[test]
 fn import_sersync_turns_the_stock_file_into_a_valid_config_and_refuses_a_broken_one() {
     use std::os::unix::ffi::OsStrExt;
@@ -550,7 +550,7 @@ fn import_sersync_turns_the_stock_file_into_a_valid_config_and_refuses_a_broken_
     )
     .unwrap();
     let out = import(&broken);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(65));
     assert!(out.stdout.is_empty());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -560,10 +560,120 @@ fn import_sersync_turns_the_stock_file_into_a_valid_config_and_refuses_a_broken_
     );
 
     let out = import(&dir.path().join("missing.xml"));
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(66));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot read"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Issue #15: exit codes follow sysexits(3) as systemd names them, so a unit's
+/// `RestartPreventExitStatus=` and `systemctl status` tell a bad command line (64,
+/// USAGE) from a bad config file (78, CONFIG). `--help` is an answer, not an error.
+#[test]
+fn a_bad_command_line_exits_64_and_help_exits_0_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("syncbus.toml");
+    fs::write(
+        &config,
+        "[[root]]\nname = \"r\"\npath = \"src\"\nspeed = 1\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| Command::new(bin()).args(args).output().unwrap();
+    for args in [
+        &["run", "--bogus"][..],
+        &["watcher", "--bogus"],
+        &["dispatcher"],
+        &["dispatcher", "--config", "x", "--target"],
+        &["no-such-command"],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(
+            err.contains("usage") || err.contains("Usage"),
+            "{args:?}: {err}"
+        );
+    }
+    // The same bad file through each door: EX_CONFIG.
+    for args in [
+        &["check-config"][..],
+        &["run", "--config"],
+        &["filter", "--config"],
+    ] {
+        let out = Command::new(bin())
+            .args(args)
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {err}");
+        assert!(err.contains("speed"), "{args:?}: {err}");
+    }
+    for stage in [
+        "watcher",
+        "filter",
+        "dispatcher",
+        "retrier",
+        "scheduler",
+        "metrics",
+    ] {
+        let out = run(&[stage, "--help"]);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stage}: {help}");
+        assert!(out.stderr.is_empty(), "{stage}");
+        assert!(
+            help.contains(&format!("syncbus {stage} --config FILE")) && help.contains("--log-json"),
+            "{stage}: {help}"
+        );
+        assert_eq!(
+            help.contains("--target NAME"),
+            stage == "dispatcher",
+            "{help}"
+        );
+    }
+}
+
+/// Issue #15: `syncbus check-config FILE 2>&1 | head -1` exited 101: the second line
+/// of the error went to a pipe `head` had closed, and `eprintln!` panicked. What cannot
+/// be written is dropped; the exit code still tells.
+#[test]
+fn errors_written_to_a_closed_pipe_do_not_panic() {
+    use std::os::fd::FromRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("syncbus.toml");
+    fs::write(
+        &config,
+        "[[root]]\nname = \"r\"\npath = \"src\"\nspeed = 1\n",
+    )
+    .unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two descriptors, owned below.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // The reader is gone before anything is written: every write gets EPIPE.
+    // SAFETY: both descriptors were just made and are owned once each.
+    drop(unsafe { std::fs::File::from_raw_fd(fds[0]) });
+    let write_end = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+    for (args, code) in [
+        (&["check-config"][..], 78),
+        (&["run", "--config"], 78),
+        (&["watcher", "--bogus", "--config"], 64),
+    ] {
+        let out = Command::new(bin())
+            .args(args)
+            .arg(&config)
+            .stdout(write_end.try_clone().unwrap())
+            .stderr(write_end.try_clone().unwrap())
+            .status()
+            .unwrap();
+        assert_eq!(out.code(), Some(code), "{args:?}");
+    }
+    // And an answer on a closed stdout.
+    let out = Command::new(bin())
+        .args(["watcher", "--help"])
+        .stdout(write_end.try_clone().unwrap())
+        .status()
+        .unwrap();
+    assert_eq!(out.code(), Some(0));
 }
