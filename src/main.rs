@@ -7,6 +7,7 @@ mod docs;
 mod import_sersync;
 mod instance;
 mod metrics;
+mod service;
 mod status;
 mod supervisor;
 mod tail;

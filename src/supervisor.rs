@@ -193,6 +193,8 @@ pub fn run(args: RunArgs) -> ExitCode {
             "supervisor",
             protocol::now_us(),
         ))),
+        service: crate::service::Service::new(),
+        config: config.clone(),
     };
     // What a killed run left there is not about this one.
     status::clear(&sup.runtime_dir);
@@ -566,6 +568,10 @@ struct Supervisor {
     stages: Vec<Stage>,
     /// What `syncbus status` learns from the supervisor: stages up, pids, restarts.
     board: Arc<Mutex<StageStatus>>,
+    /// What systemd learns: ready, alive, the health in one line.
+    service: crate::service::Service,
+    /// The config the running stages were started with.
+    config: Config,
 }
 
 impl Supervisor {
@@ -573,6 +579,7 @@ impl Supervisor {
         loop {
             self.start_due();
             self.post_status();
+            self.service.tick(&self.config, &START_ORDER);
             let mut pfd = libc::pollfd {
                 fd: shutdown.fd(),
                 events: libc::POLLIN,
@@ -582,6 +589,7 @@ impl Supervisor {
             unsafe { libc::poll(&mut pfd, 1, 100) };
             shutdown.drain();
             if shutdown.requested() {
+                self.service.stopping();
                 tracing::info!("stopping: watcher first, then filter, then dispatcher");
                 if self.stop_all(shutdown) {
                     self.write_checkpoint();
@@ -625,6 +633,10 @@ impl Supervisor {
         let (config_arg, config_fd) = self.staged.arg();
         cmd.arg(name).arg("--config").arg(config_arg);
         cmd.env_remove(dispatcher::CATCH_UP_ENV);
+        // systemd listens to us alone (NotifyAccess=main): we speak for the stages.
+        for var in protocol::notify::ENV {
+            cmd.env_remove(var);
+        }
         if name == "dispatcher" {
             // Only the first dispatcher after a clean stop: a restart after a crash
             // compares in full.
@@ -843,6 +855,8 @@ impl Supervisor {
     /// first (a restarted watcher or filter means a resync; the journal keeps what is
     /// pending); an invalid one is reported and the running pipeline kept.
     fn reload(&mut self, shutdown: &Shutdown) {
+        // `READY=1` follows from the next ticks, once every root is watched again.
+        self.service.reloading();
         let plan = match instance::plan(&self.args.what()) {
             Ok(p) => p,
             Err(PlanError::Config(errors, _)) => {
@@ -871,6 +885,7 @@ impl Supervisor {
                 return;
             }
         }
+        self.config = plan.config.clone();
         let new = sections(&plan.text);
         let changed: Vec<&'static str> = self
             .stages

@@ -13,6 +13,7 @@
 pub mod bus;
 pub mod config;
 pub mod manifest;
+pub mod notify;
 pub mod out;
 pub mod path;
 pub mod rules;

@@ -156,6 +156,7 @@ pub fn stage_main(
         }
     };
     bus::init_logging(args.log_json);
+    crate::notify::stage_speaks_for_itself();
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(errors) => {

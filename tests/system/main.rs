@@ -12,6 +12,7 @@ mod mirror;
 mod reliability;
 mod status;
 mod stream;
+mod systemd;
 mod transient;
 mod two_way;
 
