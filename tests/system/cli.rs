@@ -725,3 +725,44 @@ fn errors_written_to_a_closed_pipe_do_not_panic() {
         .unwrap();
     assert_eq!(out.code(), Some(0));
 }
+
+/// Issue #15: the example config documents every key the config file takes: each
+/// field of the raw config structs (`protocol/src/config.rs`) appears in it as
+/// `key =` or as a table header, set or commented out. A new key without its line in the example fails here.
+#[test]
+fn the_example_config_names_every_key() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = fs::read_to_string(root.join("protocol/src/config.rs")).unwrap();
+    let example = fs::read_to_string(root.join("deploy/syncbus.example.toml")).unwrap();
+    let mut keys = Vec::new();
+    let mut inside = false;
+    for line in source.lines() {
+        if line.starts_with("struct Raw") || line.starts_with("pub struct Events") {
+            inside = true;
+        } else if line.starts_with('}') {
+            inside = false;
+        } else if inside {
+            let field = line.trim();
+            if let Some((name, _)) = field.strip_prefix("pub ").unwrap_or(field).split_once(':') {
+                if !name.starts_with("//") && !name.starts_with('#') && !name.is_empty() {
+                    keys.push(if name == "moves" { "move" } else { name }.to_string());
+                }
+            }
+        }
+    }
+    assert!(keys.len() > 40, "{keys:?}");
+    let documented = |k: &str| {
+        example.lines().any(|l| {
+            let l = l.trim_start_matches(['#', ' ']);
+            l.starts_with(&format!("{k} ="))
+                || l.starts_with(&format!("[{k}]"))
+                || l.starts_with(&format!("[[{k}]]"))
+                || l.starts_with(&format!("[root.{k}]"))
+        })
+    };
+    let missing: Vec<&String> = keys.iter().filter(|k| !documented(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "not in deploy/syncbus.example.toml: {missing:?}"
+    );
+}
