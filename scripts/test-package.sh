@@ -69,6 +69,9 @@ grep -q '^ExecStart=/usr/bin/syncbus run ' /usr/lib/systemd/system/syncbus.servi
     fail "syncbus.service does not run /usr/bin/syncbus"
 ! grep -rq /usr/local/bin /usr/lib/systemd/system/syncbus* || fail "a unit names /usr/local/bin"
 systemd-analyze verify /usr/lib/systemd/system/syncbus*.service /usr/lib/systemd/system/syncbus.target
+for unit in /usr/lib/systemd/system/syncbus*.service; do # exposure at most 3.0 (internal scale: 30)
+    systemd-analyze security --offline=yes --threshold=30 "$unit" >/dev/null || fail "$unit: exposure above 3.0"
+done
 bash -c '. /usr/share/bash-completion/completions/syncbus && complete -p syncbus' >/dev/null ||
     fail "the bash completion does not load"
 [ -s /usr/share/zsh/vendor-completions/_syncbus ] || fail "no zsh completion"

@@ -15,12 +15,12 @@ pub fn run(dir: &Path) -> ExitCode {
     match write(dir) {
         Ok(files) => {
             for f in files {
-                println!("{}", f.display());
+                protocol::outln!("{}", f.display());
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("cannot write the docs into {}: {e}", dir.display());
+            protocol::errln!("cannot write the docs into {}: {e}", dir.display());
             ExitCode::FAILURE
         }
     }

@@ -7,6 +7,7 @@ mod docs;
 mod import_sersync;
 mod instance;
 mod metrics;
+mod service;
 mod status;
 mod supervisor;
 mod tail;
@@ -16,7 +17,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use protocol::config::{Config, Environment, EXIT_BAD_CONFIG};
+use protocol::config::{Config, Environment};
+use protocol::stage::{EXIT_CONFIG, EXIT_DATAERR, EXIT_NOINPUT, EXIT_USAGE};
 
 #[derive(Parser)]
 #[command(
@@ -47,7 +49,7 @@ enum Cmd {
     /// failing or far behind), 3 unknown (not running): fit for systemd, Kubernetes
     /// and Nagios probes.
     Status(status::StatusArgs),
-    /// Validate a config file: every error with file, line and key; exit 64 if bad.
+    /// Validate a config file: every error with file, line and key; exit 78 (EX_CONFIG) if bad.
     ///
     /// By default it also checks this machine as `syncbus run` would: each root is a
     /// directory, password and header files are private, command programs run. With
@@ -72,9 +74,10 @@ enum Cmd {
     /// `syncbus import-sersync confxml.xml > syncbus.toml`. The TOML carries a comment at
     /// each decision; stderr gets a report in three lists: what was mapped, what was
     /// changed on purpose, and what has no equivalent. Read it, then run
-    /// `syncbus check-config syncbus.toml`. The file may be ISO-8859-1 or UTF-8. Exit 64
-    /// when it is unreadable or not a usable sersync config; the message names the file,
-    /// and the line and column where there is one.
+    /// `syncbus check-config syncbus.toml`. The file may be ISO-8859-1 or UTF-8. Exit 66
+    /// (EX_NOINPUT) when it cannot be read, 65 (EX_DATAERR) when it is not a usable
+    /// sersync config; the message names the file, and the line and column where there
+    /// is one.
     ImportSersync {
         /// The sersync config (confxml.xml).
         file: PathBuf,
@@ -140,7 +143,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
-                ExitCode::from(EXIT_BAD_CONFIG as u8)
+                ExitCode::from(EXIT_USAGE as u8)
             } else {
                 ExitCode::SUCCESS
             };
@@ -188,7 +191,7 @@ fn main() -> ExitCode {
 fn check_config(file: &std::path::Path, environment: Environment) -> ExitCode {
     match Config::load_in(file, environment) {
         Ok(c) => {
-            println!(
+            protocol::outln!(
                 "{}: ok ({} root{}, {} target{})",
                 file.display(),
                 c.roots.len(),
@@ -199,8 +202,8 @@ fn check_config(file: &std::path::Path, environment: Environment) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(errors) => {
-            eprintln!("{errors}");
-            ExitCode::from(EXIT_BAD_CONFIG as u8)
+            protocol::errln!("{errors}");
+            ExitCode::from(EXIT_CONFIG as u8)
         }
     }
 }
@@ -209,8 +212,8 @@ fn fail_log(which: &instance::Which) -> ExitCode {
     let config = match instance::find_config(which) {
         Ok(c) => c,
         Err(msg) => {
-            eprintln!("{msg}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            protocol::errln!("{msg}");
+            return ExitCode::from(EXIT_USAGE as u8);
         }
     };
     match retrier::fail_log(&config) {
@@ -220,7 +223,7 @@ fn fail_log(which: &instance::Which) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{e}");
+            protocol::errln!("{e}");
             ExitCode::FAILURE
         }
     }
@@ -237,17 +240,21 @@ fn import_sersync(file: &std::path::Path) -> ExitCode {
         .and_then(|bytes| import_sersync::convert(&bytes, &name));
     match converted {
         Ok(c) => {
-            eprint!("{}", c.report());
+            protocol::err!("{}", c.report());
             let mut out = std::io::stdout().lock();
             if let Err(e) = out.write_all(c.toml.as_bytes()).and_then(|()| out.flush()) {
-                eprintln!("cannot write the converted config: {e}");
+                protocol::errln!("cannot write the converted config: {e}");
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{e}");
-            ExitCode::from(EXIT_BAD_CONFIG as u8)
+            protocol::errln!("{e}");
+            // The sersync file is this command's input, not syncbus's config.
+            ExitCode::from(match e {
+                import_sersync::ImportError::Read { .. } => EXIT_NOINPUT,
+                import_sersync::ImportError::Invalid { .. } => EXIT_DATAERR,
+            } as u8)
         }
     }
 }

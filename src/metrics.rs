@@ -139,11 +139,9 @@ fn serve(mut stream: TcpStream, config: &Config) -> std::io::Result<()> {
                 &config.runtime_dir,
                 crate::status::DEFAULT_LAG,
             );
-            (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                crate::status::metrics_text(&r),
-            )
+            let mut text = crate::status::metrics_text(&r);
+            text.push_str(&process_text(&config.runtime_dir, &r));
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text)
         }
         (b"GET" | b"HEAD", b"/") => (
             "200 OK",
@@ -170,4 +168,145 @@ fn serve(mut stream: TcpStream, config: &Config) -> std::io::Result<()> {
         out.extend_from_slice(body.as_bytes());
     }
     stream.write_all(&out)
+}
+
+/// What `/proc/PID` says of one process.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct ProcStats {
+    cpu_s: f64,
+    rss_bytes: u64,
+    open_fds: u64,
+    start_time_s: f64,
+}
+
+/// Reads `/proc/PID/stat` and `/proc/PID/fd` (None: gone, or not ours to read).
+fn proc_stats(pid: u32) -> Option<ProcStats> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let btime = std::fs::read_to_string("/proc/stat").ok()?;
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    parse_stat(&stat, &btime, open_fds)
+}
+
+/// proc(5): the fields after the command name (which may hold spaces and parentheses,
+/// so the split is at the last `)`); utime, stime and starttime in clock ticks, rss in
+/// pages; `btime` from /proc/stat is the boot time in seconds since the epoch.
+fn parse_stat(stat: &str, proc_stat: &str, open_fds: u64) -> Option<ProcStats> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): field N is f[N - 3].
+    let num = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
+    // SAFETY: sysconf(3) has no preconditions.
+    let (tick, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+        )
+    };
+    let btime: u64 = proc_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(ProcStats {
+        cpu_s: (num(14)? + num(15)?) as f64 / tick,
+        rss_bytes: num(24)? * page,
+        open_fds,
+        start_time_s: btime as f64 + num(22)? as f64 / tick,
+    })
+}
+
+/// `syncbus_build_info` and the standard process metrics (Prometheus client
+/// conventions) of the process that runs the instance: `syncbus run` (its pid from its
+/// status file), else this one (the metrics stage run alone). Each stage's CPU and
+/// memory too, labelled, since the work is done there.
+fn process_text(runtime_dir: &std::path::Path, r: &crate::status::Report) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP syncbus_build_info The running syncbus version.\n# TYPE syncbus_build_info gauge\nsyncbus_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    let supervisor = status::read_all(&status::dir(runtime_dir))
+        .ok()
+        .and_then(|f| f.get("supervisor").map(|s| s.pid))
+        .filter(|&pid| pid != 0);
+    let main = supervisor
+        .and_then(proc_stats)
+        .or_else(|| proc_stats(std::process::id()));
+    if let Some(p) = main {
+        let _ = write!(
+            o,
+            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
+             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}\n\
+             # HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}\n\
+             # HELP process_open_fds Number of open file descriptors.\n\
+             # TYPE process_open_fds gauge\nprocess_open_fds {}\n\
+             # HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n\
+             # TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {}\n",
+            p.cpu_s, p.rss_bytes, p.open_fds, p.start_time_s
+        );
+    }
+    let stages: Vec<(&String, ProcStats)> = r
+        .stages
+        .iter()
+        .filter(|(_, v)| v.up && v.pid != 0)
+        .filter_map(|(n, v)| Some((n, proc_stats(v.pid)?)))
+        .collect();
+    if !stages.is_empty() {
+        o.push_str("# HELP syncbus_stage_cpu_seconds_total CPU time of each stage's process (user and system).\n# TYPE syncbus_stage_cpu_seconds_total counter\n");
+        for (n, p) in &stages {
+            let _ = writeln!(
+                o,
+                "syncbus_stage_cpu_seconds_total{{stage=\"{n}\"}} {}",
+                p.cpu_s
+            );
+        }
+        o.push_str("# HELP syncbus_stage_resident_memory_bytes Resident memory of each stage's process.\n# TYPE syncbus_stage_resident_memory_bytes gauge\n");
+        for (n, p) in &stages {
+            let _ = writeln!(
+                o,
+                "syncbus_stage_resident_memory_bytes{{stage=\"{n}\"}} {}",
+                p.rss_bytes
+            );
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt
+        // cmajflt utime stime cutime cstime priority nice threads itreal starttime
+        // vsize rss …
+        let stat = "42 (a b) c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 150 0 0 20 0 3 0 1000 123456 300 18446744073709551615";
+        // SAFETY: sysconf(3) has no preconditions.
+        let (tick, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK) as f64,
+                libc::sysconf(libc::_SC_PAGESIZE) as u64,
+            )
+        };
+        let p = parse_stat(stat, "cpu 1 2 3\nbtime 1700000000\n", 7).unwrap();
+        assert_eq!(p.cpu_s, 400.0 / tick);
+        assert_eq!(p.rss_bytes, 300 * page);
+        assert_eq!(p.open_fds, 7);
+        assert_eq!(p.start_time_s, 1_700_000_000.0 + 1000.0 / tick);
+        assert!(parse_stat("42 (x", "btime 1\n", 0).is_none());
+    }
+
+    #[test]
+    fn this_process_reads_itself() {
+        let p = proc_stats(std::process::id()).unwrap();
+        assert!(
+            p.rss_bytes > 0 && p.open_fds > 0 && p.start_time_s > 1.6e9,
+            "{p:?}"
+        );
+    }
 }

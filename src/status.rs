@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use protocol::config::{Config, EXIT_BAD_CONFIG};
+use protocol::config::Config;
+use protocol::stage::EXIT_USAGE;
 use protocol::status::{self, StageStatus};
 use serde::Serialize;
 
@@ -729,8 +730,8 @@ pub fn run(args: StatusArgs) -> ExitCode {
     let (config, dir) = match crate::instance::find(&args.which) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            protocol::errln!("{e}");
+            return ExitCode::from(EXIT_USAGE as u8);
         }
     };
     let lag = (args.warn_lag, args.crit_lag.max(args.warn_lag));
@@ -754,12 +755,18 @@ pub fn run(args: StatusArgs) -> ExitCode {
         };
         if args.watch {
             // Home, clear, draw: like watch(1).
-            print!("\x1b[H\x1b[2J{out}");
-            let _ = std::io::Write::flush(&mut std::io::stdout());
+            let mut o = std::io::stdout().lock();
+            let drawn = std::io::Write::write_all(&mut o, format!("\x1b[H\x1b[2J{out}").as_bytes())
+                .and_then(|()| std::io::Write::flush(&mut o));
+            if drawn.is_err() {
+                // Nobody reads any more (the pipe or terminal is gone).
+                return ExitCode::SUCCESS;
+            }
+            drop(o);
             std::thread::sleep(Duration::from_secs(1));
             continue;
         }
-        print!("{out}");
+        protocol::out!("{out}");
         return ExitCode::from(r.health as u8);
     }
 }

@@ -7,8 +7,9 @@
 //! - Children are in their own process group (a terminal's Ctrl-C reaches only us, so
 //!   the stop order holds) and get SIGTERM from the kernel if we die
 //!   (`PR_SET_PDEATHSIG`), so no stage outlives a killed supervisor.
-//! - A stage that exits 64 (bad config) or 78 (environment limit) is not restarted:
-//!   everything stops and `syncbus run` exits with that code.
+//! - A stage that exits 64, 69, 71 or 78 (`protocol::stage`: a bad command line,
+//!   something missing, a kernel limit, a bad config) is not restarted: everything
+//!   stops and `syncbus run` exits with that code.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -21,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::bus::{self, Shutdown};
-use protocol::config::{Config, EXIT_BAD_CONFIG};
-use protocol::stage::{EXIT_ENVIRONMENT, EXIT_UNAVAILABLE};
+use protocol::config::Config;
+use protocol::stage::{EXIT_CONFIG, EXIT_OSERR, EXIT_UNAVAILABLE, EXIT_USAGE};
 use protocol::status::{self, StageStatus};
 
 use crate::instance::{self, PlanError, RunWhat};
@@ -107,15 +108,15 @@ pub fn run(args: RunArgs) -> ExitCode {
     let plan = match instance::plan(&args.what()) {
         Ok(p) => p,
         Err(PlanError::Usage(msg)) => {
-            eprintln!("{msg}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            protocol::errln!("{msg}");
+            return ExitCode::from(EXIT_USAGE as u8);
         }
         Err(PlanError::Config(errors, generated)) => {
-            eprintln!("{errors}");
+            protocol::errln!("{errors}");
             if generated {
-                eprintln!("(in the config generated from --source/--target)");
+                protocol::errln!("(in the config generated from --source/--target)");
             }
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
     let config = &plan.config;
@@ -136,13 +137,13 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     if let Err(msg) = plan.write_generated() {
         tracing::error!("{msg}");
-        return ExitCode::from(EXIT_ENVIRONMENT as u8);
+        return ExitCode::from(EXIT_CONFIG as u8);
     }
     let staged = match StagedConfig::of(&plan) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot hand the generated config to the stages");
-            return ExitCode::from(EXIT_ENVIRONMENT as u8);
+            return ExitCode::from(EXIT_OSERR as u8);
         }
     };
     let shutdown = match Shutdown::install() {
@@ -192,6 +193,8 @@ pub fn run(args: RunArgs) -> ExitCode {
             "supervisor",
             protocol::now_us(),
         ))),
+        service: crate::service::Service::new(),
+        config: config.clone(),
     };
     // What a killed run left there is not about this one.
     status::clear(&sup.runtime_dir);
@@ -220,7 +223,7 @@ impl Held {
         let open = |dir: &Path, what: &str| {
             bus::private_dir(dir).map_err(|m| {
                 (
-                    EXIT_ENVIRONMENT as u8,
+                    EXIT_CONFIG as u8,
                     format!("cannot use the {what} `{}`: {m}", dir.display()),
                 )
             })
@@ -565,6 +568,10 @@ struct Supervisor {
     stages: Vec<Stage>,
     /// What `syncbus status` learns from the supervisor: stages up, pids, restarts.
     board: Arc<Mutex<StageStatus>>,
+    /// What systemd learns: ready, alive, the health in one line.
+    service: crate::service::Service,
+    /// The config the running stages were started with.
+    config: Config,
 }
 
 impl Supervisor {
@@ -572,6 +579,7 @@ impl Supervisor {
         loop {
             self.start_due();
             self.post_status();
+            self.service.tick(&self.config, &START_ORDER);
             let mut pfd = libc::pollfd {
                 fd: shutdown.fd(),
                 events: libc::POLLIN,
@@ -581,6 +589,7 @@ impl Supervisor {
             unsafe { libc::poll(&mut pfd, 1, 100) };
             shutdown.drain();
             if shutdown.requested() {
+                self.service.stopping();
                 tracing::info!("stopping: watcher first, then filter, then dispatcher");
                 if self.stop_all(shutdown) {
                     self.write_checkpoint();
@@ -628,6 +637,10 @@ impl Supervisor {
         let (config_arg, config_fd) = self.staged.arg();
         cmd.arg(name).arg("--config").arg(config_arg);
         cmd.env_remove(dispatcher::CATCH_UP_ENV);
+        // systemd listens to us alone (NotifyAccess=main): we speak for the stages.
+        for var in protocol::notify::ENV {
+            cmd.env_remove(var);
+        }
         if name == "dispatcher" {
             // Only the first dispatcher after a clean stop: a restart after a crash
             // compares in full.
@@ -718,7 +731,7 @@ impl Supervisor {
             let code = status.code();
             if matches!(
                 code,
-                Some(EXIT_BAD_CONFIG | EXIT_ENVIRONMENT | EXIT_UNAVAILABLE)
+                Some(EXIT_USAGE | EXIT_UNAVAILABLE | EXIT_OSERR | EXIT_CONFIG)
             ) {
                 tracing::error!(
                     stage = s.name,
@@ -846,6 +859,8 @@ impl Supervisor {
     /// first (a restarted watcher or filter means a resync; the journal keeps what is
     /// pending); an invalid one is reported and the running pipeline kept.
     fn reload(&mut self, shutdown: &Shutdown) {
+        // `READY=1` follows from the next ticks, once every root is watched again.
+        self.service.reloading();
         let plan = match instance::plan(&self.args.what()) {
             Ok(p) => p,
             Err(PlanError::Config(errors, _)) => {
@@ -874,6 +889,7 @@ impl Supervisor {
                 return;
             }
         }
+        self.config = plan.config.clone();
         let new = sections(&plan.text);
         let changed: Vec<&'static str> = self
             .stages
@@ -906,7 +922,7 @@ const DEMO_CONFIG: &str = include_str!("../deploy/demo.toml");
 /// `syncbus demo`: a local mirror with the embedded config, no remote server needed.
 pub fn demo(dir: &Path) -> ExitCode {
     if let Err(msg) = dispatcher::command::find_rsync() {
-        eprintln!("syncbus demo: {msg} (scripts/demo.sh does this for you)");
+        protocol::errln!("syncbus demo: {msg} (scripts/demo.sh does this for you)");
         return ExitCode::from(EXIT_UNAVAILABLE as u8);
     }
     let (src, mirror, file) = (
@@ -916,7 +932,7 @@ pub fn demo(dir: &Path) -> ExitCode {
     );
     for d in [&src, &mirror] {
         if let Err(e) = std::fs::create_dir_all(d) {
-            eprintln!("cannot create `{}`: {e}", d.display());
+            protocol::errln!("cannot create `{}`: {e}", d.display());
             return ExitCode::FAILURE;
         }
     }
@@ -928,10 +944,10 @@ pub fn demo(dir: &Path) -> ExitCode {
         );
     }
     if let Err(e) = std::fs::write(&file, DEMO_CONFIG) {
-        eprintln!("cannot write `{}`: {e}", file.display());
+        protocol::errln!("cannot write `{}`: {e}", file.display());
         return ExitCode::FAILURE;
     }
-    println!(
+    protocol::outln!(
         "syncbus demo: mirroring {} → {} (config: {}).\n\
          Try, in another terminal:  echo hi > {}/new.txt; ls -l {}\n\
          and see how it is doing:   syncbus status --config {}\n\

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use protocol::bus::{self, Endpoints};
-use protocol::config::EXIT_BAD_CONFIG;
 use protocol::seq::{Seen, SeqTracker};
+use protocol::stage::EXIT_USAGE;
 use protocol::wire::{self, Change, ChangeBatch, Delivery};
 use protocol::PathBytes;
 
@@ -177,14 +177,14 @@ pub fn run(args: TailArgs) -> ExitCode {
     let config = match crate::instance::find_config(&args.which) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            protocol::errln!("{e}");
+            return ExitCode::from(EXIT_USAGE as u8);
         }
     };
     for r in &args.root {
         if config.root(r).is_none() {
-            eprintln!("no root named `{r}` in this instance's config");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            protocol::errln!("no root named `{r}` in this instance's config");
+            return ExitCode::from(EXIT_USAGE as u8);
         }
     }
     let glob = match args.path.as_deref().map(|g| {
@@ -196,14 +196,14 @@ pub fn run(args: TailArgs) -> ExitCode {
         None => None,
         Some(Ok(m)) => Some(m),
         Some(Err(e)) => {
-            eprintln!("--path: {e}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            protocol::errln!("--path: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
         }
     };
     for t in &args.target {
         if config.target(t).is_none() {
-            eprintln!("no target named `{t}` in this instance's config");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            protocol::errln!("no target named `{t}` in this instance's config");
+            return ExitCode::from(EXIT_USAGE as u8);
         }
     }
     let keep = |p: &PathBytes| glob.as_ref().is_none_or(|g| g.is_match(p.as_os_str()));
@@ -241,11 +241,11 @@ pub fn run(args: TailArgs) -> ExitCode {
     let (changes, deliveries) = match (changes.transpose(), deliveries.transpose()) {
         (Ok(c), Ok(d)) => (c, d),
         (Err(e), _) | (_, Err(e)) => {
-            eprintln!("{e}");
+            protocol::errln!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    eprintln!(
+    protocol::errln!(
         "following {} (Ctrl-C to stop)",
         config.runtime_dir.display()
     );
@@ -262,7 +262,7 @@ pub fn run(args: TailArgs) -> ExitCode {
         match zmq::poll(&mut items, -1) {
             Ok(_) | Err(zmq::Error::EINTR) => {}
             Err(e) => {
-                eprintln!("poll: {e}");
+                protocol::errln!("poll: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -293,7 +293,7 @@ pub fn run(args: TailArgs) -> ExitCode {
                         lines.extend(delivery_lines(&d, &keep, args.json));
                     }
                 } else {
-                    eprintln!("undecodable message skipped");
+                    protocol::errln!("undecodable message skipped");
                 }
             }
         }

@@ -340,18 +340,72 @@ impl Shutdown {
 /// Logging for operators: human lines on stderr, JSON lines with `json`; the level from
 /// `RUST_LOG` (default `info`).
 pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::fmt::format;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
+    // The journal stamps each line itself and files it under the priority of its
+    // `<N>` prefix: no second timestamp, no colours, and `journalctl -p err` works.
+    let journal = crate::out::stderr_is_journal();
+    let _ = match (journal, json) {
+        (true, true) => builder
+            .with_ansi(false)
+            .event_format(Journald(format().json().without_time()))
+            .try_init(),
+        (true, false) => builder
+            .with_ansi(false)
+            .event_format(Journald(format().without_time()))
+            .try_init(),
+        (false, true) => builder.json().try_init(),
+        (false, false) => builder.try_init(),
     };
+}
+
+/// A log line for journald: the inner format's line with the syslog priority of its
+/// level as a `<N>` prefix (sd-daemon(3)), on each line of a message that has several
+/// (a config's errors), so that none of them is filed as INFO.
+struct Journald<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journald<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        let priority = journal_priority(*event.metadata().level());
+        // The level is padded to five columns for terminals; the journal needs no pad.
+        for l in line.trim_start().lines() {
+            writeln!(writer, "<{priority}>{l}")?;
+        }
+        Ok(())
+    }
+}
+
+/// syslog(3) priorities: ERROR → err (3), WARN → warning (4), INFO → info (6), DEBUG
+/// and TRACE → debug (7).
+fn journal_priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7,
+    }
 }
 
 /// A random epoch for a publisher that just started.

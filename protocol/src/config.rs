@@ -16,10 +16,6 @@ use crate::rules::Rules;
 mod tcp;
 pub use tcp::Framing;
 
-/// Exit code for a bad config or command line (EX_USAGE); systemd units list it in
-/// `RestartPreventExitStatus`.
-pub const EXIT_BAD_CONFIG: i32 = 64;
-
 pub const DEFAULT_QUIET_MS: u64 = 10;
 pub const DEFAULT_MAX_HOLD_MS: u64 = 1000;
 /// How long a file of a two-way root must be left alone before it is sent (ms).

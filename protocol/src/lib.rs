@@ -13,6 +13,8 @@
 pub mod bus;
 pub mod config;
 pub mod manifest;
+pub mod notify;
+pub mod out;
 pub mod path;
 pub mod rules;
 pub mod seq;

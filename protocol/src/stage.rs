@@ -8,21 +8,41 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::bus::{self, Shutdown};
-use crate::config::{Config, EXIT_BAD_CONFIG};
+use crate::config::Config;
 
-/// Exit code for an environment limit a restart cannot fix (EX_CONFIG), e.g. the inotify
-/// watch limit: the supervisor stops instead of restarting in a loop.
-pub const EXIT_ENVIRONMENT: i32 = 78;
-/// Exit code for a missing service or program (EX_UNAVAILABLE): rsync not installed,
-/// the runtime dir held by another instance. Not restarted either.
+// Exit codes, from sysexits(3) as systemd names them (`status=78/CONFIG`). None of them
+// is restarted, by `syncbus run` or by the units (`RestartPreventExitStatus=64 69 71
+// 78`): each needs a person to change something first. Any other failure exits 1 and
+// is restarted.
+
+/// EX_USAGE: the command line is wrong (an unknown option, `--config` missing).
+pub const EXIT_USAGE: i32 = 64;
+/// EX_DATAERR: a command's input is not what it takes (`import-sersync` of a file that
+/// is not a usable sersync config).
+pub const EXIT_DATAERR: i32 = 65;
+/// EX_NOINPUT: a command's input file cannot be read (`import-sersync`).
+pub const EXIT_NOINPUT: i32 = 66;
+/// EX_UNAVAILABLE: something syncbus needs is missing or taken: rsync not installed,
+/// the runtime or state dir (or the journal) held by another instance.
 pub const EXIT_UNAVAILABLE: i32 = 69;
+/// EX_OSERR: the kernel refuses a resource a restart will not get either: the inotify
+/// instance limit (`fs.inotify.max_user_instances`), like sysexits' "cannot fork".
+/// Not EX_UNAVAILABLE, so that the status alone tells "raise a sysctl" from "install
+/// rsync" or "stop the other instance".
+pub const EXIT_OSERR: i32 = 71;
+/// EX_CONFIG: the config file is invalid or unreadable, or names a place in a state
+/// syncbus refuses (a runtime or state dir that is a symlink, someone else's, not 0700).
+pub const EXIT_CONFIG: i32 = 78;
 
 /// How a stage ended, beyond plain success.
 #[derive(Debug)]
 pub enum StageError {
-    /// Fix the machine, not the process (exit 78, not restarted).
+    /// A place the config names is not fit for use (exit 78, not restarted).
+    Config(String),
+    /// Fix the machine, not the process: a kernel limit (exit 71, not restarted).
     Environment(String),
-    /// Something this stage needs is missing, e.g. rsync (exit 69, not restarted).
+    /// Something this stage needs is missing or held by another instance, e.g. rsync
+    /// (exit 69, not restarted).
     Unavailable(String),
     /// Anything else (exit 1, restarted by the supervisor).
     Failed(String),
@@ -49,18 +69,54 @@ pub struct StageArgs {
     pub targets: Vec<String>,
 }
 
-const USAGE: &str = "usage: syncbus {stage} --config FILE [--log-json] [--target NAME]…";
+/// The usage line of a stage (only the dispatcher takes `--target`).
+fn usage(stage: &str) -> String {
+    let targets = if stage == "dispatcher" {
+        " [--target NAME]…"
+    } else {
+        ""
+    };
+    format!("usage: syncbus {stage} --config FILE [--log-json]{targets}")
+}
 
-/// Parses the stage options; `Err` holds the message for a usage error.
+/// What the command line asks for, when it is not a run.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ArgsError {
+    /// `--help`: the text for stdout, exit 0.
+    Help(String),
+    /// A usage error: the message for stderr, exit 64.
+    Usage(String),
+}
+
+/// The `--help` text of a stage.
+fn help(stage: &str) -> String {
+    let targets = if stage == "dispatcher" {
+        "\n  --target NAME    serve only this target (repeatable; several dispatchers can split\n                   the targets between them)"
+    } else {
+        ""
+    };
+    format!(
+        "Run the syncbus {stage} stage alone (for one systemd or supervisor unit per stage;\n\
+         `syncbus run` runs every stage itself).\n\n{}\n\n\
+         Options:\n  -c, --config FILE  the config file (syncbus.toml)\n  \
+         --log-json       log JSON lines instead of human text{targets}\n  \
+         -h, --help       print this help\n\n\
+         Exit codes: 0 stopped on request, 64 bad command line, 69 something needed is missing\n\
+         or taken, 71 a kernel limit, 78 bad config; 1 anything else (worth a restart).\n",
+        usage(stage)
+    )
+}
+
+/// Parses the stage options.
 pub fn parse_args(
     stage: &str,
     args: impl IntoIterator<Item = OsString>,
-) -> Result<StageArgs, String> {
-    let usage = || USAGE.replace("{stage}", stage);
+) -> Result<StageArgs, ArgsError> {
     let mut config = None;
     let mut log_json = false;
     let mut targets = Vec::new();
     let mut it = args.into_iter();
+    let bad = |m: String| ArgsError::Usage(format!("{m}\n{}", usage(stage)));
     while let Some(a) = it.next() {
         match a.to_str() {
             Some("--config" | "-c") => config = it.next().map(PathBuf::from),
@@ -68,13 +124,13 @@ pub fn parse_args(
             Some("--target") => targets.push(
                 it.next()
                     .and_then(|t| t.into_string().ok())
-                    .ok_or_else(|| format!("--target needs a name\n{}", usage()))?,
+                    .ok_or_else(|| bad("--target needs a name".into()))?,
             ),
-            Some("--help" | "-h") => return Err(usage()),
-            _ => return Err(format!("unexpected argument {a:?}\n{}", usage())),
+            Some("--help" | "-h") => return Err(ArgsError::Help(help(stage))),
+            _ => return Err(bad(format!("unexpected argument {a:?}"))),
         }
     }
-    let config = config.ok_or_else(|| format!("--config FILE is required\n{}", usage()))?;
+    let config = config.ok_or_else(|| bad("--config FILE is required".into()))?;
     Ok(StageArgs {
         config,
         log_json,
@@ -90,17 +146,22 @@ pub fn stage_main(
 ) -> ExitCode {
     let args = match parse_args(stage, args) {
         Ok(a) => a,
-        Err(msg) => {
-            eprintln!("{msg}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        Err(ArgsError::Help(text)) => {
+            crate::out!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(ArgsError::Usage(msg)) => {
+            crate::errln!("{msg}");
+            return ExitCode::from(EXIT_USAGE as u8);
         }
     };
     bus::init_logging(args.log_json);
+    crate::notify::stage_speaks_for_itself();
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(errors) => {
-            eprintln!("{errors}");
-            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+            crate::errln!("{errors}");
+            return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
     let shutdown = match Shutdown::install() {
@@ -112,7 +173,7 @@ pub fn stage_main(
     };
     if let Err(e) = bus::ensure_runtime_dir(&config.runtime_dir) {
         tracing::error!(stage, error = %e, "cannot use the runtime dir");
-        return ExitCode::from(EXIT_ENVIRONMENT as u8);
+        return ExitCode::from(EXIT_CONFIG as u8);
     }
     tracing::info!(stage, config = %args.config.display(), pid = std::process::id(), "stage starting");
     match run(&config, &args, &shutdown) {
@@ -120,9 +181,13 @@ pub fn stage_main(
             tracing::info!(stage, "stage stopped");
             ExitCode::SUCCESS
         }
+        Err(StageError::Config(msg)) => {
+            tracing::error!(stage, error = %msg, "stage cannot run with this config");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
         Err(StageError::Environment(msg)) => {
             tracing::error!(stage, error = %msg, "stage cannot run here");
-            ExitCode::from(EXIT_ENVIRONMENT as u8)
+            ExitCode::from(EXIT_OSERR as u8)
         }
         Err(StageError::Unavailable(msg)) => {
             tracing::error!(stage, error = %msg, "stage cannot run here");

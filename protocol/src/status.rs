@@ -261,9 +261,13 @@ impl Writer {
             .name("status".into())
             .spawn(move || {
                 let mut warned = false;
+                let mut systemd = crate::notify::stage_alone().then(StageNotifier::default);
                 while !flag.load(Ordering::Relaxed) {
                     let mut s = snapshot();
                     s.updated_us = crate::now_us();
+                    if let Some(n) = systemd.as_mut() {
+                        n.tell(&s);
+                    }
                     if let Err(e) = write(&dir, &file, &s) {
                         if !warned {
                             tracing::warn!(path = %dir.display(), error = %e, "cannot write the status file");
@@ -275,6 +279,57 @@ impl Writer {
             })
             .ok();
         Writer { stop, thread, path }
+    }
+}
+
+/// What a stage run alone (its own unit, `Type=notify`) tells systemd, from the same
+/// snapshot its status file gets: `READY=1` at its main loop's first heartbeat (the
+/// watcher's loop starts once its watches are live), `WATCHDOG=1` while the heartbeat
+/// is fresh (a loop that is stuck stops the pings, and systemd restarts the stage), and
+/// its problem, if any, as `STATUS=`.
+#[derive(Default)]
+struct StageNotifier {
+    ready: bool,
+    status: String,
+}
+
+impl StageNotifier {
+    fn tell(&mut self, s: &StageStatus) {
+        let mut msg = Vec::new();
+        if s.alive_us == 0 {
+            // Starting (the watcher walks its roots first): systemd's start timeout
+            // guards this, not the watchdog.
+            if crate::notify::watchdog().is_some() {
+                let _ = crate::notify::notify("WATCHDOG=1");
+            }
+            return;
+        }
+        if !self.ready {
+            self.ready = true;
+            msg.push("READY=1".to_string());
+        }
+        let status = if s.problem.is_empty() {
+            "running"
+        } else {
+            s.problem.as_str()
+        };
+        if status != self.status {
+            self.status = status.to_string();
+            msg.push(format!("STATUS={}", crate::notify::status_line(status)));
+        }
+        if let Some(every) = crate::notify::watchdog() {
+            // Fresh: beaten within half the watchdog interval (the loop beats at least
+            // once a second).
+            let age = crate::now_us().saturating_sub(s.alive_us);
+            if age < every.as_micros() as u64 / 2 {
+                msg.push("WATCHDOG=1".into());
+            }
+        }
+        if !msg.is_empty() {
+            if let Err(e) = crate::notify::notify(&msg.join("\n")) {
+                tracing::debug!(error = %e, "cannot notify systemd");
+            }
+        }
     }
 }
 

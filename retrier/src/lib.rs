@@ -203,7 +203,7 @@ fn open_journal(dir: &Path) -> Result<(Journal, Option<String>), StageError> {
         match Journal::open(&path) {
             Ok(j) => break j,
             Err(e @ journal::JournalError::Open { .. }) if Instant::now() >= give_up => {
-                return Err(StageError::Environment(e.to_string()))
+                return Err(StageError::Unavailable(e.to_string()))
             }
             Err(journal::JournalError::Open { .. }) => {
                 std::thread::sleep(Duration::from_millis(100))
@@ -259,7 +259,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let dir = &config.retry.state_dir;
     // Made or taken only when provably ours and private, like the runtime dir.
     bus::private_dir(dir).map_err(|e| {
-        StageError::Environment(format!("cannot use the state dir `{}`: {e}", dir.display()))
+        StageError::Config(format!("cannot use the state dir `{}`: {e}", dir.display()))
     })?;
     // `syncbus fail-log` may hold the journal for a moment: wait a little before
     // calling it a second instance.

@@ -14,6 +14,7 @@ mod mirror;
 mod reliability;
 mod status;
 mod stream;
+mod systemd;
 mod tcp;
 mod transient;
 mod two_way;

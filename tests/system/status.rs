@@ -84,6 +84,49 @@ fn status_and_metrics_follow_a_target_going_down_and_coming_back() {
     );
     assert!(t["last_success_us"].as_u64() > Some(0));
 
+    // Issue #15: the build and the standard process metrics, of `syncbus run` itself
+    // (its pid, its start), and each stage's CPU and memory.
+    let text = m.wait_for("a scrape", CONVERGE, || scrape(&m));
+    assert!(
+        text.contains(&format!(
+            "syncbus_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name}:\n{text}"));
+        line[name.len() + 1..].parse().unwrap()
+    };
+    assert!(value("process_resident_memory_bytes") > 1e6, "{text}");
+    assert!(value("process_open_fds") >= 3.0, "{text}");
+    assert!(value("process_cpu_seconds_total") >= 0.0, "{text}");
+    let sup_pid = m.proc.as_ref().unwrap().pid();
+    let started = std::fs::metadata(format!("/proc/{sup_pid}"))
+        .unwrap()
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // /proc/PID's own time is when the kernel made its entry, not earlier than the start.
+    let start = value("process_start_time_seconds");
+    assert!(
+        start <= started + 1.0 && start > started - 120.0,
+        "{start} vs {started}"
+    );
+    for stage in ["watcher", "dispatcher"] {
+        assert!(
+            text.contains(&format!(
+                "syncbus_stage_resident_memory_bytes{{stage=\"{stage}\"}}"
+            )),
+            "{text}"
+        );
+    }
+
     // --watch redraws (home, clear, the table) until interrupted.
     let screen = m.dir.path().join("watch.out");
     let mut watch = Command::new(bin())

@@ -65,6 +65,11 @@ impl Runner {
         let agent = matches!(target.endpoint, Endpoint::Http { .. }).then(|| {
             let timeout = (target.timeout > 0).then(|| Duration::from_secs(target.timeout));
             ureq::Agent::config_builder()
+                .tls_config(
+                    ureq::tls::TlsConfig::builder()
+                        .root_certs(system_roots())
+                        .build(),
+                )
                 .timeout_global(timeout)
                 .http_status_as_error(false)
                 .allow_non_standard_methods(true)
@@ -116,4 +121,42 @@ impl Runner {
             *g = args.to_vec();
         }
     }
+}
+
+/// The CA bundles of the usual distributions (the list openssl-probe knows), tried in
+/// order after `SSL_CERT_FILE`.
+const CA_BUNDLES: [&str; 5] = [
+    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Arch, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",             // openSUSE
+    "/etc/pki/tls/cacert.pem",            // OpenELEC
+    "/etc/ssl/cert.pem",                  // Alpine, macOS-likes
+];
+
+/// The roots webhooks trust: the system's CA store (`update-ca-certificates` puts a
+/// private CA from /usr/local/share/ca-certificates into the Debian bundle), or the
+/// file `SSL_CERT_FILE` names, as curl and openssl do; the Mozilla roots compiled into
+/// ureq only where the system has no bundle. Read once per worker, at its start.
+fn system_roots() -> ureq::tls::RootCerts {
+    let named = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
+    let candidates = named
+        .into_iter()
+        .chain(CA_BUNDLES.iter().map(std::path::PathBuf::from));
+    for path in candidates {
+        let Ok(pem) = std::fs::read(&path) else {
+            continue;
+        };
+        let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if !certs.is_empty() {
+            tracing::debug!(bundle = %path.display(), certs = certs.len(), "webhook CA roots");
+            return ureq::tls::RootCerts::new_with_certs(&certs);
+        }
+    }
+    tracing::warn!("no system CA bundle found (SSL_CERT_FILE, /etc/ssl/certs/ca-certificates.crt, …): webhooks trust the built-in Mozilla roots only");
+    ureq::tls::RootCerts::WebPki
 }
