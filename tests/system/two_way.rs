@@ -106,6 +106,18 @@ impl Side {
     }
 
     /// `syncbus status`'s exit code and health.
+    /// Nothing owed to the peer: the start compares (a second may follow the first)
+    /// are over and no change waits.
+    fn idle(&self) -> bool {
+        let out = Command::new(bin())
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        out.status.code() == Some(0) && v["targets"]["peer"]["backlog"] == 0
+    }
+
     fn health(&self) -> (i32, String) {
         let out = Command::new(bin())
             .args(["status", "--json", "--config"])
@@ -185,6 +197,13 @@ impl Pair {
             fs::write(from.p(&name), "ready").unwrap();
             pair.wait(&format!("{name} on {}", to.name), || {
                 to.p(&name).exists().then_some(())
+            });
+        }
+        // The start compares are over on both sides: a whole-root compare that runs
+        // on into a test pushes what the other side lacks, deleted or not yet written.
+        for s in [&pair.a, &pair.b] {
+            pair.wait(&format!("{}'s start compares over", s.name), || {
+                s.idle().then_some(())
             });
         }
         pair

@@ -82,6 +82,9 @@ pub struct Control {
     pub abort: AtomicBool,
     /// The dispatcher's status file; each worker and lane fills in its target.
     pub board: Arc<Mutex<StageStatus>>,
+    /// Deletes seen live on two-way roots: a whole-root pull must not bring them back
+    /// from a peer they have not reached yet.
+    pub(crate) local_deletes: two_way::LocalDeletes,
 }
 
 impl Control {
@@ -235,6 +238,7 @@ impl Worker {
             full_done: Vec::new(),
             stopping: false,
             closed: false,
+            deletes: self.target.two_way.then(|| self.control.clone()),
         };
         let mut final_pass_done = false;
         loop {

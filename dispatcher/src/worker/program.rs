@@ -337,7 +337,7 @@ mod tests {
     /// Found in review: hook globs matched one directory level only, and an excluded
     /// directory's content went through.
     #[test]
-    pub(super) fn hook_globs_read_like_rsync_globs() {
+    fn hook_globs_read_like_rsync_globs() {
         let g = GlobPair::new(&["*.html".into(), "/cache/".into(), "docs/*.md".into()]);
         assert!(g.matches(&"index.html".into()));
         assert!(g.matches(&"sub/deep/a.html".into()));

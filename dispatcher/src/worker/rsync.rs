@@ -346,7 +346,7 @@ impl Runner {
             args.insert(at, "--out-format=%n".into());
         }
         #[derive(Default)]
-        pub(super) struct Out {
+        struct Out {
             partial: Vec<u8>,
             kept: Vec<u8>,
             sent: u64,
@@ -457,7 +457,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn rsyncs_summary_gives_the_bytes_sent() {
+    fn rsyncs_summary_gives_the_bytes_sent() {
         let cases: [(&[u8], Option<u64>); 6] = [
             (
                 b"sent 100,134 bytes  received 35 bytes  200,338.00 bytes/sec",
@@ -478,7 +478,7 @@ mod tests {
     }
 
     /// A catch-up of `src` into the local directory `dst` since `since`.
-    pub(super) fn catch_up_locally(work: &Path, src: &Path, dst: &Path, since: u64) -> RunResult {
+    fn catch_up_locally(work: &Path, src: &Path, dst: &Path, since: u64) -> RunResult {
         let text = format!(
             "[[root]]\nname = \"r\"\npath = {:?}\n[[target]]\nname = \"t\"\nurl = {:?}\n",
             src.display().to_string(),
@@ -503,7 +503,7 @@ mod tests {
             .0
     }
 
-    pub(super) fn ctime_us(p: &Path) -> u64 {
+    fn ctime_us(p: &Path) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(p).unwrap();
         m.ctime() as u64 * 1_000_000 + m.ctime_nsec() as u64 / 1000
@@ -513,7 +513,7 @@ mod tests {
     /// through the catch-up, and nothing it did not need to look at is compared (an
     /// extra file on the target in an untouched directory survives: no full compare).
     #[test]
-    pub(super) fn a_catch_up_brings_every_kind_of_change_since_the_checkpoint() {
+    fn a_catch_up_brings_every_kind_of_change_since_the_checkpoint() {
         use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
@@ -615,7 +615,7 @@ mod tests {
     /// A filesystem mounted while syncbus was stopped keeps its files' old ctimes: the
     /// catch-up compares it in full.
     #[test]
-    pub(super) fn a_catch_up_compares_a_filesystem_mounted_since_the_checkpoint_in_full() {
+    fn a_catch_up_compares_a_filesystem_mounted_since_the_checkpoint_in_full() {
         use std::process::{Command, Stdio};
         let d = tempfile::tempdir().unwrap();
         let (src, dst, stage) = (

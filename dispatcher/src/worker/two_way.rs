@@ -14,6 +14,58 @@ use crate::plan;
 
 use super::*;
 
+/// How long a live delete keeps a whole-root pull from fetching the path back: long
+/// enough for it to reach the peer, also through the journal after a short outage.
+pub const LOCAL_DELETE_MEMORY: Duration = Duration::from_secs(600);
+/// Most live deletes remembered; beyond, the oldest are forgotten.
+const LOCAL_DELETES_MAX: usize = 100_000;
+
+/// Deletes seen live on two-way roots, per root, with when. A peer that still holds
+/// such a path has not taken the delete yet: a pull would bring it back and both sides
+/// would keep it.
+#[derive(Debug, Default)]
+pub(crate) struct LocalDeletes(std::sync::Mutex<BTreeMap<(String, PathBytes), std::time::Instant>>);
+
+impl LocalDeletes {
+    /// Notes the deletes (and the old places of moves) among `changes` of `root`.
+    pub(super) fn note(&self, root: &str, changes: &[protocol::wire::Change]) {
+        use protocol::wire::Op;
+        let Ok(mut seen) = self.0.lock() else { return };
+        let now = std::time::Instant::now();
+        for c in changes {
+            let gone = match c.op {
+                Op::Delete => Some(&c.path),
+                Op::Move => c.from.as_ref(),
+                Op::Upsert | Op::Resync => None,
+            };
+            if let Some(p) = gone {
+                seen.insert((root.to_string(), p.clone()), now);
+            }
+        }
+        seen.retain(|_, t| now.duration_since(*t) < LOCAL_DELETE_MEMORY);
+        while seen.len() > LOCAL_DELETES_MAX {
+            let oldest = seen.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => seen.remove(&k),
+                None => break,
+            };
+        }
+    }
+
+    /// True when `path` of `root`, or a directory above it, was deleted here lately.
+    pub(super) fn recent(&self, root: &str, path: &PathBytes) -> bool {
+        let Ok(seen) = self.0.lock() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let hit = |p: &[u8]| {
+            seen.get(&(root.to_string(), PathBytes::new(p.to_vec())))
+                .is_some_and(|t| now.duration_since(*t) < LOCAL_DELETE_MEMORY)
+        };
+        hit(path.as_bytes()) || path.ancestors().any(hit)
+    }
+}
+
 /// How long a whole-root pull from a two-way peer waits between its two dry runs: what
 /// changed in between is still being written there.
 pub const PULL_SETTLE: Duration = Duration::from_secs(1);
@@ -73,7 +125,7 @@ mod old_dated_tests {
     use super::*;
 
     #[test]
-    pub(super) fn a_file_dated_before_its_change_is_fetched_back() {
+    fn a_file_dated_before_its_change_is_fetched_back() {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("old"), "o").unwrap();
         std::fs::write(t.path().join("new"), "n").unwrap();
@@ -134,7 +186,12 @@ impl Runner {
             }
             listings.push(out);
         }
-        let wanted = settled_pulls(&listings[0], &listings[1]);
+        let mut wanted = settled_pulls(&listings[0], &listings[1]);
+        let before = wanted.len();
+        wanted.retain(|p, _| !self.control.local_deletes.recent(root, p));
+        if wanted.len() < before {
+            tracing::debug!(target = %self.target.name, root, paths = before - wanted.len(), "not fetching back what was deleted here lately");
+        }
         if wanted.is_empty() {
             return RunResult {
                 outcome: Outcome::Success,
@@ -190,7 +247,37 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn a_pull_takes_only_what_rested_between_its_two_listings() {
+    fn live_deletes_keep_their_paths_and_what_was_below_from_being_pulled_back() {
+        use protocol::wire::{Change, Op};
+        let change = |op, path: &str, from: Option<&str>| Change {
+            op,
+            path: path.into(),
+            from: from.map(Into::into),
+            dir: false,
+            recursive: false,
+            since_us: 0,
+        };
+        let d = LocalDeletes::default();
+        d.note(
+            "r",
+            &[
+                change(Op::Delete, "gone", None),
+                change(Op::Delete, "dir", None),
+                change(Op::Move, "new-place", Some("old-place")),
+                change(Op::Upsert, "kept", None),
+            ],
+        );
+        for p in ["gone", "dir", "dir/below/f", "old-place"] {
+            assert!(d.recent("r", &p.into()), "{p}");
+        }
+        for p in ["kept", "new-place", "gone-not", "directory"] {
+            assert!(!d.recent("r", &p.into()), "{p}");
+        }
+        assert!(!d.recent("other-root", &"gone".into()));
+    }
+
+    #[test]
+    fn a_pull_takes_only_what_rested_between_its_two_listings() {
         let first = b".d..t...... 4096 2026/12/04-09:41:45 ./\n\
                       cL+++++++++ 1 2026/12/04-09:41:45 lnk\n\
                       >f+++++++++ 2 2026/12/04-09:41:45 odd name\n\
