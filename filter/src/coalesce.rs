@@ -109,6 +109,7 @@ impl Coalescer {
     }
 
     /// Number of paths held back.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.entries.len()
     }
@@ -223,12 +224,6 @@ impl Coalescer {
                 e.recursive |= ev.dir;
             }
         }
-    }
-
-    /// Forgets what is held for `path`: the peer just wrote it (a two-way root), so
-    /// this side's version is not news to it any more.
-    pub fn forget(&mut self, root: &str, path: &PathBytes, now: Instant) {
-        self.remove_keeping_sources(&(root.to_string(), path.clone()), now);
     }
 
     /// A move's source, no longer carried by the move, is owed to the targets as a
@@ -734,20 +729,20 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_a_moved_file_still_deletes_its_source() {
+    fn dropping_a_held_move_still_deletes_its_source() {
         let mut s = Sim::new();
         s.f(RawKind::CloseWrite, "a").at_ms(100);
         s.out();
         s.ev(RawKind::MovedFrom, "a", false, 1)
             .ev(RawKind::MovedTo, "b", false, 1);
         let now = s.now;
-        s.c.forget("r", &"b".into(), now);
+        s.c.take_held("r", &"b".into(), now);
         s.at_ms(200);
         assert_eq!(s.out(), vec![del("a")]);
     }
 
     #[test]
-    fn a_source_made_again_and_moved_away_after_its_move_was_forgotten_is_deleted() {
+    fn a_source_made_again_and_moved_away_after_its_move_was_dropped_is_deleted() {
         let mut s = Sim::new();
         s.f(RawKind::CloseWrite, "a").at_ms(100);
         s.out();
@@ -756,7 +751,7 @@ mod tests {
             .f(RawKind::Create, "a")
             .f(RawKind::CloseWrite, "a");
         let now = s.now;
-        s.c.forget("r", &"b".into(), now);
+        s.c.take_held("r", &"b".into(), now);
         s.ev(RawKind::MovedFrom, "a", false, 2)
             .ev(RawKind::MovedTo, "c", false, 2)
             .at_ms(200);
