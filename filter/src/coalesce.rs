@@ -24,7 +24,7 @@ const MOVE_PAIRING: Duration = Duration::from_secs(1);
 /// `name~`, `4913`, `#name#`, rsync's `.name.XXXXXX`) is held until it has rested this
 /// long, so one its program renames or deletes within moments never goes out…
 pub const TRANSIENT_REST: Duration = Duration::from_secs(1);
-/// …and at most this long, so one written without pause still goes (issue #11).
+/// …and at most this long, so one written without pause still goes.
 pub const TRANSIENT_MAX_HOLD: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy)]
@@ -35,8 +35,7 @@ pub struct Timing {
     /// roots whose files must rest first: an upload may close and open again).
     pub closed_settle: bool,
     /// A path created and removed again inside the window is nothing to the targets
-    /// (off for two-way roots: the peer may have fetched it meanwhile; found by the
-    /// two-way random test).
+    /// (off for two-way roots: the peer may have fetched it meanwhile).
     pub forget_created: bool,
 }
 
@@ -205,7 +204,7 @@ impl Coalescer {
                     }
                 }
                 // Renamed over the destination of a move still held: the earlier
-                // source is gone all the same (found by the two-way random test).
+                // source is gone all the same.
                 if let Some(Net::Move(earlier)) = self.entries.get(&key).map(|e| e.net.clone()) {
                     if net != Net::Move(earlier.clone()) {
                         let from_key = (key.0.clone(), earlier);
@@ -228,8 +227,7 @@ impl Coalescer {
 
     /// A move's source, no longer carried by the move, is owed to the targets as a
     /// delete. If something new is held there already, that path still existed on the
-    /// targets: it is not `created`, so deleting it again must reach them (found by the
-    /// two-way random test).
+    /// targets: it is not `created`, so deleting it again must reach them.
     fn source_gone(&mut self, from_key: Key, dir: bool, since_us: u64, now: Instant) {
         match self.entries.get_mut(&from_key) {
             Some(e) => e.created = false,

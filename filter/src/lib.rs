@@ -9,7 +9,7 @@
 //! it or a directory above it matches), then the `Coalescer`.
 //! A file with a usually transient name (`name~`, `4913`, rsync's `.name.XXXXXX`, …) is
 //! not excluded: the coalescer holds it until it rests 1 s, so it goes out only if it
-//! stays in the tree (issue #11). On a two-way root the peer's writes and deletes are
+//! stays in the tree. On a two-way root the peer's writes and deletes are
 //! told from local ones first, and never sent back.
 //!
 //! # Where things are

@@ -129,7 +129,7 @@ fn a_delete_into_a_backup_dir_not_watched_yet_is_still_the_peers() {
 #[test]
 fn a_replaced_file_in_a_new_backup_dir_is_not_a_delete() {
     // rsync hard-links what it replaces into the backup: the path stays in the
-    // tree, and a later move of it here is the user's (found in review).
+    // tree, and a later move of it here is the user's.
     let (_t, mut f, src) = two_way();
     std::fs::create_dir_all(src.join(".syncbus/backup/d")).unwrap();
     std::fs::create_dir_all(src.join("d")).unwrap();
@@ -218,7 +218,7 @@ fn a_copy_the_peer_sends_again_after_a_delete_here_is_deleted_again() {
     let out = f.ready(t0 + Duration::from_millis(100));
     assert_eq!(out[0].1[0].op, Op::Delete);
     // Written here again (and published) before a third repeat lands: no longer
-    // deleted here, so the copy is the peer's and the file stays (found in review).
+    // deleted here, so the copy is the peer's and the file stays.
     std::fs::write(&file, "mine again").unwrap();
     f.push_batch(&raw(4, vec![ev(RawKind::CloseWrite, "twice")]), t0);
     assert_eq!(
