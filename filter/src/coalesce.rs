@@ -24,7 +24,7 @@ const MOVE_PAIRING: Duration = Duration::from_secs(1);
 /// `name~`, `4913`, `#name#`, rsync's `.name.XXXXXX`) is held until it has rested this
 /// long, so one its program renames or deletes within moments never goes out…
 pub const TRANSIENT_REST: Duration = Duration::from_secs(1);
-/// …and at most this long, so one written without pause still goes (issue #11).
+/// …and at most this long, so one written without pause still goes.
 pub const TRANSIENT_MAX_HOLD: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy)]
@@ -35,8 +35,7 @@ pub struct Timing {
     /// roots whose files must rest first: an upload may close and open again).
     pub closed_settle: bool,
     /// A path created and removed again inside the window is nothing to the targets
-    /// (off for two-way roots: the peer may have fetched it meanwhile; found by the
-    /// two-way random test).
+    /// (off for two-way roots: the peer may have fetched it meanwhile).
     pub forget_created: bool,
 }
 
@@ -109,6 +108,7 @@ impl Coalescer {
     }
 
     /// Number of paths held back.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.entries.len()
     }
@@ -204,7 +204,7 @@ impl Coalescer {
                     }
                 }
                 // Renamed over the destination of a move still held: the earlier
-                // source is gone all the same (found by the two-way random test).
+                // source is gone all the same.
                 if let Some(Net::Move(earlier)) = self.entries.get(&key).map(|e| e.net.clone()) {
                     if net != Net::Move(earlier.clone()) {
                         let from_key = (key.0.clone(), earlier);
@@ -225,16 +225,9 @@ impl Coalescer {
         }
     }
 
-    /// Forgets what is held for `path`: the peer just wrote it (a two-way root), so
-    /// this side's version is not news to it any more.
-    pub fn forget(&mut self, root: &str, path: &PathBytes, now: Instant) {
-        self.remove_keeping_sources(&(root.to_string(), path.clone()), now);
-    }
-
     /// A move's source, no longer carried by the move, is owed to the targets as a
     /// delete. If something new is held there already, that path still existed on the
-    /// targets: it is not `created`, so deleting it again must reach them (found by the
-    /// two-way random test).
+    /// targets: it is not `created`, so deleting it again must reach them.
     fn source_gone(&mut self, from_key: Key, dir: bool, since_us: u64, now: Instant) {
         match self.entries.get_mut(&from_key) {
             Some(e) => e.created = false,
@@ -734,20 +727,20 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_a_moved_file_still_deletes_its_source() {
+    fn dropping_a_held_move_still_deletes_its_source() {
         let mut s = Sim::new();
         s.f(RawKind::CloseWrite, "a").at_ms(100);
         s.out();
         s.ev(RawKind::MovedFrom, "a", false, 1)
             .ev(RawKind::MovedTo, "b", false, 1);
         let now = s.now;
-        s.c.forget("r", &"b".into(), now);
+        s.c.take_held("r", &"b".into(), now);
         s.at_ms(200);
         assert_eq!(s.out(), vec![del("a")]);
     }
 
     #[test]
-    fn a_source_made_again_and_moved_away_after_its_move_was_forgotten_is_deleted() {
+    fn a_source_made_again_and_moved_away_after_its_move_was_dropped_is_deleted() {
         let mut s = Sim::new();
         s.f(RawKind::CloseWrite, "a").at_ms(100);
         s.out();
@@ -756,7 +749,7 @@ mod tests {
             .f(RawKind::Create, "a")
             .f(RawKind::CloseWrite, "a");
         let now = s.now;
-        s.c.forget("r", &"b".into(), now);
+        s.c.take_held("r", &"b".into(), now);
         s.ev(RawKind::MovedFrom, "a", false, 2)
             .ev(RawKind::MovedTo, "c", false, 2)
             .at_ms(200);
