@@ -3,6 +3,8 @@
 //! endpoint) and reads the change stream as the dispatcher would (a SUB). Every wait
 //! has a deadline and waits for a condition, never for a fixed time.
 
+#![allow(clippy::disallowed_methods)] // tests and their helpers spawn what they check
+
 use std::fs;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
