@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use protocol::rules::{rsync_literal_rule, rsync_wildcard_prefix, Rules};
+use protocol::rules::Rules;
 use protocol::PathBytes;
 
 use crate::batch::Touch;
@@ -120,13 +120,6 @@ pub fn resync_subtrees<'a>(
     out
 }
 
-fn rule(out: &mut Vec<u8>, sign: u8, pattern: &[u8]) {
-    out.push(sign);
-    out.push(b' ');
-    out.extend_from_slice(pattern);
-    out.push(0);
-}
-
 /// The paths a regex of `rules` excludes inside `dirs`, as the tree is now (rsync has
 /// no regexes, so they are handed over as literal paths).
 pub fn regex_excluded(rules: &Rules, root: &Path, dirs: &[PathBytes]) -> BTreeSet<PathBytes> {
@@ -138,50 +131,6 @@ pub fn regex_excluded(rules: &Rules, root: &Path, dirs: &[PathBytes]) -> BTreeSe
             }
         }
     }
-    out
-}
-
-/// The exclude rules of a run: every glob of `rules` as written, and each path of
-/// `regex_excluded` as an anchored literal.
-pub fn exclude_rules(rules: &Rules, regex_excluded: &BTreeSet<PathBytes>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for g in rules.rsync_globs() {
-        rule(&mut out, b'-', g.as_bytes());
-    }
-    for p in regex_excluded {
-        rule(&mut out, b'-', &rsync_literal_rule(p));
-    }
-    out
-}
-
-/// The rules of a resync of `subtrees` (none within another): `excludes`, then the
-/// include chain that lets rsync reach each subtree, then `- *`. Files outside the
-/// subtrees are excluded on both sides, so `--delete` leaves them alone. A resync of the
-/// root is just the excludes.
-pub fn resync_rules(excludes: &[u8], subtrees: &[PathBytes]) -> Vec<u8> {
-    let mut out = excludes.to_vec();
-    if subtrees.iter().any(PathBytes::is_root) {
-        return out;
-    }
-    let mut ancestors: Vec<PathBytes> = subtrees
-        .iter()
-        .flat_map(|s| s.ancestors().map(|a| PathBytes::new(a.to_vec())))
-        .collect();
-    ancestors.sort();
-    ancestors.dedup();
-    for a in &ancestors {
-        let mut p = rsync_literal_rule(a);
-        p.push(b'/');
-        rule(&mut out, b'+', &p);
-    }
-    for s in subtrees {
-        // `/S/***` alone does not match S when S is a file.
-        rule(&mut out, b'+', &rsync_literal_rule(s));
-        let mut p = rsync_wildcard_prefix(s);
-        p.extend_from_slice(b"/***");
-        rule(&mut out, b'+', &p);
-    }
-    rule(&mut out, b'-', b"*");
     out
 }
 
@@ -245,33 +194,12 @@ mod tests {
     }
 
     #[test]
-    fn subtree_resync_rules_file() {
-        let rules = Rules::new(&[], &["*.log".into(), "#*#".into()], false).unwrap();
-        let excludes = exclude_rules(&rules, &BTreeSet::new());
-        let got = resync_rules(&excludes, &["a/b c/d".into(), "a/x*".into()]);
-        let want: &[&[u8]] = &[
-            b"- *.log",
-            b"- #*#",
-            b"+ /a/",
-            b"+ /a/b c/",
-            b"+ /a/b c/d",
-            b"+ /a/b c/d/***",
-            b"+ /a/x\\*",
-            b"+ /a/x\\*/***",
-            b"- *",
-        ];
-        let got: Vec<&[u8]> = got.split(|&b| b == 0).filter(|r| !r.is_empty()).collect();
-        assert_eq!(got, want);
-        assert_eq!(resync_rules(&excludes, &["".into()]), excludes);
-    }
-
-    #[test]
     fn regex_excludes_become_anchored_literals_below_recursive_dirs() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("new/.svn/x")).unwrap();
         std::fs::create_dir_all(d.path().join("old/.svn")).unwrap();
         let rules = Rules::new(&[r"(.*/)?\.svn".into()], &[], false).unwrap();
         let found = regex_excluded(&rules, d.path(), &["new".into()]);
-        assert_eq!(exclude_rules(&rules, &found), b"- /new/.svn\0");
+        assert_eq!(rsync::exclude_rules(&rules, &found), b"- /new/.svn\0");
     }
 }

@@ -80,13 +80,13 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
             );
             continue;
         }
-        let Ok(common) = dispatcher::command::common_args(target) else {
+        let Ok(common) = rsync::common_args(target) else {
             comment(&mut out, "target options cannot be expressed: skipped");
             continue;
         };
         let dest = target.destination(&r.root);
         let mut excludes: Vec<OsString> = Vec::new();
-        let rules = dispatcher::plan::exclude_rules(&root.rules, &Default::default());
+        let rules = rsync::exclude_rules(&root.rules, &Default::default());
         for rule in rules.split(|&b| b == 0).filter(|r| !r.is_empty()) {
             let mut f = OsString::from("--filter=");
             f.push(std::ffi::OsStr::from_bytes(rule));

@@ -12,8 +12,9 @@ use protocol::status::FullStatus;
 use protocol::PathBytes;
 
 use crate::batch::RootWork;
-use crate::command::{Outcome, RunResult};
+use crate::command::RunResult;
 use crate::guard;
+use ::rsync::Outcome;
 
 use super::*;
 

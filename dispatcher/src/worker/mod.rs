@@ -45,8 +45,9 @@ use protocol::wire::{Change, ReportKind, Work};
 use protocol::PathBytes;
 
 use crate::batch::{Batcher, RootWork, Touch};
-use crate::command::{Outcome, RunResult};
+use crate::command::RunResult;
 use crate::guard;
+use ::rsync::Outcome;
 
 /// Work for every worker serving `root`, and what the retrier and the full lane say.
 #[derive(Debug, Clone)]

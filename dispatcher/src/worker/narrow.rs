@@ -7,8 +7,9 @@ use std::time::Duration;
 use protocol::PathBytes;
 
 use crate::batch::Touch;
-use crate::command::{Outcome, RunResult};
+use crate::command::RunResult;
 use crate::plan;
+use ::rsync::Outcome;
 
 use super::*;
 

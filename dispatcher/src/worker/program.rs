@@ -9,7 +9,8 @@ use protocol::config::Endpoint;
 use protocol::PathBytes;
 
 use crate::batch::Touch;
-use crate::command::{self, Outcome, RunResult};
+use crate::command::{self, RunResult};
+use ::rsync::Outcome;
 
 use super::*;
 

@@ -9,8 +9,9 @@ use std::time::Duration;
 use protocol::PathBytes;
 
 use crate::batch::Touch;
-use crate::command::{self, Mode, Outcome, RunResult};
+use crate::command::{self, RunResult};
 use crate::plan;
+use ::rsync::{Mode, Outcome};
 
 use super::*;
 
@@ -52,13 +53,13 @@ impl Runner {
         let dest = self.target.destination(root);
         let subtrees = plan::resync_subtrees(src, subtrees);
         let excluded = plan::regex_excluded(&info.rules, src, &subtrees);
-        let mut excludes = plan::exclude_rules(&info.rules, &excluded);
+        let mut excludes = ::rsync::exclude_rules(&info.rules, &excluded);
         for g in extra {
             excludes.extend_from_slice(b"- ");
             excludes.extend_from_slice(g.as_bytes());
             excludes.push(0);
         }
-        let rules = plan::resync_rules(&excludes, &subtrees);
+        let rules = ::rsync::resync_rules(&excludes, &subtrees);
         let result = self.rsync(Mode::Resync, &rules, src, &dest, b"", tick, None);
         if result.outcome != Outcome::Success {
             return result;
@@ -100,13 +101,13 @@ impl Runner {
         let dest = self.target.destination(root);
         let whole = [PathBytes::root()];
         let excluded = plan::regex_excluded(&info.rules, src, &whole);
-        let mut excludes = plan::exclude_rules(&info.rules, &excluded);
+        let mut excludes = ::rsync::exclude_rules(&info.rules, &excluded);
         for g in extra {
             excludes.extend_from_slice(b"- ");
             excludes.extend_from_slice(g.as_bytes());
             excludes.push(0);
         }
-        let rules = plan::resync_rules(&excludes, &whole);
+        let rules = ::rsync::resync_rules(&excludes, &whole);
         self.set_guard_args(&["--dry-run"]);
         let mut itemized = Vec::new();
         let r = self.rsync(
@@ -193,7 +194,7 @@ impl Runner {
             .cloned()
             .collect();
         if !scan.dirs.is_empty() {
-            let excludes = plan::exclude_rules(&info.rules, &Default::default());
+            let excludes = ::rsync::exclude_rules(&info.rules, &Default::default());
             let rules = crate::catchup::listing_rules(&excludes, &scan);
             let dest = self.target.destination(root);
             let mut itemized = Vec::new();
@@ -254,7 +255,7 @@ impl Runner {
         let entries = plan::incremental_entries(&info.path, paths);
         // Nothing is sent whole here (new directories are subtree resyncs), so the
         // globs are all the rules an incremental run needs.
-        let rules = plan::exclude_rules(&info.rules, &Default::default());
+        let rules = ::rsync::exclude_rules(&info.rules, &Default::default());
         let list = plan::files_from(&entries);
         let dest = self.target.destination(root);
         let pushed = self.rsync(
@@ -310,7 +311,7 @@ impl Runner {
                 }
             }
         };
-        let args = match command::build_args(&self.target, &mode, rules_file.as_deref(), src, dest)
+        let args = match ::rsync::build_args(&self.target, &mode, rules_file.as_deref(), src, dest)
         {
             Ok(a) => a,
             Err(e) => {
@@ -372,7 +373,7 @@ impl Runner {
         let control = self.control.clone();
         let idle = (self.target.timeout > 0).then(|| Duration::from_secs(self.target.timeout));
         let result = command::run(
-            &command::rsync_program(),
+            &::rsync::rsync_program(),
             &args,
             stdin,
             idle,

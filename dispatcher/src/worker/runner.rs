@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use protocol::config::{Endpoint, Target};
 
-use crate::command::{Outcome, RunResult};
+use crate::command::RunResult;
+use ::rsync::Outcome;
 
 use super::*;
 

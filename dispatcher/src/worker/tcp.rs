@@ -19,7 +19,8 @@ use std::time::Duration;
 use protocol::config::{Endpoint, Framing};
 use protocol::PathBytes;
 
-use crate::command::{Outcome, RunResult};
+use crate::command::RunResult;
+use ::rsync::Outcome;
 
 use super::*;
 

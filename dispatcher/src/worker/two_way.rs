@@ -9,8 +9,9 @@ use std::time::Duration;
 use protocol::PathBytes;
 
 use crate::batch::Touch;
-use crate::command::{Mode, Outcome, RunResult};
+use crate::command::RunResult;
 use crate::plan;
+use ::rsync::{Mode, Outcome};
 
 use super::*;
 

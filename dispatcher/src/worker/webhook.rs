@@ -4,7 +4,8 @@
 use protocol::config::Endpoint;
 use protocol::PathBytes;
 
-use crate::command::{Outcome, RunResult};
+use crate::command::RunResult;
+use ::rsync::Outcome;
 
 use super::*;
 
