@@ -2147,7 +2147,7 @@ mod tests {
 
     #[test]
     fn ignore_error_becomes_a_hook_that_logs_failures_and_runs_once_per_path() {
-        // Issue #11 (8): ignoreError="true" was turned into retry-forever.
+        // ignoreError="true" was turned into retry-forever.
         let t = Tree::new();
         let on = (
             "<plugin start=\"false\" name=\"command\"/>",

@@ -509,7 +509,7 @@ mod tests {
         assert_eq!(base_name("/"), "source");
     }
 
-    /// Issue #11 (3): `--allow-wipe` reaches every root of the generated config, of a
+    /// `--allow-wipe` reaches every root of the generated config, of a
     /// one-liner (same instance as without it) and of a config file alike.
     #[test]
     fn allow_wipe_goes_to_every_root_and_keeps_the_instance() {

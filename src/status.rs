@@ -879,7 +879,7 @@ mod tests {
         assert_eq!(at(&files, &[]).health, Health::Critical);
     }
 
-    /// Issue #11 (3): a compare the root guard refused is critical, with its reason,
+    /// A compare the root guard refused is critical, with its reason,
     /// in the report, the JSON and the metrics.
     #[test]
     fn a_refused_compare_is_critical_and_counted() {

@@ -36,7 +36,7 @@ pub struct RootWork {
     /// in `syncbus status`.
     pub since_us: u64,
     /// A two-way target's: its compares never delete, so a deleted path stays listed
-    /// even within a resync subtree (found by the two-way echo test).
+    /// even within a resync subtree.
     pub keep_deletes: bool,
 }
 

@@ -815,7 +815,7 @@ mod tests {
 
     #[test]
     fn a_transient_name_made_and_removed_within_its_rest_never_goes_out() {
-        // Issue #11: vim's probe, a backup made and dropped, rsync's temp renamed.
+        // vim's probe, a backup made and dropped, rsync's temp renamed.
         let mut s = Sim::new();
         s.f(Create, "d/4913").f(CloseWrite, "d/4913");
         s.f(Create, "d/x~").f(CloseWrite, "d/x~");

@@ -37,7 +37,7 @@
 //! - ZeroMQ's high-water mark counts messages, not bytes: a subscriber that stops
 //!   reading can make the PUB hold up to `HWM` (100k) messages of up to
 //!   `MAX_CHANGES_PER_MESSAGE` changes each before it drops. That is bounded, but can
-//!   reach gigabytes in a long burst; issue #3's slow-subscriber test should bound it in
+//!   reach gigabytes in a long burst; the slow-subscriber test should bound it in
 //!   bytes (smaller messages for the public topic, or a lower HWM).
 //! - Every directory is watched and every event decoded even under an excluded
 //!   directory; exclusion saves rsync work, not inotify work.

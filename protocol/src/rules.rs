@@ -24,7 +24,7 @@ use crate::PathBytes;
 /// Names that are *usually* transient but may be a real file (`*~`, `4913`, `#*#`,
 /// rsync's `.name.XXXXXX`) are not here: the filter holds them until they rest
 /// ([`transient_name`]), so a temp file renamed or deleted at once never goes out and
-/// one that stays in the tree is data, mirrored like any other (issue #11).
+/// One that stays in the tree is data, mirrored like any other.
 pub const BUILTIN_EXCLUDES: &[&str] = &[
     ".*.sw[a-p]",       // vim swap: .name.swp, .swo, … (always hidden)
     ".*.swx",           // vim swap of a second session
@@ -352,7 +352,7 @@ mod tests {
                 "{temp}"
             );
         }
-        // Issue #11: real files with names of usually transient shapes are data.
+        // Real files with names of usually transient shapes are data.
         for ok in [
             "doc.txt",
             ".bashrc",

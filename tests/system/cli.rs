@@ -416,7 +416,7 @@ fn sighup_flipping_two_way_restarts_the_watcher_and_the_filter() {
     );
 }
 
-/// The deploy units (issue #5 asks for them; CI checks them): `systemd-analyze verify`
+/// The deploy units (CI checks them): `systemd-analyze verify`
 /// must accept every unit without a warning, and every supervisor program must run a
 /// real `syncbus` subcommand.
 #[test]
@@ -454,7 +454,7 @@ fn deploy_units_verify_and_supervisor_programs_name_real_subcommands() {
             .filter(|l| l.contains(&dir.path().display().to_string()))
             .collect();
         assert!(about_ours.is_empty(), "{err}");
-        // Issue #15: the hardening stays where it was raised to (8.2 EXPOSED before,
+        // The hardening stays where it was raised to (8.2 EXPOSED before,
         // 2.5 OK after; the units say why it goes no further). `--threshold` is on
         // systemd's internal scale: 30 is 3.0.
         for u in units
@@ -616,7 +616,7 @@ fn import_sersync_turns_the_stock_file_into_a_valid_config_and_refuses_a_broken_
     );
 }
 
-/// Issue #15: exit codes follow sysexits(3) as systemd names them, so a unit's
+/// Exit codes follow sysexits(3) as systemd names them, so a unit's
 /// `RestartPreventExitStatus=` and `systemctl status` tell a bad command line (64,
 /// USAGE) from a bad config file (78, CONFIG). `--help` is an answer, not an error.
 #[test]
@@ -683,7 +683,7 @@ fn a_bad_command_line_exits_64_and_help_exits_0_on_stdout() {
     }
 }
 
-/// Issue #15: `syncbus check-config FILE 2>&1 | head -1` exited 101: the second line
+/// `syncbus check-config FILE 2>&1 | head -1` exited 101: the second line
 /// of the error went to a pipe `head` had closed, and `eprintln!` panicked. What cannot
 /// be written is dropped; the exit code still tells.
 #[test]
@@ -726,7 +726,7 @@ fn errors_written_to_a_closed_pipe_do_not_panic() {
     assert_eq!(out.code(), Some(0));
 }
 
-/// Issue #15: the example config documents every key the config file takes: each
+/// The example config documents every key the config file takes: each
 /// field of the raw config structs (`protocol/src/config.rs`) appears in it as
 /// `key =` or as a table header, set or commented out. A new key without its line in the example fails here.
 #[test]

@@ -1,4 +1,4 @@
-//! Issue #11 (3): an empty root, or one no longer on the file system it was on, never
+//! An empty root, or one no longer on the file system it was on, never
 //! wipes a full target at a whole-root compare; it is refused, status says CRITICAL
 //! with the reason, and `allow_wipe` (or `syncbus run --allow-wipe`) lets it happen.
 

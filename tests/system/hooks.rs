@@ -1,4 +1,4 @@
-//! Command hooks that fail (issue #11, item 8): a hook that succeeded for a path is
+//! Command hooks that fail: a hook that succeeded for a path is
 //! never run again for it, and `on_failure = "log"` (sersync's `ignoreError="true"`)
 //! logs and counts a failure instead of retrying it.
 

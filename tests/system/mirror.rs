@@ -1,4 +1,4 @@
-//! The live mirror, end to end (issue #2).
+//! The live mirror, end to end.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -306,7 +306,7 @@ fn a_target_that_is_a_plain_directory_and_one_given_on_the_command_line() {
 
 #[test]
 fn a_rewrite_with_the_same_size_and_mtime_still_reaches_the_target() {
-    // Regression (issue #2): rsync's quick check skipped such a rewrite until the
+    // rsync's quick check skipped such a rewrite until the
     // incremental runs got --ignore-times.
     let mut m = Mirror::new(1, "");
     let p = m.s("same-size");
@@ -331,7 +331,7 @@ fn a_rewrite_with_the_same_size_and_mtime_still_reaches_the_target() {
 
 #[test]
 fn a_replaced_directory_leaves_none_of_its_old_files_on_the_target() {
-    // Found in review (issue #2): an incremental `-r` of the new directory kept the
+    // An incremental `-r` of the new directory kept the
     // files only the old one had.
     let mut m = Mirror::new(1, "");
     for (dir, files) in [
@@ -358,7 +358,7 @@ fn a_replaced_directory_leaves_none_of_its_old_files_on_the_target() {
 
 #[test]
 fn a_file_renamed_over_from_an_excluded_temp_name_then_deleted_is_deleted_on_the_target() {
-    // Found in review (issue #2): the lone `moved_to` counted as "did not exist before",
+    // The lone `moved_to` counted as "did not exist before",
     // so the delete right after it was dropped.
     let mut m = Mirror::new(1, "");
     fs::write(m.s("doc"), "v1").unwrap();

@@ -1,4 +1,4 @@
-//! Nothing lost (issue #3): a target that goes down, stages killed with SIGKILL, the
+//! Nothing lost: a target that goes down, stages killed with SIGKILL, the
 //! whole `syncbus run` killed with work pending, a subscriber that never reads.
 
 use std::fs;

@@ -84,7 +84,7 @@ fn status_and_metrics_follow_a_target_going_down_and_coming_back() {
     );
     assert!(t["last_success_us"].as_u64() > Some(0));
 
-    // Issue #15: the build and the standard process metrics, of `syncbus run` itself
+    // The build and the standard process metrics, of `syncbus run` itself
     // (its pid, its start), and each stage's CPU and memory.
     let text = m.wait_for("a scrape", CONVERGE, || scrape(&m));
     assert!(

@@ -1,4 +1,4 @@
-//! The open bus (issue #4): outsiders follow the change stream.
+//! The open bus: outsiders follow the change stream.
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -429,7 +429,7 @@ fn an_after_sync_hook_runs_once_the_path_is_on_the_other_target() {
             "the hook ran before t0 had it: {line}"
         );
     }
-    // Found in review: a change just before SIGTERM reached t0 but not the hook.
+    // A change just before SIGTERM reached t0 but not the hook.
     fs::write(m.s("last"), "l").unwrap();
     std::thread::sleep(Duration::from_millis(20)); // the moment under test, not a wait
     let p = m.proc.as_mut().unwrap();

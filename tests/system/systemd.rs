@@ -44,7 +44,7 @@ fn has(msgs: &[String], assignment: &str) -> bool {
         .any(|m| m.lines().any(|l| l.starts_with(assignment)))
 }
 
-/// Issue #15: `Type=notify`. `syncbus run` says READY=1 only once the root is watched
+/// `Type=notify`. `syncbus run` says READY=1 only once the root is watched
 /// (a change written after it is mirrored), its health as STATUS=, WATCHDOG=1 while
 /// every stage beats when systemd asks for a watchdog, and STOPPING=1 at SIGTERM.
 /// Its stages stay silent (systemd listens to the main pid only).
@@ -144,7 +144,7 @@ fn no_watchdog_pings_unless_asked_and_a_stage_alone_says_ready() {
     );
 }
 
-/// Issue #15: under systemd, stderr is the journal (`JOURNAL_STREAM` names its device
+/// Under systemd, stderr is the journal (`JOURNAL_STREAM` names its device
 /// and inode). Lines then carry their syslog priority (`<3>` error, `<4>` warning, `<6>`
 /// info), which `journalctl -p err` filters on, and no timestamp of their own (the
 /// journal stamps each line). The same stderr without the variable keeps the human

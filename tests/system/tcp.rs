@@ -1,4 +1,4 @@
-//! TCP targets (issue #15, item 6): sersync's socket-plugin receivers keep working, the
+//! TCP targets: sersync's socket-plugin receivers keep working, the
 //! framed modes carry each path's operation, and a listener that is down gets its work
 //! from the journal once it is back. The listeners are std `TcpListener`s on 127.0.0.1.
 

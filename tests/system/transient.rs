@@ -1,4 +1,4 @@
-//! Names of usually transient shapes (issue #11, item 4): a file that stays in the tree
+//! Names of usually transient shapes: a file that stays in the tree
 //! is data and reaches the targets; one made and removed within moments does not.
 
 use std::fs;

@@ -544,7 +544,7 @@ fn wait_healthy(pair: &Pair) {
     pair.converge();
 }
 
-/// Issue #11 (5): a file deleted on one side while its syncbus was stopped is deleted on
+/// A file deleted on one side while its syncbus was stopped is deleted on
 /// the peer soon after that side starts (its clean stop's manifest proves the file was
 /// there), and status is not OK until the two sides agree.
 #[test]
@@ -586,7 +586,7 @@ fn a_delete_made_while_stopped_reaches_the_peer_after_the_start() {
     );
 }
 
-/// Issue #11 (5): a file missing on one side at its start that nothing proves deleted
+/// A file missing on one side at its start that nothing proves deleted
 /// (no checkpoint, so no manifest) comes back from the peer at once: both sides agree
 /// and both statuses are OK.
 #[test]

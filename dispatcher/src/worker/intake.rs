@@ -176,7 +176,7 @@ mod tests {
         }
     }
 
-    /// Found in review: a cron full sync's own excludes hid a live change to an
+    /// A cron full sync's own excludes hid a live change to an
     /// excluded name that its root resync absorbed, for ever.
     #[test]
     fn a_cron_syncs_excludes_never_hide_work_merged_with_it() {

@@ -162,7 +162,7 @@ impl Runner {
     /// A hook run on changed paths. On failure, `.1` names the paths that failed when
     /// the hook could tell them apart (`paths = "each"`, argument chunks, per-path
     /// webhooks): only those are owed again, and a hook that succeeded for a path is
-    /// never run again for it (issue #11: `hook1.sh` ran 3 times in 4 s).
+    /// never run again for it.
     pub(super) fn hook_paths(
         &self,
         root: &str,
@@ -335,7 +335,7 @@ impl Runner {
 mod tests {
     use super::*;
 
-    /// Found in review: hook globs matched one directory level only, and an excluded
+    /// Hook globs matched one directory level only, and an excluded
     /// directory's content went through.
     #[test]
     fn hook_globs_read_like_rsync_globs() {

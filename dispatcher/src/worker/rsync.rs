@@ -391,7 +391,7 @@ impl Runner {
             && result.error.contains("temp-dir does not exist")
         {
             // The peer's syncbus makes its `.syncbus/incoming` when it starts: not a
-            // usage error, a peer not ready yet (found when both sides start at once).
+            // usage error, a peer not ready yet.
             result.outcome = Outcome::Retry;
         }
         if !dry_run {

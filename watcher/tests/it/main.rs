@@ -526,7 +526,7 @@ impl Drop for Unmount {
 
 #[test]
 fn a_filesystem_unmounted_below_a_root_is_watched_again_and_resynced() {
-    // Found in review (issue #2): the directory a mount hid stayed unwatched after umount.
+    // The directory a mount hid stayed unwatched after umount.
     let mounted = std::cell::Cell::new(None::<PathBuf>);
     let mut h = Harness::start(&["r"], |roots| {
         let mnt = roots[0].join("mnt");
