@@ -2353,7 +2353,7 @@ mod tests {
     }
 
     #[test]
-    fn review_findings_stay_fixed() {
+    fn values_case_extra_localpaths_and_plugin_suffixes_convert_as_sersync_read_them() {
         // An option's value given as the next word stays with it (else rsync would
         // take the source directory for that value).
         let p = parse_params("-artuz --temp-dir /var/tmp --max-delete 100");
