@@ -50,6 +50,11 @@ const STOP_ORDER: [(&str, Duration); 6] = [
 ];
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long a stage that died waits before its restart, after `failures` in a row.
+fn restart_delay(failures: u32) -> Duration {
+    protocol::backoff::delay(BACKOFF_MIN, BACKOFF_MAX, failures, 0.0, 0.0)
+}
+
 /// A stage that ran this long before dying starts again from the shortest backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
@@ -86,7 +91,8 @@ struct Stage {
     child: Option<Child>,
     started: Instant,
     restarts: u32,
-    backoff: Duration,
+    /// Deaths (or failed starts) in a row, for the restart backoff.
+    failures: u32,
     next_start: Option<Instant>,
 }
 
@@ -185,7 +191,7 @@ pub fn run(args: RunArgs) -> ExitCode {
                 child: None,
                 started: Instant::now(),
                 restarts: 0,
-                backoff: BACKOFF_MIN,
+                failures: 0,
                 next_start: Some(Instant::now()),
             })
             .collect(),
@@ -710,8 +716,8 @@ impl Supervisor {
                 Err(e) => {
                     let s = &mut self.stages[i];
                     tracing::error!(stage = name, error = %e, "cannot start stage");
-                    s.next_start = Some(now + s.backoff);
-                    s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+                    s.failures += 1;
+                    s.next_start = Some(now + restart_delay(s.failures));
                 }
             }
         }
@@ -741,19 +747,20 @@ impl Supervisor {
                 return code.map(|c| c as u8);
             }
             if s.started.elapsed() >= HEALTHY_AFTER {
-                s.backoff = BACKOFF_MIN;
+                s.failures = 0;
             }
+            s.failures += 1;
+            let delay = restart_delay(s.failures);
             s.restarts += 1;
             tracing::warn!(
                 stage = s.name,
                 code,
                 signal = status.signal(),
-                restart_in_ms = s.backoff.as_millis() as u64,
+                restart_in_ms = delay.as_millis() as u64,
                 restarts = s.restarts,
                 "stage died; restarting"
             );
-            s.next_start = Some(Instant::now() + s.backoff);
-            s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
+            s.next_start = Some(Instant::now() + delay);
         }
         None
     }
@@ -912,7 +919,7 @@ impl Supervisor {
         }
         for s in self.stages.iter_mut().filter(|s| changed.contains(&s.name)) {
             s.next_start = Some(Instant::now());
-            s.backoff = BACKOFF_MIN;
+            s.failures = 0;
         }
     }
 }

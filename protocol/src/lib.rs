@@ -10,6 +10,7 @@
 //! - Paths are bytes ([`PathBytes`]) everywhere; they are never decoded as UTF-8.
 //! - Every message on the bus carries `version`, `epoch` and a gap-free `seq`.
 
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod manifest;

@@ -11,13 +11,7 @@ use protocol::PathBytes;
 /// `initial`, doubling per attempt up to `max`, plus up to `jitter` of itself
 /// (`unit` in `[0, 1)` is the random draw).
 pub fn next_attempt(policy: &Retry, attempt: u32, unit: f64) -> Duration {
-    let exp = attempt.saturating_sub(1).min(30);
-    let base = policy
-        .initial
-        .checked_mul(1u32 << exp)
-        .unwrap_or(policy.max)
-        .min(policy.max);
-    base + base.mul_f64(policy.jitter * unit.clamp(0.0, 1.0))
+    protocol::backoff::delay(policy.initial, policy.max, attempt, policy.jitter, unit)
 }
 
 /// Merges `parts` into one piece of work: subtrees absorb the paths and subtrees

@@ -127,14 +127,11 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// in `[0, 1)` adding up to a quarter. Fatal failures wait the cap every time. Used
 /// only when the retrier cannot be reached.
 pub fn backoff(attempt: u32, outcome: Outcome, jitter: f64) -> Duration {
-    let base = match outcome {
+    let start = match outcome {
         Outcome::Fatal => BACKOFF_CAP,
-        _ => {
-            let exp = attempt.saturating_sub(1).min(16);
-            (BACKOFF_START * (1u32 << exp)).min(BACKOFF_CAP)
-        }
+        _ => BACKOFF_START,
     };
-    base + base.mul_f64(jitter.clamp(0.0, 1.0) / 4.0)
+    protocol::backoff::delay(start, BACKOFF_CAP, attempt, 0.25, jitter)
 }
 
 /// A root whose last run failed.
