@@ -339,6 +339,69 @@ pub enum Endpoint {
     },
 }
 
+impl Endpoint {
+    /// The `host:port` a target is reached at (a TCP connect there tells whether it is
+    /// back), read from its URL the way it was validated; `None` for a local directory
+    /// or a program.
+    pub fn address(&self) -> Option<String> {
+        // A port is there after `]:` for an IPv6 host in brackets, else after the one `:`.
+        let with_port = |host: &str, default: u16| {
+            let has_port = if host.starts_with('[') {
+                host.contains("]:")
+            } else {
+                host.matches(':').count() == 1
+            };
+            if has_port {
+                host.to_string()
+            } else {
+                format!("{host}:{default}")
+            }
+        };
+        match self {
+            Endpoint::Rsync { url, .. } => {
+                let (host, port) = rsync_authority(url.trim_start_matches("rsync://"));
+                Some(match port {
+                    Some(p) if !p.is_empty() => format!("{host}:{p}"),
+                    _ => with_port(host, 873),
+                })
+            }
+            Endpoint::Ssh { dest, port, .. } => {
+                let host = dest.split(':').next().unwrap_or("");
+                let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+                Some(format!("{host}:{}", port.unwrap_or(22)))
+            }
+            Endpoint::Tcp { addr, .. } => Some(addr.clone()),
+            Endpoint::Http { url, .. } => {
+                let (default, rest) = match url.strip_prefix("https://") {
+                    Some(r) => (443, r),
+                    None => (80, url.trim_start_matches("http://")),
+                };
+                let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+                Some(with_port(host, default))
+            }
+            Endpoint::Local { .. } | Endpoint::Command { .. } => None,
+        }
+    }
+}
+
+/// The host and the port (`Some("")` for a bare `:`) of an rsync URL's authority, the
+/// part after `rsync://`: `[user@]host[:port]/…`, IPv6 hosts in brackets.
+fn rsync_authority(rest: &str) -> (&str, Option<&str>) {
+    let hostport = rest.split('/').next().unwrap_or("");
+    let host = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') || host.starts_with('[') => {
+            if h.starts_with('[') && !h.ends_with(']') {
+                // `[::1]` without a port: the colons are the address's.
+                (host, None)
+            } else {
+                (h, Some(port))
+            }
+        }
+        _ => (host, None),
+    }
+}
+
 impl Target {
     /// Whether runs to this target are rsync runs (daemon, ssh and local targets).
     pub fn runs_rsync(&self) -> bool {
@@ -1534,20 +1597,13 @@ enum Url {
 fn parse_url(url: &str) -> Result<Url, String> {
     let with_slash = |s: String| if s.ends_with('/') { s } else { s + "/" };
     if let Some(rest) = url.strip_prefix("rsync://") {
-        let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let host = hostport
-            .rsplit_once('@')
-            .map(|(_, h)| h)
-            .unwrap_or(hostport);
-        let host_only = match host.rsplit_once(':') {
-            Some((h, port)) if !h.ends_with(']') || host.starts_with('[') => {
-                if !port.is_empty() && port.parse::<u16>().is_err() && !h.contains(':') {
-                    return Err(format!("invalid port `{port}` in `{url}`"));
-                }
-                h
+        let path = rest.split_once('/').map_or("", |(_, p)| p);
+        let (host_only, port) = rsync_authority(rest);
+        if let Some(port) = port {
+            if !port.is_empty() && port.parse::<u16>().is_err() && !host_only.contains(':') {
+                return Err(format!("invalid port `{port}` in `{url}`"));
             }
-            _ => host,
-        };
+        }
         if host_only.is_empty() {
             return Err(format!(
                 "no host in `{url}` (expected rsync://[user@]host[:port]/module/path)"
@@ -1725,6 +1781,36 @@ fn changes_meaning(arg: &str) -> Option<(&str, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_is_probed_at_the_host_and_port_its_url_names() {
+        let rsync = |url: &str| Endpoint::Rsync {
+            url: url.into(),
+            password_file: None,
+        };
+        let table = [
+            ("rsync://h/m/", "h:873"),
+            ("rsync://u@h:8730/m/sub/", "h:8730"),
+            ("rsync://h:/m/", "h:873"),
+            ("rsync://[::1]:9/m/", "[::1]:9"),
+            ("rsync://[::1]/m/", "[::1]:873"),
+        ];
+        for (url, want) in table {
+            assert_eq!(rsync(url).address().as_deref(), Some(want), "{url}");
+        }
+        let web = Endpoint::Http {
+            url: "https://cdn.example/purge?x".into(),
+            method: "POST".into(),
+            base_url: None,
+            header_file: None,
+            include: vec![],
+            exclude: vec![],
+            after: vec![],
+        };
+        assert_eq!(web.address().as_deref(), Some("cdn.example:443"));
+        let local = Endpoint::Local { path: "/m".into() };
+        assert_eq!(local.address(), None);
+    }
 
     struct Fixture {
         dir: tempfile::TempDir,

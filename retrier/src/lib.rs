@@ -90,42 +90,15 @@ enum Probe {
     None,
 }
 
-fn probe_of(endpoint: &Endpoint, port: Option<u16>) -> Probe {
-    let hostport = |host: &str, default: u16| {
-        if host.starts_with('[') || host.matches(':').count() == 1 {
-            host.to_string()
-        } else {
-            format!("{host}:{default}")
-        }
-    };
-    match endpoint {
-        Endpoint::Rsync { url, .. } => {
-            let rest = url.trim_start_matches("rsync://");
-            let host = rest.split('/').next().unwrap_or("");
-            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-            let host = host.strip_suffix(':').unwrap_or(host);
-            Probe::Tcp(hostport(host, 873))
-        }
-        Endpoint::Ssh { dest, port: p, .. } => {
-            let host = dest.split(':').next().unwrap_or("");
-            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-            Probe::Tcp(format!("{host}:{}", p.or(port).unwrap_or(22)))
-        }
-        Endpoint::Command { .. } => Probe::None,
-        Endpoint::Tcp { addr, .. } => Probe::Tcp(addr.clone()),
-        Endpoint::Http { url, .. } => {
-            let (default, rest) = match url.strip_prefix("https://") {
-                Some(r) => (443, r),
-                None => (80, url.trim_start_matches("http://")),
-            };
-            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-            Probe::Tcp(hostport(host, default))
-        }
-        Endpoint::Local { path } => Probe::Dir(
+fn probe_of(endpoint: &Endpoint) -> Probe {
+    match (endpoint, endpoint.address()) {
+        (_, Some(addr)) => Probe::Tcp(addr),
+        (Endpoint::Local { path }, None) => Probe::Dir(
             path.parent()
                 .map(|p| p.to_path_buf())
                 .unwrap_or_else(|| path.clone()),
         ),
+        (_, None) => Probe::None,
     }
 }
 
@@ -274,16 +247,12 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
             .targets
             .iter()
             .map(|t| {
-                let port = match &t.endpoint {
-                    Endpoint::Ssh { port, .. } => *port,
-                    _ => None,
-                };
                 (
                     t.name.clone(),
                     TargetState {
                         failures: 0,
                         due: now,
-                        probe: probe_of(&t.endpoint, port),
+                        probe: probe_of(&t.endpoint),
                         probe_down: false,
                         next_probe: now,
                         probing: false,
@@ -912,15 +881,15 @@ mod tests {
             password_file: None,
         };
         assert_eq!(
-            probe_of(&rsync("rsync://127.0.0.1:8873/m/"), None),
+            probe_of(&rsync("rsync://127.0.0.1:8873/m/")),
             Probe::Tcp("127.0.0.1:8873".into())
         );
         assert_eq!(
-            probe_of(&rsync("rsync://u@backup/m/sub/"), None),
+            probe_of(&rsync("rsync://u@backup/m/sub/")),
             Probe::Tcp("backup:873".into())
         );
         assert_eq!(
-            probe_of(&rsync("rsync://[::1]:9/m/"), None),
+            probe_of(&rsync("rsync://[::1]:9/m/")),
             Probe::Tcp("[::1]:9".into())
         );
         let ssh = Endpoint::Ssh {
@@ -929,11 +898,11 @@ mod tests {
             identity_file: None,
             options: vec![],
         };
-        assert_eq!(probe_of(&ssh, None), Probe::Tcp("web2:2222".into()));
+        assert_eq!(probe_of(&ssh), Probe::Tcp("web2:2222".into()));
         let local = Endpoint::Local {
             path: "/mnt/backup/www".into(),
         };
-        assert_eq!(probe_of(&local, None), Probe::Dir("/mnt/backup".into()));
+        assert_eq!(probe_of(&local), Probe::Dir("/mnt/backup".into()));
         let tcp = Endpoint::Tcp {
             addr: "192.168.138.20:8009".into(),
             framing: protocol::config::Framing::Sersync,
@@ -941,9 +910,6 @@ mod tests {
             exclude: vec![],
             after: vec![],
         };
-        assert_eq!(
-            probe_of(&tcp, None),
-            Probe::Tcp("192.168.138.20:8009".into())
-        );
+        assert_eq!(probe_of(&tcp), Probe::Tcp("192.168.138.20:8009".into()));
     }
 }
