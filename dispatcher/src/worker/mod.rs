@@ -13,6 +13,8 @@
 
 mod full_lane;
 mod intake;
+#[cfg(test)]
+mod machine_tests;
 mod narrow;
 mod program;
 mod retrier_link;
