@@ -485,7 +485,12 @@ fn a_vanished_source_root_never_wipes_the_target() {
 #[test]
 fn a_burst_of_messages_becomes_a_few_batches() {
     let h = Harness::start(&[("local", "{dir}/dst")], "", |_| {});
-    h.converge("initial resync", "dst");
+    // Empty trees match before the dispatcher listens: a file that arrives proves it
+    // takes the stream, so the burst is not published to nobody (then one full compare
+    // carries it, and no batch is logged).
+    fs::write(h.src().join("listening"), b"yes").unwrap();
+    h.publish(vec![upsert(b"listening")]);
+    h.converge("the dispatcher listening", "dst");
     let before = h.log().matches("batch sent").count();
     const N: usize = 300;
     for i in 0..N {
