@@ -236,18 +236,14 @@ pub fn failure_reason(code: Option<i32>, stderr: &str) -> Option<&str> {
     if !matches!(code, Some(12 | 255)) {
         return None;
     }
-    stderr
-        .lines()
-        .map(str::trim)
-        .rev()
-        .find(|l| {
-            !l.is_empty()
-                && !l.starts_with("rsync:")
-                && !l.starts_with("rsync error:")
-                && !l.starts_with("rsync warning:")
-                && !l.starts_with("rsync(")
-                && !l.starts_with("Warning: Permanently added")
-        })
+    stderr.lines().map(str::trim).rev().find(|l| {
+        !l.is_empty()
+            && !l.starts_with("rsync:")
+            && !l.starts_with("rsync error:")
+            && !l.starts_with("rsync warning:")
+            && !l.starts_with("rsync(")
+            && !l.starts_with("Warning: Permanently added")
+    })
 }
 
 #[cfg(test)]
