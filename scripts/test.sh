@@ -5,12 +5,14 @@
 #
 # Needed: rsync (every system test runs a real rsync daemon), python3-zmq and
 # python3-msgpack (a test runs examples/subscribe.py), a C++ compiler (the bundled
-# libzmq). No test uses ssh today; add openssh-server here when one does.
+# libzmq), openssh-server and its client (ssh targets run against a real sshd on
+# 127.0.0.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need=($(build_needs))
 command -v rsync >/dev/null || need+=(rsync)
+[ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null || need+=(openssh-server)
 if ! python3 -c 'import zmq, msgpack' 2>/dev/null &&
     ! /usr/bin/python3 -c 'import zmq, msgpack' 2>/dev/null; then
     need+=(python3-zmq python3-msgpack)

@@ -127,9 +127,7 @@ pub fn run(
     setup: &dyn Fn(&mut Command),
     tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
-    run_classified(
-        program, args, stdin, idle, stdout, setup, classify, false, tick,
-    )
+    run_classified(program, args, stdin, idle, stdout, setup, Kind::Rsync, tick)
 }
 
 /// [`run`] for a program of the user's (a command target): only exit 0 is success,
@@ -143,10 +141,6 @@ pub fn run_user_program(
     setup: &dyn Fn(&mut Command),
     tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
-    let zero_or_retry = |code: Option<i32>| match code {
-        Some(0) => Outcome::Success,
-        _ => Outcome::Retry,
-    };
     run_classified(
         program,
         args,
@@ -154,10 +148,39 @@ pub fn run_user_program(
         None,
         None,
         setup,
-        zero_or_retry,
-        true,
+        Kind::UserProgram,
         tick,
     )
+}
+
+/// Runs `ssh args` that talks to a shared connection's master over its socket
+/// (`-O exit`): no login, no transfer; killed if it says nothing for 5 s.
+pub fn run_ssh_control(args: &[String]) -> RunResult {
+    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+    run_classified(
+        &"ssh".into(),
+        &args,
+        b"",
+        Some(Duration::from_secs(5)),
+        None,
+        &|_| {},
+        Kind::SshControl,
+        |wait| {
+            std::thread::sleep(wait);
+            false
+        },
+    )
+}
+
+/// What runs, for what its exit means and how it is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// rsync: its exit codes ([`classify`]), ssh's reason on a failure over ssh.
+    Rsync,
+    /// A command target's program: 0 or retry, in a process group of its own.
+    UserProgram,
+    /// `ssh -O …` to a shared connection: 0 or not.
+    SshControl,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -168,10 +191,10 @@ fn run_classified(
     idle: Option<Duration>,
     stdout: Option<Sink>,
     setup: &dyn Fn(&mut Command),
-    classify: fn(Option<i32>) -> Outcome,
-    group: bool,
+    kind: Kind,
     mut tick: impl FnMut(Duration) -> bool,
 ) -> RunResult {
+    let group = kind == Kind::UserProgram;
     let name = Path::new(program)
         .file_name()
         .map_or_else(|| program.to_string_lossy(), |n| n.to_string_lossy())
@@ -324,7 +347,13 @@ fn run_classified(
                 },
             },
             Ok(st) => {
-                let outcome = classify(st.code());
+                let outcome = match kind {
+                    Kind::Rsync => classify(st.code()),
+                    Kind::UserProgram | Kind::SshControl if st.code() == Some(0) => {
+                        Outcome::Success
+                    }
+                    Kind::UserProgram | Kind::SshControl => Outcome::Retry,
+                };
                 let error = match outcome {
                     Outcome::Success => String::new(),
                     _ => {
@@ -333,7 +362,15 @@ fn run_classified(
                             (None, Some(sig)) => format!("{name} killed by signal {sig}"),
                             _ => format!("{name} ended: {st}"),
                         };
-                        if tail.is_empty() {
+                        // ssh's own reason (refused, denied, unknown host), one line,
+                        // instead of rsync's "connection unexpectedly closed": it is
+                        // what status shows of a failing target.
+                        let reason = (kind == Kind::Rsync)
+                            .then(|| ::rsync::ssh::failure_reason(st.code(), &tail))
+                            .flatten();
+                        if let Some(reason) = reason {
+                            format!("{reason} ({how})")
+                        } else if tail.is_empty() {
                             how
                         } else {
                             format!("{how}: {tail}")
@@ -367,6 +404,43 @@ mod tests {
         );
         assert_eq!(r.outcome, Outcome::Fatal);
         assert!(r.error.contains("install rsync"), "{}", r.error);
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::*;
+
+    fn fake_rsync(script: &str) -> RunResult {
+        run(
+            &"sh".into(),
+            &["-c".into(), script.into()],
+            b"",
+            None,
+            None,
+            &|_| {},
+            |w| {
+                std::thread::sleep(w);
+                false
+            },
+        )
+    }
+
+    #[test]
+    fn a_run_that_ssh_failed_says_sshs_reason_on_one_line() {
+        let r = fake_rsync(
+            "echo 'ssh: connect to host h port 22: Connection refused' >&2; \
+             echo 'rsync: connection unexpectedly closed (0 bytes received so far) [sender]' >&2; \
+             echo 'rsync error: error in rsync protocol data stream (code 12)' >&2; exit 12",
+        );
+        assert_eq!(r.outcome, Outcome::Retry);
+        assert_eq!(
+            r.error,
+            "ssh: connect to host h port 22: Connection refused (sh exited with code 12)"
+        );
+        // Any other failure keeps rsync's whole tail.
+        let r = fake_rsync("echo 'rsync: link_stat failed' >&2; exit 23");
+        assert_eq!(r.error, "sh exited with code 23: rsync: link_stat failed");
     }
 }
 

@@ -63,6 +63,7 @@ pub mod command;
 pub mod guard;
 pub mod plan;
 mod routing;
+mod ssh;
 mod stage;
 mod starts;
 pub mod worker;

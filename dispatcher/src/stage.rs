@@ -17,6 +17,7 @@ use protocol::wire;
 use crate::after_hooks::{forward_deliveries, HOOK_SETTLE};
 use crate::command;
 use crate::routing::{dispatch, forward_jobs, select, Routing};
+use crate::ssh;
 use crate::starts::{catch_up_since, handle, Starts};
 use crate::worker::{Control, Job};
 
@@ -63,6 +64,7 @@ pub fn run(
             "dispatcher",
             protocol::now_us(),
         ))),
+        ssh_dir: ssh::prepare(config, &targets),
         ..Default::default()
     });
     // One file per dispatcher process: `dispatcher`, or with the targets it serves.
@@ -164,7 +166,11 @@ pub fn run(
             }
         }
     };
-    drain(routing, sockets, &control, shutdown, result)
+    let result = drain(routing, sockets, &control, shutdown, result);
+    if let Some(dir) = &control.ssh_dir {
+        ssh::close(dir, &targets);
+    }
+    result
 }
 
 /// The sockets to the filter's change stream (a topic per root served), the

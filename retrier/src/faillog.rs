@@ -80,7 +80,8 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
             );
             continue;
         }
-        let Ok(common) = rsync::common_args(target) else {
+        // No shared connection: the script runs on its own, maybe with syncbus stopped.
+        let Ok(common) = rsync::common_args(target, None) else {
             comment(&mut out, "target options cannot be expressed: skipped");
             continue;
         };

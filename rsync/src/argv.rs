@@ -6,6 +6,8 @@ use std::path::Path;
 
 use protocol::config::{Endpoint, Target};
 
+use crate::ssh::{ssh_command, ssh_host};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     /// `--files-from=-` with the touched paths; `-r` when a directory appeared whole.
@@ -30,7 +32,7 @@ pub enum Mode {
 /// A command line that cannot be built (a retryable failure: the config may be fixed).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ArgError(String);
+pub struct ArgError(pub(crate) String);
 
 /// The program to run: `$SYNCBUS_RSYNC` or `rsync` from PATH.
 pub fn rsync_program() -> OsString {
@@ -39,47 +41,9 @@ pub fn rsync_program() -> OsString {
         .unwrap_or_else(|| "rsync".into())
 }
 
-/// rsync's `-e` value for an ssh target. rsync splits it on spaces honouring quotes, so
-/// each word is single-quoted; a word with a `'` is refused rather than guessed at.
-pub fn ssh_command(
-    port: Option<u16>,
-    identity: Option<&Path>,
-    options: &[String],
-) -> Result<String, ArgError> {
-    let mut words: Vec<String> = vec!["ssh".into()];
-    if let Some(p) = port {
-        words.push("-p".into());
-        words.push(p.to_string());
-    }
-    if let Some(i) = identity {
-        words.push("-i".into());
-        words.push(i.to_str().map(str::to_string).ok_or_else(|| {
-            ArgError(format!(
-                "identity file `{}` is not UTF-8, which rsync's -e cannot carry",
-                i.display()
-            ))
-        })?);
-    }
-    words.extend(options.iter().cloned());
-    let mut out = String::new();
-    for w in &words {
-        if w.contains('\'') {
-            return Err(ArgError(format!(
-                "ssh word `{w}` contains a single quote, which rsync's -e splitting cannot carry"
-            )));
-        }
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out.push('\'');
-        out.push_str(w);
-        out.push('\'');
-    }
-    Ok(out)
-}
-
-/// The arguments every run to `target` shares, after the mode's own.
-pub fn common_args(target: &Target) -> Result<Vec<OsString>, ArgError> {
+/// The arguments every run to `target` shares, after the mode's own. `ssh_dir`: where
+/// runs to an ssh target share one connection ([`crate::ssh`]; `None`: each run logs in).
+pub fn common_args(target: &Target, ssh_dir: Option<&Path>) -> Result<Vec<OsString>, ArgError> {
     // No `--timeout`: with it, every run to a daemon without TCP_NODELAY on its side
     // costs ~20 ms more (measured: 33 → 52 ms per run on loopback). `run` enforces the
     // same I/O-inactivity limit from outside instead.
@@ -101,13 +65,14 @@ pub fn common_args(target: &Target) -> Result<Vec<OsString>, ArgError> {
             }
         }
         Endpoint::Ssh {
+            dest,
             port,
             identity_file,
             options,
-            ..
         } => {
             a.push("-e".into());
-            a.push(ssh_command(*port, identity_file.as_deref(), options)?.into());
+            let host = ssh_host(dest);
+            a.push(ssh_command(*port, identity_file.as_deref(), options, &host, ssh_dir)?.into());
         }
         Endpoint::Local { .. }
         | Endpoint::Command { .. }
@@ -118,13 +83,15 @@ pub fn common_args(target: &Target) -> Result<Vec<OsString>, ArgError> {
     Ok(a)
 }
 
-/// The full argv (without the program) of one run from `root` to `dest`.
+/// The full argv (without the program) of one run from `root` to `dest`; `ssh_dir` as
+/// in [`common_args`].
 pub fn build_args(
     target: &Target,
     mode: &Mode,
     rules_file: Option<&Path>,
     root: &Path,
     dest: &str,
+    ssh_dir: Option<&Path>,
 ) -> Result<Vec<OsString>, ArgError> {
     let mut a: Vec<OsString> = vec!["-a".into()];
     match mode {
@@ -184,7 +151,7 @@ pub fn build_args(
         s.push(f);
         a.push(s);
     }
-    a.extend(common_args(target)?);
+    a.extend(common_args(target, ssh_dir)?);
     let mut local = root.as_os_str().to_os_string();
     local.push("/");
     if matches!(mode, Mode::Pull | Mode::PullList) {
@@ -258,6 +225,7 @@ mod tests {
             Some(Path::new("/run/x/rules")),
             Path::new("/srv/www"),
             &t.destination("www"),
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -291,7 +259,15 @@ mod tests {
             identity_file: Some(PathBuf::from("/k/id ed")),
             options: vec!["-o".into(), "StrictHostKeyChecking=yes".into()],
         });
-        let a = build_args(&t, &Mode::Resync, None, Path::new("/srv"), "u@h:/data/").unwrap();
+        let a = build_args(
+            &t,
+            &Mode::Resync,
+            None,
+            Path::new("/srv"),
+            "u@h:/data/",
+            None,
+        )
+        .unwrap();
         assert_eq!(
             strings(a),
             [
@@ -308,7 +284,13 @@ mod tests {
                 "u@h:/data/",
             ]
         );
-        let e = ssh_command(None, None, &["-o".into(), "ProxyCommand=it's".into()]);
+        let e = ssh_command(
+            None,
+            None,
+            &["-o".into(), "ProxyCommand=it's".into()],
+            "h",
+            None,
+        );
         assert!(e.unwrap_err().to_string().contains("single quote"));
     }
 
@@ -319,7 +301,15 @@ mod tests {
         });
         t.timeout = 0;
         t.extra_args.clear();
-        let a = build_args(&t, &Mode::Incremental, None, Path::new("/srv"), "/backup/").unwrap();
+        let a = build_args(
+            &t,
+            &Mode::Incremental,
+            None,
+            Path::new("/srv"),
+            "/backup/",
+            None,
+        )
+        .unwrap();
         assert_eq!(
             strings(a),
             [
@@ -360,7 +350,8 @@ mod tests {
             Mode::Pull,
             Mode::PullList,
         ] {
-            let a = strings(build_args(&t, &mode, None, Path::new("/srv"), "/peer/").unwrap());
+            let a =
+                strings(build_args(&t, &mode, None, Path::new("/srv"), "/peer/", None).unwrap());
             for want in own {
                 assert!(a.iter().any(|x| x == want), "{want} missing from {a:?}");
             }
@@ -382,6 +373,7 @@ mod tests {
                 None,
                 Path::new("/scratch"),
                 "/backup/",
+                None,
             )
             .unwrap(),
         );

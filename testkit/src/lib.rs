@@ -1,7 +1,8 @@
 //! Dev-only helpers for syncbus's system tests: a real `rsync --daemon` on 127.0.0.1
 //! ([`RsyncDaemon`]), byte-for-byte tree comparison ([`tree_diff`]), waiting for a
-//! condition with a deadline instead of sleeping ([`eventually`]), and a handle on a
-//! running binary that is stopped when dropped ([`Proc`]).
+//! condition with a deadline instead of sleeping ([`eventually`]), a handle on a
+//! running binary that is stopped when dropped ([`Proc`]), and a real OpenSSH server
+//! for ssh targets ([`Sshd`]).
 
 #![allow(clippy::disallowed_methods)] // tests and their helpers spawn what they check
 
@@ -15,6 +16,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod sshd;
+pub use sshd::Sshd;
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` naming `what`.
 pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {

@@ -62,6 +62,20 @@ impl Mirror {
         }
     }
 
+    /// Adds a `[[target]]` table (its keys in `keys`, without `name`: it is `t<N>`)
+    /// mirroring into `dst`, a directory on this machine however it is reached.
+    pub fn add_target(&mut self, keys: &str, dst: PathBuf) -> &mut Self {
+        let mut text = fs::read_to_string(&self.config).unwrap();
+        text.push_str(&format!(
+            "\n[[target]]\nname = \"t{}\"\n{keys}",
+            self.dsts.len()
+        ));
+        fs::write(&self.config, text).unwrap();
+        fs::create_dir_all(&dst).unwrap();
+        self.dsts.push(dst);
+        self
+    }
+
     pub fn start(&mut self) -> &mut Self {
         let args = [
             std::ffi::OsStr::new("run"),

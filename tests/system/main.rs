@@ -12,6 +12,7 @@ mod identity;
 mod journal;
 mod mirror;
 mod reliability;
+mod ssh;
 mod status;
 mod stream;
 mod systemd;

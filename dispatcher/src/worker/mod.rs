@@ -88,6 +88,9 @@ pub struct Control {
     /// Deletes seen live on two-way roots: a whole-root pull must not bring them back
     /// from a peer they have not reached yet.
     pub(crate) local_deletes: two_way::LocalDeletes,
+    /// Where runs to ssh targets share their connection ([`crate::ssh`]); `None`: each
+    /// run logs in.
+    pub ssh_dir: Option<PathBuf>,
 }
 
 impl Control {

@@ -311,8 +311,14 @@ impl Runner {
                 }
             }
         };
-        let args = match ::rsync::build_args(&self.target, &mode, rules_file.as_deref(), src, dest)
-        {
+        let args = match ::rsync::build_args(
+            &self.target,
+            &mode,
+            rules_file.as_deref(),
+            src,
+            dest,
+            self.control.ssh_dir.as_deref(),
+        ) {
             Ok(a) => a,
             Err(e) => {
                 return RunResult {
