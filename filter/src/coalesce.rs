@@ -5,6 +5,13 @@
 //! effect is what is published: create+modify+close_write is one upsert, a path created
 //! and deleted inside the window is nothing, a `moved_from`/`moved_to` pair with the same
 //! cookie is one move (an unpaired half is a delete or an upsert).
+//!
+//! Hot files: a file whose content changes again soon after it was published is held
+//! until a delay after that publication, and the delay doubles each time it comes back
+//! soon ([`HOT_FIRST`] up to [`HOT_MAX`]), so a file written for seconds goes out a
+//! handful of times instead of once per quiet window. A writer that closes it and stays
+//! away [`HOT_FIRST`] has it sent then. A path that rests [`HOT_SOON`] (or twice its
+//! delay) is cold again; deletes, moves and directories are never held for heat.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -27,6 +34,21 @@ pub const TRANSIENT_REST: Duration = Duration::from_secs(1);
 /// …and at most this long, so one written without pause still goes.
 pub const TRANSIENT_MAX_HOLD: Duration = Duration::from_secs(30);
 
+/// The first hold of a file changed again soon after it was published; also how long a
+/// hot file must rest after its writer closed it before it goes.
+pub const HOT_FIRST: Duration = Duration::from_millis(50);
+/// The longest hold of a hot file: the targets lag a file being written at most this
+/// much behind its previous publication.
+pub const HOT_MAX: Duration = Duration::from_secs(2);
+/// A change this soon after a publication (or within twice the path's delay, if longer)
+/// makes the path hotter; a later one finds it cold.
+pub const HOT_SOON: Duration = Duration::from_secs(1);
+/// At most this many publications are remembered (a burst of new files would fill it
+/// with cold paths); beyond it a path not remembered is treated as cold.
+const HEAT_CAP: usize = 16_384;
+/// Forgotten publications are swept at most this often.
+const HEAT_SWEEP: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub quiet: Duration,
@@ -37,6 +59,29 @@ pub struct Timing {
     /// A path created and removed again inside the window is nothing to the targets
     /// (off for two-way roots: the peer may have fetched it meanwhile).
     pub forget_created: bool,
+    /// A file changed again soon after its publication is held longer (off for roots
+    /// whose files must rest: `stable_ms` is the stricter rule).
+    pub heat: bool,
+}
+
+/// The last publication of a file's content and the delay it was held for (zero when
+/// it was cold).
+#[derive(Debug, Clone, Copy)]
+struct Heat {
+    at: Instant,
+    delay: Duration,
+}
+
+impl Heat {
+    /// A change at `now` finds the path still hot.
+    fn soon(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.at) < HOT_SOON.max(self.delay * 2)
+    }
+
+    /// The hold of the next change, if it comes soon.
+    fn next_delay(&self) -> Duration {
+        (self.delay * 2).clamp(HOT_FIRST, HOT_MAX)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +109,12 @@ struct Entry {
     gen: u64,
     /// First-seen order, so a batch lists changes in the order they began.
     order: u64,
+    /// Hot: not published before this (its last publication plus `delay`).
+    hold_until: Option<Instant>,
+    /// The heat of this change was decided (at its first content event).
+    heat_checked: bool,
+    /// The hold chosen for this change (zero when cold), remembered at publication.
+    delay: Duration,
 }
 
 struct PendingMove {
@@ -81,9 +132,14 @@ struct PendingMove {
 }
 
 impl Entry {
-    /// Quiet for the root's window since the last event, or held for its maximum.
+    /// Quiet for the root's window since the last event, or held for its maximum; a
+    /// hot file not before its hold ends.
     fn deadline(&self, timing: Timing) -> Instant {
-        (self.last + timing.quiet).min(self.first + timing.max_hold)
+        let d = (self.last + timing.quiet).min(self.first + timing.max_hold);
+        match self.hold_until {
+            Some(h) if self.net == Net::Upsert => d.max(h),
+            _ => d,
+        }
     }
 }
 
@@ -97,6 +153,9 @@ pub struct Coalescer {
     moves: HashMap<u32, PendingMove>,
     resyncs: Vec<(String, Change)>,
     counter: u64,
+    /// Recent publications of file contents, by path (bounded by [`HEAT_CAP`]).
+    heat: HashMap<Key, Heat>,
+    next_sweep: Option<Instant>,
 }
 
 impl Coalescer {
@@ -133,7 +192,7 @@ impl Coalescer {
                 ))
             }
             RawKind::Create => {
-                let e = self.touch(key, since_us, now, true, ev.dir);
+                let e = self.touch(key, since_us, now, true, ev.dir, !ev.dir);
                 if e.net == Net::Delete {
                     e.net = Net::Upsert;
                 }
@@ -143,7 +202,7 @@ impl Coalescer {
             RawKind::Modify | RawKind::CloseWrite | RawKind::Attrib => {
                 let timing = self.timing_for(&key, ev.dir);
                 let max_hold = timing.max_hold;
-                let e = self.touch(key.clone(), since_us, now, false, ev.dir);
+                let e = self.touch(key.clone(), since_us, now, false, ev.dir, !ev.dir);
                 if e.net == Net::Delete {
                     e.net = Net::Upsert;
                 }
@@ -152,7 +211,12 @@ impl Coalescer {
                     // A writer closed the file: it is whole. Wait only for a rename
                     // that follows at once (editors and `sed -i` close a temp file
                     // and rename it over the original), not for the quiet window.
-                    let at = (now + CLOSED_SETTLE).min(e.first + max_hold);
+                    // A hot file goes once it stayed closed for HOT_FIRST (a writer
+                    // that opens it again at once is still writing), or at its hold.
+                    let at = match e.hold_until {
+                        Some(_) => (now + HOT_FIRST).min(e.deadline(timing)),
+                        None => (now + CLOSED_SETTLE).min(e.first + max_hold),
+                    };
                     let gen = e.gen;
                     self.deadlines.push(Reverse((at, gen, key)));
                 }
@@ -214,7 +278,7 @@ impl Coalescer {
                 // Never `created`: a rename over an existing file (or one from an
                 // excluded temp name) arrives as a lone `moved_to`, and deleting it
                 // again must still reach the targets.
-                let e = self.touch(key, since_us, now, false, ev.dir);
+                let e = self.touch(key, since_us, now, false, ev.dir, false);
                 if let Some(order) = pair.as_ref().and_then(|m| m.order) {
                     e.order = e.order.min(order);
                 }
@@ -232,7 +296,7 @@ impl Coalescer {
         match self.entries.get_mut(&from_key) {
             Some(e) => e.created = false,
             None => {
-                let d = self.touch(from_key, since_us, now, false, dir);
+                let d = self.touch(from_key, since_us, now, false, dir, false);
                 d.net = Net::Delete;
                 d.dir = dir;
             }
@@ -293,7 +357,9 @@ impl Coalescer {
     }
 
     /// The entry for `key`, created if absent (then `created` says whether the path is
-    /// known not to have existed before), with its deadline refreshed.
+    /// known not to have existed before), with its deadline refreshed. `content`: the
+    /// event changes a file's content or attributes, so a hot file is held (any other
+    /// event drops the hold: deletes and moves are never held for heat).
     fn touch(
         &mut self,
         key: Key,
@@ -301,11 +367,21 @@ impl Coalescer {
         now: Instant,
         created: bool,
         dir: bool,
+        content: bool,
     ) -> &mut Entry {
         self.counter += 1;
         let gen = self.counter;
         let timing = self.timing_for(&key, dir);
         let created = created && timing.forget_created;
+        let checked = self.entries.get(&key).is_some_and(|e| e.heat_checked);
+        let hot = if content && timing.heat && !checked {
+            self.heat
+                .get(&key)
+                .filter(|h| h.soon(now))
+                .map(|h| (h.at + h.next_delay(), h.next_delay()))
+        } else {
+            None
+        };
         let e = self.entries.entry(key.clone()).or_insert_with(|| Entry {
             net: Net::Upsert,
             created,
@@ -317,9 +393,21 @@ impl Coalescer {
             since_us,
             gen,
             order: gen,
+            hold_until: None,
+            heat_checked: false,
+            delay: Duration::ZERO,
         });
         e.last = now;
         e.gen = gen;
+        if !content {
+            e.hold_until = None;
+        } else if timing.heat && !e.heat_checked {
+            e.heat_checked = true;
+            if let Some((until, delay)) = hot {
+                e.hold_until = Some(until);
+                e.delay = delay;
+            }
+        }
         self.deadlines.push(Reverse((e.deadline(timing), gen, key)));
         e
     }
@@ -337,12 +425,12 @@ impl Coalescer {
                 // The move's destination is gone again: the source is gone as well.
                 let from_key = (key.0.clone(), from);
                 self.source_gone(from_key, dir, since_us, now);
-                let e = self.touch(key, since_us, now, false, dir);
+                let e = self.touch(key, since_us, now, false, dir, false);
                 e.net = Net::Delete;
                 e.recursive = false;
             }
             _ => {
-                let e = self.touch(key, since_us, now, false, dir);
+                let e = self.touch(key, since_us, now, false, dir, false);
                 e.net = Net::Delete;
                 e.dir = dir;
                 e.recursive = false;
@@ -413,6 +501,7 @@ impl Coalescer {
             max_hold: Duration::from_millis(protocol::config::DEFAULT_MAX_HOLD_MS),
             closed_settle: true,
             forget_created: true,
+            heat: true,
         })
     }
 
@@ -443,11 +532,13 @@ impl Coalescer {
             }
         }
         ready.sort_by_key(|(order, _, _)| *order);
-        for (_, (root, path), e) in &ready {
+        for (_, key, e) in &ready {
             if e.dir && e.recursive && e.net != Net::Delete {
-                self.mark_carried(root, path);
+                self.mark_carried(&key.0, &key.1);
             }
+            self.remember(key, e, now);
         }
+        self.sweep_heat(now);
         out.extend(
             ready
                 .into_iter()
@@ -456,6 +547,41 @@ impl Coalescer {
         self.moves
             .retain(|_, m| now.duration_since(m.at) < MOVE_PAIRING);
         out
+    }
+
+    /// Remembers the publication of a file's content, so a change soon after finds it
+    /// hot; a delete or move forgets it.
+    fn remember(&mut self, key: &Key, e: &Entry, now: Instant) {
+        let content = e.net == Net::Upsert && !e.dir && e.heat_checked;
+        if !content {
+            self.heat.remove(key);
+            return;
+        }
+        let heat = Heat {
+            at: now,
+            delay: e.delay,
+        };
+        if let Some(h) = self.heat.get_mut(key) {
+            *h = heat;
+        } else if self.heat.len() < HEAT_CAP {
+            self.heat.insert(key.clone(), heat);
+        }
+    }
+
+    /// Forgets publications no change can find hot any more (at most once per
+    /// [`HEAT_SWEEP`]).
+    fn sweep_heat(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|at| now < at) || self.heat.is_empty() {
+            return;
+        }
+        self.heat.retain(|_, h| h.soon(now));
+        self.next_sweep = Some(now + HEAT_SWEEP);
+    }
+
+    /// Paths whose publications are remembered.
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.heat.len()
     }
 
     /// Everything still held, at once (shutdown).
@@ -512,6 +638,7 @@ mod tests {
                     max_hold: HOLD,
                     closed_settle: true,
                     forget_created: true,
+                    heat: true,
                 },
             );
             let t0 = Instant::now();
@@ -879,5 +1006,133 @@ mod tests {
             s.out(),
             vec![(Op::Upsert, "dir~".into(), None, true), up("plain")]
         );
+    }
+
+    /// Runs `events` (ms, kind, path) and returns (ms, path) of each publication, looking
+    /// every millisecond up to `until`.
+    fn publish_times(
+        s: &mut Sim,
+        events: &[(u64, RawKind, &str)],
+        until: u64,
+    ) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        let mut next = 0;
+        for ms in 0..=until {
+            s.at_ms(ms);
+            while next < events.len() && events[next].0 == ms {
+                s.f(events[next].1, events[next].2);
+                next += 1;
+            }
+            out.extend(s.out().into_iter().map(|c| (ms, c.1)));
+        }
+        out
+    }
+
+    #[test]
+    fn a_file_written_once_goes_at_once_and_a_file_written_on_goes_a_handful_of_times() {
+        // A writer appending every 5 ms for 3 s and closing: today's rule (quiet 10 ms,
+        // max hold 100 ms) would send it about 30 times.
+        let mut events = vec![(0, CloseWrite, "once")];
+        events.extend((0..3_000).step_by(5).map(|ms| (ms, Modify, "log")));
+        events.push((3_000, CloseWrite, "log"));
+        let mut s = Sim::new();
+        let got = publish_times(&mut s, &events, 6_000);
+        let want: Vec<(u64, String)> = [
+            (2, "once"),
+            (100, "log"),   // max hold: cold
+            (205, "log"),   // back 5 ms after: held 50 ms, but max hold (105 + 100) is later
+            (310, "log"),   // held 100 ms from 205 (305), max hold 210 + 100
+            (510, "log"),   // 200 ms from 310
+            (910, "log"),   // 400 ms
+            (1_710, "log"), // 800 ms
+            (3_050, "log"), // held 1.6 s from 1710 (3310), but closed and left 50 ms
+        ]
+        .into_iter()
+        .map(|(ms, p)| (ms, p.to_string()))
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_hot_file_is_held_by_doubling_delays_up_to_the_bound_and_cools_when_left_alone() {
+        // Written and closed every 20 ms: each close is followed by a new write before
+        // HOT_FIRST, so only the growing hold sends it.
+        let mut events: Vec<(u64, RawKind, &str)> = Vec::new();
+        for ms in (0..8_000).step_by(20) {
+            events.push((ms, Modify, "f"));
+            events.push((ms, CloseWrite, "f"));
+        }
+        // Left alone for HOT_SOON and twice its delay, then written once: at once.
+        events.push((20_000, Modify, "f"));
+        events.push((20_000, CloseWrite, "f"));
+        let mut s = Sim::new();
+        let got: Vec<u64> = publish_times(&mut s, &events, 21_000)
+            .into_iter()
+            .map(|(ms, _)| ms)
+            .collect();
+        assert_eq!(
+            got,
+            // Each hold counts from the previous publication: +50, +100, … +1600, then
+            // the bound of 2 s; the last close is followed by 50 ms of rest.
+            vec![
+                2,
+                52,
+                152,
+                352,
+                752,
+                1_552,
+                3_152,
+                5_152,
+                7_152,
+                7_980 + 50,
+                20_002
+            ]
+        );
+    }
+
+    #[test]
+    fn a_hot_file_deleted_or_moved_away_is_not_held() {
+        let mut s = Sim::new();
+        let events = [
+            (0, CloseWrite, "a"),
+            (0, CloseWrite, "b"),
+            (10, Modify, "a"), // hot: held until 52
+            (10, Modify, "b"),
+            (20, Delete, "a"), // a delete goes after the quiet window
+        ];
+        let mut got = publish_times(&mut s, &events, 25);
+        s.ev(MovedFrom, "b", false, 4).ev(MovedTo, "c", false, 4);
+        got.extend(
+            publish_times(&mut s, &[], 40)
+                .into_iter()
+                .filter(|(ms, _)| *ms > 25),
+        );
+        let ms: Vec<(u64, &str)> = got.iter().map(|(m, p)| (*m, p.as_str())).collect();
+        assert_eq!(ms, vec![(2, "a"), (2, "b"), (30, "a"), (35, "c")]);
+    }
+
+    #[test]
+    fn heat_is_bounded_and_forgotten_once_paths_are_cold() {
+        let mut s = Sim::new();
+        for i in 0..HEAT_CAP + 10 {
+            s.f(CloseWrite, &format!("f{i}"));
+        }
+        s.at_ms(10);
+        assert_eq!(s.out().len(), HEAT_CAP + 10);
+        assert_eq!(s.c.remembered(), HEAT_CAP);
+        s.at_ms(10 + HOT_SOON.as_millis() as u64);
+        s.out();
+        assert_eq!(s.c.remembered(), 0);
+    }
+
+    #[test]
+    fn roots_whose_files_must_rest_keep_their_own_rule() {
+        let mut s = Sim::new();
+        let t = s.c.timing["r"];
+        s.c.timing.insert("r".into(), Timing { heat: false, ..t });
+        let events = [(0, CloseWrite, "a"), (10, CloseWrite, "a")];
+        let got = publish_times(&mut s, &events, 100);
+        assert_eq!(got, vec![(2, "a".to_string()), (12, "a".to_string())]);
+        assert_eq!(s.c.remembered(), 0);
     }
 }

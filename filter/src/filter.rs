@@ -171,6 +171,7 @@ impl Filter {
                         max_hold: r.max_hold.max(r.stable),
                         closed_settle: r.stable.is_zero(),
                         forget_created: !r.two_way,
+                        heat: r.stable.is_zero(),
                     },
                 )
             })

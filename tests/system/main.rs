@@ -8,6 +8,7 @@ mod cli;
 mod guard;
 mod hardening;
 mod hooks;
+mod hot;
 mod identity;
 mod journal;
 mod mirror;
