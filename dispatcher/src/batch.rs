@@ -1,115 +1,24 @@
 //! The batcher: everything a target still needs, merged per root, so that one rsync per
 //! root covers whatever arrived while the previous one ran. Pure: no I/O, no clock.
+//! What a root owes is a [`Work`], the shape owed work keeps through the retrier's
+//! journal and back, merged by its one rule.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use protocol::wire::{Change, Op};
+use protocol::work::{Touch, Work};
 use protocol::PathBytes;
-
-/// How a path was touched since the last batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Touch {
-    /// The path was deleted or moved away at some point.
-    pub deleted: bool,
-    /// When the first event behind it was read (µs since the Unix epoch; 0 unknown),
-    /// for the delivery stream's lag.
-    pub since_us: u64,
-}
-
-impl Touch {
-    fn merge(&mut self, other: Touch) {
-        self.deleted |= other.deleted;
-        self.since_us = protocol::earliest_us(self.since_us, other.since_us);
-    }
-}
-
-/// What one root needs on one target.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RootWork {
-    /// Subtrees to compare in full (the root when empty); none lies within another.
-    pub resyncs: BTreeSet<PathBytes>,
-    /// Touched paths; none lies within a resync subtree.
-    pub paths: BTreeMap<PathBytes, Touch>,
-    /// A catch-up since this time (µs) is owed; a resync of the whole root covers it.
-    pub catch_up: Option<u64>,
-    /// When the oldest change behind any of it happened (µs; 0 unknown), for the lag
-    /// in `syncbus status`.
-    pub since_us: u64,
-    /// A two-way target's: its compares never delete, so a deleted path stays listed
-    /// even within a resync subtree.
-    pub keep_deletes: bool,
-}
-
-impl RootWork {
-    pub fn is_empty(&self) -> bool {
-        self.resyncs.is_empty() && self.paths.is_empty() && self.catch_up.is_none()
-    }
-
-    /// Drops the change times (work sent once already, owed again only for safety).
-    pub fn forget_times(&mut self) {
-        self.since_us = 0;
-        for t in self.paths.values_mut() {
-            t.since_us = 0;
-        }
-    }
-
-    /// Asks for a catch-up since `since_us`, unless the whole root is compared anyway.
-    pub fn catch_up(&mut self, since_us: u64) {
-        if !self.resyncs.contains(&PathBytes::root()) {
-            self.catch_up = Some(self.catch_up.map_or(since_us, |c| c.min(since_us)));
-        }
-    }
-
-    fn covered(&self, path: &PathBytes) -> bool {
-        self.resyncs.iter().any(|s| path.is_within(s))
-    }
-
-    fn touch(&mut self, path: PathBytes, touch: Touch) {
-        self.since_us = protocol::earliest_us(self.since_us, touch.since_us);
-        if self.covered(&path) && !(self.keep_deletes && touch.deleted) {
-            return;
-        }
-        self.paths.entry(path).or_default().merge(touch);
-    }
-
-    pub fn resync(&mut self, subtree: PathBytes) {
-        if self.covered(&subtree) {
-            return;
-        }
-        self.resyncs.retain(|s| !s.is_within(&subtree));
-        let keep_deletes = self.keep_deletes;
-        self.paths
-            .retain(|p, t| !p.is_within(&subtree) || (keep_deletes && t.deleted));
-        if subtree.is_root() {
-            self.catch_up = None;
-        }
-        self.resyncs.insert(subtree);
-    }
-
-    pub fn merge(&mut self, other: RootWork) {
-        self.since_us = protocol::earliest_us(self.since_us, other.since_us);
-        if let Some(c) = other.catch_up {
-            self.catch_up(c);
-        }
-        for s in other.resyncs {
-            self.resync(s);
-        }
-        for (p, t) in other.paths {
-            self.touch(p, t);
-        }
-    }
-}
 
 /// One batch: the work of every root that was ready when it was taken.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
-    pub roots: BTreeMap<String, RootWork>,
+    pub roots: BTreeMap<String, Work>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Batcher {
-    roots: BTreeMap<String, RootWork>,
-    /// For a two-way target (see [`RootWork::keep_deletes`]).
+    roots: BTreeMap<String, Work>,
+    /// For a two-way target (see [`Work::keep_deletes`]).
     keep_deletes: bool,
 }
 
@@ -135,40 +44,16 @@ impl Batcher {
             // other content: compare it in full, `--delete` included (an `-r` entry in
             // an incremental run would leave the old files there).
             Op::Upsert if change.recursive => work.resync(change.path.clone()),
-            Op::Upsert => work.touch(
-                change.path.clone(),
-                Touch {
-                    deleted: false,
-                    since_us: change.since_us,
-                },
-            ),
-            Op::Delete => work.touch(
-                change.path.clone(),
-                Touch {
-                    deleted: true,
-                    since_us: change.since_us,
-                },
-            ),
+            Op::Upsert => work.touch(change.path.clone(), Touch::upsert(change.since_us)),
+            Op::Delete => work.touch(change.path.clone(), Touch::delete(change.since_us)),
             Op::Move => {
                 if let Some(from) = &change.from {
-                    work.touch(
-                        from.clone(),
-                        Touch {
-                            deleted: true,
-                            since_us: change.since_us,
-                        },
-                    );
+                    work.touch(from.clone(), Touch::delete(change.since_us));
                 }
                 if change.dir || change.recursive {
                     work.resync(change.path.clone());
                 } else {
-                    work.touch(
-                        change.path.clone(),
-                        Touch {
-                            deleted: false,
-                            since_us: change.since_us,
-                        },
-                    );
+                    work.touch(change.path.clone(), Touch::upsert(change.since_us));
                 }
             }
             Op::Resync => work.resync(change.path.clone()),
@@ -181,24 +66,21 @@ impl Batcher {
     }
 
     /// Puts back work that failed, merged with whatever arrived since.
-    pub fn merge(&mut self, root: &str, work: RootWork) {
+    pub fn merge(&mut self, root: &str, work: Work) {
         self.work(root).merge(work);
     }
 
     /// The pending work of `root`; its name is copied only the first time.
-    fn work(&mut self, root: &str) -> &mut RootWork {
+    fn work(&mut self, root: &str) -> &mut Work {
         if !self.roots.contains_key(root) {
-            let work = RootWork {
-                keep_deletes: self.keep_deletes,
-                ..RootWork::default()
-            };
+            let work = Work::keeping_deletes(self.keep_deletes);
             self.roots.insert(root.to_string(), work);
         }
         self.roots.get_mut(root).expect("inserted above")
     }
 
     pub fn is_empty(&self) -> bool {
-        self.roots.values().all(RootWork::is_empty)
+        self.roots.values().all(Work::is_empty)
     }
 
     /// True when `root` owes anything.

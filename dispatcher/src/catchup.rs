@@ -21,7 +21,7 @@ use std::path::Path;
 use protocol::rules::{rsync_literal_rule, Rules};
 use protocol::PathBytes;
 
-use crate::batch::Touch;
+use protocol::work::Touch;
 
 /// What changed under a root since a checkpoint.
 #[derive(Debug, Default)]

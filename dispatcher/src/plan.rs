@@ -8,7 +8,7 @@ use std::path::Path;
 use protocol::rules::Rules;
 use protocol::PathBytes;
 
-use crate::batch::Touch;
+use protocol::work::Touch;
 
 /// True when nothing exists at `path` under `root` (a dangling symlink exists).
 fn missing(root: &Path, path: &PathBytes) -> bool {

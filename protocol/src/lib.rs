@@ -2,7 +2,7 @@
 //!
 //! Every crate of the pipeline depends on this one: [`config`] (the TOML model, validated
 //! with errors that name file, line and key), [`wire`] (the MessagePack messages on the
-//! bus), [`rules`] (exclude rules, shared by the filter and the dispatcher's full syncs),
+//! bus), [`work`] (work owed to a target, one shape from batcher to journal), [`rules`] (exclude rules, shared by the filter and the dispatcher's full syncs),
 //! [`seq`] (loss detection), [`manifest`] (what a two-way root held at a clean stop), [`status`] (the files `syncbus status` reads) and [`bus`] (ZeroMQ sockets, endpoints, shutdown signals).
 //! Only `bus` does I/O on sockets; the message and config modules never import it.
 //!
@@ -22,6 +22,7 @@ pub mod seq;
 pub mod stage;
 pub mod status;
 pub mod wire;
+pub mod work;
 
 pub use path::PathBytes;
 

@@ -8,10 +8,15 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::work::{Touch, Work};
 use crate::PathBytes;
 
-/// The wire version this build writes and understands.
+/// The version of the streams (raw, changes, deliveries) this build writes and reads.
 pub const VERSION: u16 = 1;
+/// The version of the messages carrying owed work ([`Report`], [`JobMsg`]) this build
+/// writes. Version 2 lists the work's paths as records that keep deletes and change
+/// times ([`Work`]); version 1, bare paths, is still read.
+pub const WORK_VERSION: u16 = 2;
 
 /// Topic prefix of the public change stream; the full topic is `changes/<root>/`.
 pub const CHANGES_TOPIC: &str = "changes/";
@@ -119,39 +124,6 @@ pub enum Op {
     Move,
     /// Everything under `path` must be compared in full (the root when empty).
     Resync,
-}
-
-/// Work owed to one target for one root, as it crosses the bus and sits in the journal.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Work {
-    /// Subtrees to compare in full with `--delete` (the root when empty).
-    #[serde(default)]
-    pub resyncs: Vec<PathBytes>,
-    /// Paths to send as they are now (a missing one is deleted on the target).
-    #[serde(default)]
-    pub paths: Vec<PathBytes>,
-    /// rsync-style globs left out of this work only (a cron full sync's own excludes).
-    #[serde(default)]
-    pub excludes: Vec<String>,
-    /// A catch-up is owed: compare what changed since this time (µs since the Unix
-    /// epoch; 0 = none). A resync of the whole root covers it.
-    #[serde(default)]
-    pub catch_up_us: u64,
-    /// When the oldest change behind this work happened (µs since the Unix epoch; 0
-    /// unknown): what `syncbus status` reports as the target's lag.
-    #[serde(default)]
-    pub since_us: u64,
-}
-
-impl Work {
-    pub fn is_empty(&self) -> bool {
-        self.resyncs.is_empty() && self.paths.is_empty() && self.catch_up_us == 0
-    }
-
-    /// Number of paths and subtrees, for logs and bounds.
-    pub fn len(&self) -> usize {
-        self.resyncs.len() + self.paths.len()
-    }
 }
 
 /// What a report tells the retrier.
@@ -274,7 +246,7 @@ pub struct Delivered {
 pub enum WireError {
     #[error("cannot decode message: {0}")]
     Decode(#[from] rmp_serde::decode::Error),
-    #[error("unsupported wire version {0} (this build speaks {VERSION})")]
+    #[error("unsupported wire version {0}")]
     Version(u16),
 }
 
@@ -285,41 +257,50 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 /// Decodes a message and rejects versions this build does not understand.
 pub fn decode<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, WireError> {
     let msg: T = rmp_serde::from_slice(bytes)?;
-    if msg.version() != VERSION {
+    if !T::READS.contains(&msg.version()) {
         return Err(WireError::Version(msg.version()));
     }
     Ok(msg)
 }
 
+/// A message that says which version of its shape it is.
 pub trait Versioned {
+    /// The versions of this message this build reads.
+    const READS: std::ops::RangeInclusive<u16>;
+    /// The version this message says it is.
     fn version(&self) -> u16;
 }
 
 impl Versioned for RawBatch {
+    const READS: std::ops::RangeInclusive<u16> = VERSION..=VERSION;
     fn version(&self) -> u16 {
         self.version
     }
 }
 
 impl Versioned for ChangeBatch {
+    const READS: std::ops::RangeInclusive<u16> = VERSION..=VERSION;
     fn version(&self) -> u16 {
         self.version
     }
 }
 
 impl Versioned for Report {
+    const READS: std::ops::RangeInclusive<u16> = 1..=WORK_VERSION;
     fn version(&self) -> u16 {
         self.version
     }
 }
 
 impl Versioned for Delivery {
+    const READS: std::ops::RangeInclusive<u16> = VERSION..=VERSION;
     fn version(&self) -> u16 {
         self.version
     }
 }
 
 impl Versioned for JobMsg {
+    const READS: std::ops::RangeInclusive<u16> = 1..=WORK_VERSION;
     fn version(&self) -> u16 {
         self.version
     }
@@ -357,24 +338,64 @@ mod tests {
         }
     }
 
-    /// The golden fixture pins the bytes on the wire: a change here must be deliberate
+    /// A report of failed work: the owed work's shape on the wire and in the journal.
+    fn sample_report() -> Report {
+        let mut work = Work::default();
+        work.touch(
+            PathBytes::new(b"sent/again.txt".to_vec()),
+            Touch::upsert(1_699_999_999_990_000),
+        );
+        work.touch(
+            PathBytes::new(b"gone".to_vec()),
+            Touch::delete(1_699_999_999_991_000),
+        );
+        work.resync("dir".into());
+        work.catch_up(1_699_999_000_000_000);
+        Report {
+            version: WORK_VERSION,
+            epoch: 7,
+            seq: 3,
+            report_id: 11,
+            kind: ReportKind::Failed,
+            target: "backup".into(),
+            root: "www".into(),
+            covers: vec![5],
+            work,
+            error: "rsync exited with code 10".into(),
+            time_us: 1_700_000_000_000_000,
+        }
+    }
+
+    /// The golden fixtures pin the bytes on the wire: a change here must be deliberate
     /// (regenerate with `SYNCBUS_BLESS=1 cargo test -p syncbus-protocol`).
-    #[test]
-    fn change_batch_matches_golden_fixture() {
+    fn golden<T>(name: &str, msg: &T)
+    where
+        T: Serialize + DeserializeOwned + Versioned + PartialEq + std::fmt::Debug,
+    {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let bytes = encode(&sample());
-        let json = serde_json::to_string_pretty(&sample()).unwrap() + "\n";
+        let bytes = encode(msg);
+        let json = serde_json::to_string_pretty(msg).unwrap() + "\n";
         if std::env::var_os("SYNCBUS_BLESS").is_some() {
             std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("change_batch.msgpack"), &bytes).unwrap();
-            std::fs::write(dir.join("change_batch.json"), &json).unwrap();
+            std::fs::write(dir.join(format!("{name}.msgpack")), &bytes).unwrap();
+            std::fs::write(dir.join(format!("{name}.json")), &json).unwrap();
         }
-        let golden = std::fs::read(dir.join("change_batch.msgpack")).unwrap();
-        assert_eq!(bytes, golden, "wire bytes changed");
-        let from_golden: ChangeBatch = decode(&golden).unwrap();
-        assert_eq!(from_golden, sample());
-        let golden_json = std::fs::read_to_string(dir.join("change_batch.json")).unwrap();
-        assert_eq!(json, golden_json, "readable twin out of date");
+        let golden = std::fs::read(dir.join(format!("{name}.msgpack"))).unwrap();
+        assert_eq!(bytes, golden, "{name}: wire bytes changed");
+        let from_golden: T = decode(&golden).unwrap();
+        assert_eq!(&from_golden, msg);
+        let golden_json = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
+        assert_eq!(json, golden_json, "{name}: readable twin out of date");
+    }
+
+    #[test]
+    fn change_batch_matches_golden_fixture() {
+        golden("change_batch", &sample());
+    }
+
+    #[test]
+    fn report_matches_golden_fixture() {
+        golden("report", &sample_report());
     }
 
     #[test]
@@ -397,15 +418,12 @@ mod tests {
 
     #[test]
     fn report_and_job_round_trip_with_non_utf8_paths() {
-        let work = Work {
-            resyncs: vec![PathBytes::root()],
-            paths: vec![PathBytes::new(b"a\n\xff".to_vec())],
-            excludes: vec!["*.tmp".into()],
-            catch_up_us: 9,
-            since_us: 0,
-        };
+        let mut work = Work::default();
+        work.resync(PathBytes::root());
+        work.touch(PathBytes::new(b"a\n\xff".to_vec()), Touch::delete(0));
+        work.excludes = vec!["*.tmp".into()];
         let r = Report {
-            version: VERSION,
+            version: WORK_VERSION,
             epoch: 1,
             seq: 2,
             report_id: 3,
@@ -419,7 +437,7 @@ mod tests {
         };
         assert_eq!(decode::<Report>(&encode(&r)).unwrap(), r);
         let j = JobMsg {
-            version: VERSION,
+            version: WORK_VERSION,
             epoch: 1,
             seq: 2,
             kind: JobKind::Run,

@@ -100,11 +100,11 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
                 .map(|g| format!("--exclude={g}").into()),
         );
         // The script cannot do a catch-up: it compares the whole root instead.
-        let whole = [PathBytes::root()];
-        let resyncs = if r.work.catch_up_us != 0 {
-            &whole[..]
+        let whole = [PathBytes::root()].into();
+        let resyncs = if r.work.catch_up.is_some() {
+            &whole
         } else {
-            &r.work.resyncs[..]
+            &r.work.resyncs
         };
         for sub in resyncs {
             let with_slash = |base: &[u8], p: &PathBytes| {
@@ -128,7 +128,7 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
         }
         if !r.work.paths.is_empty() {
             out.extend_from_slice(b"printf '%s\\0'");
-            for p in &r.work.paths {
+            for p in r.work.paths.keys() {
                 let mut entry = b"./".to_vec();
                 entry.extend_from_slice(p.as_bytes());
                 out.push(b' ');
@@ -181,7 +181,7 @@ pub fn write(path: &Path, text: &[u8]) -> std::io::Result<()> {
 #[allow(clippy::disallowed_methods)] // tests spawn the programs they check
 mod tests {
     use super::*;
-    use protocol::wire::Work;
+    use protocol::work::{Touch, Work};
 
     #[test]
     fn quoting_survives_quotes_newlines_and_non_utf8() {
@@ -209,12 +209,12 @@ mod tests {
         let rec = Record {
             target: "t".into(),
             root: "r".into(),
-            work: Work {
-                resyncs: vec!["sub".into()],
-                paths: vec![PathBytes::new(odd.to_vec()), "gone".into()],
-                excludes: vec![],
-                catch_up_us: 0,
-                since_us: 0,
+            work: {
+                let mut w = Work::default();
+                w.resync("sub".into());
+                w.touch(PathBytes::new(odd.to_vec()), Touch::upsert(0));
+                w.touch("gone".into(), Touch::delete(0));
+                w
             },
             attempt: 2,
             since_us: 1,

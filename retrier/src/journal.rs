@@ -235,15 +235,17 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::work::Touch;
     use protocol::PathBytes;
 
     fn rec(path: &str) -> Record {
         Record {
             target: "t".into(),
             root: "r".into(),
-            work: Work {
-                paths: vec![PathBytes::new(path.as_bytes().to_vec())],
-                ..Default::default()
+            work: {
+                let mut w = Work::default();
+                w.touch(PathBytes::new(path.as_bytes().to_vec()), Touch::delete(3));
+                w
             },
             attempt: 1,
             since_us: 5,
@@ -268,7 +270,7 @@ mod tests {
         let all = j.load().unwrap();
         let paths: Vec<(u64, String)> = all
             .iter()
-            .map(|(id, r)| (*id, r.work.paths[0].to_string()))
+            .map(|(id, r)| (*id, r.work.paths.keys().next().unwrap().to_string()))
             .collect();
         assert_eq!(paths, vec![(2, "b".into()), (3, "c".into())]);
         assert_eq!(j.get(ids[0]).unwrap().unwrap(), rec("c"));

@@ -414,7 +414,7 @@ impl Retrier<'_> {
                             target: rec.target.clone(),
                             root: rec.root.clone(),
                             work: Work {
-                                resyncs: vec![protocol::PathBytes::root()],
+                                resyncs: [protocol::PathBytes::root()].into(),
                                 ..Default::default()
                             },
                             attempt: 0,
@@ -454,7 +454,7 @@ impl Retrier<'_> {
                 target: t.name.clone(),
                 root: r.clone(),
                 work: Work {
-                    resyncs: vec![protocol::PathBytes::root()],
+                    resyncs: [protocol::PathBytes::root()].into(),
                     ..Default::default()
                 },
                 attempt: 0,
@@ -489,7 +489,7 @@ impl Retrier<'_> {
 
     fn msg(&self, kind: JobKind, target: &str) -> JobMsg {
         JobMsg {
-            version: wire::VERSION,
+            version: wire::WORK_VERSION,
             epoch: self.epoch,
             seq: 0,
             kind,
@@ -515,15 +515,12 @@ impl Retrier<'_> {
                     .max()
                     .unwrap_or(0)
                     + u32::from(!rep.error.is_empty());
-                // A two-way target's paths may be deletes, which its compares do not
-                // make: never folded into a compare, so its backlog is not collapsed.
+                // A two-way target's compares make no deletes: its work keeps them.
                 let two_way = self.config.target(&rep.target).is_some_and(|t| t.two_way);
-                let merged = policy::merge([rep.work], two_way);
-                let work = if two_way {
-                    merged
-                } else {
-                    policy::collapse(merged, self.config.retry.max_paths)
-                };
+                let work = policy::collapse(
+                    policy::merge([rep.work], two_way),
+                    self.config.retry.max_paths,
+                );
                 let rec = Record {
                     target: rep.target.clone(),
                     root: rep.root.clone(),

@@ -170,7 +170,7 @@ impl Requests {
     ) -> Result<bool, StageError> {
         self.seq += 1;
         let report = Report {
-            version: wire::VERSION,
+            version: wire::WORK_VERSION,
             epoch: self.epoch,
             seq: self.seq,
             report_id: rand::random(),
@@ -179,13 +179,11 @@ impl Requests {
             target: String::new(),
             root: root.to_string(),
             covers: Vec::new(),
+            // A routine compare, not a change: no lag unless it fails (status).
             work: Work {
-                resyncs: vec![PathBytes::root()],
-                paths: Vec::new(),
+                resyncs: [PathBytes::root()].into(),
                 excludes: schedule.exclude_glob.clone(),
-                catch_up_us: 0,
-                // A routine compare, not a change: no lag unless it fails (status).
-                since_us: 0,
+                ..Work::default()
             },
             error: String::new(),
             time_us: protocol::now_us(),

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use protocol::status::FullStatus;
 use protocol::PathBytes;
 
-use crate::batch::RootWork;
 use crate::command::RunResult;
 use crate::guard;
 use ::rsync::Outcome;
+use protocol::work::Work;
 
 use super::*;
 
@@ -59,18 +59,16 @@ impl FullKind {
     }
 
     /// The work still owed when this failed, for the journal.
-    pub(super) fn owed(&self) -> (RootWork, Vec<String>) {
-        let mut w = RootWork::default();
+    pub(super) fn owed(&self) -> Work {
+        let mut w = Work::default();
         match self {
             FullKind::Full { excludes } => {
                 w.resync(PathBytes::root());
-                (w, excludes.clone())
+                w.excludes = excludes.clone();
             }
-            FullKind::CatchUp { since_us } => {
-                w.catch_up(*since_us);
-                (w, Vec::new())
-            }
+            FullKind::CatchUp { since_us } => w.catch_up(*since_us),
         }
+        w
     }
 }
 
@@ -81,7 +79,7 @@ pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 pub(super) struct FullState {
     /// What the live lane sent meanwhile: sent again once the full sync is over, since
     /// the full sync may have copied an older version over it.
-    pub(super) replay: RootWork,
+    pub(super) replay: Work,
     /// When the oldest change it brings over happened (µs), for the status; the
     /// same for the run asked for meanwhile.
     pub(super) since_us: u64,
@@ -351,7 +349,7 @@ impl Worker {
             self.full.insert(
                 root.to_string(),
                 FullState {
-                    replay: RootWork::default(),
+                    replay: Work::default(),
                     since_us,
                     again_since_us: 0,
                     again: None,
@@ -389,12 +387,11 @@ impl Worker {
                 &whole,
                 Some((attempt, &done.result.error)),
             );
-            let (mut owed, excludes) = done.kind.owed();
+            let mut owed = done.kind.owed();
             owed.since_us = since_us;
             if self.hand_over(
                 &done.root,
                 &owed,
-                excludes,
                 done.job_ids.clone(),
                 &done.result.error,
                 intake,
@@ -424,18 +421,13 @@ impl Worker {
         if !state.replay.is_empty() {
             let mut replay = state.replay;
             replay.forget_times();
-            intake.cron_excludes.remove(&done.root);
             intake.batcher.merge(&done.root, replay);
         }
         if let Some((kind, covers)) = state.again {
-            let (mut owed, excludes) = kind.owed();
+            let mut owed = kind.owed();
             owed.since_us = state.again_since_us;
-            // A cron sync's own excludes only when it owes nothing else (see accept).
-            if !excludes.is_empty() && !intake.batcher.has_work(&done.root) {
-                intake.cron_excludes.insert(done.root.clone(), excludes);
-            } else {
-                intake.cron_excludes.remove(&done.root);
-            }
+            // A cron sync's own excludes hold only if the root owes nothing else
+            // (`Work`'s merge rule).
             intake
                 .covers
                 .entry(done.root.clone())

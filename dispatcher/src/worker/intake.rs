@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use protocol::PathBytes;
 
-use crate::batch::{Batcher, RootWork};
+use crate::batch::Batcher;
 
 use super::*;
 
@@ -22,8 +22,6 @@ pub(super) struct Intake {
     /// Every journal job this worker holds (batcher or full lane): a job sent again
     /// by the retrier is not run twice.
     pub(super) held: HashSet<u64>,
-    /// The own excludes of a pending cron full sync, per root.
-    pub(super) cron_excludes: HashMap<String, Vec<String>>,
     pub(super) acked: HashSet<u64>,
     pub(super) full_done: Vec<Arc<FullDone>>,
     pub(super) stopping: bool,
@@ -36,8 +34,8 @@ impl Intake {
     pub(super) fn accept(&mut self, job: Job) {
         match job {
             Job::Changes { root, changes } => {
-                // A cron sync's own excludes must not hide a live change it absorbs.
-                self.cron_excludes.remove(&*root);
+                // A cron sync's own excludes do not hide a live change it absorbs: the
+                // change drops them (`Work`'s merge rule).
                 for c in changes.iter() {
                     self.batcher.push(&root, c);
                 }
@@ -48,12 +46,10 @@ impl Intake {
             // Start compares carry no change time: they are not lag (the status
             // shows them as the initial sync) however long they take.
             Job::Resync { root } => {
-                self.cron_excludes.remove(&*root);
                 self.batcher.resync(&root, PathBytes::root());
             }
             Job::CatchUp { root, since_us } => {
-                self.cron_excludes.remove(&*root);
-                let mut w = RootWork::default();
+                let mut w = Work::default();
                 w.catch_up(since_us);
                 self.batcher.merge(&root, w);
             }
@@ -73,16 +69,7 @@ impl Intake {
                 self.covers.entry(root.to_string()).or_default().extend(new);
                 // A cron sync's own excludes hold only while the root owes nothing
                 // else: anything merged with it must reach the target in full.
-                let cron = work.resyncs.iter().any(PathBytes::is_root) && !work.excludes.is_empty();
-                let alone = !self.batcher.has_work(&root)
-                    || self.cron_excludes.get(&*root) == Some(&work.excludes);
-                if cron && alone {
-                    self.cron_excludes
-                        .insert(root.to_string(), work.excludes.clone());
-                } else {
-                    self.cron_excludes.remove(&*root);
-                }
-                self.batcher.merge(&root, from_wire(&work));
+                self.batcher.merge(&root, work);
             }
             Job::Ack(id) => {
                 self.acked.insert(id);
@@ -140,7 +127,6 @@ mod tests {
             batcher: Batcher::new(),
             covers: HashMap::new(),
             held: HashSet::new(),
-            cron_excludes: HashMap::new(),
             acked: HashSet::new(),
             full_done: Vec::new(),
             stopping: false,
@@ -155,7 +141,7 @@ mod tests {
             root: "r".into(),
             job_ids: vec![id],
             work: Work {
-                resyncs: vec![PathBytes::root()],
+                resyncs: [PathBytes::root()].into(),
                 excludes: vec!["*.log".into()],
                 ..Default::default()
             },
@@ -176,24 +162,25 @@ mod tests {
         }
     }
 
-    /// A cron full sync's own excludes hid a live change to an
-    /// excluded name that its root resync absorbed, for ever.
+    /// Whether root `r`'s pending work still leaves out the cron sync's own excludes.
+    fn cron_excludes(i: &Intake) -> bool {
+        let batch = i.batcher.clone().take();
+        batch.is_some_and(|b| !b.roots["r"].excludes.is_empty())
+    }
+
     #[test]
     fn a_cron_syncs_excludes_never_hide_work_merged_with_it() {
         // Live change first, cron job second.
         let (mut i, _tx) = intake();
         i.accept(change("app.log"));
         i.accept(cron_run(1));
-        assert!(!i.cron_excludes.contains_key("r"));
+        assert!(!cron_excludes(&i));
         // Cron job first, live change second.
         let (mut i, _tx) = intake();
         i.accept(cron_run(1));
-        assert!(
-            i.cron_excludes.contains_key("r"),
-            "alone, it keeps its excludes"
-        );
+        assert!(cron_excludes(&i), "alone, it keeps its excludes");
         i.accept(change("app.log"));
-        assert!(!i.cron_excludes.contains_key("r"));
+        assert!(!cron_excludes(&i));
         // A catch-up merged in.
         let (mut i, _tx) = intake();
         i.accept(cron_run(1));
@@ -201,12 +188,12 @@ mod tests {
             root: "r".into(),
             since_us: 5,
         });
-        assert!(!i.cron_excludes.contains_key("r"));
+        assert!(!cron_excludes(&i));
         // Two cron runs of the same schedule keep them.
         let (mut i, _tx) = intake();
         i.accept(cron_run(1));
         i.accept(cron_run(2));
-        assert!(i.cron_excludes.contains_key("r"));
+        assert!(cron_excludes(&i));
     }
 
     #[test]

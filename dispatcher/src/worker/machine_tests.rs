@@ -144,14 +144,20 @@ fn a_failing_target_gets_new_work_journalled_untried_and_a_stop_leaves_nothing()
     let b = Bench::start();
     b.change("f");
     let failed = b.next(ReportKind::Failed);
-    assert_eq!(failed.work.paths, vec!["f".into()]);
+    let owed: Vec<_> = failed.work.paths.iter().collect();
+    assert_eq!(owed.len(), 1);
+    // Handed over as it was owed: an upsert, dated by its change.
+    let (path, touch) = owed[0];
+    assert_eq!(path, &protocol::PathBytes::from("f"));
+    assert!(!touch.deleted && touch.since_us > 0, "{touch:?}");
     assert!(failed.error.contains("code 10"), "{}", failed.error);
     let runs = b.runs();
     assert!(runs >= 1);
 
     b.change("g");
     let untried = b.next(ReportKind::Failed);
-    assert_eq!(untried.work.paths, vec!["g".into()]);
+    let owed: Vec<_> = untried.work.paths.keys().collect();
+    assert_eq!(owed, [&protocol::PathBytes::from("g")]);
     assert_eq!(b.runs(), runs, "new work for a failing target was tried");
 
     b.tx.send(Job::Stop).unwrap();

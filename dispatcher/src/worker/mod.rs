@@ -29,7 +29,6 @@ use intake::*;
 use narrow::*;
 use program::*;
 pub use retrier_link::Reporter;
-use retrier_link::*;
 use runner::*;
 use two_way::*;
 
@@ -46,10 +45,11 @@ use protocol::status::{StageStatus, TargetStatus};
 use protocol::wire::{Change, ReportKind, Work};
 use protocol::PathBytes;
 
-use crate::batch::{Batcher, RootWork, Touch};
+use crate::batch::Batcher;
 use crate::command::RunResult;
 use crate::guard;
 use ::rsync::Outcome;
+use protocol::work::Touch;
 
 /// Work for every worker serving `root`, and what the retrier and the full lane say.
 #[derive(Debug, Clone)]
@@ -236,7 +236,6 @@ impl Worker {
             },
             covers: HashMap::new(),
             held: HashSet::new(),
-            cron_excludes: HashMap::new(),
             acked: HashSet::new(),
             full_done: Vec::new(),
             stopping: false,
@@ -293,8 +292,7 @@ impl Worker {
             for (root, work) in batch.roots {
                 let covers = intake.take_covers(&root);
                 left += work.paths.len() + work.resyncs.len();
-                let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
-                if !self.hand_over(&root, &work, excludes, covers, "", &mut intake) {
+                if !self.hand_over(&root, &work, covers, "", &mut intake) {
                     clean = false;
                     tracing::warn!(target = %name, root = %root, paths = work.paths.len(), resyncs = work.resyncs.len(), "work abandoned at shutdown: the retrier did not answer (a resync at the next start covers it)");
                 }
@@ -343,8 +341,7 @@ impl Worker {
             if owned_by_retrier && covers.is_empty() {
                 // The target is failing and the retrier decides when to try again:
                 // new work joins its journal untried (no rsync storm during an outage).
-                let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
-                if !self.hand_over(&root, &work, excludes, Vec::new(), "", intake) {
+                if !self.hand_over(&root, &work, Vec::new(), "", intake) {
                     self.keep(&root, work, Vec::new(), intake, Outcome::Retry);
                 }
                 continue;
@@ -354,7 +351,7 @@ impl Worker {
             if work.resyncs.contains(&PathBytes::root()) {
                 // A whole-root resync absorbed everything else of the root, except a
                 // two-way target's deletes (its compares make none): those go live.
-                let excludes = intake.cron_excludes.remove(&root).unwrap_or_default();
+                let excludes = std::mem::take(&mut work.excludes);
                 let covers = std::mem::take(&mut covers);
                 self.start_full(&root, FullKind::Full { excludes }, covers, work.since_us);
                 if !work.keep_deletes || work.paths.is_empty() {
@@ -422,14 +419,7 @@ impl Worker {
                         self.settle(&root, covers, intake);
                         continue;
                     }
-                    if self.hand_over(
-                        &root,
-                        &rest,
-                        Vec::new(),
-                        covers.clone(),
-                        &result.error,
-                        intake,
-                    ) {
+                    if self.hand_over(&root, &rest, covers.clone(), &result.error, intake) {
                         let attempt = self.failing.get(&root).map_or(1, |f| f.attempt + 1);
                         self.failing.insert(
                             root,
@@ -482,12 +472,13 @@ impl Worker {
     fn keep(
         &mut self,
         root: &str,
-        work: RootWork,
+        mut work: Work,
         covers: Vec<u64>,
         intake: &mut Intake,
         outcome: Outcome,
     ) {
-        intake.cron_excludes.remove(root);
+        // Retried from memory, a cron sync sends everything.
+        work.excludes.clear();
         let attempt = self.failing.get(root).map_or(1, |f| f.attempt + 1);
         let delay = backoff(attempt, outcome, rand::random::<f64>());
         self.failing.insert(
@@ -510,9 +501,9 @@ impl Worker {
     fn sync_root(
         &mut self,
         root: &str,
-        work: RootWork,
+        work: Work,
         intake: &mut Intake,
-    ) -> Option<(RootWork, RunResult)> {
+    ) -> Option<(Work, RunResult)> {
         let Some(info) = self.roots.get(root) else {
             // Not bound to this target (cannot happen: jobs are routed by binding).
             return None;
@@ -578,12 +569,11 @@ impl Worker {
                     let failed: BTreeSet<PathBytes> = failed.into_iter().collect();
                     paths.retain(|p, _| failed.contains(p));
                 }
-                let rest = RootWork {
-                    resyncs: Default::default(),
+                let rest = Work {
                     paths,
-                    catch_up: None,
                     since_us: work.since_us,
                     keep_deletes: work.keep_deletes,
+                    ..Work::default()
                 };
                 return Some((rest, result));
             }

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use protocol::PathBytes;
 
-use crate::batch::Touch;
 use crate::command::RunResult;
 use crate::plan;
 use ::rsync::Outcome;
+use protocol::work::Touch;
 
 use super::*;
 

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use protocol::config::Endpoint;
 use protocol::PathBytes;
 
-use crate::batch::Touch;
 use crate::command::{self, RunResult};
 use ::rsync::Outcome;
+use protocol::work::Touch;
 
 use super::*;
 

@@ -1,15 +1,15 @@
 //! The link to the retrier: reports (failed work, delivered jobs, ready), the delivery
-//! stream, the conversion of owed work to and from the wire, and the hand-over of
-//! failed work with its wait for the journal's ack.
+//! stream, and the hand-over of failed work with its wait for the journal's ack. Owed
+//! work crosses as it is ([`Work`]): its deletes and change times come back intact.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use protocol::wire::{self, Report, ReportKind, Work};
 use protocol::PathBytes;
 
-use crate::batch::{RootWork, Touch};
+use protocol::work::Touch;
 
 use super::*;
 
@@ -93,7 +93,7 @@ impl Reporter {
     ) -> u64 {
         self.seq += 1;
         let report = Report {
-            version: wire::VERSION,
+            version: wire::WORK_VERSION,
             epoch: self.epoch,
             seq: self.seq,
             report_id: rand::random::<u64>() | 1,
@@ -116,69 +116,27 @@ impl Reporter {
     }
 }
 
-pub(super) fn to_wire(work: &RootWork) -> Work {
-    Work {
-        resyncs: work.resyncs.iter().cloned().collect(),
-        paths: work.paths.keys().cloned().collect(),
-        excludes: Vec::new(),
-        catch_up_us: work.catch_up.unwrap_or(0),
-        since_us: work.since_us,
-    }
-}
-
-pub(super) fn from_wire(work: &Work) -> RootWork {
-    // The wire does not say which paths were deletes: each may have been (what that
-    // changes is only whether a two-way target's batcher keeps it beside a compare).
-    let mut out = RootWork {
-        keep_deletes: true,
-        ..RootWork::default()
-    };
-    for r in &work.resyncs {
-        out.resync(r.clone());
-    }
-    out.merge(RootWork {
-        resyncs: BTreeSet::new(),
-        paths: work
-            .paths
-            .iter()
-            .map(|p| {
-                let t = Touch {
-                    deleted: true,
-                    since_us: 0,
-                };
-                (p.clone(), t)
-            })
-            .collect(),
-        catch_up: None,
-        since_us: work.since_us,
-        keep_deletes: true,
-    });
-    if work.catch_up_us != 0 {
-        out.catch_up(work.catch_up_us);
-    }
-    out
-}
-
 impl Worker {
     /// Hands `work` to the retrier's journal and waits for the ack. `false` when the
     /// retrier did not answer in time: the caller keeps the work.
     pub(super) fn hand_over(
         &mut self,
         root: &str,
-        work: &RootWork,
-        excludes: Vec<String>,
+        work: &Work,
         covers: Vec<u64>,
         error: &str,
         intake: &mut Intake,
     ) -> bool {
-        let mut w = to_wire(work);
-        w.excludes = excludes;
-        if w.is_empty() && covers.is_empty() {
+        if work.is_empty() && covers.is_empty() {
             return true;
         }
-        let id = self
-            .reporter
-            .send(ReportKind::Failed, root, covers.clone(), w, error);
+        let id = self.reporter.send(
+            ReportKind::Failed,
+            root,
+            covers.clone(),
+            work.clone(),
+            error,
+        );
         let deadline = Instant::now() + ACK_WAIT;
         loop {
             if intake.acked.remove(&id) {

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use protocol::PathBytes;
 
-use crate::batch::Touch;
 use crate::command::RunResult;
 use crate::plan;
 use ::rsync::{Mode, Outcome};
+use protocol::work::Touch;
 
 use super::*;
 

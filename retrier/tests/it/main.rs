@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use protocol::wire::{self, JobKind, JobMsg, Report, ReportKind, Work};
+use protocol::wire::{self, JobKind, JobMsg, Report, ReportKind, Touch, Work};
 use testkit::Proc;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -76,7 +76,7 @@ impl Harness {
         let push = self.ctx.socket(zmq::PUSH).unwrap();
         push.connect(&self.endpoint("reports.sock")).unwrap();
         let r = Report {
-            version: wire::VERSION,
+            version: wire::WORK_VERSION,
             epoch: 7,
             seq: report_id,
             report_id,
@@ -103,17 +103,19 @@ fn failed_work_is_journalled_acked_retried_and_settled() {
     let jobs = h.jobs();
     // The retrier's heartbeat shows the subscription is live before reporting.
     h.next(&jobs, JobKind::Heartbeat);
-    let work = Work {
-        paths: vec!["a/b".into(), "odd\nname".into()],
-        since_us: protocol::now_us(),
-        ..Default::default()
-    };
+    // One path sent, one deleted, each with the time of its change: the job comes
+    // back with both kept, through the journal and across a restart.
+    let now = protocol::now_us();
+    let mut work = Work::default();
+    work.touch("a/b".into(), Touch::upsert(now - 5));
+    work.touch("odd\nname".into(), Touch::delete(now - 3));
+    let work_sent = work.clone();
     h.report(ReportKind::Failed, 41, Vec::new(), work);
     let ack = h.next(&jobs, JobKind::Ack);
     assert_eq!(ack.report_id, 41);
     let run = h.next(&jobs, JobKind::Run);
     assert_eq!(run.root, "r");
-    assert_eq!(run.work.paths, vec!["a/b".into(), "odd\nname".into()]);
+    assert_eq!(run.work.paths, work_sent.paths);
     let ids = run.job_ids.clone();
     assert!(!ids.is_empty());
 

@@ -109,13 +109,13 @@ fn a_due_schedule_requests_a_full_sync_of_each_root() {
         let epoch = got[0].1.epoch;
         for (i, ((topic, r), root)) in got.iter().zip(["www", "data"]).enumerate() {
             assert_eq!(topic, wire::REPORT_TOPIC.as_bytes());
-            assert_eq!(r.version, wire::VERSION);
+            assert_eq!(r.version, wire::WORK_VERSION);
             assert_eq!(r.kind, ReportKind::Request);
             assert_eq!((r.epoch, r.seq), (epoch, i as u64 + 1));
             assert_eq!(r.root, root);
             assert_eq!(r.target, "", "empty target: every target bound to the root");
             assert!(r.covers.is_empty());
-            assert_eq!(r.work.resyncs, vec![PathBytes::root()]);
+            assert_eq!(r.work.resyncs, [PathBytes::root()].into());
             assert!(r.work.paths.is_empty());
             assert_eq!(r.work.excludes, vec!["*.log", "cache/"]);
             assert!(r.error.is_empty());
