@@ -166,7 +166,7 @@ pub fn run(
             }
         }
     };
-    let result = drain(routing, sockets, &control, shutdown, result);
+    let result = drain(routing, sockets, hook_trackers, &control, shutdown, result);
     if let Some(dir) = &control.ssh_dir {
         ssh::close(dir, &targets);
     }
@@ -266,10 +266,14 @@ fn take_changes(
 /// left to the retrier (its acks still need forwarding meanwhile). After-sync hooks
 /// stop last: what the other workers deliver while they drain still reaches them
 /// (through the retrier's relay, which stops after us). The stage exits 0 only when
-/// nothing was left behind: that is what lets `syncbus run` trust a stop.
+/// nothing was left behind: that is what lets `syncbus run` trust a stop. The hooks'
+/// place in the delivery stream goes on from the loop's (`hook_trackers`): a fresh one
+/// would take the next delivery for a first one and resync the roots instead of
+/// passing its paths on.
 fn drain(
     routing: Routing,
     sockets: Sockets,
+    mut hook_trackers: HashMap<String, SeqTracker>,
     control: &Control,
     shutdown: &Shutdown,
     result: Result<(), StageError>,
@@ -292,7 +296,6 @@ fn drain(
     } = sockets;
     drop(routes);
     drop(changes);
-    let mut hook_trackers: HashMap<String, SeqTracker> = HashMap::new();
     let hook_stops: Vec<mpsc::Sender<Job>> = stops
         .iter()
         .filter(|(hook, _)| *hook)
