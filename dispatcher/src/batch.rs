@@ -49,6 +49,7 @@ impl Batcher {
             Op::Move => {
                 if let Some(from) = &change.from {
                     work.touch(from.clone(), Touch::delete(change.since_us));
+                    work.moved(from.clone(), change.path.clone());
                 }
                 if change.dir || change.recursive {
                     work.resync(change.path.clone());

@@ -26,6 +26,11 @@ const CLOSED_SETTLE: Duration = Duration::from_millis(2);
 
 /// A move half waits this long for its partner (they normally arrive in the same read).
 const MOVE_PAIRING: Duration = Duration::from_secs(1);
+/// The delete a `moved_from` leaves is not published before this, whatever the quiet
+/// window: a `moved_to` read a little later (a busy machine, a read that split the
+/// pair) still makes it a move, which the targets build from the old place instead of
+/// receiving the data again. A move out of the root goes this much later.
+const MOVE_HOLD: Duration = Duration::from_millis(100);
 
 /// A file whose name has a usually transient shape ([`protocol::rules::transient_name`]:
 /// `name~`, `4913`, `#name#`, rsync's `.name.XXXXXX`) is held until it has rested this
@@ -111,6 +116,8 @@ struct Entry {
     order: u64,
     /// Hot: not published before this (its last publication plus `delay`).
     hold_until: Option<Instant>,
+    /// Left by a `moved_from`: as a delete, not published before this ([`MOVE_HOLD`]).
+    pairing_until: Option<Instant>,
     /// The heat of this change was decided (at its first content event).
     heat_checked: bool,
     /// The hold chosen for this change (zero when cold), remembered at publication.
@@ -136,8 +143,8 @@ impl Entry {
     /// hot file not before its hold ends.
     fn deadline(&self, timing: Timing) -> Instant {
         let d = (self.last + timing.quiet).min(self.first + timing.max_hold);
-        match self.hold_until {
-            Some(h) if self.net == Net::Upsert => d.max(h),
+        match (&self.net, self.hold_until, self.pairing_until) {
+            (Net::Upsert, Some(h), _) | (Net::Delete, _, Some(h)) => d.max(h),
             _ => d,
         }
     }
@@ -238,6 +245,16 @@ impl Coalescer {
                 let prior_upsert = self.entries.get(&key).is_some_and(|e| e.net != Net::Delete);
                 let order = self.entries.get(&key).map(|e| e.order);
                 self.delete(key.clone(), ev.dir, since_us, now);
+                // A new generation: the deadline the delete pushed is stale.
+                self.counter += 1;
+                let gen = self.counter;
+                let timing = self.timing_for(&key, ev.dir);
+                if let Some(e) = self.entries.get_mut(&key) {
+                    e.pairing_until = Some(now + MOVE_HOLD);
+                    e.gen = gen;
+                    let at = e.deadline(timing);
+                    self.deadlines.push(Reverse((at, gen, key.clone())));
+                }
                 let delete_gen = self.entries.get(&key).map(|e| e.gen);
                 self.moves.insert(
                     ev.cookie,
@@ -394,6 +411,7 @@ impl Coalescer {
             gen,
             order: gen,
             hold_until: None,
+            pairing_until: None,
             heat_checked: false,
             delay: Duration::ZERO,
         });
@@ -785,9 +803,21 @@ mod tests {
         s.ev(MovedFrom, "out", false, 1)
             .ev(MovedTo, "in", true, 2)
             .at_ms(10);
+        // The lone `moved_from` waits a little longer for a partner.
+        assert_eq!(s.out(), vec![(Op::Upsert, "in".into(), None, true)]);
+        s.at_ms(MOVE_HOLD.as_millis() as u64);
+        assert_eq!(s.out(), vec![del("out")]);
+    }
+
+    #[test]
+    fn a_move_read_in_two_parts_is_still_a_move() {
+        let mut s = Sim::new();
+        s.ev(MovedFrom, "a", false, 4).at_ms(50);
+        assert_eq!(s.out(), vec![], "the half waits for its partner");
+        s.ev(MovedTo, "b", false, 4).at_ms(60);
         assert_eq!(
             s.out(),
-            vec![del("out"), (Op::Upsert, "in".into(), None, true)]
+            vec![(Op::Move, "b".into(), Some("a".into()), false)]
         );
     }
 

@@ -75,6 +75,11 @@ pub struct Work {
     /// unknown): what `syncbus status` reports as the target's lag.
     #[serde(default)]
     pub since_us: u64,
+    /// Moves, new place → old place: the target may still hold a new place's content
+    /// at its old place, a basis to build it from instead of sending it again. A hint
+    /// only: what is owed is in `paths` and `resyncs` (the old place as a delete).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", with = "moves")]
+    pub moves: BTreeMap<PathBytes, PathBytes>,
     /// Deleted paths stay listed even within a resync subtree (a two-way target's
     /// compares make no deletes). A property of the target, set by whoever holds the
     /// work; not on the wire.
@@ -121,6 +126,15 @@ impl Work {
         self.add_touch(path, touch);
     }
 
+    /// Notes that `to` was `from` before: a move following a move keeps the first old
+    /// place (the one the target may hold).
+    pub fn moved(&mut self, from: PathBytes, to: PathBytes) {
+        let from = self.moves.remove(&from).unwrap_or(from);
+        if from != to {
+            self.moves.insert(to, from);
+        }
+    }
+
     /// Owes a full compare of `subtree` (the root when empty), which absorbs what is
     /// owed within it.
     pub fn resync(&mut self, subtree: PathBytes) {
@@ -148,6 +162,9 @@ impl Work {
         }
         for (p, t) in other.paths {
             self.add_touch(p, t);
+        }
+        for (to, from) in other.moves {
+            self.moved(from, to);
         }
         self.excludes = excludes;
     }
@@ -277,6 +294,38 @@ mod owed_paths {
             out.entry(path).or_default().merge(touch);
         }
         Ok(out)
+    }
+}
+
+/// `moves` as a list of `{from, to}` records.
+mod moves {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::PathBytes;
+
+    #[derive(Serialize, Deserialize)]
+    struct Move {
+        from: PathBytes,
+        to: PathBytes,
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        moves: &BTreeMap<PathBytes, PathBytes>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(moves.iter().map(|(to, from)| Move {
+            from: from.clone(),
+            to: to.clone(),
+        }))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<PathBytes, PathBytes>, D::Error> {
+        let list = Vec::<Move>::deserialize(d)?;
+        Ok(list.into_iter().map(|m| (m.to, m.from)).collect())
     }
 }
 
@@ -428,8 +477,28 @@ mod tests {
     }
 
     #[test]
+    fn a_move_after_a_move_keeps_the_first_old_place() {
+        let mut w = Work::default();
+        w.moved(p("a"), p("b"));
+        let mut later = Work::default();
+        later.moved(p("b"), p("c"));
+        later.moved(p("x"), p("y"));
+        w.merge(later);
+        let moves: Vec<(String, String)> = w
+            .moves
+            .iter()
+            .map(|(to, from)| (to.to_string(), from.to_string()))
+            .collect();
+        assert_eq!(moves, [("c".into(), "a".into()), ("y".into(), "x".into())]);
+        // Moved back where it was: nothing to build from.
+        w.moved(p("c"), p("a"));
+        assert!(!w.moves.contains_key(&p("a")));
+    }
+
+    #[test]
     fn the_wire_keeps_deletes_and_times_and_reads_version_1_paths() {
         let mut w = Work::default();
+        w.moved(p("old"), p("kept"));
         w.touch(p("kept"), Touch::upsert(11));
         w.touch(p("gone"), Touch::delete(12));
         w.resync(p("dir"));

@@ -27,6 +27,12 @@ pub enum Mode {
     /// bring here (the peer's copy newer or missing here; never deleting), itemized
     /// with size and mtime so that files the peer is still writing can be told apart.
     PullList,
+    /// A moved file or directory built on the target from what it still holds at the
+    /// old place, before the old place is deleted: `--link-dest` (relative to the
+    /// destination) hard-links what is unchanged there, and `--fuzzy --fuzzy` takes a
+    /// renamed file's old copy (same size and time) as the basis of its delta. With
+    /// `list`, the names on stdin (`--files-from`), else the whole source directory.
+    Seed { basis: Option<String>, list: bool },
 }
 
 /// A command line that cannot be built (a retryable failure: the config may be fixed).
@@ -131,6 +137,25 @@ pub fn build_args(
         Mode::PullList => {
             a.push("--dry-run".into());
             a.push("--modify-window=-1".into());
+        }
+        Mode::Seed { basis, list } => {
+            // The basis is used only if rsync computes deltas, which it does not
+            // between local directories by default.
+            a.push("--no-whole-file".into());
+            a.push("--fuzzy".into());
+            a.push("--fuzzy".into());
+            // The new place's parents may be new on the target too.
+            a.push("--mkpath".into());
+            a.push("--modify-window=-1".into());
+            if let Some(b) = basis {
+                a.push(format!("--link-dest={b}").into());
+            }
+            if *list {
+                // A listed file is known to have changed, like an incremental run's.
+                a.push("--ignore-times".into());
+                a.push("--ignore-missing-args".into());
+                a.push("--files-from=-".into());
+            }
         }
         Mode::Resync => {
             a.push("--delete".into());

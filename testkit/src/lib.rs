@@ -202,7 +202,7 @@ impl RsyncDaemon {
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let mut text = format!(
             "address = 127.0.0.1\nuid = {uid}\ngid = {gid}\nuse chroot = no\nlog file = {}\n\
-             transfer logging = yes\nlog format = %o %n\n\n[m]\npath = {}\nread only = no\n\
+             transfer logging = yes\nlog format = %b %o %n\n\n[m]\npath = {}\nread only = no\n\
              munge symlinks = no\n",
             log.display(),
             module_dir.display()

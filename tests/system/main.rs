@@ -12,6 +12,7 @@ mod hot;
 mod identity;
 mod journal;
 mod mirror;
+mod moves;
 mod reliability;
 mod ssh;
 mod status;

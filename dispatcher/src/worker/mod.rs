@@ -15,6 +15,7 @@ mod full_lane;
 mod intake;
 #[cfg(test)]
 mod machine_tests;
+mod moves;
 mod narrow;
 mod program;
 mod retrier_link;
@@ -512,6 +513,10 @@ impl Worker {
             return Some((work, r));
         }
         let mut tick = |wait: Duration| intake.wait(Some(wait));
+        // Moves first, while the target still holds the old places.
+        let mut work = work;
+        let seeded = self.live.seed_moves(root, info, &work, &mut tick);
+        work.paths.retain(|p, _| !seeded.contains(p));
         if !work.resyncs.is_empty() {
             let subtrees: Vec<PathBytes> = work.resyncs.iter().cloned().collect();
             let started = Instant::now();
