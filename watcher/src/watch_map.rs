@@ -142,10 +142,12 @@ impl WatchMap {
             .count()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_wd.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.by_wd.is_empty()
     }
