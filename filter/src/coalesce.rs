@@ -30,19 +30,19 @@ const MOVE_PAIRING: Duration = Duration::from_secs(1);
 /// A file whose name has a usually transient shape ([`protocol::rules::transient_name`]:
 /// `name~`, `4913`, `#name#`, rsync's `.name.XXXXXX`) is held until it has rested this
 /// long, so one its program renames or deletes within moments never goes out…
-pub const TRANSIENT_REST: Duration = Duration::from_secs(1);
+pub(crate) const TRANSIENT_REST: Duration = Duration::from_secs(1);
 /// …and at most this long, so one written without pause still goes.
-pub const TRANSIENT_MAX_HOLD: Duration = Duration::from_secs(30);
+pub(crate) const TRANSIENT_MAX_HOLD: Duration = Duration::from_secs(30);
 
 /// The first hold of a file changed again soon after it was published; also how long a
 /// hot file must rest after its writer closed it before it goes.
-pub const HOT_FIRST: Duration = Duration::from_millis(50);
+pub(crate) const HOT_FIRST: Duration = Duration::from_millis(50);
 /// The longest hold of a hot file: the targets lag a file being written at most this
 /// much behind its previous publication.
-pub const HOT_MAX: Duration = Duration::from_secs(2);
+pub(crate) const HOT_MAX: Duration = Duration::from_secs(2);
 /// A change this soon after a publication (or within twice the path's delay, if longer)
 /// makes the path hotter; a later one finds it cold.
-pub const HOT_SOON: Duration = Duration::from_secs(1);
+pub(crate) const HOT_SOON: Duration = Duration::from_secs(1);
 /// At most this many publications are remembered (a burst of new files would fill it
 /// with cold paths); beyond it a path not remembered is treated as cold.
 const HEAT_CAP: usize = 16_384;
@@ -50,7 +50,7 @@ const HEAT_CAP: usize = 16_384;
 const HEAT_SWEEP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
-pub struct Timing {
+pub(crate) struct Timing {
     pub quiet: Duration,
     pub max_hold: Duration,
     /// A closed file goes after [`CLOSED_SETTLE`] instead of the quiet window (off for
@@ -146,7 +146,7 @@ impl Entry {
 type Key = (String, PathBytes);
 
 #[derive(Default)]
-pub struct Coalescer {
+pub(crate) struct Coalescer {
     timing: HashMap<String, Timing>,
     entries: BTreeMap<Key, Entry>,
     deadlines: BinaryHeap<Reverse<(Instant, u64, Key)>>,
@@ -159,7 +159,7 @@ pub struct Coalescer {
 }
 
 impl Coalescer {
-    pub fn new(timing: HashMap<String, Timing>) -> Self {
+    pub(crate) fn new(timing: HashMap<String, Timing>) -> Self {
         Coalescer {
             timing,
             ..Default::default()
@@ -168,13 +168,13 @@ impl Coalescer {
 
     /// Number of paths held back.
     #[cfg(test)]
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.entries.len()
     }
 
     /// Takes one raw event (already filtered by rules and event toggles) seen at `now`,
     /// read by the watcher at `since_us`.
-    pub fn push(&mut self, ev: &RawEvent, since_us: u64, now: Instant) {
+    pub(crate) fn push(&mut self, ev: &RawEvent, since_us: u64, now: Instant) {
         let key = (ev.root.clone(), ev.path.clone());
         match ev.kind {
             RawKind::Resync => {
@@ -316,7 +316,7 @@ impl Coalescer {
     /// The peer moved a path away (into a two-way root's backup dir): takes back the
     /// delete its `moved_from` left. Returns the path and whether it had a change of
     /// this side's own waiting when it went.
-    pub fn undo_move(&mut self, root: &str, cookie: u32) -> Option<(PathBytes, bool)> {
+    pub(crate) fn undo_move(&mut self, root: &str, cookie: u32) -> Option<(PathBytes, bool)> {
         let m = self.moves.remove(&cookie).filter(|m| m.root == root)?;
         let key = (m.root.clone(), m.from.clone());
         if m.delete_gen.is_some() && self.entries.get(&key).map(|e| e.gen) == m.delete_gen {
@@ -326,7 +326,7 @@ impl Coalescer {
     }
 
     /// `undo_move` for a move whose `moved_to` went unseen, found by its source path.
-    pub fn undo_move_from(&mut self, root: &str, from: &PathBytes) -> Option<bool> {
+    pub(crate) fn undo_move_from(&mut self, root: &str, from: &PathBytes) -> Option<bool> {
         let cookie = self
             .moves
             .iter()
@@ -336,14 +336,14 @@ impl Coalescer {
     }
 
     /// A change of `path` other than a delete is held.
-    pub fn holds_change(&self, root: &str, path: &PathBytes) -> bool {
+    pub(crate) fn holds_change(&self, root: &str, path: &PathBytes) -> bool {
         self.entries
             .get(&(root.to_string(), path.clone()))
             .is_some_and(|e| e.net != Net::Delete)
     }
 
     /// A delete of `path` is held.
-    pub fn pending_delete(&self, root: &str, path: &PathBytes) -> bool {
+    pub(crate) fn pending_delete(&self, root: &str, path: &PathBytes) -> bool {
         self.entries
             .get(&(root.to_string(), path.clone()))
             .is_some_and(|e| e.net == Net::Delete)
@@ -351,7 +351,7 @@ impl Coalescer {
 
     /// Drops what is held for `path`; true when it was a change of its own (not a
     /// delete).
-    pub fn take_held(&mut self, root: &str, path: &PathBytes, now: Instant) -> bool {
+    pub(crate) fn take_held(&mut self, root: &str, path: &PathBytes, now: Instant) -> bool {
         self.remove_keeping_sources(&(root.to_string(), path.clone()), now)
             .is_some_and(|e| e.net != Net::Delete)
     }
@@ -506,7 +506,7 @@ impl Coalescer {
     }
 
     /// When `pop_ready` will next have something to return.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         if !self.resyncs.is_empty() {
             return Some(Instant::now());
         }
@@ -515,7 +515,7 @@ impl Coalescer {
 
     /// Every change whose path has been quiet long enough (or held too long), resyncs
     /// first, then in first-seen order.
-    pub fn pop_ready(&mut self, now: Instant) -> Vec<(String, Change)> {
+    pub(crate) fn pop_ready(&mut self, now: Instant) -> Vec<(String, Change)> {
         let mut out: Vec<(String, Change)> = std::mem::take(&mut self.resyncs);
         let mut ready: Vec<(u64, Key, Entry)> = Vec::new();
         while let Some(Reverse((deadline, gen, _))) = self.deadlines.peek() {
@@ -585,7 +585,7 @@ impl Coalescer {
     }
 
     /// Everything still held, at once (shutdown).
-    pub fn flush_all(&mut self) -> Vec<(String, Change)> {
+    pub(crate) fn flush_all(&mut self) -> Vec<(String, Change)> {
         let mut out: Vec<(String, Change)> = std::mem::take(&mut self.resyncs);
         let mut all: Vec<(Key, Entry)> = std::mem::take(&mut self.entries).into_iter().collect();
         all.sort_by_key(|(_, e)| e.order);

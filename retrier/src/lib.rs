@@ -31,6 +31,8 @@
 //! - The fail log is rewritten whole (at most once a second) whenever the journal
 //!   changes; with a very large backlog that is a large file.
 
+#![warn(unreachable_pub)]
+
 //!
 //! # Where things are
 //! - `stage/mod.rs`: [`run`], the loop (one `match` over why it woke up), the journal

@@ -42,6 +42,8 @@
 //!   skipped hour runs just after the jump; in the repeated hour it runs once; `*/15`
 //!   style lines run in both halves of the repeated hour.
 
+#![warn(unreachable_pub)]
+
 mod stage;
 mod timetable;
 

@@ -62,6 +62,8 @@
 //!   "missing at start" path of [`run`] is reached only when a root vanishes between
 //!   loading and watching.
 
+#![warn(unreachable_pub)]
+
 mod error;
 mod manifest;
 mod stage;

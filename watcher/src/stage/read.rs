@@ -29,7 +29,7 @@ struct Ev {
 
 /// The wire kind of an event about an entry of a watched directory; `None` for the
 /// events that only steer the watcher (`IGNORED`, `*_SELF`, overflow, unmount).
-pub fn kind_of(mask: EventMask) -> Option<RawKind> {
+pub(super) fn kind_of(mask: EventMask) -> Option<RawKind> {
     const TABLE: [(EventMask, RawKind); 7] = [
         (EventMask::CREATE, RawKind::Create),
         (EventMask::MODIFY, RawKind::Modify),
