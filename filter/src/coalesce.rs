@@ -4,7 +4,8 @@
 //! or has been held for `max_hold` (so a file written forever still syncs). The net
 //! effect is what is published: create+modify+close_write is one upsert, a path created
 //! and deleted inside the window is nothing, a `moved_from`/`moved_to` pair with the same
-//! cookie is one move (an unpaired half is a delete or an upsert).
+//! cookie is one move (an unpaired half is a delete or an upsert; a `moved_from` waits
+//! [`MOVE_HOLD`] for its partner).
 //!
 //! Hot files: a file whose content changes again soon after it was published is held
 //! until a delay after that publication, and the delay doubles each time it comes back
@@ -30,24 +31,24 @@ const MOVE_PAIRING: Duration = Duration::from_secs(1);
 /// window: a `moved_to` read a little later (a busy machine, a read that split the
 /// pair) still makes it a move, which the targets build from the old place instead of
 /// receiving the data again. A move out of the root goes this much later.
-const MOVE_HOLD: Duration = Duration::from_millis(100);
+pub(crate) const MOVE_HOLD: Duration = Duration::from_millis(100);
 
 /// A file whose name has a usually transient shape ([`protocol::rules::transient_name`]:
 /// `name~`, `4913`, `#name#`, rsync's `.name.XXXXXX`) is held until it has rested this
 /// long, so one its program renames or deletes within moments never goes out…
-pub const TRANSIENT_REST: Duration = Duration::from_secs(1);
+pub(crate) const TRANSIENT_REST: Duration = Duration::from_secs(1);
 /// …and at most this long, so one written without pause still goes.
-pub const TRANSIENT_MAX_HOLD: Duration = Duration::from_secs(30);
+pub(crate) const TRANSIENT_MAX_HOLD: Duration = Duration::from_secs(30);
 
 /// The first hold of a file changed again soon after it was published; also how long a
 /// hot file must rest after its writer closed it before it goes.
-pub const HOT_FIRST: Duration = Duration::from_millis(50);
+pub(crate) const HOT_FIRST: Duration = Duration::from_millis(50);
 /// The longest hold of a hot file: the targets lag a file being written at most this
 /// much behind its previous publication.
-pub const HOT_MAX: Duration = Duration::from_secs(2);
+pub(crate) const HOT_MAX: Duration = Duration::from_secs(2);
 /// A change this soon after a publication (or within twice the path's delay, if longer)
 /// makes the path hotter; a later one finds it cold.
-pub const HOT_SOON: Duration = Duration::from_secs(1);
+pub(crate) const HOT_SOON: Duration = Duration::from_secs(1);
 /// At most this many publications are remembered (a burst of new files would fill it
 /// with cold paths); beyond it a path not remembered is treated as cold.
 const HEAT_CAP: usize = 16_384;
@@ -55,7 +56,7 @@ const HEAT_CAP: usize = 16_384;
 const HEAT_SWEEP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
-pub struct Timing {
+pub(crate) struct Timing {
     pub quiet: Duration,
     pub max_hold: Duration,
     /// A closed file goes after [`CLOSED_SETTLE`] instead of the quiet window (off for
@@ -153,7 +154,7 @@ impl Entry {
 type Key = (String, PathBytes);
 
 #[derive(Default)]
-pub struct Coalescer {
+pub(crate) struct Coalescer {
     timing: HashMap<String, Timing>,
     entries: BTreeMap<Key, Entry>,
     deadlines: BinaryHeap<Reverse<(Instant, u64, Key)>>,
@@ -166,7 +167,7 @@ pub struct Coalescer {
 }
 
 impl Coalescer {
-    pub fn new(timing: HashMap<String, Timing>) -> Self {
+    pub(crate) fn new(timing: HashMap<String, Timing>) -> Self {
         Coalescer {
             timing,
             ..Default::default()
@@ -175,13 +176,13 @@ impl Coalescer {
 
     /// Number of paths held back.
     #[cfg(test)]
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.entries.len()
     }
 
     /// Takes one raw event (already filtered by rules and event toggles) seen at `now`,
     /// read by the watcher at `since_us`.
-    pub fn push(&mut self, ev: &RawEvent, since_us: u64, now: Instant) {
+    pub(crate) fn push(&mut self, ev: &RawEvent, since_us: u64, now: Instant) {
         let key = (ev.root.clone(), ev.path.clone());
         match ev.kind {
             RawKind::Resync => {
@@ -333,7 +334,7 @@ impl Coalescer {
     /// The peer moved a path away (into a two-way root's backup dir): takes back the
     /// delete its `moved_from` left. Returns the path and whether it had a change of
     /// this side's own waiting when it went.
-    pub fn undo_move(&mut self, root: &str, cookie: u32) -> Option<(PathBytes, bool)> {
+    pub(crate) fn undo_move(&mut self, root: &str, cookie: u32) -> Option<(PathBytes, bool)> {
         let m = self.moves.remove(&cookie).filter(|m| m.root == root)?;
         let key = (m.root.clone(), m.from.clone());
         if m.delete_gen.is_some() && self.entries.get(&key).map(|e| e.gen) == m.delete_gen {
@@ -343,7 +344,7 @@ impl Coalescer {
     }
 
     /// `undo_move` for a move whose `moved_to` went unseen, found by its source path.
-    pub fn undo_move_from(&mut self, root: &str, from: &PathBytes) -> Option<bool> {
+    pub(crate) fn undo_move_from(&mut self, root: &str, from: &PathBytes) -> Option<bool> {
         let cookie = self
             .moves
             .iter()
@@ -353,14 +354,14 @@ impl Coalescer {
     }
 
     /// A change of `path` other than a delete is held.
-    pub fn holds_change(&self, root: &str, path: &PathBytes) -> bool {
+    pub(crate) fn holds_change(&self, root: &str, path: &PathBytes) -> bool {
         self.entries
             .get(&(root.to_string(), path.clone()))
             .is_some_and(|e| e.net != Net::Delete)
     }
 
     /// A delete of `path` is held.
-    pub fn pending_delete(&self, root: &str, path: &PathBytes) -> bool {
+    pub(crate) fn pending_delete(&self, root: &str, path: &PathBytes) -> bool {
         self.entries
             .get(&(root.to_string(), path.clone()))
             .is_some_and(|e| e.net == Net::Delete)
@@ -368,7 +369,7 @@ impl Coalescer {
 
     /// Drops what is held for `path`; true when it was a change of its own (not a
     /// delete).
-    pub fn take_held(&mut self, root: &str, path: &PathBytes, now: Instant) -> bool {
+    pub(crate) fn take_held(&mut self, root: &str, path: &PathBytes, now: Instant) -> bool {
         self.remove_keeping_sources(&(root.to_string(), path.clone()), now)
             .is_some_and(|e| e.net != Net::Delete)
     }
@@ -524,7 +525,7 @@ impl Coalescer {
     }
 
     /// When `pop_ready` will next have something to return.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         if !self.resyncs.is_empty() {
             return Some(Instant::now());
         }
@@ -533,7 +534,7 @@ impl Coalescer {
 
     /// Every change whose path has been quiet long enough (or held too long), resyncs
     /// first, then in first-seen order.
-    pub fn pop_ready(&mut self, now: Instant) -> Vec<(String, Change)> {
+    pub(crate) fn pop_ready(&mut self, now: Instant) -> Vec<(String, Change)> {
         let mut out: Vec<(String, Change)> = std::mem::take(&mut self.resyncs);
         let mut ready: Vec<(u64, Key, Entry)> = Vec::new();
         while let Some(Reverse((deadline, gen, _))) = self.deadlines.peek() {
@@ -603,7 +604,7 @@ impl Coalescer {
     }
 
     /// Everything still held, at once (shutdown).
-    pub fn flush_all(&mut self) -> Vec<(String, Change)> {
+    pub(crate) fn flush_all(&mut self) -> Vec<(String, Change)> {
         let mut out: Vec<(String, Change)> = std::mem::take(&mut self.resyncs);
         let mut all: Vec<(Key, Entry)> = std::mem::take(&mut self.entries).into_iter().collect();
         all.sort_by_key(|(_, e)| e.order);
@@ -634,535 +635,4 @@ fn to_change(path: PathBytes, e: Entry) -> Change {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const Q: Duration = Duration::from_millis(10);
-    const HOLD: Duration = Duration::from_millis(100);
-
-    struct Sim {
-        c: Coalescer,
-        t0: Instant,
-        now: Instant,
-    }
-
-    impl Sim {
-        fn new() -> Self {
-            let mut timing = HashMap::new();
-            timing.insert(
-                "r".to_string(),
-                Timing {
-                    quiet: Q,
-                    max_hold: HOLD,
-                    closed_settle: true,
-                    forget_created: true,
-                    heat: true,
-                },
-            );
-            let t0 = Instant::now();
-            Sim {
-                c: Coalescer::new(timing),
-                t0,
-                now: t0,
-            }
-        }
-        fn ev(&mut self, kind: RawKind, path: &str, dir: bool, cookie: u32) -> &mut Self {
-            let ev = RawEvent {
-                root: "r".into(),
-                path: path.into(),
-                kind,
-                dir,
-                cookie,
-            };
-            self.c.push(&ev, 0, self.now);
-            self
-        }
-        fn f(&mut self, kind: RawKind, path: &str) -> &mut Self {
-            self.ev(kind, path, false, 0)
-        }
-        fn at_ms(&mut self, ms: u64) -> &mut Self {
-            self.now = self.t0 + Duration::from_millis(ms);
-            self
-        }
-        /// (op, path, from, recursive) of everything ready now.
-        fn out(&mut self) -> Vec<(Op, String, Option<String>, bool)> {
-            self.c
-                .pop_ready(self.now)
-                .into_iter()
-                .map(|(_, c)| {
-                    (
-                        c.op,
-                        c.path.to_string(),
-                        c.from.map(|f| f.to_string()),
-                        c.recursive,
-                    )
-                })
-                .collect()
-        }
-    }
-
-    use RawKind::*;
-
-    fn up(p: &str) -> (Op, String, Option<String>, bool) {
-        (Op::Upsert, p.into(), None, false)
-    }
-    fn del(p: &str) -> (Op, String, Option<String>, bool) {
-        (Op::Delete, p.into(), None, false)
-    }
-
-    #[test]
-    fn create_modify_is_one_upsert_after_the_quiet_window() {
-        let mut s = Sim::new();
-        s.f(Create, "a").f(Modify, "a");
-        assert!(s.out().is_empty(), "held during the quiet window");
-        s.at_ms(9);
-        assert!(s.out().is_empty(), "held during the quiet window");
-        s.at_ms(10);
-        assert_eq!(s.out(), vec![up("a")]);
-        s.at_ms(50);
-        assert!(s.out().is_empty(), "emitted once");
-    }
-
-    #[test]
-    fn a_closed_file_goes_after_a_short_settle_unless_written_again() {
-        let mut s = Sim::new();
-        s.f(Create, "a").f(Modify, "a").f(CloseWrite, "a");
-        s.at_ms(1);
-        assert!(s.out().is_empty(), "a rename may follow at once");
-        s.at_ms(2);
-        assert_eq!(s.out(), vec![up("a")], "well before the 10 ms quiet window");
-        // Opened and written again right after the close: the quiet window rules.
-        s.f(CloseWrite, "b").f(Modify, "b").at_ms(4);
-        assert!(s.out().is_empty(), "{:?}", s.out());
-        s.at_ms(12);
-        assert_eq!(s.out(), vec![up("b")]);
-    }
-
-    #[test]
-    fn a_temp_file_closed_and_renamed_at_once_reaches_the_targets_as_the_final_name() {
-        let mut s = Sim::new();
-        s.f(Create, "sedX1")
-            .f(CloseWrite, "sedX1")
-            .ev(MovedFrom, "sedX1", false, 9)
-            .ev(MovedTo, "conf", false, 9)
-            .at_ms(20);
-        assert_eq!(s.out(), vec![up("conf")]);
-    }
-
-    #[test]
-    fn created_then_deleted_inside_the_window_is_nothing() {
-        let mut s = Sim::new();
-        s.f(Create, "tmp")
-            .f(CloseWrite, "tmp")
-            .f(Delete, "tmp")
-            .at_ms(20);
-        assert!(s.out().is_empty());
-        assert_eq!(s.c.pending(), 0);
-    }
-
-    #[test]
-    fn existing_file_modified_then_deleted_is_a_delete() {
-        let mut s = Sim::new();
-        s.f(Modify, "a").f(Delete, "a").at_ms(20);
-        assert_eq!(s.out(), vec![del("a")]);
-    }
-
-    #[test]
-    fn deleted_then_recreated_is_an_upsert() {
-        let mut s = Sim::new();
-        s.f(Delete, "a").f(Create, "a").f(CloseWrite, "a").at_ms(20);
-        assert_eq!(s.out(), vec![up("a")]);
-    }
-
-    #[test]
-    fn a_file_written_forever_still_syncs_at_max_hold() {
-        let mut s = Sim::new();
-        let mut seen = Vec::new();
-        for ms in (0..=250).step_by(5) {
-            s.at_ms(ms).f(Modify, "log");
-            seen.extend(s.out().into_iter().map(|_| ms));
-        }
-        assert_eq!(seen, vec![100, 205], "one upsert per max_hold, not never");
-    }
-
-    #[test]
-    fn paired_move_of_an_existing_file_is_one_move() {
-        let mut s = Sim::new();
-        s.ev(MovedFrom, "a", false, 7)
-            .ev(MovedTo, "b", false, 7)
-            .at_ms(10);
-        assert_eq!(
-            s.out(),
-            vec![(Op::Move, "b".into(), Some("a".into()), false)]
-        );
-    }
-
-    #[test]
-    fn unpaired_halves_are_a_delete_and_an_upsert() {
-        let mut s = Sim::new();
-        s.ev(MovedFrom, "out", false, 1)
-            .ev(MovedTo, "in", true, 2)
-            .at_ms(10);
-        // The lone `moved_from` waits a little longer for a partner.
-        assert_eq!(s.out(), vec![(Op::Upsert, "in".into(), None, true)]);
-        s.at_ms(MOVE_HOLD.as_millis() as u64);
-        assert_eq!(s.out(), vec![del("out")]);
-    }
-
-    #[test]
-    fn a_move_read_in_two_parts_is_still_a_move() {
-        let mut s = Sim::new();
-        s.ev(MovedFrom, "a", false, 4).at_ms(50);
-        assert_eq!(s.out(), vec![], "the half waits for its partner");
-        s.ev(MovedTo, "b", false, 4).at_ms(60);
-        assert_eq!(
-            s.out(),
-            vec![(Op::Move, "b".into(), Some("a".into()), false)]
-        );
-    }
-
-    #[test]
-    fn a_file_renamed_in_over_an_existing_one_then_deleted_is_a_delete() {
-        // The `moved_from` half was excluded (e.g. `.goutputstream-X`): `doc` existed
-        // before, so removing it must reach the targets.
-        let mut s = Sim::new();
-        s.ev(MovedTo, "doc", false, 8).f(Delete, "doc").at_ms(10);
-        assert_eq!(s.out(), vec![del("doc")]);
-    }
-
-    #[test]
-    fn temp_file_renamed_over_the_target_is_an_upsert_of_the_target_only() {
-        let mut s = Sim::new();
-        s.f(Create, ".doc.1a2b.tmp")
-            .f(CloseWrite, ".doc.1a2b.tmp")
-            .ev(MovedFrom, ".doc.1a2b.tmp", false, 3)
-            .ev(MovedTo, "doc", false, 3)
-            .at_ms(10);
-        assert_eq!(s.out(), vec![up("doc")]);
-    }
-
-    #[test]
-    fn vim_style_save_with_excluded_backup_is_an_upsert() {
-        // rename doc -> doc~ (the `~` half is excluded upstream), write doc, delete doc~.
-        let mut s = Sim::new();
-        s.ev(MovedFrom, "doc", false, 9)
-            .f(Create, "doc")
-            .f(CloseWrite, "doc")
-            .at_ms(10);
-        assert_eq!(s.out(), vec![up("doc")]);
-    }
-
-    #[test]
-    fn directory_move_carries_pending_children_along() {
-        let mut s = Sim::new();
-        s.ev(Create, "d", true, 0)
-            .f(Create, "d/f")
-            .ev(MovedFrom, "d", true, 4)
-            .ev(MovedTo, "e", true, 4)
-            .at_ms(10);
-        let out = s.out();
-        assert_eq!(out, vec![(Op::Upsert, "e".into(), None, true), up("e/f")]);
-    }
-
-    #[test]
-    fn a_second_rename_over_a_moved_file_still_deletes_the_first_source() {
-        let mut s = Sim::new();
-        s.f(RawKind::CloseWrite, "a").at_ms(100);
-        s.out();
-        s.ev(RawKind::MovedFrom, "a", false, 1)
-            .ev(RawKind::MovedTo, "b", false, 1)
-            .ev(RawKind::MovedFrom, "c", false, 2)
-            .ev(RawKind::MovedTo, "b", false, 2)
-            .at_ms(200);
-        let out = s.out();
-        assert_eq!(out.len(), 2, "{out:?}");
-        assert!(out.contains(&del("a")), "{out:?}");
-        assert!(
-            out.contains(&(Op::Move, "b".into(), Some("c".into()), false)),
-            "{out:?}"
-        );
-    }
-
-    #[test]
-    fn dropping_a_held_move_still_deletes_its_source() {
-        let mut s = Sim::new();
-        s.f(RawKind::CloseWrite, "a").at_ms(100);
-        s.out();
-        s.ev(RawKind::MovedFrom, "a", false, 1)
-            .ev(RawKind::MovedTo, "b", false, 1);
-        let now = s.now;
-        s.c.take_held("r", &"b".into(), now);
-        s.at_ms(200);
-        assert_eq!(s.out(), vec![del("a")]);
-    }
-
-    #[test]
-    fn a_source_made_again_and_moved_away_after_its_move_was_dropped_is_deleted() {
-        let mut s = Sim::new();
-        s.f(RawKind::CloseWrite, "a").at_ms(100);
-        s.out();
-        s.ev(RawKind::MovedFrom, "a", false, 1)
-            .ev(RawKind::MovedTo, "b", false, 1)
-            .f(RawKind::Create, "a")
-            .f(RawKind::CloseWrite, "a");
-        let now = s.now;
-        s.c.take_held("r", &"b".into(), now);
-        s.ev(RawKind::MovedFrom, "a", false, 2)
-            .ev(RawKind::MovedTo, "c", false, 2)
-            .at_ms(200);
-        let out = s.out();
-        assert!(
-            out.contains(&(Op::Move, "c".into(), Some("a".into()), false))
-                || out.contains(&del("a")),
-            "the first a must go from the targets: {out:?}"
-        );
-    }
-
-    #[test]
-    fn moved_file_then_deleted_deletes_both_names() {
-        let mut s = Sim::new();
-        s.ev(MovedFrom, "a", false, 5)
-            .ev(MovedTo, "b", false, 5)
-            .f(Delete, "b")
-            .at_ms(10);
-        let mut out = s.out();
-        out.sort_by(|a, b| a.1.cmp(&b.1));
-        assert_eq!(out, vec![del("a"), del("b")]);
-    }
-
-    #[test]
-    fn rename_churn_y_to_y2_and_back() {
-        let mut s = Sim::new();
-        s.ev(MovedFrom, "y", true, 1)
-            .ev(MovedTo, "y2", true, 1)
-            .ev(MovedFrom, "y2", true, 2)
-            .ev(MovedTo, "y", true, 2)
-            .at_ms(10);
-        let out = s.out();
-        // y2 never existed on the target; y is sent again whole. Nothing claims y is gone.
-        assert!(
-            out.iter().all(|c| !(c.1 == "y" && c.0 == Op::Delete)),
-            "{out:?}"
-        );
-        assert!(out.iter().any(|c| c.1 == "y" && c.3), "{out:?}");
-    }
-
-    #[test]
-    fn resync_is_emitted_at_once() {
-        let mut s = Sim::new();
-        s.f(Resync, "");
-        assert_eq!(s.c.next_deadline().map(|d| d <= Instant::now()), Some(true));
-        let out = s.out();
-        assert_eq!(out, vec![(Op::Resync, ".".into(), None, true)]);
-    }
-
-    #[test]
-    fn changes_keep_first_seen_order_and_flush_all_empties() {
-        let mut s = Sim::new();
-        s.f(Modify, "b").f(Modify, "a");
-        let all: Vec<String> =
-            s.c.flush_all()
-                .into_iter()
-                .map(|(_, c)| c.path.to_string())
-                .collect();
-        assert_eq!(all, vec!["b", "a"]);
-        assert_eq!(s.c.pending(), 0);
-        assert_eq!(s.c.next_deadline(), None);
-    }
-
-    #[test]
-    fn a_transient_name_made_and_removed_within_its_rest_never_goes_out() {
-        // vim's probe, a backup made and dropped, rsync's temp renamed.
-        let mut s = Sim::new();
-        s.f(Create, "d/4913").f(CloseWrite, "d/4913");
-        s.f(Create, "d/x~").f(CloseWrite, "d/x~");
-        s.f(Create, "d/.f.Ab12Cd").f(CloseWrite, "d/.f.Ab12Cd");
-        s.at_ms(500);
-        assert!(s.out().is_empty(), "closed, but held until it rests");
-        s.f(Delete, "d/4913").f(Delete, "d/x~");
-        s.ev(MovedFrom, "d/.f.Ab12Cd", false, 9)
-            .ev(MovedTo, "d/f", false, 9);
-        s.at_ms(520);
-        assert_eq!(s.out(), vec![up("d/f")]);
-        // The unlinks still go (a full sync may have copied the file meanwhile); the
-        // renamed temp file is forgotten.
-        s.at_ms(1_500);
-        assert_eq!(s.out(), vec![del("d/4913"), del("d/x~")]);
-        s.at_ms(5_000);
-        assert!(s.out().is_empty());
-    }
-
-    #[test]
-    fn a_transient_name_carried_by_its_new_directory_is_deleted_when_renamed_away() {
-        let mut s = Sim::new();
-        s.ev(Create, "new", true, 0);
-        s.f(Create, "new/.f.Ab12Cd").f(CloseWrite, "new/.f.Ab12Cd");
-        s.at_ms(10);
-        assert_eq!(s.out(), vec![(Op::Upsert, "new".into(), None, true)]);
-        s.ev(MovedFrom, "new/.f.Ab12Cd", false, 3)
-            .ev(MovedTo, "new/f", false, 3);
-        s.at_ms(20);
-        assert_eq!(s.out(), vec![up("new/f")]);
-        s.at_ms(1_020);
-        assert_eq!(s.out(), vec![del("new/.f.Ab12Cd")]);
-    }
-
-    #[test]
-    fn a_transient_name_that_stays_is_sent_once_rested_or_after_the_maximum_hold() {
-        let mut s = Sim::new();
-        s.f(Create, "report.txt~").f(CloseWrite, "report.txt~");
-        s.at_ms(999);
-        assert!(s.out().is_empty());
-        s.at_ms(1_000);
-        assert_eq!(s.out(), vec![up("report.txt~")]);
-        // A delete of one still goes (a real file may have had the name).
-        s.f(Delete, "report.txt~");
-        s.at_ms(2_000);
-        assert_eq!(s.out(), vec![del("report.txt~")]);
-        // Written without a second's pause: it goes after the maximum hold.
-        let mut ms = 2_000;
-        s.f(Modify, "4913");
-        while ms + 500 < 2_000 + 30_000 {
-            ms += 500;
-            s.at_ms(ms).f(Modify, "4913");
-            assert!(s.out().is_empty(), "at {ms} ms");
-        }
-        s.at_ms(2_000 + 30_000);
-        assert_eq!(s.out(), vec![up("4913")]);
-        // Directories and ordinary names keep the root's timing.
-        s.ev(Create, "dir~", true, 0).f(CloseWrite, "plain");
-        s.at_ms(32_000 + 10);
-        assert_eq!(
-            s.out(),
-            vec![(Op::Upsert, "dir~".into(), None, true), up("plain")]
-        );
-    }
-
-    /// Runs `events` (ms, kind, path) and returns (ms, path) of each publication, looking
-    /// every millisecond up to `until`.
-    fn publish_times(
-        s: &mut Sim,
-        events: &[(u64, RawKind, &str)],
-        until: u64,
-    ) -> Vec<(u64, String)> {
-        let mut out = Vec::new();
-        let mut next = 0;
-        for ms in 0..=until {
-            s.at_ms(ms);
-            while next < events.len() && events[next].0 == ms {
-                s.f(events[next].1, events[next].2);
-                next += 1;
-            }
-            out.extend(s.out().into_iter().map(|c| (ms, c.1)));
-        }
-        out
-    }
-
-    #[test]
-    fn a_file_written_once_goes_at_once_and_a_file_written_on_goes_a_handful_of_times() {
-        // A writer appending every 5 ms for 3 s and closing: today's rule (quiet 10 ms,
-        // max hold 100 ms) would send it about 30 times.
-        let mut events = vec![(0, CloseWrite, "once")];
-        events.extend((0..3_000).step_by(5).map(|ms| (ms, Modify, "log")));
-        events.push((3_000, CloseWrite, "log"));
-        let mut s = Sim::new();
-        let got = publish_times(&mut s, &events, 6_000);
-        let want: Vec<(u64, String)> = [
-            (2, "once"),
-            (100, "log"),   // max hold: cold
-            (205, "log"),   // back 5 ms after: held 50 ms, but max hold (105 + 100) is later
-            (310, "log"),   // held 100 ms from 205 (305), max hold 210 + 100
-            (510, "log"),   // 200 ms from 310
-            (910, "log"),   // 400 ms
-            (1_710, "log"), // 800 ms
-            (3_050, "log"), // held 1.6 s from 1710 (3310), but closed and left 50 ms
-        ]
-        .into_iter()
-        .map(|(ms, p)| (ms, p.to_string()))
-        .collect();
-        assert_eq!(got, want);
-    }
-
-    #[test]
-    fn a_hot_file_is_held_by_doubling_delays_up_to_the_bound_and_cools_when_left_alone() {
-        // Written and closed every 20 ms: each close is followed by a new write before
-        // HOT_FIRST, so only the growing hold sends it.
-        let mut events: Vec<(u64, RawKind, &str)> = Vec::new();
-        for ms in (0..8_000).step_by(20) {
-            events.push((ms, Modify, "f"));
-            events.push((ms, CloseWrite, "f"));
-        }
-        // Left alone for HOT_SOON and twice its delay, then written once: at once.
-        events.push((20_000, Modify, "f"));
-        events.push((20_000, CloseWrite, "f"));
-        let mut s = Sim::new();
-        let got: Vec<u64> = publish_times(&mut s, &events, 21_000)
-            .into_iter()
-            .map(|(ms, _)| ms)
-            .collect();
-        assert_eq!(
-            got,
-            // Each hold counts from the previous publication: +50, +100, … +1600, then
-            // the bound of 2 s; the last close is followed by 50 ms of rest.
-            vec![
-                2,
-                52,
-                152,
-                352,
-                752,
-                1_552,
-                3_152,
-                5_152,
-                7_152,
-                7_980 + 50,
-                20_002
-            ]
-        );
-    }
-
-    #[test]
-    fn a_hot_file_deleted_or_moved_away_is_not_held() {
-        let mut s = Sim::new();
-        let events = [
-            (0, CloseWrite, "a"),
-            (0, CloseWrite, "b"),
-            (10, Modify, "a"), // hot: held until 52
-            (10, Modify, "b"),
-            (20, Delete, "a"), // a delete goes after the quiet window
-        ];
-        let mut got = publish_times(&mut s, &events, 25);
-        s.ev(MovedFrom, "b", false, 4).ev(MovedTo, "c", false, 4);
-        got.extend(
-            publish_times(&mut s, &[], 40)
-                .into_iter()
-                .filter(|(ms, _)| *ms > 25),
-        );
-        let ms: Vec<(u64, &str)> = got.iter().map(|(m, p)| (*m, p.as_str())).collect();
-        assert_eq!(ms, vec![(2, "a"), (2, "b"), (30, "a"), (35, "c")]);
-    }
-
-    #[test]
-    fn heat_is_bounded_and_forgotten_once_paths_are_cold() {
-        let mut s = Sim::new();
-        for i in 0..HEAT_CAP + 10 {
-            s.f(CloseWrite, &format!("f{i}"));
-        }
-        s.at_ms(10);
-        assert_eq!(s.out().len(), HEAT_CAP + 10);
-        assert_eq!(s.c.remembered(), HEAT_CAP);
-        s.at_ms(10 + HOT_SOON.as_millis() as u64);
-        s.out();
-        assert_eq!(s.c.remembered(), 0);
-    }
-
-    #[test]
-    fn roots_whose_files_must_rest_keep_their_own_rule() {
-        let mut s = Sim::new();
-        let t = s.c.timing["r"];
-        s.c.timing.insert("r".into(), Timing { heat: false, ..t });
-        let events = [(0, CloseWrite, "a"), (10, CloseWrite, "a")];
-        let got = publish_times(&mut s, &events, 100);
-        assert_eq!(got, vec![(2, "a".to_string()), (12, "a".to_string())]);
-        assert_eq!(s.c.remembered(), 0);
-    }
-}
+mod tests;

@@ -111,7 +111,7 @@ impl Stability {
 }
 
 /// Raw events in, changes out; time is a parameter. Reads the tree, never writes it.
-pub struct Filter {
+pub(crate) struct Filter {
     roots: HashMap<String, RootState>,
     coalescer: Coalescer,
     watchers: Vec<(u64, SeqTracker)>,
@@ -159,7 +159,7 @@ impl RootState {
 }
 
 impl Filter {
-    pub fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         let timing = config
             .roots
             .iter()
@@ -196,7 +196,7 @@ impl Filter {
     }
 
     /// Takes one batch from a watcher.
-    pub fn push_batch(&mut self, batch: &RawBatch, now: Instant) {
+    pub(crate) fn push_batch(&mut self, batch: &RawBatch, now: Instant) {
         let seen = self.observe(batch.epoch, batch.seq);
         if seen.lost_something() {
             tracing::warn!(
@@ -236,7 +236,7 @@ impl Filter {
     }
 
     /// A resync of every root (something was lost on the way in).
-    pub fn resync_all(&mut self, now: Instant) {
+    pub(crate) fn resync_all(&mut self, now: Instant) {
         let names: Vec<String> = self.roots.keys().cloned().collect();
         for root in names {
             let ev = RawEvent {
@@ -251,7 +251,7 @@ impl Filter {
     }
 
     /// Takes one raw event, read by the watcher at `since_us`.
-    pub fn push_event(&mut self, ev: &RawEvent, since_us: u64, now: Instant) {
+    pub(crate) fn push_event(&mut self, ev: &RawEvent, since_us: u64, now: Instant) {
         let Some(state) = self.roots.get_mut(&ev.root) else {
             tracing::warn!(root = %ev.root, "event for a root this filter does not know; dropped");
             return;
@@ -281,16 +281,16 @@ impl Filter {
     }
 
     /// Two-way roots: echoes recognised since the last call, per root.
-    pub fn take_echoes(&mut self) -> HashMap<String, u64> {
+    pub(crate) fn take_echoes(&mut self) -> HashMap<String, u64> {
         self.two_way.take_echoes()
     }
 
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.coalescer.next_deadline()
     }
 
     /// Ready changes grouped by root, in first-seen order within a root.
-    pub fn ready(&mut self, now: Instant) -> Vec<(String, Vec<Change>)> {
+    pub(crate) fn ready(&mut self, now: Instant) -> Vec<(String, Vec<Change>)> {
         self.two_way.prune(now);
         let mut out = self.coalescer.pop_ready(now);
         if !self.stability.is_empty() || self.roots.values().any(|r| r.root.two_way) {
@@ -323,7 +323,7 @@ impl Filter {
     }
 
     /// Two-way roots: what a run brought to the peer is no longer racing a delete.
-    pub fn delivered(&mut self, d: &wire::Delivery) {
+    pub(crate) fn delivered(&mut self, d: &wire::Delivery) {
         if !d.ok || !self.roots.get(&d.root).is_some_and(|r| r.root.two_way) {
             return;
         }
@@ -331,7 +331,7 @@ impl Filter {
     }
 
     /// The targets whose deliveries [`Filter::delivered`] wants: the two-way ones.
-    pub fn two_way_targets(config: &Config) -> Vec<String> {
+    pub(crate) fn two_way_targets(config: &Config) -> Vec<String> {
         config
             .targets
             .iter()
@@ -341,11 +341,11 @@ impl Filter {
     }
 
     /// Everything held, at once (the drain at a stop).
-    pub fn flush_all(&mut self) -> Vec<(String, Vec<Change>)> {
+    pub(crate) fn flush_all(&mut self) -> Vec<(String, Vec<Change>)> {
         group(self.coalescer.flush_all())
     }
 
-    pub fn root_names(&self) -> Vec<String> {
+    pub(crate) fn root_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.roots.keys().cloned().collect();
         v.sort();
         v

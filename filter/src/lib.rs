@@ -42,6 +42,8 @@
 //! - Every directory is watched and every event decoded even under an excluded
 //!   directory; exclusion saves rsync work, not inotify work.
 
+#![warn(unreachable_pub)]
+
 mod coalesce;
 mod filter;
 mod stage;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::bus::{self, Endpoints, Shutdown, HEARTBEAT};
+use protocol::bus::{self, BusError, Endpoints, Shutdown, HEARTBEAT};
 use protocol::config::Config;
 use protocol::stage::StageError;
 use protocol::status::{self, StageStatus};
@@ -146,7 +146,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         let wake = filter
             .next_deadline()
             .map_or(next_heartbeat, |d| d.min(next_heartbeat));
-        for event in wait(&pull, &deliveries, shutdown, wake)? {
+        for event in wait(&pull, &endpoints.raw, &deliveries, shutdown, wake)? {
             match event {
                 Event::Stop => break 'run,
                 Event::Deliveries => {
@@ -200,10 +200,11 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
 /// alone, or the deliveries (when queued) and then the tick.
 fn wait(
     pull: &zmq::Socket,
+    endpoint: &str,
     deliveries: &zmq::Socket,
     shutdown: &Shutdown,
     wake: Instant,
-) -> Result<Vec<Event>, StageError> {
+) -> Result<Vec<Event>, BusError> {
     let timeout = wake.saturating_duration_since(Instant::now());
     let mut items = [
         pull.as_poll_item(zmq::POLLIN),
@@ -213,7 +214,13 @@ fn wait(
     match zmq::poll(&mut items, poll_ms(timeout)) {
         // A signal interrupted the wait: `shutdown` tells whether it asks to stop.
         Ok(_) | Err(zmq::Error::EINTR) => {}
-        Err(e) => return Err(StageError::Failed(format!("zmq poll: {e}"))),
+        Err(source) => {
+            return Err(BusError::Zmq {
+                op: "poll",
+                endpoint: endpoint.to_string(),
+                source,
+            })
+        }
     }
     let [_raw, signal, delivered] = &items;
     if signal.is_readable() {

@@ -5,6 +5,8 @@
 //! reads the tree: the dispatcher runs what this builds, and the retrier's fail log
 //! prints the same command lines for a person to run.
 
+#![warn(unreachable_pub)]
+
 mod argv;
 mod classify;
 mod rules;

@@ -16,7 +16,7 @@ use protocol::PathBytes;
 
 /// Writes the manifest of every two-way root that exists. False when one could not be
 /// written (the next start then brings what is missing here back from the peer).
-pub fn write_all(config: &Config) -> bool {
+pub(crate) fn write_all(config: &Config) -> bool {
     let mut ok = true;
     for root in config.roots.iter().filter(|r| r.two_way) {
         let dest = config.runtime_dir.join(manifest::file_name(&root.name));

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use protocol::PathBytes;
 
 /// Index of a root in `Config::roots`.
-pub type RootIx = usize;
+pub(crate) type RootIx = usize;
 
 /// wd → (root, path) and (root, path) → wd, the second ordered so that a subtree is one
 /// range.
@@ -18,20 +18,20 @@ pub type RootIx = usize;
 /// - A forward entry may lack its reverse entry when another watch took its path (a
 ///   directory replaced by a rename); it leaves with its `IN_IGNORED`.
 #[derive(Debug, Default, Clone)]
-pub struct WatchMap {
+pub(crate) struct WatchMap {
     by_wd: HashMap<i32, (RootIx, PathBytes)>,
     by_path: BTreeMap<(RootIx, PathBytes), i32>,
 }
 
 impl WatchMap {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Records that `wd` watches `path` of `root`. `inotify_add_watch` returns the same wd
     /// for an inode it already watches, so an existing entry for `wd` is always
     /// overwritten: the new path is the current one.
-    pub fn insert(&mut self, wd: i32, root: RootIx, path: PathBytes) {
+    pub(crate) fn insert(&mut self, wd: i32, root: RootIx, path: PathBytes) {
         if let Some(old) = self.by_wd.get(&wd) {
             if self.by_path.get(old) == Some(&wd) {
                 let old = old.clone();
@@ -43,12 +43,12 @@ impl WatchMap {
     }
 
     /// The directory `wd` stands for.
-    pub fn get(&self, wd: i32) -> Option<(RootIx, &PathBytes)> {
+    pub(crate) fn get(&self, wd: i32) -> Option<(RootIx, &PathBytes)> {
         self.by_wd.get(&wd).map(|(r, p)| (*r, p))
     }
 
     /// The watch on `path` of `root`.
-    pub fn wd(&self, root: RootIx, path: &PathBytes) -> Option<i32> {
+    pub(crate) fn wd(&self, root: RootIx, path: &PathBytes) -> Option<i32> {
         self.by_path.get(&(root, path.clone())).copied()
     }
 
@@ -82,7 +82,7 @@ impl WatchMap {
 
     /// Forgets the watches on `path` and below (both directions) and returns their wds,
     /// for a directory that left the tree or a root that is gone.
-    pub fn remove_subtree(&mut self, root: RootIx, path: &PathBytes) -> Vec<i32> {
+    pub(crate) fn remove_subtree(&mut self, root: RootIx, path: &PathBytes) -> Vec<i32> {
         let mut wds = Vec::new();
         for key in self.subtree(root, path) {
             if let Some(wd) = self.by_path.remove(&key) {
@@ -98,7 +98,7 @@ impl WatchMap {
     /// A directory moved from `from` to `to` inside `root`: every watch on `from` or below
     /// now stands for the same place under `to`. Watches that were on `to` or below (an
     /// empty directory the rename replaced) are forgotten and returned as `displaced`.
-    pub fn rename(&mut self, root: RootIx, from: &PathBytes, to: &PathBytes) -> Renamed {
+    pub(crate) fn rename(&mut self, root: RootIx, from: &PathBytes, to: &PathBytes) -> Renamed {
         if from == to {
             return Renamed::default();
         }
@@ -117,7 +117,7 @@ impl WatchMap {
 
     /// The kernel dropped `wd` (`IN_IGNORED`). Its path is forgotten only if it still
     /// points at `wd`: another watch may have taken it meanwhile.
-    pub fn remove_wd(&mut self, wd: i32) -> Option<(RootIx, PathBytes)> {
+    pub(crate) fn remove_wd(&mut self, wd: i32) -> Option<(RootIx, PathBytes)> {
         let key = self.by_wd.remove(&wd)?;
         if self.by_path.get(&key) == Some(&wd) {
             self.by_path.remove(&key);
@@ -126,34 +126,36 @@ impl WatchMap {
     }
 
     /// Every wd in the map.
-    pub fn wds(&self) -> impl Iterator<Item = i32> + '_ {
+    pub(crate) fn wds(&self) -> impl Iterator<Item = i32> + '_ {
         self.by_wd.keys().copied()
     }
 
-    pub fn contains_wd(&self, wd: i32) -> bool {
+    pub(crate) fn contains_wd(&self, wd: i32) -> bool {
         self.by_wd.contains_key(&wd)
     }
 
     /// Number of watched directories of `root` (a walk of its range, no copies).
-    pub fn count(&self, root: RootIx) -> usize {
+    pub(crate) fn count(&self, root: RootIx) -> usize {
         self.by_path
             .range((root, PathBytes::root())..)
             .take_while(|((r, _), _)| *r == root)
             .count()
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.by_wd.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.by_wd.is_empty()
     }
 }
 
 /// What [`WatchMap::rename`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Renamed {
+pub(crate) struct Renamed {
     /// Watches whose path was rewritten.
     pub moved: usize,
     /// Watches that sat on the destination and were forgotten.
