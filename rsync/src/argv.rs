@@ -89,16 +89,49 @@ pub fn common_args(target: &Target, ssh_dir: Option<&Path>) -> Result<Vec<OsStri
     Ok(a)
 }
 
-/// The full argv (without the program) of one run from `root` to `dest`; `ssh_dir` as
-/// in [`common_args`].
+/// What rsync prints for the caller, besides its summary (`--info=stats1`, read for the
+/// bytes sent; always on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// The summary only.
+    Summary,
+    /// Each name sent (`%n`): a full sync's progress.
+    Names,
+    /// Each change itemized (`%i %n`): the catch-up's follow-ups, a dry run's deletes.
+    Itemized,
+    /// Itemized with size and mtime (`%i %l %M %n`): a two-way pull's listing.
+    ItemizedSized,
+}
+
+/// One run: what it does, from where to where, and what the caller reads of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Run<'a> {
+    pub mode: &'a Mode,
+    /// The merged filter rules (NUL-separated), if any.
+    pub rules_file: Option<&'a Path>,
+    /// The local side, sent with a trailing `/` (its content, not itself).
+    pub root: &'a Path,
+    pub dest: &'a str,
+    pub output: Output,
+    /// Options the root guard adds to every run for a while (`--dry-run` for its
+    /// probe, `--max-delete=0` for a compare that must not delete).
+    pub guard: &'a [&'static str],
+}
+
+/// The full argv (without the program) of one run; `ssh_dir` as in [`common_args`].
 pub fn build_args(
     target: &Target,
-    mode: &Mode,
-    rules_file: Option<&Path>,
-    root: &Path,
-    dest: &str,
+    run: &Run,
     ssh_dir: Option<&Path>,
 ) -> Result<Vec<OsString>, ArgError> {
+    let Run {
+        mode,
+        rules_file,
+        root,
+        dest,
+        output,
+        guard,
+    } = *run;
     let mut a: Vec<OsString> = vec!["-a".into()];
     match mode {
         Mode::Incremental => {
@@ -144,8 +177,6 @@ pub fn build_args(
             a.push("--no-whole-file".into());
             a.push("--fuzzy".into());
             a.push("--fuzzy".into());
-            // The new place's parents may be new on the target too.
-            a.push("--mkpath".into());
             a.push("--modify-window=-1".into());
             if let Some(b) = basis {
                 a.push(format!("--link-dest={b}").into());
@@ -177,6 +208,17 @@ pub fn build_args(
         a.push(s);
     }
     a.extend(common_args(target, ssh_dir)?);
+    // After the user's `extra_args`: the summary in plain digits even if they ask for
+    // `-h`.
+    a.push("--info=stats1".into());
+    a.push("--no-human-readable".into());
+    a.extend(guard.iter().map(OsString::from));
+    match output {
+        Output::Summary => {}
+        Output::Names => a.push("--out-format=%n".into()),
+        Output::Itemized => a.push("--out-format=%i %n".into()),
+        Output::ItemizedSized => a.push("--out-format=%i %l %M %n".into()),
+    }
     let mut local = root.as_os_str().to_os_string();
     local.push("/");
     if matches!(mode, Mode::Pull | Mode::PullList) {
@@ -216,6 +258,17 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
+    fn run<'a>(mode: &'a Mode, rules: Option<&'a Path>, root: &'a Path, dest: &'a str) -> Run<'a> {
+        Run {
+            mode,
+            rules_file: rules,
+            root,
+            dest,
+            output: Output::Summary,
+            guard: &[],
+        }
+    }
+
     fn target(endpoint: Endpoint) -> Target {
         Target {
             name: "t".into(),
@@ -246,10 +299,12 @@ mod tests {
         t.bwlimit = Some("2M".into());
         let a = build_args(
             &t,
-            &Mode::Incremental,
-            Some(Path::new("/run/x/rules")),
-            Path::new("/srv/www"),
-            &t.destination("www"),
+            &run(
+                &Mode::Incremental,
+                Some(Path::new("/run/x/rules")),
+                Path::new("/srv/www"),
+                &t.destination("www"),
+            ),
             None,
         )
         .unwrap();
@@ -270,6 +325,8 @@ mod tests {
                 "--contimeout=10",
                 "--password-file=/etc/p w",
                 "--chmod=D755",
+                "--info=stats1",
+                "--no-human-readable",
                 "/srv/www/",
                 "rsync://h:8730/m/",
             ]
@@ -286,10 +343,7 @@ mod tests {
         });
         let a = build_args(
             &t,
-            &Mode::Resync,
-            None,
-            Path::new("/srv"),
-            "u@h:/data/",
+            &run(&Mode::Resync, None, Path::new("/srv"), "u@h:/data/"),
             None,
         )
         .unwrap();
@@ -305,6 +359,8 @@ mod tests {
                 "-e",
                 "'ssh' '-p' '2222' '-i' '/k/id ed' '-o' 'StrictHostKeyChecking=yes'",
                 "--chmod=D755",
+                "--info=stats1",
+                "--no-human-readable",
                 "/srv/",
                 "u@h:/data/",
             ]
@@ -320,6 +376,38 @@ mod tests {
     }
 
     #[test]
+    fn what_the_caller_reads_and_the_guards_options_come_after_the_users() {
+        let mut t = target(Endpoint::Local {
+            path: PathBuf::from("/backup"),
+        });
+        t.extra_args = vec!["-h".into()];
+        let table = [
+            (Output::Summary, None),
+            (Output::Names, Some("--out-format=%n")),
+            (Output::Itemized, Some("--out-format=%i %n")),
+            (Output::ItemizedSized, Some("--out-format=%i %l %M %n")),
+        ];
+        for (output, format) in table {
+            let r = Run {
+                output,
+                guard: &["--dry-run"],
+                ..run(&Mode::Resync, None, Path::new("/srv"), "/backup/")
+            };
+            let a = strings(build_args(&t, &r, None).unwrap());
+            let at = |w: &str| a.iter().position(|x| x == w);
+            let user = at("-h").unwrap();
+            assert!(at("--no-human-readable").unwrap() > user, "{a:?}");
+            assert!(at("--dry-run").unwrap() > user, "{a:?}");
+            assert_eq!(format.map(|f| at(f).is_some()), format.map(|_| true));
+            assert_eq!(
+                a.iter().filter(|x| x.starts_with("--out-format")).count(),
+                usize::from(format.is_some())
+            );
+            assert_eq!(&a[a.len() - 2..], ["/srv/", "/backup/"]);
+        }
+    }
+
+    #[test]
     fn argv_for_a_local_dir_has_nothing_extra() {
         let mut t = target(Endpoint::Local {
             path: PathBuf::from("/backup"),
@@ -328,10 +416,7 @@ mod tests {
         t.extra_args.clear();
         let a = build_args(
             &t,
-            &Mode::Incremental,
-            None,
-            Path::new("/srv"),
-            "/backup/",
+            &run(&Mode::Incremental, None, Path::new("/srv"), "/backup/"),
             None,
         )
         .unwrap();
@@ -346,6 +431,8 @@ mod tests {
                 "--files-from=-",
                 "--from0",
                 "--mkpath",
+                "--info=stats1",
+                "--no-human-readable",
                 "/srv/",
                 "/backup/"
             ]
@@ -375,8 +462,9 @@ mod tests {
             Mode::Pull,
             Mode::PullList,
         ] {
-            let a =
-                strings(build_args(&t, &mode, None, Path::new("/srv"), "/peer/", None).unwrap());
+            let a = strings(
+                build_args(&t, &run(&mode, None, Path::new("/srv"), "/peer/"), None).unwrap(),
+            );
             for want in own {
                 assert!(a.iter().any(|x| x == want), "{want} missing from {a:?}");
             }
@@ -394,10 +482,7 @@ mod tests {
         let a = strings(
             build_args(
                 &t,
-                &Mode::DeleteOnly,
-                None,
-                Path::new("/scratch"),
-                "/backup/",
+                &run(&Mode::DeleteOnly, None, Path::new("/scratch"), "/backup/"),
                 None,
             )
             .unwrap(),

@@ -12,6 +12,6 @@ mod classify;
 mod rules;
 pub mod ssh;
 
-pub use argv::{build_args, common_args, rsync_program, ArgError, Mode};
+pub use argv::{build_args, common_args, rsync_program, ArgError, Mode, Output, Run};
 pub use classify::{classify, classify_status, Outcome};
 pub use rules::{exclude_rules, resync_rules};

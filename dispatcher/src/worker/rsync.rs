@@ -10,7 +10,7 @@ use protocol::PathBytes;
 
 use crate::command::{self, RunResult};
 use crate::plan;
-use ::rsync::{Mode, Outcome};
+use ::rsync::{Mode, Outcome, Output, Run};
 use protocol::work::Touch;
 
 use super::*;
@@ -311,14 +311,29 @@ impl Runner {
                 }
             }
         };
-        let args = match ::rsync::build_args(
-            &self.target,
-            &mode,
-            rules_file.as_deref(),
-            src,
+        let guard = self
+            .guard_args
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        let dry_run = guard.contains(&"--dry-run");
+        let keep = capture.is_some();
+        let count = !keep && self.progress.is_some() && mode == Mode::Resync;
+        let output = match (keep, &mode) {
+            (true, Mode::PullList) => Output::ItemizedSized,
+            (true, _) => Output::Itemized,
+            (false, _) if count => Output::Names,
+            (false, _) => Output::Summary,
+        };
+        let run = Run {
+            mode: &mode,
+            rules_file: rules_file.as_deref(),
+            root: src,
             dest,
-            self.control.ssh_dir.as_deref(),
-        ) {
+            output,
+            guard: &guard,
+        };
+        let args = match ::rsync::build_args(&self.target, &run, self.control.ssh_dir.as_deref()) {
             Ok(a) => a,
             Err(e) => {
                 return RunResult {
@@ -327,31 +342,6 @@ impl Runner {
                 }
             }
         };
-        let mut args = args;
-        // Before the source and destination, which are the last two. rsync's summary
-        // ("sent N bytes …") feeds the status; it is taken out of what the caller sees.
-        let at = args.len() - 2;
-        args.insert(at, "--info=stats1".into());
-        // After the user's `extra_args`: plain digits even if they ask for `-h`.
-        args.insert(at, "--no-human-readable".into());
-        let guard_args = self
-            .guard_args
-            .lock()
-            .map(|g| g.clone())
-            .unwrap_or_default();
-        for a in &guard_args {
-            args.insert(at, (*a).into());
-        }
-        let dry_run = guard_args.contains(&"--dry-run");
-        let keep = capture.is_some();
-        let count = !keep && self.progress.is_some() && mode == Mode::Resync;
-        if keep && mode == Mode::PullList {
-            args.insert(at, "--out-format=%i %l %M %n".into());
-        } else if keep {
-            args.insert(at, "--out-format=%i %n".into());
-        } else if count {
-            args.insert(at, "--out-format=%n".into());
-        }
         #[derive(Default)]
         struct Out {
             partial: Vec<u8>,
