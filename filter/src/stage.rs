@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use protocol::bus::{self, BusError, Endpoints, Shutdown, HEARTBEAT};
 use protocol::config::Config;
+use protocol::seq::Stamp;
 use protocol::stage::StageError;
 use protocol::status::{self, StageStatus};
 use protocol::wire::{self, Change, ChangeBatch, Op, RawBatch};
@@ -36,7 +37,7 @@ enum Event {
 struct Publisher {
     socket: zmq::Socket,
     epoch: u64,
-    seq: HashMap<String, u64>,
+    stamps: HashMap<String, Stamp>,
     /// Changes published per root, for the status file.
     board: Arc<Mutex<StageStatus>>,
 }
@@ -58,13 +59,17 @@ impl Publisher {
             }
         }
         for chunk in chunks {
-            let seq = self.seq.entry(root.to_string()).or_insert(0);
-            *seq += 1;
+            let epoch = self.epoch;
+            let (epoch, seq) = self
+                .stamps
+                .entry(root.to_string())
+                .or_insert_with(|| Stamp::new(epoch))
+                .stamp();
             if !chunk.is_empty() {
                 let resyncs = chunk.iter().filter(|c| c.op == Op::Resync).count();
                 tracing::debug!(
                     root,
-                    seq = *seq,
+                    seq,
                     changes = chunk.len(),
                     resyncs,
                     "publishing changes"
@@ -75,8 +80,8 @@ impl Publisher {
             }
             let msg = ChangeBatch {
                 version: wire::VERSION,
-                epoch: self.epoch,
-                seq: *seq,
+                epoch,
+                seq,
                 root: root.to_string(),
                 time_us: protocol::now_us(),
                 changes: chunk,
@@ -114,7 +119,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let mut out = Publisher {
         socket: publisher,
         epoch: bus::new_epoch(),
-        seq: HashMap::new(),
+        stamps: HashMap::new(),
         board: Arc::new(Mutex::new(StageStatus::new("filter", protocol::now_us()))),
     };
     let _status = status::Writer::shared(&config.runtime_dir, "filter", &out.board);

@@ -1,5 +1,38 @@
 //! Loss detection on the bus: every publisher stamps a random `epoch` at start and a
-//! gap-free `seq` per topic; a subscriber keeps one [`SeqTracker`] per (publisher, topic).
+//! gap-free `seq` per topic ([`Stamp`]); a subscriber keeps one [`SeqTracker`] per
+//! (publisher, topic).
+
+/// A publisher's side of one stream (one topic): its epoch and the `seq` of the last
+/// message stamped. Every sender on the bus stamps its messages with one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    epoch: u64,
+    seq: u64,
+}
+
+impl Stamp {
+    /// A stream that starts now; `epoch` is drawn once per process
+    /// (`bus::new_epoch`) and shared by its streams.
+    pub fn new(epoch: u64) -> Stamp {
+        Stamp { epoch, seq: 0 }
+    }
+
+    /// The `(epoch, seq)` of the next message.
+    pub fn stamp(&mut self) -> (u64, u64) {
+        self.seq += 1;
+        (self.epoch, self.seq)
+    }
+
+    /// The epoch of this stream.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The `seq` of the last message stamped (0: none yet).
+    pub fn last(&self) -> u64 {
+        self.seq
+    }
+}
 
 /// What one received `(epoch, seq)` means for the subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,5 +108,21 @@ mod tests {
         assert!(Seen::First { seq: 2 }.lost_something());
         assert!(Seen::Gap { missed: 1 }.lost_something());
         assert!(Seen::NewEpoch.lost_something());
+    }
+
+    #[test]
+    fn a_stamped_stream_reads_in_order_and_a_restart_as_a_new_epoch() {
+        let mut t = SeqTracker::default();
+        let mut s = Stamp::new(7);
+        let seen: Vec<Seen> = (0..3)
+            .map(|_| {
+                let (e, q) = s.stamp();
+                t.observe(e, q)
+            })
+            .collect();
+        assert_eq!(seen, [Seen::First { seq: 1 }, Seen::InOrder, Seen::InOrder]);
+        assert_eq!(s.last(), 3);
+        let (e, q) = Stamp::new(8).stamp();
+        assert_eq!(t.observe(e, q), Seen::NewEpoch);
     }
 }

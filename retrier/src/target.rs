@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use protocol::config::{Endpoint, Retry};
+use protocol::seq::Stamp;
 use protocol::status::TargetStatus;
 
 use crate::policy;
@@ -22,7 +23,8 @@ pub(crate) struct TargetState {
     next_probe: Instant,
     /// A probe runs on its own thread (a connect or a DNS lookup may block).
     probing: bool,
-    seq: u64,
+    /// The target's job topic.
+    stamp: Stamp,
     next_beat: Instant,
     /// The error of the last failed try and when the target last took something.
     last_error: String,
@@ -30,7 +32,7 @@ pub(crate) struct TargetState {
 }
 
 impl TargetState {
-    pub(crate) fn new(endpoint: &Endpoint, now: Instant) -> Self {
+    pub(crate) fn new(endpoint: &Endpoint, now: Instant, epoch: u64) -> Self {
         TargetState {
             failures: 0,
             due: now,
@@ -38,7 +40,7 @@ impl TargetState {
             probe_down: false,
             next_probe: now,
             probing: false,
-            seq: 0,
+            stamp: Stamp::new(epoch),
             next_beat: now,
             last_error: String::new(),
             last_success_us: 0,
@@ -137,11 +139,11 @@ impl TargetState {
         }
     }
 
-    /// The `seq` of its next job message, which also puts off the next heartbeat.
-    pub(crate) fn next_seq(&mut self) -> u64 {
-        self.seq += 1;
+    /// The `(epoch, seq)` of its next job message, which also puts off the next
+    /// heartbeat.
+    pub(crate) fn next_stamp(&mut self) -> (u64, u64) {
         self.next_beat = Instant::now() + HEARTBEAT;
-        self.seq
+        self.stamp.stamp()
     }
 
     /// The earliest time the loop must look at this target again; `waiting`: it has

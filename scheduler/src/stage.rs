@@ -8,6 +8,7 @@ use chrono::Local;
 use croner::Cron;
 use protocol::bus::{self, BusError, Endpoints, Shutdown};
 use protocol::config::{Config, Schedule};
+use protocol::seq::Stamp;
 use protocol::stage::StageError;
 use protocol::status::{self, StageStatus};
 use protocol::wire::{self, Report, ReportKind, Work, REPORT_TOPIC};
@@ -24,8 +25,7 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 struct Requests {
     socket: zmq::Socket,
     endpoint: String,
-    epoch: u64,
-    seq: u64,
+    stamp: Stamp,
 }
 
 impl Requests {
@@ -37,11 +37,11 @@ impl Requests {
         schedule: &Schedule,
         shutdown: &Shutdown,
     ) -> Result<bool, StageError> {
-        self.seq += 1;
+        let (epoch, seq) = self.stamp.stamp();
         let report = Report {
             version: wire::WORK_VERSION,
-            epoch: self.epoch,
-            seq: self.seq,
+            epoch,
+            seq,
             report_id: rand::random(),
             kind: ReportKind::Request,
             // Empty: every target bound to the root.
@@ -144,8 +144,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let mut out = Requests {
         socket,
         endpoint: endpoints.reports.clone(),
-        epoch: bus::new_epoch(),
-        seq: 0,
+        stamp: Stamp::new(bus::new_epoch()),
     };
     let mut table = Timetable::new(crons, Local::now());
     let board = Arc::new(Mutex::new(StageStatus::new(
@@ -170,7 +169,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     };
     post(&table);
     tracing::info!(
-        epoch = out.epoch,
+        epoch = out.stamp.epoch(),
         reports = %endpoints.reports,
         schedules = config.schedules.len(),
         "scheduler ready"
@@ -221,7 +220,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
                             tracing::warn!(root, cron = %s.cron, "shutdown while the reports queue was full: request dropped");
                             return Ok(());
                         }
-                        tracing::info!(root, cron = %s.cron, seq = out.seq, "cron full sync requested");
+                        tracing::info!(root, cron = %s.cron, seq = out.stamp.last(), "cron full sync requested");
                     }
                     if let Some(next) = table.next(fire.schedule) {
                         tracing::debug!(cron = %s.cron, next = %next, "next fire");

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use protocol::seq::Stamp;
 use protocol::wire::{self, Report, ReportKind, Work};
 use protocol::PathBytes;
 
@@ -20,10 +21,9 @@ pub const ACK_WAIT: Duration = Duration::from_secs(2);
 /// Sends reports to the retrier (one PUSH socket per thread: zmq sockets are not shared).
 pub struct Reporter {
     pub(super) push: zmq::Socket,
-    pub(super) epoch: u64,
-    pub(super) seq: u64,
-    /// The delivery stream's own gap-free counter.
-    pub(super) delivery_seq: u64,
+    /// The reports' stream, and the delivery stream's (the same epoch).
+    reports: Stamp,
+    deliveries: Stamp,
     pub(super) target: String,
     /// When the run being reported began (0: unknown, as for the full lane's).
     pub run_started_us: u64,
@@ -31,11 +31,11 @@ pub struct Reporter {
 
 impl Reporter {
     pub fn new(push: zmq::Socket, target: &str) -> Self {
+        let epoch = protocol::bus::new_epoch();
         Reporter {
             push,
-            epoch: protocol::bus::new_epoch(),
-            seq: 0,
-            delivery_seq: 0,
+            reports: Stamp::new(epoch),
+            deliveries: Stamp::new(epoch),
             target: target.to_string(),
             run_started_us: 0,
         }
@@ -50,11 +50,11 @@ impl Reporter {
         resyncs: &[PathBytes],
         failed: Option<(u32, &str)>,
     ) {
-        self.delivery_seq += 1;
+        let (epoch, seq) = self.deliveries.stamp();
         let msg = wire::Delivery {
             version: wire::VERSION,
-            epoch: self.epoch,
-            seq: self.delivery_seq,
+            epoch,
+            seq,
             target: self.target.clone(),
             root: root.to_string(),
             ok: failed.is_none(),
@@ -91,11 +91,11 @@ impl Reporter {
         work: Work,
         error: &str,
     ) -> u64 {
-        self.seq += 1;
+        let (epoch, seq) = self.reports.stamp();
         let report = Report {
             version: wire::WORK_VERSION,
-            epoch: self.epoch,
-            seq: self.seq,
+            epoch,
+            seq,
             report_id: rand::random::<u64>() | 1,
             kind,
             target: self.target.clone(),

@@ -71,7 +71,6 @@ struct Retrier<'a> {
     journal: Journal,
     jobs: BTreeMap<u64, Job>,
     targets: HashMap<String, TargetState>,
-    epoch: u64,
     fail_log: PathBuf,
     fail_log_dirty: bool,
     fail_log_next: Instant,
@@ -96,6 +95,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     // calling it a second instance.
     let (journal, lost) = open_journal(dir)?;
     let now = Instant::now();
+    let epoch = bus::new_epoch();
     let mut r = Retrier {
         probes: std::sync::mpsc::channel(),
         config,
@@ -104,9 +104,8 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         targets: config
             .targets
             .iter()
-            .map(|t| (t.name.clone(), TargetState::new(&t.endpoint, now)))
+            .map(|t| (t.name.clone(), TargetState::new(&t.endpoint, now, epoch)))
             .collect(),
-        epoch: bus::new_epoch(),
         fail_log: dir.join("rsync_fail_log.sh"),
         fail_log_dirty: true,
         fail_log_next: now,
@@ -233,7 +232,7 @@ impl Retrier<'_> {
         let Some(t) = self.targets.get_mut(&msg.target) else {
             return Ok(());
         };
-        msg.seq = t.next_seq();
+        (msg.epoch, msg.seq) = t.next_stamp();
         bus::send(publisher, &wire::jobs_topic(&msg.target), &msg)?;
         Ok(())
     }
@@ -241,7 +240,8 @@ impl Retrier<'_> {
     fn msg(&self, kind: JobKind, target: &str) -> JobMsg {
         JobMsg {
             version: wire::WORK_VERSION,
-            epoch: self.epoch,
+            // Stamped as it is sent, on the target's topic.
+            epoch: 0,
             seq: 0,
             kind,
             target: target.to_string(),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use inotify::{Inotify, Watches};
 use protocol::bus::{self, BusError, Endpoints, Shutdown};
 use protocol::config::Config;
+use protocol::seq::Stamp;
 use protocol::stage::StageError;
 use protocol::status::{self, StageStatus};
 use protocol::wire::{self, RawBatch, RawEvent, RawKind};
@@ -57,7 +58,7 @@ fn run_inner(config: &Config, shutdown: &Shutdown) -> Result<(), WatcherError> {
     let _status = status::Writer::shared(&config.runtime_dir, "watcher", &w.board);
     info!(
         roots = config.roots.len(),
-        epoch = w.epoch,
+        epoch = w.stamp.epoch(),
         endpoint = %endpoint,
         "watcher started"
     );
@@ -119,8 +120,7 @@ struct Watcher<'a> {
     map: WatchMap,
     sock: zmq::Socket,
     shutdown: &'a Shutdown,
-    epoch: u64,
-    seq: u64,
+    stamp: Stamp,
     out: Vec<RawEvent>,
     /// A send was abandoned because shutdown was asked for: send nothing more.
     abandoned: bool,
@@ -168,8 +168,7 @@ impl<'a> Watcher<'a> {
             map: WatchMap::new(),
             sock,
             shutdown,
-            epoch: bus::new_epoch(),
-            seq: 0,
+            stamp: Stamp::new(bus::new_epoch()),
             out: Vec::new(),
             abandoned: false,
             counts: vec![(0, 0); config.roots.len()],
@@ -330,11 +329,11 @@ impl<'a> Watcher<'a> {
         if self.abandoned {
             return Ok(());
         }
-        self.seq += 1;
+        let (epoch, seq) = self.stamp.stamp();
         let batch = RawBatch {
             version: wire::VERSION,
-            epoch: self.epoch,
-            seq: self.seq,
+            epoch,
+            seq,
             time_us: protocol::now_us(),
             events,
         };
@@ -349,7 +348,7 @@ impl<'a> Watcher<'a> {
                     // asked to stop; the next watcher's new epoch makes the filter resync.
                     if self.shutdown.requested() {
                         warn!(
-                            seq = self.seq,
+                            seq,
                             events = batch.events.len(),
                             "shutting down with a batch the filter did not take"
                         );
