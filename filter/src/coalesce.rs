@@ -8,9 +8,11 @@
 //! [`MOVE_HOLD`] for its partner).
 //!
 //! Hot files: a file whose content changes again soon after it was published is held
-//! until a delay after that publication, and the delay doubles each time it comes back
+//! until a delay after that publication, and the delay triples each time it comes back
 //! soon ([`HOT_FIRST`] up to [`HOT_MAX`]), so a file written for seconds goes out a
-//! handful of times instead of once per quiet window. A writer that closes it and stays
+//! handful of times instead of once per quiet window, and the copies sent before the
+//! last one add up to about half of what was written by then (a file appended to for
+//! 4 s: 5 copies, 1.7 times its size). A writer that closes it and stays
 //! away [`HOT_FIRST`] has it sent then. A path that rests [`HOT_SOON`] (or twice its
 //! delay) is cold again; deletes, moves and directories are never held for heat.
 
@@ -45,7 +47,9 @@ pub(crate) const TRANSIENT_MAX_HOLD: Duration = Duration::from_secs(30);
 pub(crate) const HOT_FIRST: Duration = Duration::from_millis(50);
 /// The longest hold of a hot file: the targets lag a file being written at most this
 /// much behind its previous publication.
-pub(crate) const HOT_MAX: Duration = Duration::from_secs(2);
+pub(crate) const HOT_MAX: Duration = Duration::from_secs(4);
+/// Each hold of a file that stays hot is this many times the one before.
+const HOT_GROWTH: u32 = 3;
 /// A change this soon after a publication (or within twice the path's delay, if longer)
 /// makes the path hotter; a later one finds it cold.
 pub(crate) const HOT_SOON: Duration = Duration::from_secs(1);
@@ -86,7 +90,7 @@ impl Heat {
 
     /// The hold of the next change, if it comes soon.
     fn next_delay(&self) -> Duration {
-        (self.delay * 2).clamp(HOT_FIRST, HOT_MAX)
+        (self.delay * HOT_GROWTH).clamp(HOT_FIRST, HOT_MAX)
     }
 }
 

@@ -431,11 +431,10 @@ fn a_file_written_once_goes_at_once_and_a_file_written_on_goes_a_handful_of_time
         (2, "once"),
         (100, "log"),   // max hold: cold
         (205, "log"),   // back 5 ms after: held 50 ms, but max hold (105 + 100) is later
-        (310, "log"),   // held 100 ms from 205 (305), max hold 210 + 100
-        (510, "log"),   // 200 ms from 310
-        (910, "log"),   // 400 ms
-        (1_710, "log"), // 800 ms
-        (3_050, "log"), // held 1.6 s from 1710 (3310), but closed and left 50 ms
+        (355, "log"),   // held 150 ms from 205
+        (805, "log"),   // 450 ms
+        (2_155, "log"), // 1.35 s
+        (3_050, "log"), // held 4 s from 2155, but closed and left 50 ms
     ]
     .into_iter()
     .map(|(ms, p)| (ms, p.to_string()))
@@ -444,7 +443,7 @@ fn a_file_written_once_goes_at_once_and_a_file_written_on_goes_a_handful_of_time
 }
 
 #[test]
-fn a_hot_file_is_held_by_doubling_delays_up_to_the_bound_and_cools_when_left_alone() {
+fn a_hot_file_is_held_by_growing_delays_up_to_the_bound_and_cools_when_left_alone() {
     // Written and closed every 20 ms: each close is followed by a new write before
     // HOT_FIRST, so only the growing hold sends it.
     let mut events: Vec<(u64, RawKind, &str)> = Vec::new();
@@ -462,21 +461,9 @@ fn a_hot_file_is_held_by_doubling_delays_up_to_the_bound_and_cools_when_left_alo
         .collect();
     assert_eq!(
         got,
-        // Each hold counts from the previous publication: +50, +100, … +1600, then
-        // the bound of 2 s; the last close is followed by 50 ms of rest.
-        vec![
-            2,
-            52,
-            152,
-            352,
-            752,
-            1_552,
-            3_152,
-            5_152,
-            7_152,
-            7_980 + 50,
-            20_002
-        ]
+        // Each hold counts from the previous publication: +50, +150, +450, +1350,
+        // then the bound of 4 s; the last close is followed by 50 ms of rest.
+        vec![2, 52, 202, 652, 2_002, 6_002, 7_980 + 50, 20_002]
     );
 }
 
