@@ -176,7 +176,7 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{RootView, StageView, TargetView};
+    use crate::status::gather::{RootView, StageView, TargetView};
 
     fn report(watches: &[(&str, u64)], up: &[(&str, bool)], problems: &[&str]) -> Report {
         Report {

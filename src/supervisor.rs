@@ -28,9 +28,10 @@ use protocol::status::{self, StageStatus};
 
 use crate::instance::{self, PlanError, RunWhat};
 
-/// Start order: the binders first (the retrier binds the report and job sockets, the
-/// filter the raw and change sockets), the watcher last. Stop order follows the data
-/// flow: watcher, filter, dispatcher (which hands what is left to the retrier), retrier.
+/// The stages of [`protocol::stage::STAGES`] in start order: the binders first (the retrier binds the
+/// report and job sockets, the filter the raw and change sockets), the watcher after
+/// them. Stop order follows the data flow: watcher, filter, dispatcher (which hands
+/// what is left to the retrier), retrier; each with its grace.
 const START_ORDER: [&str; 6] = [
     "retrier",
     "filter",
@@ -980,6 +981,18 @@ pub fn demo(dir: &Path) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_and_stop_order_each_name_every_stage_once() {
+        let mut stages = protocol::stage::STAGES.to_vec();
+        stages.sort_unstable();
+        let mut start = START_ORDER.to_vec();
+        start.sort_unstable();
+        let mut stop: Vec<&str> = STOP_ORDER.iter().map(|(n, _)| *n).collect();
+        stop.sort_unstable();
+        assert_eq!(start, stages);
+        assert_eq!(stop, stages);
+    }
 
     fn at(boot_id: &str, boottime_s: u64, realtime_s: u64) -> Clocks {
         Clocks {
