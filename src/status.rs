@@ -21,12 +21,12 @@ pub(crate) mod gather;
 mod prometheus;
 mod text;
 
-pub use gather::{gather, Health, Report};
-pub use prometheus::metrics_text;
+pub(crate) use gather::{gather, Health, Report};
+pub(crate) use prometheus::metrics_text;
 use text::text;
 
 #[derive(clap::Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// Which instance (`--config`, a one-liner's `--source`, or `--runtime-dir`); with
     /// none, the default runtime dir, and a list of the one-liners running.
     #[command(flatten)]
@@ -47,7 +47,7 @@ pub struct StatusArgs {
 
 /// Lag (seconds) above which a target is a warning, and critical: `syncbus status`'s
 /// defaults, and what `/metrics` reports `syncbus_health` with.
-pub const DEFAULT_LAG: (u64, u64) = (30, 300);
+pub(crate) const DEFAULT_LAG: (u64, u64) = (30, 300);
 
 /// True when a process with this pid exists (EPERM: it does, as another user's).
 fn alive(pid: u32) -> bool {
@@ -58,7 +58,11 @@ fn alive(pid: u32) -> bool {
 }
 
 /// Reads the status files and builds the report now.
-pub fn report(config: Option<&Config>, runtime_dir: &std::path::Path, lag: (u64, u64)) -> Report {
+pub(crate) fn report(
+    config: Option<&Config>,
+    runtime_dir: &std::path::Path,
+    lag: (u64, u64),
+) -> Report {
     let dir = status::dir(runtime_dir);
     let (files, error) = match status::read_all(&dir) {
         Ok(f) => (f, None),
@@ -77,7 +81,7 @@ pub fn report(config: Option<&Config>, runtime_dir: &std::path::Path, lag: (u64,
     r
 }
 
-pub fn run(args: StatusArgs) -> ExitCode {
+pub(crate) fn run(args: StatusArgs) -> ExitCode {
     let (config, dir) = match crate::instance::find(&args.which) {
         Ok(x) => x,
         Err(e) => {

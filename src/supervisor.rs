@@ -35,7 +35,7 @@ mod reload;
 mod staged;
 
 use checkpoint::take_checkpoint;
-pub use demo::demo;
+pub(crate) use demo::demo;
 use held::Held;
 use reload::sections;
 use staged::{StagedConfig, CONFIG_FD};
@@ -72,7 +72,7 @@ fn restart_delay(failures: u32) -> Duration {
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(clap::Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The config file (syncbus.toml).
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -122,7 +122,7 @@ impl RunArgs {
     }
 }
 
-pub fn run(args: RunArgs) -> ExitCode {
+pub(crate) fn run(args: RunArgs) -> ExitCode {
     bus::init_logging(args.log_json);
     let plan = match instance::plan(&args.what()) {
         Ok(p) => p,

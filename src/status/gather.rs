@@ -12,7 +12,7 @@ use serde::Serialize;
 /// How healthy the whole is; the order is the severity, the value the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Health {
+pub(crate) enum Health {
     Ok = 0,
     Warning = 1,
     Critical = 2,
@@ -21,7 +21,7 @@ pub enum Health {
 
 /// What `syncbus status --json` prints (a public format: fields are only added).
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub health: Health,
     /// Why the health is not `ok`, one sentence each.
     pub problems: Vec<String>,
@@ -37,7 +37,7 @@ pub struct Report {
 }
 
 #[derive(Debug, Default, Serialize)]
-pub struct StageView {
+pub(crate) struct StageView {
     pub up: bool,
     pub pid: u32,
     /// Restarts by `syncbus run` (0 when another supervisor runs the stage).
@@ -47,7 +47,7 @@ pub struct StageView {
 }
 
 #[derive(Debug, Default, Serialize)]
-pub struct RootView {
+pub(crate) struct RootView {
     pub watches: Option<u64>,
     pub events: Option<u64>,
     pub changes: Option<u64>,
@@ -71,7 +71,7 @@ pub struct RootView {
 }
 
 #[derive(Debug, Default, Serialize)]
-pub struct TargetView {
+pub(crate) struct TargetView {
     /// Age of the oldest change not yet delivered (0 when nothing is owed).
     pub lag_s: f64,
     /// Paths and subtrees owed: queued in the dispatcher and journalled in the retrier.
@@ -112,7 +112,7 @@ pub(super) fn age_s(now_us: u64, t_us: u64) -> f64 {
 }
 
 /// Builds the report from the status files; `alive` tells whether a pid still runs.
-pub fn gather(
+pub(crate) fn gather(
     files: &BTreeMap<String, StageStatus>,
     config: Option<&Config>,
     runtime_dir: PathBuf,

@@ -151,7 +151,7 @@ fn families<V>(o: &mut String, key: &str, views: &BTreeMap<String, V>, list: &[F
 }
 
 /// The same figures in the Prometheus text exposition format (version 0.0.4).
-pub fn metrics_text(r: &Report) -> String {
+pub(crate) fn metrics_text(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,

@@ -39,7 +39,7 @@ fn opt(v: Option<u64>) -> String {
 }
 
 /// The table `syncbus status` prints.
-pub fn text(r: &Report) -> String {
+pub(super) fn text(r: &Report) -> String {
     let mut o = String::new();
     let health = match r.health {
         Health::Ok => "OK",
