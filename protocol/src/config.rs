@@ -26,7 +26,9 @@ pub use target::is_local_url;
 pub use tcp::Framing;
 pub use validate::check_cron;
 
+/// How long a path must stay quiet before the filter publishes it (ms).
 pub const DEFAULT_QUIET_MS: u64 = 10;
+/// How long the filter holds a path that keeps changing, at most (ms).
 pub const DEFAULT_MAX_HOLD_MS: u64 = 1000;
 /// How long a file of a two-way root must be left alone before it is sent (ms).
 pub const DEFAULT_STABLE_MS: u64 = 1000;
@@ -34,13 +36,21 @@ pub const DEFAULT_STABLE_MS: u64 = 1000;
 /// rsync writes into `incoming/` and renames into place, and moves what it replaces or
 /// deletes into `backup/`. Excluded from every sync.
 pub const TWO_WAY_DIR: &str = ".syncbus";
+/// Where the peer's rsync writes a file before renaming it into place.
 pub const TWO_WAY_INCOMING: &str = ".syncbus/incoming";
+/// Where the peer's rsync moves what it replaces or deletes.
 pub const TWO_WAY_BACKUP: &str = ".syncbus/backup";
+/// Seconds without I/O before an rsync run is killed and retried.
 pub const DEFAULT_TIMEOUT_S: u64 = 30;
+/// First retry delay after a failure (ms).
 pub const DEFAULT_RETRY_INITIAL_MS: u64 = 1000;
+/// Cap of the retry delay (s).
 pub const DEFAULT_RETRY_MAX_S: u64 = 60;
+/// Share of each retry delay added at random.
 pub const DEFAULT_RETRY_JITTER: f64 = 0.25;
+/// How often a failing target is probed (ms).
 pub const DEFAULT_PROBE_MS: u64 = 1000;
+/// A target's backlog above this many paths collapses to their directories.
 pub const DEFAULT_MAX_PATHS: usize = 100_000;
 /// Where `syncbus metrics` serves `/metrics` unless `[metrics] listen` says otherwise.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9477";
@@ -50,13 +60,20 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9477";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Events {
+    /// Deletes.
     pub delete: bool,
+    /// New directories.
     pub create_folder: bool,
+    /// New files.
     pub create_file: bool,
+    /// Files closed after writing.
     pub close_write: bool,
+    /// Renames within the tree (`move` in the file).
     #[serde(rename = "move")]
     pub moves: bool,
+    /// Changes of mode, owner or times (chmod, chown, touch).
     pub attrib: bool,
+    /// Writes to an open file (before its close).
     pub modify: bool,
 }
 
@@ -76,18 +93,24 @@ impl Default for Events {
 
 // ---------------------------------------------------------------- validated
 
+/// A config file, validated: names unique, references resolved, defaults filled in.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file this came from (for messages and for the stages `syncbus run` spawns).
     pub file: PathBuf,
+    /// Where the sockets and status files live (0700).
     pub runtime_dir: PathBuf,
     /// The change stream on TCP too (`tcp://host:port`), for subscribers elsewhere.
     pub tcp_changes: Option<String>,
     /// The delivery stream on TCP too.
     pub tcp_deliveries: Option<String>,
+    /// The trees mirrored (`[[root]]`).
     pub roots: Vec<Root>,
+    /// Where they are mirrored to (`[[target]]`).
     pub targets: Vec<Target>,
+    /// The journal and the retry policy (`[retry]`).
     pub retry: Retry,
+    /// Cron full syncs (`[[schedule]]`).
     pub schedules: Vec<Schedule>,
     /// Where `/metrics` is served (`None`: off).
     pub metrics: Option<std::net::SocketAddr>,
@@ -116,18 +139,26 @@ pub struct Retry {
 pub struct Schedule {
     /// crontab(5) syntax, validated.
     pub cron: String,
+    /// The roots this full sync compares (all when the file names none).
     pub roots: Vec<String>,
     /// rsync-style globs left out of this full sync only.
     pub exclude_glob: Vec<String>,
 }
 
+/// A tree mirrored (`[[root]]`).
 #[derive(Debug, Clone)]
 pub struct Root {
+    /// Its name, unique among roots (used in topics, status and the journal).
     pub name: String,
+    /// Its directory (canonical when it exists).
     pub path: PathBuf,
+    /// What is never mirrored (its excludes and, unless turned off, the built-in ones).
     pub rules: Rules,
+    /// Which kinds of change are mirrored.
     pub events: Events,
+    /// How long a path must stay quiet before it is published.
     pub quiet: Duration,
+    /// How long a path that keeps changing is held at most.
     pub max_hold: Duration,
     /// A file is sent only once no write, truncate or attribute change touched it for
     /// this long, and its size and mtime still match (0: off). Two-way roots default
@@ -144,15 +175,20 @@ pub struct Root {
     pub allow_wipe: bool,
 }
 
+/// A place the roots are mirrored to (`[[target]]`).
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// Its name, unique among targets.
     pub name: String,
+    /// What it is and how it is reached.
     pub endpoint: Endpoint,
     /// Names of the roots mirrored to this target.
     pub roots: Vec<String>,
     /// Seconds without I/O before an rsync run is killed and retried (0: never).
     pub timeout: u64,
+    /// rsync's `--bwlimit`, as written.
     pub bwlimit: Option<String>,
+    /// Options added to every rsync run (those that change what a run means are refused).
     pub extra_args: Vec<String>,
     /// The other side of a two-way pair (it runs syncbus too, with this machine as
     /// its two-way target): newest wins (`--update`), whole-tree compares never
@@ -177,24 +213,35 @@ pub enum OnFailure {
     Log,
 }
 
+/// How a target is reached, one variant per kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     /// An rsync daemon: `rsync://[user@]host[:port]/module/path/` (always ends in `/`).
     Rsync {
+        /// The daemon URL, ending in `/`.
         url: String,
+        /// rsync's `--password-file` (private to its owner).
         password_file: Option<PathBuf>,
     },
     /// rsync over ssh: `[user@]host:path/`.
     Ssh {
+        /// `[user@]host:path/`, as rsync takes it.
         dest: String,
+        /// ssh's port, when not 22.
         port: Option<u16>,
+        /// ssh's `-i`.
         identity_file: Option<PathBuf>,
+        /// More `-o` options for ssh.
         options: Vec<String>,
     },
     /// A directory on this machine.
-    Local { path: PathBuf },
+    Local {
+        /// The directory (it need not exist yet).
+        path: PathBuf,
+    },
     /// A program run per batch (argv, never a shell), given the changed paths.
     Command {
+        /// The program and its first arguments.
         argv: Vec<String>,
         /// Paths as arguments after `argv` (else NUL-separated on stdin).
         as_args: bool,
@@ -212,6 +259,7 @@ pub enum Endpoint {
     /// A webhook: each batch POSTed as JSON; or, with `{url}`/`{path}` in `url`, one
     /// request per path (a CDN refresh).
     Http {
+        /// Where the requests go (`{url}`/`{path}` make one request per path).
         url: String,
         /// The HTTP method (`POST` unless told otherwise).
         method: String,
@@ -219,8 +267,11 @@ pub enum Endpoint {
         base_url: Option<String>,
         /// `Name: value` lines sent as headers (credentials live here, never in the URL).
         header_file: Option<PathBuf>,
+        /// Only paths matching one of these globs (all when empty)…
         include: Vec<String>,
+        /// …and none of these.
         exclude: Vec<String>,
+        /// An after-sync hook: run on what reached these targets.
         after: Vec<String>,
     },
     /// A TCP listener (`tcp://host:port`) given each changed path: with
@@ -230,9 +281,13 @@ pub enum Endpoint {
     Tcp {
         /// `host:port` (`[v6]:port`), as `TcpStream::connect` takes it.
         addr: String,
+        /// How paths are framed on the connection.
         framing: Framing,
+        /// Only paths matching one of these globs (all when empty)…
         include: Vec<String>,
+        /// …and none of these.
         exclude: Vec<String>,
+        /// An after-sync hook: run on what reached these targets.
         after: Vec<String>,
     },
 }
@@ -333,10 +388,12 @@ impl Target {
 pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
 impl Config {
+    /// The root named `name`.
     pub fn root(&self, name: &str) -> Option<&Root> {
         self.roots.iter().find(|r| r.name == name)
     }
 
+    /// The target named `name`.
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
     }

@@ -76,7 +76,9 @@ impl<E: std::error::Error> From<E> for StageError {
 
 /// Options every stage accepts.
 pub struct StageArgs {
+    /// `--config FILE`: the config file.
     pub config: PathBuf,
+    /// `--log-json`: log JSON lines instead of human text.
     pub log_json: bool,
     /// `--target NAME` (repeatable; dispatcher only): serve just these targets.
     pub targets: Vec<String>,

@@ -5,14 +5,18 @@ use std::path::PathBuf;
 
 // ---------------------------------------------------------------- errors
 
+/// One problem in a config file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The config file.
     pub file: PathBuf,
     /// 1-based; 0 when the error has no position (e.g. the file is unreadable).
     pub line: usize,
+    /// 1-based; 0 when `line` is.
     pub column: usize,
     /// Dotted key path, e.g. `target[1].password_file`; empty when not about one key.
     pub key: String,
+    /// What is wrong, a lowercase fragment.
     pub message: String,
 }
 
