@@ -149,9 +149,9 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     // `syncbus run` sharing one of them is refused here, having changed nothing.
     let held = match Held::take(config) {
         Ok(h) => h,
-        Err((code, msg)) => {
-            tracing::error!("{msg}");
-            return ExitCode::from(code);
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(e.exit_code());
         }
     };
     if let Err(msg) = plan.write_generated() {

@@ -15,15 +15,40 @@ pub(super) struct Held {
     _locks: Vec<File>,
 }
 
+/// Why the runtime or state dir cannot be held; the kind decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum HoldError {
+    /// The dir is not fit for use: a symlink, someone else's, not private.
+    #[error("cannot use the {what} `{}`: {message}", dir.display())]
+    Unfit {
+        what: &'static str,
+        dir: PathBuf,
+        message: String,
+    },
+    /// The dir's lock cannot be taken: another instance holds it, or its lock file
+    /// cannot be opened.
+    #[error("{0}")]
+    Lock(String),
+}
+
+impl HoldError {
+    /// 78 (EX_CONFIG) for a dir the config should not name, 69 (EX_UNAVAILABLE) for one
+    /// that is taken.
+    pub(super) fn exit_code(&self) -> u8 {
+        (match self {
+            HoldError::Unfit { .. } => EXIT_CONFIG,
+            HoldError::Lock(_) => EXIT_UNAVAILABLE,
+        }) as u8
+    }
+}
+
 impl Held {
-    /// `Err((exit code, message))`.
-    pub(super) fn take(config: &Config) -> Result<Held, (u8, String)> {
-        let open = |dir: &Path, what: &str| {
-            bus::private_dir(dir).map_err(|m| {
-                (
-                    EXIT_CONFIG as u8,
-                    format!("cannot use the {what} `{}`: {m}", dir.display()),
-                )
+    pub(super) fn take(config: &Config) -> Result<Held, HoldError> {
+        let open = |dir: &Path, what: &'static str| {
+            bus::private_dir(dir).map_err(|message| HoldError::Unfit {
+                what,
+                dir: dir.to_path_buf(),
+                message,
             })
         };
         let runtime = open(&config.runtime_dir, "runtime dir")?;
@@ -35,12 +60,12 @@ impl Held {
                 .map(|m| (m.dev(), m.ino()))
         };
         let runtime_id = id(&runtime).unwrap_or_default();
-        let unavailable = |m: String| (EXIT_UNAVAILABLE as u8, m);
         let mut locks =
-            vec![lock(&runtime, &config.runtime_dir, "runtime dir").map_err(unavailable)?];
+            vec![lock(&runtime, &config.runtime_dir, "runtime dir").map_err(HoldError::Lock)?];
         // One dir for both is one lock (a second flock of the same file would fail).
         if id(&state) != Some(runtime_id) {
-            locks.push(lock(&state, &config.retry.state_dir, "state dir").map_err(unavailable)?);
+            locks
+                .push(lock(&state, &config.retry.state_dir, "state dir").map_err(HoldError::Lock)?);
         }
         Ok(Held {
             runtime_dir: config.runtime_dir.clone(),
