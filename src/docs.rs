@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::CommandFactory;
 use clap_complete::Shell;
 
-pub fn run(dir: &Path) -> ExitCode {
+pub(crate) fn run(dir: &Path) -> ExitCode {
     match write(dir) {
         Ok(files) => {
             for f in files {

@@ -30,7 +30,7 @@ use quick_xml::XmlVersion;
 
 /// A converted config and the report that goes with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Conversion {
+pub(crate) struct Conversion {
     /// The syncbus config, with comments at each decision.
     pub toml: String,
     /// sersync settings carried over with the same meaning.
@@ -43,7 +43,7 @@ pub struct Conversion {
 
 impl Conversion {
     /// The three lists as text for a terminal.
-    pub fn report(&self) -> String {
+    pub(crate) fn report(&self) -> String {
         let mut out = String::new();
         for (title, items) in [
             ("mapped", &self.mapped),
@@ -63,7 +63,7 @@ impl Conversion {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ImportError {
+pub(crate) enum ImportError {
     #[error("cannot read `{file}`: {source}")]
     Read {
         file: String,
@@ -80,7 +80,7 @@ pub enum ImportError {
 }
 
 /// Converts the bytes of a sersync config read from `file` (named in messages only).
-pub fn convert(bytes: &[u8], file: &str) -> Result<Conversion, ImportError> {
+pub(crate) fn convert(bytes: &[u8], file: &str) -> Result<Conversion, ImportError> {
     let mut c = Ctx {
         file,
         latin1: false,

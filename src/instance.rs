@@ -31,7 +31,7 @@ const GENERATED: &str = "generated.toml";
 const INSTANCES: &str = "instances";
 
 /// What `syncbus run` will run, worked out without writing anything.
-pub struct Plan {
+pub(crate) struct Plan {
     /// The validated config.
     pub config: Config,
     /// The user's config file, or where the copy of a generated one goes.
@@ -45,7 +45,7 @@ pub struct Plan {
 impl Plan {
     /// Writes the generated config, if any, into the runtime dir: only once the caller
     /// holds the runtime dir's lock, so a refused second instance never touches it.
-    pub fn write_generated(&self) -> Result<(), String> {
+    pub(crate) fn write_generated(&self) -> Result<(), String> {
         if !self.generated {
             return Ok(());
         }
@@ -67,7 +67,7 @@ impl Plan {
 }
 
 /// Why a plan could not be made.
-pub enum PlanError {
+pub(crate) enum PlanError {
     /// The command line is wrong (a message for the user).
     Usage(String),
     /// The config (the user's or the generated one) is invalid.
@@ -75,7 +75,7 @@ pub enum PlanError {
 }
 
 /// The options of `syncbus run` that say what to run.
-pub struct RunWhat<'a> {
+pub(crate) struct RunWhat<'a> {
     pub config: Option<&'a Path>,
     pub source: Option<&'a Path>,
     pub targets: &'a [String],
@@ -86,7 +86,7 @@ pub struct RunWhat<'a> {
 }
 
 /// Works out the config, its dirs and the file the stages read. Reads only.
-pub fn plan(what: &RunWhat) -> Result<Plan, PlanError> {
+pub(crate) fn plan(what: &RunWhat) -> Result<Plan, PlanError> {
     let usage = PlanError::Usage;
     if let Some(c) = what.config {
         if what.runtime_dir.is_none() && what.state_dir.is_none() && !what.allow_wipe {
@@ -317,7 +317,7 @@ fn absolutize_paths(table: &mut toml::Table, base: &Path) {
 
 /// How `status`, `tail` and `fail-log` name the instance they look at.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct Which {
+pub(crate) struct Which {
     /// The config file of the running syncbus.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
@@ -330,20 +330,20 @@ pub struct Which {
 }
 
 impl Which {
-    pub fn is_default(&self) -> bool {
+    pub(crate) fn is_default(&self) -> bool {
         self.config.is_none() && self.source.is_none() && self.runtime_dir.is_none()
     }
 }
 
 /// A one-liner (or an instance with overridden dirs) that is running now.
-pub struct Running {
+pub(crate) struct Running {
     pub runtime_dir: PathBuf,
     pub config: Config,
 }
 
 impl Running {
     /// `SOURCE → TARGET, …` for listings.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let roots: Vec<String> = self
             .config
             .roots
@@ -373,7 +373,7 @@ impl Running {
 }
 
 /// The one-liners running as this user, found by their runtime dirs' held locks.
-pub fn running() -> Vec<Running> {
+pub(crate) fn running() -> Vec<Running> {
     let base = config::default_runtime_dir().join(INSTANCES);
     let Ok(entries) = std::fs::read_dir(&base) else {
         return Vec::new();
@@ -396,7 +396,7 @@ pub fn running() -> Vec<Running> {
 }
 
 /// Whether a `syncbus run` holds this runtime dir's lock now.
-pub fn is_locked(runtime_dir: &Path) -> bool {
+pub(crate) fn is_locked(runtime_dir: &Path) -> bool {
     let Ok(f) = std::fs::File::open(runtime_dir.join(LOCK_FILE)) else {
         return false;
     };
@@ -405,10 +405,10 @@ pub fn is_locked(runtime_dir: &Path) -> bool {
 }
 
 /// The lock file `syncbus run` holds in its runtime dir (and in its state dir).
-pub const LOCK_FILE: &str = "run.lock";
+pub(crate) const LOCK_FILE: &str = "run.lock";
 
 /// The instance `which` names: its config if one is known, and its runtime dir.
-pub fn find(which: &Which) -> Result<(Option<Config>, PathBuf), String> {
+pub(crate) fn find(which: &Which) -> Result<(Option<Config>, PathBuf), String> {
     if let Some(source) = &which.source {
         let want = std::fs::canonicalize(source)
             .map_err(|e| format!("--source `{}`: {e}", source.display()))?;
@@ -464,7 +464,7 @@ pub fn find(which: &Which) -> Result<(Option<Config>, PathBuf), String> {
 
 /// The config of the instance `which` names; an error saying how to name one when
 /// none is known (no `--config`, and no one-liner found).
-pub fn find_config(which: &Which) -> Result<Config, String> {
+pub(crate) fn find_config(which: &Which) -> Result<Config, String> {
     let (config, dir) = find(which)?;
     config.ok_or_else(|| {
         let running = running();
@@ -477,7 +477,7 @@ pub fn find_config(which: &Which) -> Result<Config, String> {
 }
 
 /// The running one-liners as lines for a message, or nothing.
-pub fn listing(all: &[Running]) -> String {
+pub(crate) fn listing(all: &[Running]) -> String {
     if all.is_empty() {
         return String::new();
     }

@@ -3,6 +3,8 @@
 //! units), `check-config` validates a config file, `import-sersync` converts a sersync
 //! config, `demo` mirrors a local demo tree.
 
+#![warn(unreachable_pub)]
+
 mod docs;
 mod import_sersync;
 mod instance;

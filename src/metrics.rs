@@ -30,7 +30,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections served at once; a scraper needs one.
 const MAX_OPEN: usize = 32;
 
-pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
+pub(crate) fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
     let board = Arc::new(Mutex::new(StageStatus::new("metrics", protocol::now_us())));
     let _status = status::Writer::shared(&config.runtime_dir, "metrics", &board);
     let listener = match config.metrics {

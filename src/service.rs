@@ -28,7 +28,7 @@ const EVERY: Duration = Duration::from_secs(1);
 
 /// What the report says, for systemd.
 #[derive(Debug, PartialEq)]
-pub struct Assessment {
+pub(crate) struct Assessment {
     /// Every root of the config is watched (in full, or in part at the watch limit).
     pub watching: bool,
     /// Every stage the supervisor runs is up.
@@ -39,7 +39,7 @@ pub struct Assessment {
 
 /// Reads a report as systemd needs it (pure). `roots` are the config's root names,
 /// `stages` the stages the supervisor runs.
-pub fn assess(r: &Report, roots: &[String], stages: &[&str]) -> Assessment {
+pub(crate) fn assess(r: &Report, roots: &[String], stages: &[&str]) -> Assessment {
     let waiting: Vec<&str> = roots
         .iter()
         .filter(|name| {
@@ -90,7 +90,7 @@ pub fn assess(r: &Report, roots: &[String], stages: &[&str]) -> Assessment {
 }
 
 /// The supervisor's side of the conversation with systemd.
-pub struct Service {
+pub(crate) struct Service {
     /// Whether systemd listens at all (`NOTIFY_SOCKET`).
     listening: bool,
     watchdog: Option<Duration>,
@@ -101,7 +101,7 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new() -> Service {
+    pub(crate) fn new() -> Service {
         Service {
             listening: std::env::var_os("NOTIFY_SOCKET").is_some(),
             watchdog: notify::watchdog(),
@@ -114,7 +114,7 @@ impl Service {
 
     /// Called at every turn of the supervisor's loop: at most once a second, reads the
     /// status files and says what changed.
-    pub fn tick(&mut self, config: &Config, stages: &[&str]) {
+    pub(crate) fn tick(&mut self, config: &Config, stages: &[&str]) {
         if !self.listening || Instant::now() < self.next_look {
             return;
         }
@@ -146,7 +146,7 @@ impl Service {
     }
 
     /// A reload begins: systemd shows `reloading` until the next `READY=1`.
-    pub fn reloading(&mut self) {
+    pub(crate) fn reloading(&mut self) {
         if self.listening {
             self.ready = false;
             self.next_look = Instant::now();
@@ -154,7 +154,7 @@ impl Service {
         }
     }
 
-    pub fn stopping(&mut self) {
+    pub(crate) fn stopping(&mut self) {
         if self.listening {
             self.send("STOPPING=1\nSTATUS=stopping: draining the stages in data-flow order");
         }
@@ -176,7 +176,7 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{RootView, StageView, TargetView};
+    use crate::status::gather::{RootView, StageView, TargetView};
 
     fn report(watches: &[(&str, u64)], up: &[(&str, bool)], problems: &[&str]) -> Report {
         Report {

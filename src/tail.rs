@@ -12,7 +12,7 @@ use protocol::wire::{self, Change, ChangeBatch, Delivery};
 use protocol::PathBytes;
 
 #[derive(clap::Args)]
-pub struct TailArgs {
+pub(crate) struct TailArgs {
     /// Which instance: `--config`, a one-liner's `--source`, or `--runtime-dir`.
     #[command(flatten)]
     which: crate::instance::Which,
@@ -173,7 +173,7 @@ fn may_connect(endpoint: &str) -> Result<(), String> {
     }
 }
 
-pub fn run(args: TailArgs) -> ExitCode {
+pub(crate) fn run(args: TailArgs) -> ExitCode {
     let config = match crate::instance::find_config(&args.which) {
         Ok(c) => c,
         Err(e) => {

@@ -28,23 +28,36 @@ pub const LINGER: Duration = Duration::from_secs(2);
 /// Interval of the filter's heartbeats (an empty change batch per root).
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 
+/// A socket that could not be set up, or a runtime dir not fit for sockets.
 #[derive(Debug, Error)]
 pub enum BusError {
+    /// A ZeroMQ call on an endpoint failed.
     #[error("zmq {op} `{endpoint}`: {source}")]
     Zmq {
+        /// The call that failed (`bind`, `connect`, …).
         op: &'static str,
+        /// The endpoint it was done on.
         endpoint: String,
+        /// ZeroMQ's error.
         #[source]
         source: zmq::Error,
     },
+    /// The runtime dir cannot hold the sockets safely.
     #[error("runtime dir `{path}`: {message}")]
-    RuntimeDir { path: PathBuf, message: String },
+    RuntimeDir {
+        /// The runtime dir.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 /// The endpoints of one syncbus instance.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
+    /// The watcher's raw events to the filter (the filter binds a PULL).
     pub raw: String,
+    /// The filter's change stream (it binds a PUB).
     pub changes: String,
     /// Reports to the retrier (it binds a PULL).
     pub reports: String,
@@ -56,6 +69,7 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
+    /// The endpoints of the instance `config` describes (`ipc://` in its runtime dir).
     pub fn new(config: &Config) -> Self {
         let ipc = |name: &str| format!("ipc://{}", config.runtime_dir.join(name).display());
         Endpoints {
@@ -172,6 +186,7 @@ pub fn socket(ctx: &zmq::Context, kind: zmq::SocketType) -> Result<zmq::Socket, 
     Ok(s)
 }
 
+/// Binds `s` to `endpoint`; the error names the endpoint.
 pub fn bind(s: &zmq::Socket, endpoint: &str) -> Result<(), BusError> {
     s.bind(endpoint).map_err(|source| BusError::Zmq {
         op: "bind",
@@ -197,6 +212,7 @@ pub fn bind_public(s: &zmq::Socket, endpoint: &str, what: &str) {
     }
 }
 
+/// Connects `s` to `endpoint`; the error names the endpoint.
 pub fn connect(s: &zmq::Socket, endpoint: &str) -> Result<(), BusError> {
     s.connect(endpoint).map_err(|source| BusError::Zmq {
         op: "connect",
@@ -274,6 +290,7 @@ pub struct Shutdown {
 }
 
 impl Shutdown {
+    /// Installs the SIGTERM, SIGINT and SIGHUP handlers this value reports.
     pub fn install() -> std::io::Result<Self> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let (read, write) = UnixStream::pair()?;
@@ -317,6 +334,7 @@ impl Shutdown {
         while matches!((&self.read).read(&mut buf), Ok(n) if n > 0) {}
     }
 
+    /// True once SIGTERM or SIGINT has arrived: the stage should drain and stop.
     pub fn requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }

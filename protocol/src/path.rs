@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub struct PathBytes(#[serde(with = "serde_bytes")] Vec<u8>);
 
 impl PathBytes {
+    /// A path from its bytes, relative to its root.
     pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
         PathBytes(bytes.into())
     }
@@ -26,14 +27,17 @@ impl PathBytes {
         PathBytes(Vec::new())
     }
 
+    /// True for the root itself (no bytes).
     pub fn is_root(&self) -> bool {
         self.0.is_empty()
     }
 
+    /// The path's bytes, as the kernel gave them.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 
+    /// The path as an `OsStr` (the same bytes).
     pub fn as_os_str(&self) -> &OsStr {
         OsStr::from_bytes(&self.0)
     }

@@ -54,22 +54,30 @@ pub fn transient_name(name: &[u8]) -> bool {
         || (name.len() == 9 && name.starts_with(b"sed") && alnum6(&name[3..]))
 }
 
+/// An exclude pattern that does not compile.
 #[derive(Debug, Error)]
 pub enum RuleError {
+    /// A sersync-style regex that does not compile.
     #[error("invalid regex `{pattern}`: {source}")]
     Regex {
+        /// The pattern as written.
         pattern: String,
+        /// The regex crate's reason.
         #[source]
         source: regex::Error,
     },
+    /// An rsync-style glob that does not compile.
     #[error("invalid glob `{pattern}`: {source}")]
     Glob {
+        /// The pattern as written.
         pattern: String,
+        /// globset's reason.
         #[source]
         source: globset::Error,
     },
 }
 
+/// A root's exclude rules: regexes (full match) and globs, compiled once.
 #[derive(Debug, Clone)]
 pub struct Rules {
     regexes: Option<RegexSet>,
@@ -151,6 +159,7 @@ impl Rules {
         self.any.is_match_candidate(&cand) || (dir && self.dirs.is_match_candidate(&cand))
     }
 
+    /// True when some rule is a sersync-style regex.
     pub fn has_regexes(&self) -> bool {
         self.regexes.is_some()
     }

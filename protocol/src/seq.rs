@@ -41,9 +41,15 @@ pub enum Seen {
     InOrder,
     /// First message since this subscriber started. `seq == 1` means the publisher is
     /// fresh too, so nothing was missed; anything else means we joined mid-stream.
-    First { seq: u64 },
+    First {
+        /// The message's `seq`.
+        seq: u64,
+    },
     /// Messages were lost (`missed` of them), or arrived out of order / duplicated.
-    Gap { missed: u64 },
+    Gap {
+        /// How many `seq`s were skipped (0 for one out of order or repeated).
+        missed: u64,
+    },
     /// The publisher restarted: whatever it held in memory is gone.
     NewEpoch,
 }
@@ -59,12 +65,14 @@ impl Seen {
     }
 }
 
+/// Follows one stream's `(epoch, seq)`: what each message means for loss.
 #[derive(Debug, Default, Clone)]
 pub struct SeqTracker {
     last: Option<(u64, u64)>,
 }
 
 impl SeqTracker {
+    /// Takes the next message's `(epoch, seq)` and says what it means.
     pub fn observe(&mut self, epoch: u64, seq: u64) -> Seen {
         let seen = match self.last {
             None => Seen::First { seq },

@@ -10,6 +10,19 @@ use std::process::ExitCode;
 use crate::bus::{self, Shutdown};
 use crate::config::Config;
 
+/// Every stage `syncbus run` runs, upstream first: the pipeline in the order changes
+/// flow through it, the scheduler (which feeds the retrier), and metrics (which only
+/// reads the others' status files). Each is also a `syncbus <stage>` subcommand and the
+/// name of its status file.
+pub const STAGES: [&str; 6] = [
+    "watcher",
+    "filter",
+    "dispatcher",
+    "retrier",
+    "scheduler",
+    "metrics",
+];
+
 // Exit codes, from sysexits(3) as systemd names them (`status=78/CONFIG`). None of them
 // is restarted, by `syncbus run` or by the units (`RestartPreventExitStatus=64 69 71
 // 78`): each needs a person to change something first. Any other failure exits 1 and
@@ -63,7 +76,9 @@ impl<E: std::error::Error> From<E> for StageError {
 
 /// Options every stage accepts.
 pub struct StageArgs {
+    /// `--config FILE`: the config file.
     pub config: PathBuf,
+    /// `--log-json`: log JSON lines instead of human text.
     pub log_json: bool,
     /// `--target NAME` (repeatable; dispatcher only): serve just these targets.
     pub targets: Vec<String>,

@@ -33,11 +33,15 @@ pub const STALE: Duration = Duration::from_secs(10);
 /// One stage's file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StageStatus {
+    /// The format's version ([`VERSION`]).
     pub version: u16,
     /// `watcher`, `filter`, `dispatcher`, `retrier`, `scheduler` or `supervisor`.
     pub stage: String,
+    /// The stage's process id (a dead pid means the stage is down).
     pub pid: u32,
+    /// When the stage started (µs).
     pub started_us: u64,
+    /// When this file was written (µs).
     pub updated_us: u64,
     /// When the stage's main loop last went round ([`beat`]); the file's writer is a
     /// thread of its own, so a stage whose loop is stuck shows here, not in
@@ -68,6 +72,7 @@ pub struct StageStatus {
 /// What the watcher (watches, events, overflows) and the filter (changes) know of a root.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RootStatus {
+    /// Directories watched (watcher).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watches: Option<u64>,
     /// Raw inotify events read.
@@ -97,13 +102,16 @@ pub struct TargetStatus {
     pub oldest_us: u64,
     /// Runs that failed in a row (0 once one succeeds).
     pub failures: u32,
+    /// When a run last succeeded (µs; 0: never).
     #[serde(default)]
     pub last_success_us: u64,
+    /// Why the last run failed; empty after a success.
     #[serde(default)]
     pub last_error: String,
     /// Runs (rsync, command, webhook) and the failed ones among them (dispatcher).
     #[serde(default)]
     pub runs: u64,
+    /// Failed runs, of `runs`.
     #[serde(default)]
     pub failed_runs: u64,
     /// Failed runs of an `on_failure = "log"` target: logged, not retried.
@@ -135,10 +143,12 @@ pub struct FullStatus {
     pub initial_done: bool,
     /// Running now: since when (µs; 0 when not running) and entries sent so far.
     pub running_since_us: u64,
+    /// Entries sent so far by the running one.
     pub entries: u64,
     /// The last one that finished: when and how long it took.
     #[serde(default)]
     pub last_done_us: u64,
+    /// How long the last one took (ms).
     #[serde(default)]
     pub last_duration_ms: u64,
 }
@@ -146,14 +156,18 @@ pub struct FullStatus {
 /// One stage as its supervisor sees it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChildStatus {
+    /// Whether it runs now.
     pub up: bool,
+    /// Its process id, as last started.
     pub pid: u32,
+    /// How many times it was started again after dying.
     pub restarts: u32,
     /// When it was last started (µs).
     pub since_us: u64,
 }
 
 impl StageStatus {
+    /// The file of `stage`, started at `started_us`, with nothing counted yet.
     pub fn new(stage: &str, started_us: u64) -> Self {
         StageStatus {
             version: VERSION,
@@ -247,6 +261,7 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Starts the thread that writes `<runtime_dir>/status/<name>.json` from `snapshot`.
     pub fn spawn(
         runtime_dir: &Path,
         name: &str,

@@ -727,22 +727,26 @@ fn errors_written_to_a_closed_pipe_do_not_panic() {
 }
 
 /// The example config documents every key the config file takes: each
-/// field of the raw config structs (`protocol/src/config.rs`) appears in it as
+/// field of the raw config structs (`protocol/src/config/raw.rs`, and `Events` in
+/// `protocol/src/config.rs`) appears in it as
 /// `key =` or as a table header, set or commented out. A new key without its line in the example fails here.
 #[test]
 fn the_example_config_names_every_key() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let source = fs::read_to_string(root.join("protocol/src/config.rs")).unwrap();
+    let source = ["protocol/src/config/raw.rs", "protocol/src/config.rs"]
+        .map(|f| fs::read_to_string(root.join(f)).unwrap())
+        .join("\n");
     let example = fs::read_to_string(root.join("deploy/syncbus.example.toml")).unwrap();
     let mut keys = Vec::new();
     let mut inside = false;
     for line in source.lines() {
-        if line.starts_with("struct Raw") || line.starts_with("pub struct Events") {
+        if line.starts_with("pub(super) struct Raw") || line.starts_with("pub struct Events") {
             inside = true;
         } else if line.starts_with('}') {
             inside = false;
         } else if inside {
             let field = line.trim();
+            let field = field.strip_prefix("pub(super) ").unwrap_or(field);
             if let Some((name, _)) = field.strip_prefix("pub ").unwrap_or(field).split_once(':') {
                 if !name.starts_with("//") && !name.starts_with('#') && !name.is_empty() {
                     keys.push(if name == "moves" { "move" } else { name }.to_string());

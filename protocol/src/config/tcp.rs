@@ -4,7 +4,9 @@
 
 use toml::Spanned;
 
-use super::{Endpoint, OnFailure, RawTarget, Target, Validator, DEFAULT_TIMEOUT_S};
+use super::raw::RawTarget;
+use super::validate::Validator;
+use super::{Endpoint, OnFailure, Target, DEFAULT_TIMEOUT_S};
 
 /// How a tcp target's records are framed on the connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

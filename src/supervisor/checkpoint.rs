@@ -1,0 +1,251 @@
+//! The checkpoint of a clean stop, which lets the next start compare only what changed
+//! since, and the two-way manifests kept beside it.
+
+use super::*;
+
+/// The file in the state dir that holds the last clean stop's checkpoint.
+const CHECKPOINT_FILE: &str = "checkpoint.toml";
+/// Taken off a checkpoint: the kernel stamps ctimes with a coarse clock.
+const CHECKPOINT_MARGIN_US: u64 = 1_000_000;
+
+/// Reads and removes the checkpoint of the last clean stop (so a crash after this start
+/// can never reuse it). Usable only if the roots and targets are the ones it was taken
+/// with: a new target has never seen a full compare.
+///
+/// The two-way manifests beside it are kept for the dispatcher's catch-up only when the
+/// checkpoint is used: a manifest of another stop would delete on the peer what was
+/// never deleted here.
+pub(super) fn take_checkpoint(config: &Config, now: &toml::Table) -> Option<u64> {
+    let _ = std::fs::remove_file(config.runtime_dir.join(watcher::STOPPED_FILE));
+    clear_manifests(&config.runtime_dir);
+    let taken = take_checkpoint_file(config, now);
+    if taken.is_none() {
+        clear_manifests(&config.retry.state_dir);
+    }
+    taken
+}
+
+fn take_checkpoint_file(config: &Config, now: &toml::Table) -> Option<u64> {
+    let path = config.retry.state_dir.join(CHECKPOINT_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove the checkpoint; comparing in full");
+        return None;
+    }
+    // The checkpoint vouches only for what was read before the stop; what was owed then
+    // is in the journal. Without one (removed, emptied) the owed work is unknown.
+    let journal = config.retry.state_dir.join("journal.redb");
+    if std::fs::metadata(&journal).map_or(true, |m| m.len() == 0) {
+        tracing::warn!(journal = %journal.display(), "the journal is missing or empty: comparing in full");
+        return None;
+    }
+    let saved: toml::Table = toml::from_str(&text).ok()?;
+    let same = ["root", "target"]
+        .iter()
+        .all(|k| saved.get(*k) == now.get(*k));
+    let since = saved.get("since_us")?.as_integer()?;
+    if since.max(0) as u64 > protocol::now_us() {
+        // The clock went back: ctimes cannot be compared with it.
+        tracing::info!("the clock is behind the last stop: comparing in full");
+        return None;
+    }
+    let at_stop = Clocks {
+        boot_id: saved.get("boot_id")?.as_str()?.to_string(),
+        boottime_us: saved.get("boottime_us")?.as_integer()?.max(0) as u64,
+        realtime_us: saved.get("realtime_us")?.as_integer()?.max(0) as u64,
+    };
+    if let Err(why) = at_stop.still_trusted(&Clocks::now()) {
+        tracing::warn!("{why}: the file times since the stop cannot be trusted; comparing in full");
+        return None;
+    }
+    if !same {
+        tracing::info!("roots or targets changed since the last stop: comparing in full");
+        return None;
+    }
+    Some((since.max(0) as u64).saturating_sub(CHECKPOINT_MARGIN_US))
+}
+
+/// Removes every two-way manifest (`protocol::manifest`) from `dir`.
+pub(super) fn clear_manifests(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if protocol::manifest::is_manifest_name(e.file_name().as_bytes()) {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove a two-way manifest");
+            }
+        }
+    }
+}
+
+/// Moves the manifests the watcher wrote at its stop from the runtime dir into the state
+/// dir (another file system, maybe: copied, synced, then removed), replacing those of
+/// the last stop. One that cannot be moved is left out: without it the next start brings
+/// what is missing here back from the peer rather than deleting it there.
+fn keep_manifests(runtime_dir: &Path, state_dir: &Path) {
+    clear_manifests(state_dir);
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !protocol::manifest::is_manifest_name(name.as_bytes()) {
+            continue;
+        }
+        let dest = state_dir.join(&name);
+        let tmp = state_dir.join(format!("{}.tmp", name.to_string_lossy()));
+        let moved = std::fs::copy(e.path(), &tmp)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &dest));
+        if let Err(err) = moved {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&dest);
+            tracing::warn!(path = %e.path().display(), error = %err, "cannot keep the two-way manifest; the next start brings what is missing here back from the peer");
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
+}
+
+/// The clocks at one moment: enough to tell later whether the wall clock, which stamps
+/// ctimes, may have gone back since (a checkpoint's time is then ahead of changes made
+/// after it, and a catch-up would miss them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Clocks {
+    /// `/proc/sys/kernel/random/boot_id`: the boot clock means nothing across boots.
+    boot_id: String,
+    /// CLOCK_BOOTTIME: monotonic, counts suspend too.
+    boottime_us: u64,
+    /// CLOCK_REALTIME: what ctimes are stamped with.
+    realtime_us: u64,
+}
+
+impl Clocks {
+    fn now() -> Clocks {
+        let read = |clock| {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes one timespec we own.
+            unsafe { libc::clock_gettime(clock, &mut ts) };
+            ts.tv_sec.max(0) as u64 * 1_000_000 + ts.tv_nsec.max(0) as u64 / 1_000
+        };
+        Clocks {
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            boottime_us: read(libc::CLOCK_BOOTTIME),
+            realtime_us: read(libc::CLOCK_REALTIME),
+        }
+    }
+
+    /// `Err(why)` unless the wall clock provably never went back between `self` and
+    /// `now`: the same boot, and the wall clock advanced as much as the boot clock, less
+    /// what NTP may slew (500 ppm) and half a second.
+    fn still_trusted(&self, now: &Clocks) -> Result<(), &'static str> {
+        if self.boot_id.is_empty() || self.boot_id != now.boot_id {
+            return Err("the machine restarted since the last stop");
+        }
+        let elapsed = now.boottime_us.saturating_sub(self.boottime_us);
+        let slack = 500_000 + elapsed / 2_000;
+        if now.realtime_us + slack < self.realtime_us + elapsed {
+            return Err("the clock was set back since the last stop");
+        }
+        Ok(())
+    }
+}
+
+impl Supervisor {
+    /// After a clean stop: every change read by the watcher up to its stop time is on a
+    /// target or in the journal. Records that time with the roots and targets it holds
+    /// for, so the next start can compare only what changed since.
+    pub(super) fn write_checkpoint(&self) {
+        let stopped = self.runtime_dir.join(watcher::STOPPED_FILE);
+        let Some(since) = std::fs::read_to_string(&stopped)
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+        else {
+            return;
+        };
+        let _ = std::fs::remove_file(&stopped);
+        // Before the checkpoint that vouches for them (a crash in between leaves new
+        // manifests without a checkpoint, which the next start removes).
+        keep_manifests(&self.runtime_dir, &self.state_dir);
+        let mut table = toml::Table::new();
+        table.insert("since_us".into(), toml::Value::Integer(since));
+        let clocks = Clocks::now();
+        table.insert("boot_id".into(), clocks.boot_id.into());
+        table.insert(
+            "boottime_us".into(),
+            toml::Value::Integer(clocks.boottime_us as i64),
+        );
+        table.insert(
+            "realtime_us".into(),
+            toml::Value::Integer(clocks.realtime_us as i64),
+        );
+        // The sections the stages ran with, not the file as it is now: an edit not yet
+        // applied (no SIGHUP) must make the next start compare in full.
+        for (k, v) in &self.loaded {
+            if k == "root" || k == "target" {
+                table.insert(k.clone(), v.clone());
+            }
+        }
+        let Ok(text) = toml::to_string(&table) else {
+            return;
+        };
+        let path = self.state_dir.join(CHECKPOINT_FILE);
+        let tmp = self.state_dir.join("checkpoint.toml.tmp");
+        let written = std::fs::create_dir_all(&self.state_dir)
+            .and_then(|_| {
+                let mut f = std::fs::File::create(&tmp)?;
+                use std::io::Write;
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        match written {
+            Ok(()) => tracing::info!(
+                since_us = since,
+                "clean stop: the next start compares only what changed since"
+            ),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the checkpoint; the next start compares in full")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(boot_id: &str, boottime_s: u64, realtime_s: u64) -> Clocks {
+        Clocks {
+            boot_id: boot_id.into(),
+            boottime_us: boottime_s * 1_000_000,
+            realtime_us: realtime_s * 1_000_000,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_trusted_only_while_the_wall_clock_never_went_back() {
+        let stop = at("b1", 100, 1_000_000);
+        // An hour later, both clocks moved alike.
+        assert_eq!(stop.still_trusted(&at("b1", 3_700, 1_003_600)), Ok(()));
+        // The wall clock set forward meanwhile: changes still have later ctimes.
+        assert_eq!(stop.still_trusted(&at("b1", 3_700, 1_009_000)), Ok(()));
+        // Set back by 10 s within the hour (the clock was fast at the stop).
+        assert!(stop.still_trusted(&at("b1", 3_700, 1_003_590)).is_err());
+        // NTP's slew over a day (500 ppm, ~43 s) is not a step.
+        assert_eq!(
+            stop.still_trusted(&at("b1", 86_500, 1_086_400 - 40)),
+            Ok(())
+        );
+        // Another boot, or no boot id: the boot clock says nothing.
+        assert!(stop.still_trusted(&at("b2", 3_700, 1_003_600)).is_err());
+        assert!(at("", 100, 1_000_000)
+            .still_trusted(&at("", 3_700, 1_003_600))
+            .is_err());
+    }
+}
