@@ -140,7 +140,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     };
     let config = &plan.config;
     if config.targets.iter().any(|t| t.runs_rsync()) {
-        if let Err(msg) = dispatcher::command::find_rsync() {
+        if let Err(msg) = dispatcher::find_rsync() {
             tracing::error!("{msg}");
             return ExitCode::from(EXIT_UNAVAILABLE as u8);
         }

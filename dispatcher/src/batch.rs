@@ -11,24 +11,24 @@ use protocol::PathBytes;
 
 /// One batch: the work of every root that was ready when it was taken.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Batch {
+pub(crate) struct Batch {
     pub roots: BTreeMap<String, Work>,
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct Batcher {
+pub(crate) struct Batcher {
     roots: BTreeMap<String, Work>,
     /// For a two-way target (see [`Work::keep_deletes`]).
     keep_deletes: bool,
 }
 
 impl Batcher {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Batcher::default()
     }
 
     /// The batcher of a two-way target: deletes are never absorbed by a compare.
-    pub fn keeping_deletes() -> Self {
+    pub(crate) fn keeping_deletes() -> Self {
         Batcher {
             keep_deletes: true,
             ..Batcher::default()
@@ -36,7 +36,7 @@ impl Batcher {
     }
 
     /// Records one change of `root`.
-    pub fn push(&mut self, root: &str, change: &Change) {
+    pub(crate) fn push(&mut self, root: &str, change: &Change) {
         let work = self.work(root);
         work.since_us = protocol::earliest_us(work.since_us, change.since_us);
         match change.op {
@@ -62,12 +62,12 @@ impl Batcher {
     }
 
     /// Asks for a full comparison of `subtree` of `root` (the root when empty).
-    pub fn resync(&mut self, root: &str, subtree: PathBytes) {
+    pub(crate) fn resync(&mut self, root: &str, subtree: PathBytes) {
         self.work(root).resync(subtree);
     }
 
     /// Puts back work that failed, merged with whatever arrived since.
-    pub fn merge(&mut self, root: &str, work: Work) {
+    pub(crate) fn merge(&mut self, root: &str, work: Work) {
         self.work(root).merge(work);
     }
 
@@ -80,17 +80,8 @@ impl Batcher {
         self.roots.get_mut(root).expect("inserted above")
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.roots.values().all(Work::is_empty)
-    }
-
-    /// True when `root` owes anything.
-    pub fn has_work(&self, root: &str) -> bool {
-        self.roots.get(root).is_some_and(|w| !w.is_empty())
-    }
-
     /// Roots that have pending work.
-    pub fn pending_roots(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn pending_roots(&self) -> impl Iterator<Item = &str> {
         self.roots
             .iter()
             .filter(|(_, w)| !w.is_empty())
@@ -98,7 +89,7 @@ impl Batcher {
     }
 
     /// When the oldest pending change happened (µs; 0 when nothing known is pending).
-    pub fn oldest_us(&self) -> u64 {
+    pub(crate) fn oldest_us(&self) -> u64 {
         self.roots
             .values()
             .filter(|w| !w.is_empty())
@@ -106,20 +97,20 @@ impl Batcher {
     }
 
     /// `(paths, resyncs)` still pending, for the shutdown report and the status.
-    pub fn pending_counts(&self) -> (usize, usize) {
+    pub(crate) fn pending_counts(&self) -> (usize, usize) {
         self.roots
             .values()
             .fold((0, 0), |(p, r), w| (p + w.paths.len(), r + w.resyncs.len()))
     }
 
     /// Everything pending, as one batch.
-    pub fn take(&mut self) -> Option<Batch> {
+    pub(crate) fn take(&mut self) -> Option<Batch> {
         self.take_where(|_| true)
     }
 
     /// The pending work of the roots for which `ready` says yes (the others wait, e.g.
     /// for their retry backoff).
-    pub fn take_where(&mut self, ready: impl Fn(&str) -> bool) -> Option<Batch> {
+    pub(crate) fn take_where(&mut self, ready: impl Fn(&str) -> bool) -> Option<Batch> {
         let names: Vec<String> = self
             .roots
             .iter()
@@ -284,7 +275,7 @@ mod tests {
         assert_eq!(b.pending_counts(), (1, 1));
         let all = b.take().unwrap();
         assert!(all.roots["r1"].paths.is_empty());
-        assert!(b.is_empty());
+        assert!(b.take().is_none(), "nothing left once taken");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use protocol::work::Touch;
 
 /// What changed under a root since a checkpoint.
 #[derive(Debug, Default)]
-pub struct Scan {
+pub(crate) struct Scan {
     /// Non-directories with a ctime at or after the checkpoint.
     pub files: BTreeMap<PathBytes, Touch>,
     /// Directories with a ctime at or after the checkpoint (the root as `""`).
@@ -45,7 +45,7 @@ fn ctime_us(m: &std::fs::Metadata) -> u64 {
 
 /// Walks `root` and collects what changed at or after `since_us` (µs since the Unix
 /// epoch). Excluded entries are not descended into.
-pub fn scan(root: &Path, rules: &Rules, since_us: u64) -> std::io::Result<Scan> {
+pub(crate) fn scan(root: &Path, rules: &Rules, since_us: u64) -> std::io::Result<Scan> {
     let mut out = Scan::default();
     let top = std::fs::symlink_metadata(root)?;
     if ctime_us(&top) >= since_us {
@@ -111,7 +111,7 @@ fn ancestors(dirs: &BTreeSet<PathBytes>) -> BTreeSet<PathBytes> {
 /// directory (`./.` for the root). With `--dirs` and no `--recursive`, rsync compares
 /// exactly the direct entries of each (deleting what the target has extra, whole
 /// directories included) and creates new child directories without entering them.
-pub fn listing_entries(scan: &Scan) -> Vec<u8> {
+pub(crate) fn listing_entries(scan: &Scan) -> Vec<u8> {
     let mut out = Vec::new();
     for d in &scan.dirs {
         out.extend_from_slice(b"./");
@@ -126,7 +126,7 @@ pub fn listing_entries(scan: &Scan) -> Vec<u8> {
 
 /// The filter of the listing run: the root's `excludes`, and each excluded entry the
 /// scan met (regex excludes as literal paths): neither sent nor deleted.
-pub fn listing_rules(excludes: &[u8], scan: &Scan) -> Vec<u8> {
+pub(crate) fn listing_rules(excludes: &[u8], scan: &Scan) -> Vec<u8> {
     let mut out = excludes.to_vec();
     for p in &scan.excluded {
         out.extend_from_slice(b"- ");
@@ -141,7 +141,7 @@ pub fn listing_rules(excludes: &[u8], scan: &Scan) -> Vec<u8> {
 /// left out: deleted here while syncbus was stopped, so deleted on the peer too. No
 /// manifest (none was kept, or the checkpoint was not used) or an unreadable one proves
 /// nothing: then nothing is deleted, and the compare brings those files back.
-pub fn deleted_while_stopped(
+pub(crate) fn deleted_while_stopped(
     root: &Path,
     rules: &Rules,
     manifest: &Path,
@@ -211,7 +211,7 @@ pub(crate) fn unescape(name: &[u8]) -> Vec<u8> {
 /// The child directories to compare in full, from the listing run's `%i %n` lines: a
 /// directory created on the target, or one whose attributes differed there (another
 /// directory was at that name), unless it is a changed directory or an ancestor itself.
-pub fn follow_ups(itemized: &[u8], scan: &Scan) -> Vec<PathBytes> {
+pub(crate) fn follow_ups(itemized: &[u8], scan: &Scan) -> Vec<PathBytes> {
     let anc = ancestors(&scan.dirs);
     let mut out = Vec::new();
     for line in itemized.split(|&b| b == b'\n') {

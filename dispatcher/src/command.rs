@@ -100,11 +100,11 @@ fn io_total(path: &str) -> Option<u64> {
 }
 
 /// Takes a child's standard output chunk by chunk, on a thread of its own.
-pub type Sink<'a> = &'a (dyn Fn(&[u8]) + Sync);
+pub(crate) type Sink<'a> = &'a (dyn Fn(&[u8]) + Sync);
 
 /// How one run ended.
 #[derive(Debug)]
-pub struct RunResult {
+pub(crate) struct RunResult {
     pub outcome: Outcome,
     /// Empty on success; rsync's stderr tail or the reason it could not run.
     pub error: String,
@@ -118,7 +118,7 @@ pub struct RunResult {
 /// another thread), e.g. to count lines for progress or to keep rsync's itemized list.
 /// `setup` may add to the command (working directory, environment). Exit codes mean
 /// what they mean to rsync ([`classify`]).
-pub fn run(
+pub(crate) fn run(
     program: &OsString,
     args: &[OsString],
     stdin: &[u8],
@@ -134,7 +134,7 @@ pub fn run(
 /// anything else is retried. It runs in a process group of its own: whatever it leaves
 /// behind when it exits, or when `tick` stops it, is killed with it (a background
 /// child holding its pipes would otherwise hold up the worker).
-pub fn run_user_program(
+pub(crate) fn run_user_program(
     program: &OsString,
     args: &[OsString],
     stdin: &[u8],
@@ -155,7 +155,7 @@ pub fn run_user_program(
 
 /// Runs `ssh args` that talks to a shared connection's master over its socket
 /// (`-O exit`): no login, no transfer; killed if it says nothing for 5 s.
-pub fn run_ssh_control(args: &[String]) -> RunResult {
+pub(crate) fn run_ssh_control(args: &[String]) -> RunResult {
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
     run_classified(
         &"ssh".into(),

@@ -47,7 +47,7 @@ use protocol::PathBytes;
 
 /// The file system a root is on: the mount that holds it, as mountinfo(5) tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
+pub(crate) struct Mount {
     pub mount_point: String,
     pub fs_type: String,
     pub source: String,
@@ -72,7 +72,7 @@ impl std::fmt::Display for Mount {
 /// What was known of a root at its last successful compare to a target, and a
 /// refusal still standing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Record {
+pub(crate) struct Record {
     /// The root's path then (a record of another path is not this root's).
     pub path: String,
     pub mount: Option<Mount>,
@@ -82,7 +82,7 @@ pub struct Record {
 
 /// What to do with a whole-root compare.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Compare as usual (with deletes).
     Plain,
     /// Compare without deleting; refused (the reason) if it would delete anything.
@@ -93,14 +93,14 @@ pub enum Verdict {
 
 /// How the root looks now.
 #[derive(Debug, Clone)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub path: String,
     pub mount: Option<Mount>,
     pub empty: bool,
 }
 
 /// The guard's decision for one compare of `root` to `target` (pure).
-pub fn decide(
+pub(crate) fn decide(
     root: &str,
     target: &str,
     allow_wipe: bool,
@@ -138,7 +138,7 @@ pub fn decide(
 }
 
 /// True when `dir` holds no entry the rules let through (what rsync would send).
-pub fn is_empty(dir: &Path, rules: &Rules) -> std::io::Result<bool> {
+pub(crate) fn is_empty(dir: &Path, rules: &Rules) -> std::io::Result<bool> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
@@ -151,7 +151,7 @@ pub fn is_empty(dir: &Path, rules: &Rules) -> std::io::Result<bool> {
 }
 
 /// The mount holding `path` (`None` when mountinfo cannot be read, e.g. no /proc).
-pub fn mount_of(path: &Path) -> Option<Mount> {
+pub(crate) fn mount_of(path: &Path) -> Option<Mount> {
     let canon = std::fs::canonicalize(path).ok()?;
     let dev = std::fs::metadata(&canon).ok()?.dev();
     let text = std::fs::read("/proc/self/mountinfo").ok()?;
@@ -160,7 +160,7 @@ pub fn mount_of(path: &Path) -> Option<Mount> {
 
 /// The mount holding `path` (canonical, on device `dev`) among mountinfo(5) lines: the
 /// longest mount point above it on that device; of several stacked, the last (the top).
-pub fn mount_in(mountinfo: &str, path: &Path, dev: u64) -> Option<Mount> {
+pub(crate) fn mount_in(mountinfo: &str, path: &Path, dev: u64) -> Option<Mount> {
     let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
     let mut best: Option<(usize, Mount)> = None;
     for line in mountinfo.lines() {
@@ -214,13 +214,13 @@ fn unescape(s: &str) -> String {
 
 /// Where the records of one target's roots live: `<state_dir>/roots/<root>@<target>.mount`.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub(crate) struct Store {
     dir: PathBuf,
     target: String,
 }
 
 impl Store {
-    pub fn new(state_dir: &Path, target: &str) -> Self {
+    pub(crate) fn new(state_dir: &Path, target: &str) -> Self {
         Store {
             dir: state_dir.join("roots"),
             target: target.to_string(),
@@ -228,13 +228,13 @@ impl Store {
     }
 
     /// The record file of `root` (names hold no `@` or `/`: see the config's names).
-    pub fn file(&self, root: &str) -> PathBuf {
+    pub(crate) fn file(&self, root: &str) -> PathBuf {
         self.dir.join(format!("{root}@{}.mount", self.target))
     }
 
     /// The record of `root`; `None` when there is none (or it cannot be read, which
     /// is logged: a guard that cannot read its record checks emptiness only).
-    pub fn load(&self, root: &str) -> Option<Record> {
+    pub(crate) fn load(&self, root: &str) -> Option<Record> {
         let file = self.file(root);
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
@@ -269,7 +269,7 @@ impl Store {
     }
 
     /// Writes the record of `root` whole (a new file renamed over the old one).
-    pub fn save(&self, root: &str, record: &Record) -> std::io::Result<()> {
+    pub(crate) fn save(&self, root: &str, record: &Record) -> std::io::Result<()> {
         let mut t = toml::Table::new();
         t.insert("path".into(), record.path.clone().into());
         if let Some(m) = &record.mount {

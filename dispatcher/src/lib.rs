@@ -56,17 +56,20 @@
 //!   copied that way and deleted from the source before the second walk stays.
 //! - SIGHUP is ignored here; `syncbus run` applies a new config by restarting the stages.
 
+#![warn(unreachable_pub)]
+
 mod after_hooks;
-pub mod batch;
-pub mod catchup;
-pub mod command;
-pub mod guard;
-pub mod plan;
+mod batch;
+mod catchup;
+mod command;
+mod guard;
+mod plan;
 mod routing;
 mod ssh;
 mod stage;
 mod starts;
-pub mod worker;
+mod worker;
 
+pub use command::find_rsync;
 pub use stage::{run, GRACE};
 pub use starts::{CATCH_UP_ENV, FIRST_RESYNC_WAIT};

@@ -22,7 +22,7 @@ fn missing(root: &Path, path: &PathBytes) -> bool {
 }
 
 /// The nearest directory above `path` that exists under `root` (the root at worst).
-pub fn nearest_dir(root: &Path, path: &PathBytes) -> PathBytes {
+pub(crate) fn nearest_dir(root: &Path, path: &PathBytes) -> PathBytes {
     path.ancestors()
         .map(|a| PathBytes::new(a.to_vec()))
         .find(|a| std::fs::symlink_metadata(a.under(root)).is_ok_and(|m| m.is_dir()))
@@ -46,7 +46,7 @@ fn topmost_missing(root: &Path, path: &PathBytes) -> PathBytes {
 /// topmost missing ancestor: rsync's `--delete-missing-args` does not delete `a/b` when
 /// `a` is missing too ("parent dir is absent in the file list"), but listing `a` deletes
 /// the whole directory (with `--force`). Entries inside another missing entry go.
-pub fn incremental_entries(
+pub(crate) fn incremental_entries(
     root: &Path,
     paths: &BTreeMap<PathBytes, Touch>,
 ) -> BTreeMap<PathBytes, Touch> {
@@ -88,7 +88,7 @@ pub fn incremental_entries(
 /// The `--files-from=- --from0` input: `./path\0` per entry. The `./` is required:
 /// rsync silently skips entries starting with `#` or `;` as comments, even with
 /// `--from0`.
-pub fn files_from(entries: &BTreeMap<PathBytes, Touch>) -> Vec<u8> {
+pub(crate) fn files_from(entries: &BTreeMap<PathBytes, Touch>) -> Vec<u8> {
     let mut out = Vec::new();
     for p in entries.keys() {
         out.extend_from_slice(b"./");
@@ -100,7 +100,7 @@ pub fn files_from(entries: &BTreeMap<PathBytes, Touch>) -> Vec<u8> {
 
 /// The missing subtrees of a resync replaced by their topmost missing ancestor, so
 /// that the parent of every subtree exists on the source and `--delete` removes it.
-pub fn resync_subtrees<'a>(
+pub(crate) fn resync_subtrees<'a>(
     root: &Path,
     subtrees: impl IntoIterator<Item = &'a PathBytes>,
 ) -> Vec<PathBytes> {
@@ -122,7 +122,11 @@ pub fn resync_subtrees<'a>(
 
 /// The paths a regex of `rules` excludes inside `dirs`, as the tree is now (rsync has
 /// no regexes, so they are handed over as literal paths).
-pub fn regex_excluded(rules: &Rules, root: &Path, dirs: &[PathBytes]) -> BTreeSet<PathBytes> {
+pub(crate) fn regex_excluded(
+    rules: &Rules,
+    root: &Path,
+    dirs: &[PathBytes],
+) -> BTreeSet<PathBytes> {
     let mut out = BTreeSet::new();
     if rules.has_regexes() {
         for d in dirs {

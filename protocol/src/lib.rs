@@ -23,9 +23,6 @@ pub mod rules;
 pub mod seq;
 pub mod stage;
 pub mod status;
-// The wire types are described field by field for subscribers in docs/wire-format.md;
-// their rustdoc is not complete yet.
-#[allow(missing_docs)]
 pub mod wire;
 pub mod work;
 

@@ -23,6 +23,7 @@ pub const CHANGES_TOPIC: &str = "changes/";
 /// Topic of the watcher → filter stream (internal).
 pub const RAW_TOPIC: &str = "raw/";
 
+/// The change stream's topic of `root`.
 pub fn changes_topic(root: &str) -> String {
     format!("{CHANGES_TOPIC}{root}/")
 }
@@ -32,6 +33,7 @@ pub const REPORT_TOPIC: &str = "report/";
 /// Topic prefix of the retrier's job stream; the full topic is `jobs/<target>/`.
 pub const JOBS_TOPIC: &str = "jobs/";
 
+/// The job stream's topic of `target`.
 pub fn jobs_topic(target: &str) -> String {
     format!("{JOBS_TOPIC}{target}/")
 }
@@ -39,6 +41,7 @@ pub fn jobs_topic(target: &str) -> String {
 /// Topic prefix of the public delivery stream; the full topic is `deliveries/<target>/`.
 pub const DELIVERIES_TOPIC: &str = "deliveries/";
 
+/// The delivery stream's topic of `target`.
 pub fn deliveries_topic(target: &str) -> String {
     format!("{DELIVERIES_TOPIC}{target}/")
 }
@@ -46,18 +49,26 @@ pub fn deliveries_topic(target: &str) -> String {
 /// What inotify saw, translated to root-relative paths (watcher → filter).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawBatch {
+    /// The shape of this message ([`VERSION`]).
     pub version: u16,
+    /// Random per start of the sender: a new one means it restarted.
     pub epoch: u64,
+    /// Gap-free from 1 within the epoch.
     pub seq: u64,
     /// When the watcher read these events (µs since the Unix epoch).
     pub time_us: u64,
+    /// In the order inotify gave them.
     pub events: Vec<RawEvent>,
 }
 
+/// One inotify event on a watched root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawEvent {
+    /// The root's name in the config.
     pub root: String,
+    /// Relative to the root.
     pub path: PathBytes,
+    /// What happened.
     pub kind: RawKind,
     /// The entry is a directory.
     #[serde(default)]
@@ -67,15 +78,23 @@ pub struct RawEvent {
     pub cookie: u32,
 }
 
+/// The inotify event kinds the watcher passes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RawKind {
+    /// `IN_CREATE`.
     Create,
+    /// `IN_MODIFY`.
     Modify,
+    /// `IN_CLOSE_WRITE`: a writer closed the file.
     CloseWrite,
+    /// `IN_ATTRIB`.
     Attrib,
+    /// `IN_DELETE` (and `IN_DELETE_SELF` of a watched directory).
     Delete,
+    /// `IN_MOVED_FROM`: the old name of a rename.
     MovedFrom,
+    /// `IN_MOVED_TO`: the new name of a rename.
     MovedTo,
     /// The watcher cannot vouch for `path` (a subtree; the root when empty): its watches
     /// just went live, the kernel queue overflowed, or the root came back.
@@ -85,19 +104,26 @@ pub enum RawKind {
 /// One message of the public change stream (filter → dispatchers and anyone else).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeBatch {
+    /// The shape of this message ([`VERSION`]).
     pub version: u16,
+    /// Random per start of the sender: a new one means it restarted.
     pub epoch: u64,
     /// Gap-free per topic (per root), starting at 1. An empty `changes` is a heartbeat.
     pub seq: u64,
+    /// The root's name in the config.
     pub root: String,
     /// When the filter published this batch (µs since the Unix epoch).
     pub time_us: u64,
+    /// In the order they began.
     pub changes: Vec<Change>,
 }
 
+/// One coalesced change of a path: what the targets must follow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
+    /// What happened to it.
     pub op: Op,
+    /// Relative to the root.
     pub path: PathBytes,
     /// The old path of a `move`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +139,7 @@ pub struct Change {
     pub since_us: u64,
 }
 
+/// What a change did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
@@ -146,22 +173,30 @@ pub enum ReportKind {
 /// Dispatchers and the scheduler → retrier (PUSH → PULL, topic `report/`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
+    /// The shape of this message ([`WORK_VERSION`]).
     pub version: u16,
+    /// Random per start of the sender: a new one means it restarted.
     pub epoch: u64,
+    /// Gap-free from 1 within the epoch.
     pub seq: u64,
     /// Echoed by the retrier's acknowledgement; random per report.
     pub report_id: u64,
+    /// What the retrier is to do with it.
     pub kind: ReportKind,
+    /// The target's name (empty in a `request` for every target of the root).
     pub target: String,
+    /// The root's name.
     pub root: String,
     /// Journal jobs this report settles (replaces, for `failed`).
     #[serde(default)]
     pub covers: Vec<u64>,
+    /// The work owed (`failed`, `request`).
     #[serde(default)]
     pub work: Work,
     /// Why it failed (`failed` only).
     #[serde(default)]
     pub error: String,
+    /// When it was sent (µs since the Unix epoch).
     pub time_us: u64,
 }
 
@@ -180,23 +215,32 @@ pub enum JobKind {
 /// Retrier → dispatchers (PUB → SUB, topic `jobs/<target>/`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobMsg {
+    /// The shape of this message ([`WORK_VERSION`]).
     pub version: u16,
+    /// Random per start of the sender: a new one means it restarted.
     pub epoch: u64,
     /// Gap-free per topic; a lost job is sent again when its result does not come.
     pub seq: u64,
+    /// What the dispatcher is to do.
     pub kind: JobKind,
+    /// The target's name (also in the topic).
     pub target: String,
+    /// The report acknowledged (`ack`).
     #[serde(default)]
     pub report_id: u64,
+    /// The root whose work this is (`run`).
     #[serde(default)]
     pub root: String,
+    /// The journal jobs `work` merges (`run`): the report on the run covers them.
     #[serde(default)]
     pub job_ids: Vec<u64>,
     /// The failed attempts behind this run so far.
     #[serde(default)]
     pub attempt: u32,
+    /// What to run (`run`).
     #[serde(default)]
     pub work: Work,
+    /// When it was sent (µs since the Unix epoch).
     pub time_us: u64,
 }
 
@@ -204,12 +248,15 @@ pub struct JobMsg {
 /// dispatchers → anyone, relayed by the retrier on `deliveries.sock`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {
+    /// The shape of this message ([`VERSION`]).
     pub version: u16,
     /// Random per dispatcher worker start.
     pub epoch: u64,
     /// Gap-free per target within one epoch: a gap means deliveries were not seen.
     pub seq: u64,
+    /// The target's name.
     pub target: String,
+    /// The root's name.
     pub root: String,
     /// True when everything below is on the target now.
     pub ok: bool,
@@ -233,8 +280,10 @@ pub struct Delivery {
     pub started_us: u64,
 }
 
+/// One path a run brought to its target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivered {
+    /// Relative to the root.
     pub path: PathBytes,
     /// When the first change behind it was seen (µs; 0 unknown): `time_us - since_us`
     /// is the replication lag.
@@ -242,14 +291,18 @@ pub struct Delivered {
     pub since_us: u64,
 }
 
+/// A message that cannot be taken.
 #[derive(Debug, Error)]
 pub enum WireError {
+    /// Not MessagePack of the expected shape.
     #[error("cannot decode message: {0}")]
     Decode(#[from] rmp_serde::decode::Error),
+    /// A version of its shape this build does not read.
     #[error("unsupported wire version {0}")]
     Version(u16),
 }
 
+/// The payload of `msg`: MessagePack with named fields.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(msg).expect("wire types always serialize")
 }

@@ -6,7 +6,7 @@ const DEMO_CONFIG: &str = include_str!("../../deploy/demo.toml");
 
 /// `syncbus demo`: a local mirror with the embedded config, no remote server needed.
 pub(crate) fn demo(dir: &Path) -> ExitCode {
-    if let Err(msg) = dispatcher::command::find_rsync() {
+    if let Err(msg) = dispatcher::find_rsync() {
         protocol::errln!("syncbus demo: {msg} (scripts/demo.sh does this for you)");
         return ExitCode::from(EXIT_UNAVAILABLE as u8);
     }

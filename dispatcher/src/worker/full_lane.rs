@@ -19,7 +19,7 @@ use protocol::work::Work;
 use super::*;
 
 #[derive(Debug)]
-pub struct FullDone {
+pub(crate) struct FullDone {
     pub(super) root: String,
     pub(super) kind: FullKind,
     pub(super) job_ids: Vec<u64>,

@@ -29,7 +29,7 @@ use full_lane::*;
 use intake::*;
 use narrow::*;
 use program::*;
-pub use retrier_link::Reporter;
+pub(crate) use retrier_link::Reporter;
 use runner::*;
 use two_way::*;
 
@@ -54,7 +54,7 @@ use protocol::work::Touch;
 
 /// Work for every worker serving `root`, and what the retrier and the full lane say.
 #[derive(Debug, Clone)]
-pub enum Job {
+pub(crate) enum Job {
     Changes {
         root: Arc<str>,
         changes: Arc<Vec<Change>>,
@@ -79,7 +79,7 @@ pub enum Job {
 
 /// Shared between the SUB loop and the workers: shutdown, and the status they post.
 #[derive(Debug, Default)]
-pub struct Control {
+pub(crate) struct Control {
     /// Set when the drain starts: runs still going then are killed.
     pub deadline: OnceLock<Instant>,
     /// A second signal: kill runs now, run nothing more.
@@ -114,7 +114,7 @@ impl Control {
 
 /// A root as this worker sees it.
 #[derive(Clone)]
-pub struct RootInfo {
+pub(crate) struct RootInfo {
     pub path: PathBuf,
     pub rules: Rules,
     /// Whole-root compares may delete also from an empty root or one on another file
@@ -125,14 +125,14 @@ pub struct RootInfo {
     pub manifest: PathBuf,
 }
 
-pub const BACKOFF_START: Duration = Duration::from_secs(1);
+pub(crate) const BACKOFF_START: Duration = Duration::from_secs(1);
 
-pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+pub(crate) const BACKOFF_CAP: Duration = Duration::from_secs(60);
 
 /// Delay before attempt `attempt + 1` after `attempt` failures (1-based), with `jitter`
 /// in `[0, 1)` adding up to a quarter. Fatal failures wait the cap every time. Used
 /// only when the retrier cannot be reached.
-pub fn backoff(attempt: u32, outcome: Outcome, jitter: f64) -> Duration {
+pub(crate) fn backoff(attempt: u32, outcome: Outcome, jitter: f64) -> Duration {
     let start = match outcome {
         Outcome::Fatal => BACKOFF_CAP,
         _ => BACKOFF_START,
@@ -149,7 +149,7 @@ struct Failing {
     until: Option<Instant>,
 }
 
-pub struct Worker {
+pub(crate) struct Worker {
     target: Target,
     roots: HashMap<String, RootInfo>,
     live: Runner,
@@ -190,7 +190,7 @@ fn check_source(src: &Path) -> Result<(), RunResult> {
 impl Worker {
     /// `tx` is the sending side of the worker's own job channel (the full lane reports
     /// through it).
-    pub fn new(
+    pub(crate) fn new(
         target: Target,
         roots: HashMap<String, RootInfo>,
         runtime_dir: &Path,
@@ -225,7 +225,7 @@ impl Worker {
 
     /// Runs until told to stop (drain) or the control says abort. True when it
     /// stopped clean: everything it was given is on the target or in the journal.
-    pub fn run(mut self, rx: Receiver<Job>) -> bool {
+    pub(crate) fn run(mut self, rx: Receiver<Job>) -> bool {
         let name = self.target.name.clone();
         tracing::info!(target = %name, roots = self.roots.len(), "worker started");
         let mut intake = Intake {

@@ -16,10 +16,10 @@ use super::*;
 
 /// How long a hand-over to the retrier may wait for its acknowledgement before the
 /// worker keeps the work itself.
-pub const ACK_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// Sends reports to the retrier (one PUSH socket per thread: zmq sockets are not shared).
-pub struct Reporter {
+pub(crate) struct Reporter {
     pub(super) push: zmq::Socket,
     /// The reports' stream, and the delivery stream's (the same epoch).
     reports: Stamp,
@@ -30,7 +30,7 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(push: zmq::Socket, target: &str) -> Self {
+    pub(crate) fn new(push: zmq::Socket, target: &str) -> Self {
         let epoch = protocol::bus::new_epoch();
         Reporter {
             push,
@@ -43,7 +43,7 @@ impl Reporter {
 
     /// Tells the delivery stream what one run brought to the target, or failed to
     /// (relayed by the retrier; dropped, and seen as a gap, if it is gone for long).
-    pub fn deliver(
+    pub(crate) fn deliver(
         &mut self,
         root: &str,
         paths: &BTreeMap<PathBytes, Touch>,
@@ -83,7 +83,7 @@ impl Reporter {
 
     /// Sends one report; returns its id (for the ack). A send that fails is logged:
     /// the caller waits for an ack that will not come and keeps the work.
-    pub fn send(
+    pub(crate) fn send(
         &mut self,
         kind: ReportKind,
         root: &str,

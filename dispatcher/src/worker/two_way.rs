@@ -17,7 +17,7 @@ use super::*;
 
 /// How long a live delete keeps a whole-root pull from fetching the path back: long
 /// enough for it to reach the peer, also through the journal after a short outage.
-pub const LOCAL_DELETE_MEMORY: Duration = Duration::from_secs(600);
+pub(crate) const LOCAL_DELETE_MEMORY: Duration = Duration::from_secs(600);
 /// Most live deletes remembered; beyond, the oldest are forgotten.
 const LOCAL_DELETES_MAX: usize = 100_000;
 
@@ -69,7 +69,7 @@ impl LocalDeletes {
 
 /// How long a whole-root pull from a two-way peer waits between its two dry runs: what
 /// changed in between is still being written there.
-pub const PULL_SETTLE: Duration = Duration::from_secs(1);
+pub(crate) const PULL_SETTLE: Duration = Duration::from_secs(1);
 
 /// The entries two dry runs of a pull (`%i %l %M %n` lines) both list alike: files,
 /// links and directories the peer holds newer or this side lacks, and that did not
