@@ -61,16 +61,24 @@ pub enum StageError {
     Failed(String),
 }
 
-impl<E: std::error::Error> From<E> for StageError {
-    fn from(e: E) -> Self {
-        let mut msg = e.to_string();
-        let mut src = e.source();
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        StageError::Failed(msg)
+/// `e` and its sources, outermost first, joined by `: `.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// A socket that cannot be made, bound, polled or sent on: the stage exits 1 and the
+/// supervisor restarts it (a bind refused because the runtime dir is not ours is
+/// caught before, as a `Config` error).
+impl From<crate::bus::BusError> for StageError {
+    fn from(e: crate::bus::BusError) -> Self {
+        StageError::Failed(error_chain(&e))
     }
 }
 

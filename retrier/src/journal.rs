@@ -54,6 +54,20 @@ pub enum JournalError {
     Closed,
 }
 
+/// The stage's exit for a journal it cannot go on with: another retrier holds it
+/// (exit 69, as for any second instance); anything else (a write or read that failed,
+/// a journal closed until it reopens, one that cannot be read) exits 1 and the
+/// supervisor starts the retrier again, which reopens it or moves it aside.
+impl From<JournalError> for protocol::stage::StageError {
+    fn from(e: JournalError) -> Self {
+        use protocol::stage::{error_chain, StageError};
+        match e {
+            JournalError::Open { .. } => StageError::Unavailable(error_chain(&e)),
+            _ => StageError::Failed(error_chain(&e)),
+        }
+    }
+}
+
 pub struct Journal {
     /// `None` only inside [`Journal::reopen`].
     db: Option<Database>,
