@@ -198,6 +198,10 @@ pub struct Target {
     pub conflict_copies: bool,
     /// See [`Root::allow_wipe`]: for every root this target mirrors.
     pub allow_wipe: bool,
+    /// Files hard-linked in the source are hard-linked on the target too (`-H`), live
+    /// as well: a batch holding a file with more than one link compares the whole root,
+    /// where rsync sees every name of it. Also set by `-H` in `extra_args`.
+    pub hard_links: bool,
     /// Command and webhook targets: what a failed run leads to.
     pub on_failure: OnFailure,
 }

@@ -85,6 +85,9 @@ pub fn common_args(target: &Target, ssh_dir: Option<&Path>) -> Result<Vec<OsStri
         | Endpoint::Http { .. }
         | Endpoint::Tcp { .. } => {}
     }
+    if target.hard_links {
+        a.push("-H".into());
+    }
     a.extend(target.extra_args.iter().map(OsString::from));
     Ok(a)
 }
@@ -280,6 +283,7 @@ mod tests {
             two_way: false,
             conflict_copies: false,
             allow_wipe: false,
+            hard_links: false,
             on_failure: Default::default(),
         }
     }

@@ -378,6 +378,7 @@ mod tests {
             two_way: false,
             conflict_copies: false,
             allow_wipe: false,
+            hard_links: false,
             on_failure: Default::default(),
         };
         let dir = Path::new("/run/sb/ssh");

@@ -6,6 +6,7 @@
 
 mod cli;
 mod guard;
+mod hard_links;
 mod hardening;
 mod hooks;
 mod hot;

@@ -45,6 +45,7 @@ impl Bench {
             two_way: false,
             conflict_copies: false,
             allow_wipe: false,
+            hard_links: false,
             on_failure: Default::default(),
         };
         let roots = HashMap::from([(

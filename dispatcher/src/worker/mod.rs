@@ -349,6 +349,16 @@ impl Worker {
             }
             let mut work = work;
             let mut covers = covers;
+            if self.target.hard_links && !work.resyncs.contains(&PathBytes::root()) {
+                // rsync keeps links only among the names one run sees: work that may
+                // touch a linked file (or a catch-up, which cannot tell) compares the
+                // whole root, where rsync sees every name.
+                let linked = self.roots.get(&root).and_then(|i| linked(&i.path, &work));
+                if work.catch_up.is_some() || linked.is_some() {
+                    tracing::debug!(target = %self.target.name, root = %root, path = ?linked.map(|p| p.to_string()), "hard links kept: comparing the root");
+                    work.resync(PathBytes::root());
+                }
+            }
             if work.resyncs.contains(&PathBytes::root()) {
                 // A whole-root resync absorbed everything else of the root, except a
                 // two-way target's deletes (its compares make none): those go live.
@@ -591,6 +601,35 @@ impl Worker {
         }
         None
     }
+}
+
+/// A path of `work` that is, or a subtree of it that holds, a file with more than one
+/// name in the source tree at `root` (its other names may lie outside what the work
+/// sends).
+fn linked(root: &Path, work: &Work) -> Option<PathBytes> {
+    use std::os::unix::fs::MetadataExt;
+    let multi = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.nlink() > 1);
+    fn walk(dir: &Path, multi: &dyn Fn(&Path) -> bool) -> bool {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&p, multi),
+                Ok(t) if t.is_file() => multi(&p),
+                _ => false,
+            }
+        })
+    }
+    let file = work
+        .paths
+        .iter()
+        .filter(|(_, t)| !t.deleted)
+        .map(|(p, _)| p)
+        .find(|p| multi(&p.under(root)));
+    file.or_else(|| work.resyncs.iter().find(|s| walk(&s.under(root), &multi)))
+        .cloned()
 }
 
 #[cfg(test)]

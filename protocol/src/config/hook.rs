@@ -64,6 +64,7 @@ impl Validator<'_> {
             raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
             raw.two_way.as_ref().map(|p| ("two_way", p.span())),
             raw.losers.as_ref().map(|p| ("losers", p.span())),
+            raw.hard_links.as_ref().map(|p| ("hard_links", p.span())),
         ];
         for (key, span) in rsync_only.into_iter().flatten() {
             self.error(span, k(key), "not for command targets");
@@ -108,6 +109,7 @@ impl Validator<'_> {
             two_way: false,
             conflict_copies: false,
             allow_wipe: raw.allow_wipe,
+            hard_links: false,
         })
     }
 
@@ -236,6 +238,7 @@ impl Validator<'_> {
             raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
             raw.two_way.as_ref().map(|p| ("two_way", p.span())),
             raw.losers.as_ref().map(|p| ("losers", p.span())),
+            raw.hard_links.as_ref().map(|p| ("hard_links", p.span())),
             raw.paths.as_ref().map(|p| ("paths", p.span())),
         ];
         for (key, span) in not_here.into_iter().flatten() {
@@ -301,6 +304,7 @@ impl Validator<'_> {
             two_way: false,
             conflict_copies: false,
             allow_wipe: raw.allow_wipe,
+            hard_links: false,
         })
     }
 }

@@ -110,6 +110,7 @@ pub(super) struct RawTarget {
     pub(super) losers: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) allow_wipe: bool,
+    pub(super) hard_links: Option<Spanned<bool>>,
     pub(super) framing: Option<Spanned<String>>,
 }
 

@@ -246,6 +246,18 @@ impl Validator<'_> {
                 );
             }
         }
+        let hard_links = raw.hard_links.as_ref().is_some_and(|h| *h.get_ref())
+            || raw
+                .extra_args
+                .iter()
+                .any(|a| a.get_ref() == "-H" || a.get_ref() == "--hard-links");
+        if let (true, Some(h)) = (two_way && hard_links, &raw.hard_links) {
+            self.error(
+                h.span(),
+                k("hard_links"),
+                "not for two-way targets (their runs write through the peer's temp and backup dirs, which break links)",
+            );
+        }
         Some(Target {
             name,
             endpoint,
@@ -259,6 +271,7 @@ impl Validator<'_> {
             two_way,
             conflict_copies,
             allow_wipe: raw.allow_wipe,
+            hard_links,
             on_failure: OnFailure::Retry,
         })
     }

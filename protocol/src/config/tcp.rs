@@ -106,6 +106,7 @@ impl Validator<'_> {
             raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
             raw.two_way.as_ref().map(|p| ("two_way", p.span())),
             raw.losers.as_ref().map(|p| ("losers", p.span())),
+            raw.hard_links.as_ref().map(|p| ("hard_links", p.span())),
             raw.paths.as_ref().map(|p| ("paths", p.span())),
             raw.header_file.as_ref().map(|p| ("header_file", p.span())),
             raw.method.as_ref().map(|p| ("method", p.span())),
@@ -139,6 +140,7 @@ impl Validator<'_> {
             two_way: false,
             conflict_copies: false,
             allow_wipe: raw.allow_wipe,
+            hard_links: false,
         })
     }
 }

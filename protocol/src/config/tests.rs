@@ -464,3 +464,26 @@ fn no_roots_is_an_error() {
     let f = Fixture::new();
     assert_eq!(f.errors("")[0].key, "root");
 }
+
+#[test]
+fn hard_links_are_kept_on_request_or_by_h_in_extra_args_and_only_for_one_way_rsync_targets() {
+    let f = Fixture::new();
+    let target =
+        |keys: &str| format!("{MINIMAL}[[target]]\nname = \"t\"\nurl = \"/tmp/x\"\n{keys}");
+    let on = |keys: &str| f.parse(&target(keys)).unwrap().targets[0].hard_links;
+    assert!(!on(""));
+    assert!(on("hard_links = true\n"));
+    assert!(on("extra_args = [\"-H\"]\n"));
+    assert!(on("extra_args = [\"--hard-links\"]\n"));
+    let keys = |text: &str| -> Vec<String> { f.errors(text).into_iter().map(|e| e.key).collect() };
+    assert_eq!(
+        keys(&target("two_way = true\nhard_links = true\n")),
+        ["target[0].hard_links"]
+    );
+    assert_eq!(
+        keys(&format!(
+            "{MINIMAL}[[target]]\nname = \"t\"\ncommand = [\"/bin/true\"]\nhard_links = true\n"
+        )),
+        ["target[0].hard_links"]
+    );
+}
