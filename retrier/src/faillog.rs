@@ -15,7 +15,7 @@ use protocol::PathBytes;
 use crate::journal::Record;
 
 /// `'word'` for sh: inside single quotes every byte is literal except `'` itself.
-pub fn quote(word: &[u8]) -> Vec<u8> {
+pub(crate) fn quote(word: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(word.len() + 2);
     out.push(b'\'');
     for &b in word {
@@ -44,7 +44,7 @@ fn comment(out: &mut Vec<u8>, text: &str) {
 }
 
 /// The script for `jobs` (id, record), as text to write.
-pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
+pub(crate) fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
     let mut out = b"#!/bin/sh\n".to_vec();
     comment(
         &mut out,
@@ -157,7 +157,7 @@ pub fn render(config: &Config, jobs: &[(u64, Record)]) -> Vec<u8> {
 
 /// Writes the script next to the journal, atomically (temp file + rename), mode 0700.
 /// A failed write removes its temp file: on a full disk it would keep the space.
-pub fn write(path: &Path, text: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write(path: &Path, text: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("sh.tmp");
     let written = (|| {
         let mut f = std::fs::OpenOptions::new()

@@ -22,7 +22,7 @@ const JOURNAL_ID: &str = "journal_id";
 
 /// One unit of owed work: a target, a root, what to send, and its history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub(crate) struct Record {
     pub target: String,
     pub root: String,
     pub work: Work,
@@ -68,7 +68,7 @@ impl From<JournalError> for protocol::stage::StageError {
     }
 }
 
-pub struct Journal {
+pub(crate) struct Journal {
     /// `None` only inside [`Journal::reopen`].
     db: Option<Database>,
     id: u64,
@@ -88,7 +88,7 @@ impl Journal {
     /// retrier on the same file is refused (`Open`); a file that is not a readable
     /// journal is `Broken` (redb may panic on a garbage page: that is caught here, once,
     /// instead of in a restart loop later).
-    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+    pub(crate) fn open(path: &Path) -> Result<Journal, JournalError> {
         let broken = |message: String| JournalError::Broken {
             path: path.to_path_buf(),
             message,
@@ -153,7 +153,7 @@ impl Journal {
 
     /// Closes and opens the file again: after a failed write (a full disk, say) redb
     /// refuses every later one until then. The same journal must come back.
-    pub fn reopen(&mut self) -> Result<(), JournalError> {
+    pub(crate) fn reopen(&mut self) -> Result<(), JournalError> {
         self.db = None;
         let fresh = Journal::open(&self.path)?;
         if fresh.id != self.id {
@@ -169,7 +169,7 @@ impl Journal {
         Ok(())
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -179,12 +179,12 @@ impl Journal {
     }
 
     /// This journal's own random number (see `JOURNAL_ID`).
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         self.id
     }
 
     /// Every job on disk, oldest id first.
-    pub fn load(&self) -> Result<Vec<(u64, Record)>, JournalError> {
+    pub(crate) fn load(&self) -> Result<Vec<(u64, Record)>, JournalError> {
         let txn = self.db()?.begin_read().map_err(read_err)?;
         let table = txn.open_table(JOBS).map_err(read_err)?;
         let mut out = Vec::new();
@@ -203,7 +203,7 @@ impl Journal {
 
     /// In one durable transaction: forgets `covers` and stores `new`, returning the new
     /// records' ids. Either all of it is on disk when this returns `Ok`, or none of it.
-    pub fn replace(&self, covers: &[u64], new: &[Record]) -> Result<Vec<u64>, JournalError> {
+    pub(crate) fn replace(&self, covers: &[u64], new: &[Record]) -> Result<Vec<u64>, JournalError> {
         let txn = self.db()?.begin_write().map_err(write_err)?;
         let mut ids = Vec::with_capacity(new.len());
         {
@@ -229,7 +229,7 @@ impl Journal {
     }
 
     /// Reads one record (for publishing it).
-    pub fn get(&self, id: u64) -> Result<Option<Record>, JournalError> {
+    pub(crate) fn get(&self, id: u64) -> Result<Option<Record>, JournalError> {
         let txn = self.db()?.begin_read().map_err(read_err)?;
         let table = txn.open_table(JOBS).map_err(read_err)?;
         let v = table.get(id).map_err(read_err)?;

@@ -45,9 +45,9 @@
 //! - `journal.rs`, `policy.rs`, `faillog.rs`: the journal, the pure backoff and merge
 //!   rules, the fail log.
 
-pub mod faillog;
-pub mod journal;
-pub mod policy;
+mod faillog;
+mod journal;
+mod policy;
 mod probe;
 mod stage;
 mod target;

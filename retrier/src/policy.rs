@@ -8,13 +8,13 @@ use protocol::work::Work;
 /// The delay before the next try after `attempt` consecutive failures (1-based):
 /// `initial`, doubling per attempt up to `max`, plus up to `jitter` of itself
 /// (`unit` in `[0, 1)` is the random draw).
-pub fn next_attempt(policy: &Retry, attempt: u32, unit: f64) -> Duration {
+pub(crate) fn next_attempt(policy: &Retry, attempt: u32, unit: f64) -> Duration {
     protocol::backoff::delay(policy.initial, policy.max, attempt, policy.jitter, unit)
 }
 
 /// Merges `parts` into one piece of work by [`Work::merge`]'s rule, for a target
 /// whose compares make no deletes when `keep_deletes` (two-way).
-pub fn merge(parts: impl IntoIterator<Item = Work>, keep_deletes: bool) -> Work {
+pub(crate) fn merge(parts: impl IntoIterator<Item = Work>, keep_deletes: bool) -> Work {
     parts
         .into_iter()
         .fold(Work::keeping_deletes(keep_deletes), |mut w, part| {
@@ -24,7 +24,7 @@ pub fn merge(parts: impl IntoIterator<Item = Work>, keep_deletes: bool) -> Work 
 }
 
 /// Bounds a backlog to `max` paths and subtrees ([`Work::collapse`]).
-pub fn collapse(work: Work, max: usize) -> Work {
+pub(crate) fn collapse(work: Work, max: usize) -> Work {
     work.collapse(max)
 }
 

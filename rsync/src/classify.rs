@@ -36,10 +36,41 @@ pub fn classify_status(status: ExitStatus) -> Outcome {
     classify(status.code())
 }
 
+/// A run to a two-way peer, given its outcome by exit code and its error line: a
+/// usage error that only says the peer's `.syncbus/incoming` is missing means a peer
+/// whose syncbus has not started yet (it makes the directory when it starts), so
+/// try again.
+pub fn classify_two_way(outcome: Outcome, error: &str) -> Outcome {
+    if outcome == Outcome::Fatal && error.contains("temp-dir does not exist") {
+        Outcome::Retry
+    } else {
+        outcome
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn a_two_way_peer_not_started_yet_is_retried() {
+        use Outcome::*;
+        let missing = "rsync: [Receiver] temp-dir does not exist: .syncbus/incoming";
+        let table = [
+            (Fatal, missing, Retry),
+            (Fatal, "rsync: unknown option", Fatal),
+            (Retry, missing, Retry),
+            (Success, "", Success),
+        ];
+        for (outcome, error, want) in table {
+            assert_eq!(
+                classify_two_way(outcome, error),
+                want,
+                "{outcome:?} {error}"
+            );
+        }
+    }
 
     #[test]
     fn exit_code_table() {

@@ -13,5 +13,5 @@ mod rules;
 pub mod ssh;
 
 pub use argv::{build_args, common_args, rsync_program, ArgError, Mode, Output, Run};
-pub use classify::{classify, classify_status, Outcome};
+pub use classify::{classify, classify_status, classify_two_way, Outcome};
 pub use rules::{exclude_rules, resync_rules};

@@ -1,4 +1,4 @@
-//! The worker's failing-target and shutdown rules, driven through its job channel with
+//! The worker's failing-target, full-lane and shutdown rules, driven through its job
 //! a real rsync against a target that is down, and a stand-in for the retrier on an
 //! in-process ZeroMQ socket that acknowledges what it is handed.
 
@@ -178,4 +178,34 @@ fn work_nobody_acknowledged_makes_the_stop_unclean() {
         !b.done.join().unwrap(),
         "a stop with unacknowledged work passed for clean"
     );
+}
+
+/// The full lane: a cron full sync that fails is handed back to the journal as what it
+/// was, a compare of the whole root with the cron's own excludes, settling the journal
+/// job it came from; the stop after it leaves nothing behind.
+#[test]
+fn a_failed_full_sync_is_journalled_whole_with_its_own_excludes() {
+    let b = Bench::start();
+    let cron = protocol::work::Work {
+        resyncs: [protocol::PathBytes::root()].into(),
+        excludes: vec!["*.log".into()],
+        ..Default::default()
+    };
+    b.tx.send(Job::Run {
+        root: "r".into(),
+        job_ids: vec![7],
+        work: cron,
+    })
+    .unwrap();
+    let failed = b.next(ReportKind::Failed);
+    assert_eq!(failed.covers, [7]);
+    assert_eq!(
+        failed.work.resyncs.iter().collect::<Vec<_>>(),
+        [&protocol::PathBytes::root()]
+    );
+    assert_eq!(failed.work.excludes, ["*.log"]);
+    assert!(failed.work.paths.is_empty() && failed.work.catch_up.is_none());
+
+    b.tx.send(Job::Stop).unwrap();
+    assert!(b.done.join().unwrap(), "the stop left work behind");
 }

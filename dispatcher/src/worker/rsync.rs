@@ -382,13 +382,8 @@ impl Runner {
         );
         let out = out.into_inner().unwrap_or_default();
         let mut result = result;
-        if self.target.two_way
-            && result.outcome == Outcome::Fatal
-            && result.error.contains("temp-dir does not exist")
-        {
-            // The peer's syncbus makes its `.syncbus/incoming` when it starts: not a
-            // usage error, a peer not ready yet.
-            result.outcome = Outcome::Retry;
+        if self.target.two_way {
+            result.outcome = ::rsync::classify_two_way(result.outcome, &result.error);
         }
         if !dry_run {
             self.count_run(&result, out.sent);
