@@ -1,6 +1,6 @@
 //! The worker's failing-target, full-lane and shutdown rules, driven through its job
-//! a real rsync against a target that is down, and a stand-in for the retrier on an
-//! in-process ZeroMQ socket that acknowledges what it is handed.
+//! channel with a real rsync against a target that is down, and a stand-in for the
+//! retrier on an in-process ZeroMQ socket that acknowledges what it is handed.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Sender};
