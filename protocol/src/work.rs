@@ -166,6 +166,7 @@ impl Work {
         for (to, from) in other.moves {
             self.moved(from, to);
         }
+        self.prune_moves();
         self.excludes = excludes;
     }
 
@@ -200,7 +201,17 @@ impl Work {
                 self.add_resync(dir);
             }
         }
+        self.prune_moves();
         self
+    }
+
+    /// Keeps only the moves whose new place the work still sends as itself (a path
+    /// listed as existing, or a subtree compared on its own), so they stay as bounded
+    /// as what is owed.
+    fn prune_moves(&mut self) {
+        let (paths, resyncs) = (&self.paths, &self.resyncs);
+        self.moves
+            .retain(|to, _| resyncs.contains(to) || paths.get(to).is_some_and(|t| !t.deleted));
     }
 
     fn covered(&self, path: &PathBytes) -> bool {
@@ -483,6 +494,9 @@ mod tests {
         let mut later = Work::default();
         later.moved(p("b"), p("c"));
         later.moved(p("x"), p("y"));
+        // Their new places are owed (a moved directory's compare, a renamed file).
+        w.resync(p("c"));
+        later.touch(p("y"), Touch::upsert(1));
         w.merge(later);
         let moves: Vec<(String, String)> = w
             .moves

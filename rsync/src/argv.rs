@@ -28,8 +28,8 @@ pub enum Mode {
     /// with size and mtime so that files the peer is still writing can be told apart.
     PullList,
     /// A moved file or directory built on the target from what it still holds at the
-    /// old place, before the old place is deleted: `--link-dest` (relative to the
-    /// destination) hard-links what is unchanged there, and `--fuzzy --fuzzy` takes a
+    /// old place, before the old place is deleted: `--copy-dest` (relative to the
+    /// destination) copies there what is unchanged, and `--fuzzy --fuzzy` takes a
     /// renamed file's old copy (same size and time) as the basis of its delta. With
     /// `list`, the names on stdin (`--files-from`), else the whole source directory.
     Seed { basis: Option<String>, list: bool },
@@ -181,8 +181,17 @@ pub fn build_args(
             a.push("--fuzzy".into());
             a.push("--fuzzy".into());
             a.push("--modify-window=-1".into());
+            // `--copy-dest`, not `--link-dest`: an unchanged file is copied on the
+            // target from its old place, never linked to it, so no two places there
+            // ever share one file (with `--inplace` a write to one would change both).
             if let Some(b) = basis {
-                a.push(format!("--link-dest={b}").into());
+                a.push(format!("--copy-dest={b}").into());
+            }
+            // The moved place's name is on the command line here: over ssh, rsync
+            // must not hand it to the remote shell as words (rsync < 3.2.4 does by
+            // default).
+            if matches!(target.endpoint, Endpoint::Ssh { .. }) {
+                a.push("--protect-args".into());
             }
             if *list {
                 // A listed file is known to have changed, like an incremental run's.

@@ -40,6 +40,11 @@ fn an_ssh_target_takes_every_tree_operation_over_one_shared_connection() {
     fs::rename(m.s("name with spaces & 'quotes'"), m.s("renamed")).unwrap();
     fs::set_permissions(m.s("renamed"), fs::Permissions::from_mode(0o600)).unwrap();
     m.converge();
+    // A move's new name goes on rsync's command line: never as words for the shell.
+    fs::rename(m.s("moved"), m.s("odd $(touch x) 'dir'")).unwrap();
+    m.converge();
+    fs::rename(m.s("odd $(touch x) 'dir'"), m.s("moved")).unwrap();
+    m.converge();
     fs::remove_dir_all(m.s("moved")).unwrap();
     fs::remove_file(m.s("link")).unwrap();
     fs::remove_dir(m.s("empty")).unwrap();

@@ -527,6 +527,9 @@ impl Worker {
         let mut work = work;
         let seeded = self.live.seed_moves(root, info, &work, &mut tick);
         work.paths.retain(|p, _| !seeded.contains(p));
+        for p in seeded {
+            self.unsendable.remove(&(root.to_string(), p));
+        }
         if !work.resyncs.is_empty() {
             let subtrees: Vec<PathBytes> = work.resyncs.iter().cloned().collect();
             let started = Instant::now();
@@ -622,12 +625,9 @@ fn linked(root: &Path, work: &Work) -> Option<PathBytes> {
             }
         })
     }
-    let file = work
-        .paths
-        .iter()
-        .filter(|(_, t)| !t.deleted)
-        .map(|(p, _)| p)
-        .find(|p| multi(&p.under(root)));
+    // Deleted or not: a path deleted and made again (`rm b; ln a b`) is still flagged
+    // deleted, and a missing one has no links.
+    let file = work.paths.keys().find(|p| multi(&p.under(root)));
     file.or_else(|| work.resyncs.iter().find(|s| walk(&s.under(root), &multi)))
         .cloned()
 }

@@ -1,6 +1,7 @@
 //! Moves at the cost of the change: before a batch's own runs, each moved file or
 //! directory is built on the target from what the target still holds at its old
-//! place (`rsync::Mode::Seed`), so its data is not sent again. The batch's runs then
+//! place (`rsync::Mode::Seed`: copied there, never linked), so its data is not sent
+//! again over the network. The batch's runs then
 //! find it there and delete the old place as usual.
 //!
 //! What holds:
@@ -14,6 +15,8 @@
 //!   exclude rules rebased there: regex-excluded paths below it as literals, and the
 //!   globs as written, which mean the same from there only when none names a
 //!   directory path (`a/b`, `/top`, `**`): with such a glob, moves are sent plainly.
+//! - At most [`MAX_SEEDS`] per batch, and none after one that found the target down:
+//!   a seed saves bytes, it must not hold the batch up.
 //! - Not for two-way targets (their runs write through the peer's own temp and backup
 //!   directories) nor for command and webhook targets, which take paths, not data.
 
@@ -27,11 +30,14 @@ use protocol::PathBytes;
 
 use super::*;
 
+/// The most seed runs before one batch; the other moves are sent plainly.
+pub(super) const MAX_SEEDS: usize = 32;
+
 /// One seed run: the transfer from `dir` (root-relative) on both sides.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Seed {
     pub(super) dir: PathBytes,
-    /// `--link-dest`, relative to `dir` on the target.
+    /// `--copy-dest`, relative to `dir` on the target.
     pub(super) basis: Option<String>,
     /// Moved files: their names in `dir`. Empty: `dir` is a moved directory, whole.
     pub(super) names: Vec<PathBytes>,
@@ -125,7 +131,7 @@ impl Runner {
             return sent;
         }
         let dest = self.target.destination(root);
-        for seed in seeds(work) {
+        for seed in seeds(work).into_iter().take(MAX_SEEDS) {
             let Ok(dir) = std::str::from_utf8(seed.dir.as_bytes()) else {
                 continue;
             };
@@ -159,8 +165,13 @@ impl Runner {
             let started = std::time::Instant::now();
             let result = self.rsync(mode, &rules, &src, &dest, &list, tick, None);
             tracing::debug!(target = %self.target.name, root, dir = %seed.dir, basis = ?seed.basis, files = seed.names.len(), outcome = ?result.outcome, duration_ms = started.elapsed().as_millis() as u64, "move seeded");
-            if result.outcome == Outcome::Success {
-                sent.extend(seed.names.iter().map(|n| seed.dir.join(n.as_bytes())));
+            match result.outcome {
+                Outcome::Success => {
+                    sent.extend(seed.names.iter().map(|n| seed.dir.join(n.as_bytes())))
+                }
+                Outcome::Partial => {}
+                // The target is down or refuses: the batch's own run finds out.
+                Outcome::Retry | Outcome::Fatal => break,
             }
         }
         sent

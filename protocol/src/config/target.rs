@@ -246,16 +246,19 @@ impl Validator<'_> {
                 );
             }
         }
-        let hard_links = raw.hard_links.as_ref().is_some_and(|h| *h.get_ref())
-            || raw
-                .extra_args
-                .iter()
-                .any(|a| a.get_ref() == "-H" || a.get_ref() == "--hard-links");
-        if let (true, Some(h)) = (two_way && hard_links, &raw.hard_links) {
+        let h_arg = raw.extra_args.iter().find(|a| asks_hard_links(a.get_ref()));
+        let hard_links = raw.hard_links.as_ref().is_some_and(|h| *h.get_ref()) || h_arg.is_some();
+        if two_way && hard_links {
+            let (span, key) = match (&raw.hard_links, h_arg) {
+                (Some(h), _) if *h.get_ref() => (h.span(), k("hard_links")),
+                (_, Some(a)) => (a.span(), k("extra_args")),
+                (Some(h), None) => (h.span(), k("hard_links")),
+                (None, None) => unreachable!("hard_links is set by one of them"),
+            };
             self.error(
-                h.span(),
-                k("hard_links"),
-                "not for two-way targets (their runs write through the peer's temp and backup dirs, which break links)",
+                span,
+                key,
+                "hard links are not kept on two-way targets (their runs write through the peer's temp and backup dirs, which break links)",
             );
         }
         Some(Target {
@@ -398,6 +401,21 @@ pub(super) fn check_password_file(path: &Path) -> Result<(), String> {
 /// rsync options that change what a run means: with them a run can exit 0 while the
 /// target does not hold what the source holds (or the source loses files), so status
 /// would say OK over a diverged mirror. Returns the option as written and why.
+/// Whether an `extra_args` word asks rsync to keep hard links: `--hard-links`, or `H`
+/// in a cluster of short options (`-aH`, `-aHAX`) before any option that takes a value.
+fn asks_hard_links(arg: &str) -> bool {
+    if arg == "--hard-links" {
+        return true;
+    }
+    let Some(cluster) = arg.strip_prefix('-').filter(|c| !c.starts_with('-')) else {
+        return false;
+    };
+    cluster
+        .chars()
+        .take_while(|c| !"BefTM@".contains(*c))
+        .any(|c| c == 'H')
+}
+
 fn changes_meaning(arg: &str) -> Option<(&str, &'static str)> {
     const LONG: &[(&str, &str)] = &[
         ("--dry-run", "nothing is written"),

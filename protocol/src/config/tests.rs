@@ -475,10 +475,16 @@ fn hard_links_are_kept_on_request_or_by_h_in_extra_args_and_only_for_one_way_rsy
     assert!(on("hard_links = true\n"));
     assert!(on("extra_args = [\"-H\"]\n"));
     assert!(on("extra_args = [\"--hard-links\"]\n"));
+    assert!(on("extra_args = [\"-aHAX\"]\n"));
+    assert!(!on("extra_args = [\"-T/tmp/H\"]\n"));
     let keys = |text: &str| -> Vec<String> { f.errors(text).into_iter().map(|e| e.key).collect() };
     assert_eq!(
         keys(&target("two_way = true\nhard_links = true\n")),
         ["target[0].hard_links"]
+    );
+    assert_eq!(
+        keys(&target("two_way = true\nextra_args = [\"-aH\"]\n")),
+        ["target[0].extra_args"]
     );
     assert_eq!(
         keys(&format!(
