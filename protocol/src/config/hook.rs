@@ -51,22 +51,7 @@ impl Validator<'_> {
                 }
             }
         }
-        let rsync_only = [
-            raw.password_file
-                .as_ref()
-                .map(|p| ("password_file", p.span())),
-            raw.bwlimit.as_ref().map(|p| ("bwlimit", p.span())),
-            raw.extra_args.first().map(|p| ("extra_args", p.span())),
-            raw.port.as_ref().map(|p| ("port", p.span())),
-            raw.identity_file
-                .as_ref()
-                .map(|p| ("identity_file", p.span())),
-            raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
-            raw.two_way.as_ref().map(|p| ("two_way", p.span())),
-            raw.losers.as_ref().map(|p| ("losers", p.span())),
-            raw.hard_links.as_ref().map(|p| ("hard_links", p.span())),
-        ];
-        for (key, span) in rsync_only.into_iter().flatten() {
+        for (key, span) in raw.rsync_only_keys() {
             self.error(span, k(key), "not for command targets");
         }
         let (as_args, each) = match raw.paths.as_ref().map(|p| p.get_ref().as_str()) {
@@ -225,23 +210,8 @@ impl Validator<'_> {
             }
             path
         });
-        let not_here = [
-            raw.password_file
-                .as_ref()
-                .map(|p| ("password_file", p.span())),
-            raw.bwlimit.as_ref().map(|p| ("bwlimit", p.span())),
-            raw.extra_args.first().map(|p| ("extra_args", p.span())),
-            raw.port.as_ref().map(|p| ("port", p.span())),
-            raw.identity_file
-                .as_ref()
-                .map(|p| ("identity_file", p.span())),
-            raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
-            raw.two_way.as_ref().map(|p| ("two_way", p.span())),
-            raw.losers.as_ref().map(|p| ("losers", p.span())),
-            raw.hard_links.as_ref().map(|p| ("hard_links", p.span())),
-            raw.paths.as_ref().map(|p| ("paths", p.span())),
-        ];
-        for (key, span) in not_here.into_iter().flatten() {
+        let paths = raw.paths.as_ref().map(|p| ("paths", p.span()));
+        for (key, span) in raw.rsync_only_keys().into_iter().chain(paths) {
             self.error(span, k(key), "not for webhook targets");
         }
         let method = raw

@@ -117,3 +117,29 @@ pub(super) struct RawTarget {
 pub(super) fn yes() -> bool {
     true
 }
+
+impl RawTarget {
+    /// The keys only rsync targets take that this table sets, with where they stand:
+    /// the other kinds refuse each of them.
+    pub(super) fn rsync_only_keys(&self) -> Vec<(&'static str, std::ops::Range<usize>)> {
+        let raw = self;
+        [
+            raw.password_file
+                .as_ref()
+                .map(|p| ("password_file", p.span())),
+            raw.bwlimit.as_ref().map(|p| ("bwlimit", p.span())),
+            raw.extra_args.first().map(|p| ("extra_args", p.span())),
+            raw.port.as_ref().map(|p| ("port", p.span())),
+            raw.identity_file
+                .as_ref()
+                .map(|p| ("identity_file", p.span())),
+            raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
+            raw.two_way.as_ref().map(|p| ("two_way", p.span())),
+            raw.losers.as_ref().map(|p| ("losers", p.span())),
+            raw.hard_links.as_ref().map(|p| ("hard_links", p.span())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}

@@ -94,19 +94,6 @@ impl Validator<'_> {
             }
         };
         let not_here = [
-            raw.password_file
-                .as_ref()
-                .map(|p| ("password_file", p.span())),
-            raw.bwlimit.as_ref().map(|p| ("bwlimit", p.span())),
-            raw.extra_args.first().map(|p| ("extra_args", p.span())),
-            raw.port.as_ref().map(|p| ("port", p.span())),
-            raw.identity_file
-                .as_ref()
-                .map(|p| ("identity_file", p.span())),
-            raw.ssh_options.first().map(|p| ("ssh_options", p.span())),
-            raw.two_way.as_ref().map(|p| ("two_way", p.span())),
-            raw.losers.as_ref().map(|p| ("losers", p.span())),
-            raw.hard_links.as_ref().map(|p| ("hard_links", p.span())),
             raw.paths.as_ref().map(|p| ("paths", p.span())),
             raw.header_file.as_ref().map(|p| ("header_file", p.span())),
             raw.method.as_ref().map(|p| ("method", p.span())),
@@ -114,7 +101,11 @@ impl Validator<'_> {
                 .as_ref()
                 .map(|p| ("cdn_base_url", p.span())),
         ];
-        for (key, span) in not_here.into_iter().flatten() {
+        let not_here = raw
+            .rsync_only_keys()
+            .into_iter()
+            .chain(not_here.into_iter().flatten());
+        for (key, span) in not_here {
             self.error(span, k(key), "not for tcp targets");
         }
         let on_failure: OnFailure = self.on_failure(i, raw);
