@@ -47,7 +47,11 @@ fn a_file_written_for_seconds_arrives_whole_in_few_runs_and_one_written_once_alo
     m.wait_for("the whole file on the target", CONVERGE, || {
         (fs::read(&dst).ok()? == want).then_some(())
     });
-    let log = m.daemons[0].log_text();
+    // The last copy's line is logged when its run ends, maybe after it is in place.
+    let log = m.wait_for("hot.bin in the transfer log", CONVERGE, || {
+        let log = m.daemons[0].log_text();
+        (received(&log, "hot.bin") > 0).then_some(log)
+    });
     let runs = received(&log, "hot.bin");
     eprintln!("hot.bin went {runs} times");
     assert!(
@@ -61,5 +65,9 @@ fn a_file_written_for_seconds_arrives_whole_in_few_runs_and_one_written_once_alo
         (fs::read_to_string(m.dsts[0].join("once.txt")).ok()? == "once\n").then_some(())
     });
     m.converge();
+    // Its transfer is logged when its run ends, maybe just after the file is in place.
+    m.wait_for("once.txt in the transfer log", CONVERGE, || {
+        (received(&m.daemons[0].log_text(), "once.txt") > 0).then_some(())
+    });
     assert_eq!(received(&m.daemons[0].log_text(), "once.txt"), 1);
 }
