@@ -352,12 +352,20 @@ fn a_path_that_cannot_be_sent_is_named_and_does_not_fail_the_target() {
     for i in 0..20 {
         fs::write(m.s(&format!("ok/f{i}")), format!("{i}")).unwrap();
     }
-    let r = m.wait_for("status to name the path", CONVERGE, || {
-        let (code, r) = crate::status::status(&m);
-        let named = r["problems"]
-            .to_string()
-            .contains("cannot take r/ro/blocked");
-        (code == 1 && named).then_some(r)
+    let mut last = None;
+    let named = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        m.wait_for("status to name the path", CONVERGE, || {
+            let (code, r) = crate::status::status(&m);
+            let named = r["problems"]
+                .to_string()
+                .contains("cannot take r/ro/blocked");
+            last = Some((code, r.clone()));
+            (code == 1 && named).then_some(r)
+        })
+    }));
+    let r = named.unwrap_or_else(|e| {
+        eprintln!("--- the last status read ---\n{last:#?}");
+        std::panic::resume_unwind(e)
     });
     assert_eq!(r["targets"]["t0"]["failures"], 0, "{r:#}");
     // The rest of the batch (and of the batches after it) went.
