@@ -205,13 +205,14 @@ impl Work {
         self
     }
 
-    /// Keeps only the moves whose new place the work still sends as itself (a path
-    /// listed as existing, or a subtree compared on its own), so they stay as bounded
-    /// as what is owed.
+    /// Keeps only the moves whose new place the work still sends (a path listed as
+    /// existing, or one within a subtree compared), so they stay as bounded as what
+    /// is owed.
     fn prune_moves(&mut self) {
         let (paths, resyncs) = (&self.paths, &self.resyncs);
-        self.moves
-            .retain(|to, _| resyncs.contains(to) || paths.get(to).is_some_and(|t| !t.deleted));
+        self.moves.retain(|to, _| {
+            resyncs.iter().any(|s| to.is_within(s)) || paths.get(to).is_some_and(|t| !t.deleted)
+        });
     }
 
     fn covered(&self, path: &PathBytes) -> bool {

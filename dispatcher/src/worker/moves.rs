@@ -45,15 +45,19 @@ pub(super) struct Seed {
 
 /// The seeds of `work`: one per moved directory, and one per pair of new and old
 /// parent for moved files. Only moves whose new place the work sends: a file listed
-/// as existing, or a directory compared as a subtree of its own.
-pub(super) fn seeds(work: &Work) -> Vec<Seed> {
+/// as existing, a directory compared as a subtree of its own, or either within a
+/// subtree compared (`is_dir` tells which, from the source).
+pub(super) fn seeds(work: &Work, is_dir: impl Fn(&PathBytes) -> bool) -> Vec<Seed> {
     let mut out = Vec::new();
     let mut files: BTreeMap<(PathBytes, PathBytes), Vec<PathBytes>> = BTreeMap::new();
     for (to, from) in &work.moves {
         if to.is_root() || from.is_root() {
             continue;
         }
-        if work.resyncs.contains(to) {
+        let covered = work.resyncs.iter().any(|s| to.is_within(s));
+        let listed = work.paths.get(to).is_some_and(|t| !t.deleted);
+        // A directory moved into one made just before it is compared with that one.
+        if work.resyncs.contains(to) || (covered && !listed && is_dir(to)) {
             if let Some(basis) = relative(to, from) {
                 out.push(Seed {
                     dir: to.clone(),
@@ -61,7 +65,7 @@ pub(super) fn seeds(work: &Work) -> Vec<Seed> {
                     names: Vec::new(),
                 });
             }
-        } else if work.paths.get(to).is_some_and(|t| !t.deleted) {
+        } else if listed || covered {
             let key = (
                 to.parent().unwrap_or_default(),
                 from.parent().unwrap_or_default(),
@@ -131,7 +135,8 @@ impl Runner {
             return sent;
         }
         let dest = self.target.destination(root);
-        for seed in seeds(work).into_iter().take(MAX_SEEDS) {
+        let is_dir = |p: &PathBytes| p.under(&info.path).is_dir();
+        for seed in seeds(work, is_dir).into_iter().take(MAX_SEEDS) {
             let Ok(dir) = std::str::from_utf8(seed.dir.as_bytes()) else {
                 continue;
             };
@@ -222,17 +227,31 @@ mod tests {
         // A move whose new place is gone again is not seeded.
         w.touch(p("gone-again"), Touch::delete(1));
         w.moved(p("was"), p("gone-again"));
-        let got = seeds(&w);
-        assert_eq!(got.len(), 3, "{got:?}");
-        assert_eq!(got[0].dir, p("new/photos"));
-        assert_eq!(got[0].basis.as_deref(), Some("../../old/photos"));
-        assert!(got[0].names.is_empty());
-        assert_eq!(got[1].dir, p(""));
-        assert_eq!(got[1].basis, None, "same directory: --fuzzy finds it");
-        assert_eq!(names(&got[1]), ["big2.bin"]);
-        assert_eq!(got[2].dir, p("b"));
-        assert_eq!(got[2].basis.as_deref(), Some("../a"));
-        assert_eq!(names(&got[2]), ["x", "z"]);
+        // A directory and a file moved into a directory made just before.
+        w.resync(p("fresh"));
+        w.moved(p("albums"), p("fresh/albums"));
+        w.moved(p("notes.txt"), p("fresh/notes.txt"));
+        let got = seeds(&w, |d| d.as_bytes() == b"fresh/albums");
+        // (dir, basis, names), directories first.
+        let got: Vec<(String, Option<String>, Vec<String>)> = got
+            .iter()
+            .map(|s| (s.dir.to_string(), s.basis.clone(), names(s)))
+            .collect();
+        let seed = |dir: &str, basis: Option<&str>, names: &[&str]| {
+            let names = names.iter().map(|n| n.to_string()).collect();
+            (dir.to_string(), basis.map(String::from), names)
+        };
+        assert_eq!(
+            got,
+            [
+                seed("fresh/albums", Some("../../albums"), &[]),
+                seed("new/photos", Some("../../old/photos"), &[]),
+                // The same directory: --fuzzy finds the old name by itself.
+                seed(".", None, &["big2.bin"]),
+                seed("b", Some("../a"), &["x", "z"]),
+                seed("fresh", Some("../"), &["notes.txt"]),
+            ]
+        );
     }
 
     #[test]
