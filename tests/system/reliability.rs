@@ -333,6 +333,12 @@ fn a_path_that_cannot_be_sent_is_named_and_does_not_fail_the_target() {
     fs::create_dir_all(m.s("ro")).unwrap();
     fs::create_dir_all(m.s("ok")).unwrap();
     m.converge();
+    // The start compare may have made both directories before their own compares
+    // ran: once a file written after them arrives, those ran too (one run at a time).
+    fs::write(m.s("ok/settled"), "s").unwrap();
+    m.wait_for("the directories' own compares", CONVERGE, || {
+        m.dsts[0].join("ok/settled").exists().then_some(())
+    });
     let ro = m.dsts[0].join("ro");
     let mount = |args: &[&str]| {
         Command::new("mount")
@@ -379,8 +385,22 @@ fn a_path_that_cannot_be_sent_is_named_and_does_not_fail_the_target() {
     m.wait_for("later work", CONVERGE, || {
         fs::read(m.dsts[0].join("ok/later")).ok()
     });
+    // A new directory the target cannot take (a subtree compare ending with rsync's
+    // 23) is named too, and the target does not fail for it.
+    fs::create_dir(m.s("ro/newdir")).unwrap();
+    fs::write(m.s("ro/newdir/f"), "f").unwrap();
+    let r = m.wait_for("status to name the subtree", CONVERGE, || {
+        let (code, r) = crate::status::status(&m);
+        let named = r["problems"]
+            .to_string()
+            .contains("cannot take r/ro/newdir");
+        (code == 1 && named).then_some(r)
+    });
+    assert_eq!(r["targets"]["t0"]["failures"], 0, "{r:#}");
     drop(unmount);
+    // Each is sent again when it changes.
     fs::write(m.s("ro/blocked"), "b2").unwrap();
+    fs::write(m.s("ro/newdir/f"), "f2").unwrap();
     m.converge();
     m.wait_for("status OK once it was sent", CONVERGE, || {
         (crate::status::status(&m).0 == 0).then_some(())

@@ -523,8 +523,20 @@ impl Worker {
             return Some((work, r));
         }
         let mut tick = |wait: Duration| intake.wait(Some(wait));
-        // Moves first, while the target still holds the old places.
         let mut work = work;
+        // A change within a subtree the target could not take whole: compare that
+        // subtree again, not only the changed path.
+        let retake: Vec<PathBytes> = self
+            .unsendable
+            .keys()
+            .filter(|(r, s)| r == root && !s.is_root())
+            .filter(|(_, s)| work.paths.keys().any(|p| p != s && p.is_within(s)))
+            .map(|(_, s)| s.clone())
+            .collect();
+        for s in retake {
+            work.resync(s);
+        }
+        // Moves first, while the target still holds the old places.
         let seeded = self.live.seed_moves(root, info, &work, &mut tick);
         work.paths.retain(|p, _| !seeded.contains(p));
         for p in seeded {
@@ -535,7 +547,25 @@ impl Worker {
             let started = Instant::now();
             tracing::debug!(target = %self.target.name, root, paths = ?subtrees.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "subtree resync started");
             let result = self.live.resync(root, info, &subtrees, &[], &mut tick);
-            if result.outcome != Outcome::Success {
+            // Some paths could not be taken (rsync's 23): each subtree is compared alone,
+            // and one that still cannot be taken whole (a read-only directory on the
+            // target) is named in the status instead of failing the target for ever;
+            // the rest of it went, and it is compared again when it changes.
+            let mut partial: BTreeMap<PathBytes, String> = BTreeMap::new();
+            if result.outcome == Outcome::Partial && !self.live.is_hook() {
+                for s in &subtrees {
+                    let alone =
+                        self.live
+                            .resync(root, info, std::slice::from_ref(s), &[], &mut tick);
+                    match alone.outcome {
+                        Outcome::Success => {}
+                        Outcome::Partial => {
+                            partial.insert(s.clone(), alone.error);
+                        }
+                        Outcome::Retry | Outcome::Fatal => return Some((work, alone)),
+                    }
+                }
+            } else if result.outcome != Outcome::Success {
                 return Some((work, result));
             }
             self.unsendable.retain(|(r, p), _| {
@@ -544,6 +574,10 @@ impl Worker {
                         .iter()
                         .any(|s| s == p || p.ancestors().any(|a| a == s.as_bytes()))
             });
+            for (s, why) in partial {
+                tracing::warn!(target = %self.target.name, root, path = %s, error = %why, "cannot take all of this subtree, even alone; the rest went, and it is compared again when it changes");
+                self.unsendable.insert((root.to_string(), s), why);
+            }
             tracing::debug!(target = %self.target.name, root, duration_ms = started.elapsed().as_millis() as u64, "subtree resync finished");
         }
         if !work.paths.is_empty() {
