@@ -9,6 +9,34 @@ use super::target::check_password_file;
 use super::validate::Validator;
 use super::*;
 
+/// A target that takes paths, not data (command, webhook, tcp): none of an rsync
+/// target's own settings apply to it.
+pub(super) fn path_target(
+    name: String,
+    endpoint: Endpoint,
+    roots: Vec<String>,
+    raw: &RawTarget,
+    on_failure: OnFailure,
+) -> Target {
+    Target {
+        name,
+        on_failure,
+        endpoint,
+        roots,
+        timeout: raw
+            .timeout
+            .as_ref()
+            .map(|t| *t.get_ref())
+            .unwrap_or(DEFAULT_TIMEOUT_S),
+        bwlimit: None,
+        extra_args: Vec::new(),
+        two_way: false,
+        conflict_copies: false,
+        allow_wipe: raw.allow_wipe,
+        hard_links: false,
+    }
+}
+
 impl Validator<'_> {
     /// A `command = [...]` target: the program must exist; rsync's own keys are errors.
     pub(super) fn command_target(
@@ -72,10 +100,9 @@ impl Validator<'_> {
         };
         let on_failure = self.on_failure(i, raw);
         let (include, exclude, after) = self.hook_keys(i, raw, kinds);
-        Some(Target {
+        Some(path_target(
             name,
-            on_failure,
-            endpoint: Endpoint::Command {
+            Endpoint::Command {
                 argv,
                 as_args,
                 each,
@@ -83,19 +110,10 @@ impl Validator<'_> {
                 exclude,
                 after,
             },
-            roots: bound,
-            timeout: raw
-                .timeout
-                .as_ref()
-                .map(|t| *t.get_ref())
-                .unwrap_or(DEFAULT_TIMEOUT_S),
-            bwlimit: None,
-            extra_args: Vec::new(),
-            two_way: false,
-            conflict_copies: false,
-            allow_wipe: raw.allow_wipe,
-            hard_links: false,
-        })
+            bound,
+            raw,
+            on_failure,
+        ))
     }
 
     /// `include`, `exclude` and `after` of a command or webhook target.
@@ -251,10 +269,9 @@ impl Validator<'_> {
         }
         let on_failure = self.on_failure(i, raw);
         let (include, exclude, after) = self.hook_keys(i, raw, kinds);
-        Some(Target {
+        Some(path_target(
             name,
-            on_failure,
-            endpoint: Endpoint::Http {
+            Endpoint::Http {
                 method,
                 base_url,
                 url: u.clone(),
@@ -263,18 +280,9 @@ impl Validator<'_> {
                 exclude,
                 after,
             },
-            roots: bound,
-            timeout: raw
-                .timeout
-                .as_ref()
-                .map(|t| *t.get_ref())
-                .unwrap_or(DEFAULT_TIMEOUT_S),
-            bwlimit: None,
-            extra_args: Vec::new(),
-            two_way: false,
-            conflict_copies: false,
-            allow_wipe: raw.allow_wipe,
-            hard_links: false,
-        })
+            bound,
+            raw,
+            on_failure,
+        ))
     }
 }

@@ -4,9 +4,10 @@
 
 use toml::Spanned;
 
+use super::hook::path_target;
 use super::raw::RawTarget;
 use super::validate::Validator;
-use super::{Endpoint, OnFailure, Target, DEFAULT_TIMEOUT_S};
+use super::{Endpoint, OnFailure, Target};
 
 /// How a tcp target's records are framed on the connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -110,29 +111,19 @@ impl Validator<'_> {
         }
         let on_failure: OnFailure = self.on_failure(i, raw);
         let (include, exclude, after) = self.hook_keys(i, raw, kinds);
-        Some(Target {
+        Some(path_target(
             name,
-            on_failure,
-            endpoint: Endpoint::Tcp {
+            Endpoint::Tcp {
                 addr,
                 framing,
                 include,
                 exclude,
                 after,
             },
-            roots: bound,
-            timeout: raw
-                .timeout
-                .as_ref()
-                .map(|t| *t.get_ref())
-                .unwrap_or(DEFAULT_TIMEOUT_S),
-            bwlimit: None,
-            extra_args: Vec::new(),
-            two_way: false,
-            conflict_copies: false,
-            allow_wipe: raw.allow_wipe,
-            hard_links: false,
-        })
+            bound,
+            raw,
+            on_failure,
+        ))
     }
 }
 
