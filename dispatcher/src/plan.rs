@@ -88,9 +88,9 @@ pub(crate) fn incremental_entries(
 /// The `--files-from=- --from0` input: `./path\0` per entry. The `./` is required:
 /// rsync silently skips entries starting with `#` or `;` as comments, even with
 /// `--from0`.
-pub(crate) fn files_from(entries: &BTreeMap<PathBytes, Touch>) -> Vec<u8> {
+pub(crate) fn files_from<'a>(paths: impl IntoIterator<Item = &'a PathBytes>) -> Vec<u8> {
     let mut out = Vec::new();
-    for p in entries.keys() {
+    for p in paths {
         out.extend_from_slice(b"./");
         out.extend_from_slice(p.as_bytes());
         out.push(0);
@@ -180,7 +180,7 @@ mod tests {
                 ("keep/sub/x".into(), true),
             ]
         );
-        let list = files_from(&incremental_entries(d.path(), &paths));
+        let list = files_from(incremental_entries(d.path(), &paths).keys());
         assert!(list.starts_with(b"./dangling\0./gone\0./here\0"));
     }
 

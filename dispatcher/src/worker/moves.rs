@@ -157,12 +157,7 @@ impl Runner {
                 BTreeSet::new()
             };
             let rules = ::rsync::exclude_rules(&info.rules, &excluded);
-            let mut list = Vec::new();
-            for n in &seed.names {
-                list.extend_from_slice(b"./");
-                list.extend_from_slice(n.as_bytes());
-                list.push(0);
-            }
+            let list = crate::plan::files_from(&seed.names);
             let mode = Mode::Seed {
                 basis: seed.basis.clone(),
                 list: !seed.names.is_empty(),

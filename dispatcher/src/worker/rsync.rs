@@ -256,7 +256,7 @@ impl Runner {
         // Nothing is sent whole here (new directories are subtree resyncs), so the
         // globs are all the rules an incremental run needs.
         let rules = ::rsync::exclude_rules(&info.rules, &Default::default());
-        let list = plan::files_from(&entries);
+        let list = plan::files_from(entries.keys());
         let dest = self.target.destination(root);
         let pushed = self.rsync(
             Mode::Incremental,
@@ -282,7 +282,7 @@ impl Runner {
             return pushed;
         }
         tracing::debug!(target = %self.target.name, root, files = old.len(), "fetching what may be newer on the peer");
-        let list = plan::files_from(&old);
+        let list = plan::files_from(old.keys());
         self.rsync(Mode::Pull, &rules, &info.path, &dest, &list, tick, None)
     }
 
@@ -436,7 +436,7 @@ impl Runner {
             b"",
             scratch.path(),
             dest,
-            &plan::files_from(&entries),
+            &plan::files_from(entries.keys()),
             tick,
             None,
         )

@@ -205,7 +205,7 @@ impl Runner {
             rules,
             src,
             dest,
-            &plan::files_from(&wanted),
+            &plan::files_from(wanted.keys()),
             tick,
             None,
         )
