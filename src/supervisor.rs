@@ -34,7 +34,7 @@ mod held;
 mod reload;
 mod staged;
 
-use checkpoint::take_checkpoint;
+use checkpoint::{take_checkpoint, CrashCheckpoint};
 pub(crate) use demo::demo;
 use held::Held;
 use reload::sections;
@@ -213,6 +213,7 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
             protocol::now_us(),
         ))),
         service: crate::service::Service::new(),
+        crash: CrashCheckpoint::new(config),
         config: config.clone(),
     };
     // What a killed run left there is not about this one.
@@ -241,6 +242,8 @@ struct Supervisor {
     board: Arc<Mutex<StageStatus>>,
     /// What systemd learns: ready, alive, the health in one line.
     service: crate::service::Service,
+    /// The checkpoint kept while running, for a start after a crash.
+    crash: CrashCheckpoint,
     /// The config the running stages were started with.
     config: Config,
 }
@@ -250,6 +253,7 @@ impl Supervisor {
         loop {
             self.start_due();
             self.post_status();
+            self.record_crash_checkpoint();
             self.service.tick(&self.config, &START_ORDER);
             let mut pfd = libc::pollfd {
                 fd: shutdown.fd(),

@@ -70,9 +70,13 @@ pub(crate) fn forward_deliveries(
         changes.extend(d.resyncs.into_iter().map(|r| change(Op::Resync, r, 0)));
         let changes = Arc::new(changes);
         for (_, s) in served {
+            // A hook follows deliveries, not the change stream: it vouches for no
+            // time, so `syncbus run` keeps no crash checkpoint beside hooks.
             let _ = s.tx.send(Job::Changes {
                 root: root.clone(),
                 changes: changes.clone(),
+                floor_us: 0,
+                safe_us: 0,
             });
         }
     }

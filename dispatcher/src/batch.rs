@@ -57,13 +57,38 @@ impl Batcher {
                     work.touch(change.path.clone(), Touch::upsert(change.since_us));
                 }
             }
-            Op::Resync => work.resync(change.path.clone()),
+            Op::Resync => {
+                if change.path.is_root() {
+                    // The watcher (or filter) could not vouch for the root.
+                    work.hold_back(Some(0));
+                }
+                work.resync(change.path.clone())
+            }
         }
     }
 
-    /// Asks for a full comparison of `subtree` of `root` (the root when empty).
+    /// Asks for a full comparison of `subtree` of `root` (the root when empty); a
+    /// whole-root one vouches for nothing until it is done ([`Work::floor_us`]).
     pub(crate) fn resync(&mut self, root: &str, subtree: PathBytes) {
-        self.work(root).resync(subtree);
+        let work = self.work(root);
+        if subtree.is_root() {
+            work.hold_back(Some(0));
+        }
+        work.resync(subtree);
+    }
+
+    /// Holds the crash checkpoint back to `floor_us` while `root`'s work is pending.
+    pub(crate) fn hold_back(&mut self, root: &str, floor_us: u64) {
+        self.work(root).hold_back(Some(floor_us));
+    }
+
+    /// How far back the pending work holds the crash checkpoint ([`Work::floor_us`]).
+    pub(crate) fn floor_us(&self) -> Option<u64> {
+        self.roots
+            .values()
+            .filter(|w| !w.is_empty())
+            .filter_map(|w| w.floor_us)
+            .min()
     }
 
     /// Puts back work that failed, merged with whatever arrived since.
@@ -301,5 +326,43 @@ mod tests {
         assert!(w.since_us == 0 && w.paths.values().all(|t| t.since_us == 0));
         b.merge("q", w);
         assert_eq!(b.oldest_us(), 20);
+    }
+
+    /// The crash checkpoint: pending work holds it back to the oldest floor it was
+    /// given, through failures merged back; a whole-root compare holds it at 0 (it
+    /// vouches for nothing until done), and work from the journal holds nothing back.
+    #[test]
+    fn pending_work_holds_the_crash_checkpoint_back_to_its_oldest_floor() {
+        let mut b = Batcher::new();
+        assert_eq!(b.floor_us(), None);
+        b.push("r", &up("a"));
+        b.hold_back("r", 300);
+        b.push("q", &up("x"));
+        b.hold_back("q", 200);
+        assert_eq!(b.floor_us(), Some(200));
+        let taken = b.take_where(|r| r == "q").unwrap();
+        assert_eq!(
+            b.floor_us(),
+            Some(300),
+            "a run's work is out of these books"
+        );
+        // The run failed and the retrier was unreachable: it comes back, floor and all.
+        b.merge("q", taken.roots["q"].clone());
+        assert_eq!(b.floor_us(), Some(200));
+        b.take().unwrap();
+        // From the journal: on disk already.
+        let mut journalled = Work::default();
+        journalled.touch("j".into(), Touch::upsert(5));
+        b.merge("r", journalled);
+        assert_eq!(b.floor_us(), None);
+        b.resync("r", PathBytes::root());
+        assert_eq!(b.floor_us(), Some(0));
+        b.take().unwrap();
+        b.push("r", &resync(""));
+        assert_eq!(
+            b.floor_us(),
+            Some(0),
+            "the watcher could not vouch for the root"
+        );
     }
 }

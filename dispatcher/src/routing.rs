@@ -107,19 +107,9 @@ impl Routing {
                     reporter: reporter(&t.name)?,
                 },
             );
-            let is_hook = matches!(
-                &t.endpoint,
-                protocol::config::Endpoint::Command { after, .. }
-                | protocol::config::Endpoint::Http { after, .. }
-                | protocol::config::Endpoint::Tcp { after, .. } if !after.is_empty()
-            );
+            let after = t.follows();
+            let is_hook = !after.is_empty();
             stops.push((is_hook, tx.clone()));
-            let after = match &t.endpoint {
-                protocol::config::Endpoint::Command { after, .. }
-                | protocol::config::Endpoint::Http { after, .. }
-                | protocol::config::Endpoint::Tcp { after, .. } => after.clone(),
-                _ => Vec::new(),
-            };
             if after.is_empty() {
                 for r in &t.roots {
                     routes.entry(r.clone()).or_default().push(Served {
@@ -129,7 +119,7 @@ impl Routing {
                 }
             }
             for a in after {
-                hooks.entry(a).or_default().push((
+                hooks.entry(a.clone()).or_default().push((
                     t.roots.clone(),
                     Served {
                         target: t.name.clone(),

@@ -89,16 +89,15 @@ pub fn run(
 
     let mut trackers: HashMap<String, SeqTracker> = HashMap::new();
     let mut hook_trackers: HashMap<String, SeqTracker> = HashMap::new();
-    let mut starts = Starts {
-        deferred: HashMap::new(),
-        catch_up: catch_up_since()
+    let mut starts = Starts::new(
+        catch_up_since()
             .map(|t| routing.routes.keys().map(|r| (r.clone(), t)).collect())
             .unwrap_or_default(),
-    };
+    );
     if let Some(t) = catch_up_since() {
         tracing::info!(
             since_us = t,
-            "syncbus stopped cleanly before: the start compares only what changed since"
+            "checkpoint handed over: the start compares only what changed since"
         );
     }
     // An error ends the loop but not the stage's duty: the drain below still runs.

@@ -2,7 +2,7 @@
 //! sequence numbers checked, and anything but the next in-order message of a root
 //! answered with a compare of that root.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,7 @@ pub(crate) fn handle(
     if batch.changes.iter().any(whole) {
         // A fresh compare of the whole root is on its way: it covers a waiting one.
         starts.deferred.remove(root);
+        starts.started.insert(root.clone());
         if starts.catch_up.contains_key(root) {
             // The watcher's start resync after a clean stop: a catch-up will do.
             batch.changes.retain(|c| !whole(c));
@@ -100,6 +101,7 @@ pub(crate) fn handle(
         }
     } else if matches!(seen, Seen::Gap { .. } | Seen::NewEpoch) {
         starts.deferred.remove(root);
+        starts.started.insert(root.clone());
         dispatch(
             root,
             Job::Resync {
@@ -108,14 +110,21 @@ pub(crate) fn handle(
             routes,
         )?;
     }
-    if !batch.changes.is_empty() {
-        let job = Job::Changes {
-            root: shared,
-            changes: Arc::new(batch.changes),
-        };
-        dispatch(root, job, routes)?;
-    }
-    Ok(())
+    // Heartbeats too: they move the workers' crash checkpoint on.
+    let floor_us = starts.safe.insert(root.clone(), batch.safe_us).unwrap_or(0);
+    let job = Job::Changes {
+        root: shared,
+        changes: Arc::new(batch.changes),
+        floor_us,
+        // Nothing is vouched for before the root's start compare was asked for: the
+        // changes made while syncbus was down are its.
+        safe_us: if starts.started.contains(root) {
+            batch.safe_us
+        } else {
+            0
+        },
+    };
+    dispatch(root, job, routes)
 }
 
 /// How each root's first compare after start is done.
@@ -125,11 +134,27 @@ pub(crate) struct Starts {
     /// Roots whose first compare may be a catch-up: `syncbus run` stopped cleanly at
     /// this checkpoint before, with every change up to it delivered or journalled.
     pub(crate) catch_up: HashMap<String, u64>,
+    /// Roots whose start compare was asked for (a catch-up, or a whole-root compare
+    /// in the stream or of our own): only then does their `safe_us` go to the workers.
+    pub(crate) started: HashSet<String>,
+    /// The `safe_us` of each root's last message.
+    pub(crate) safe: HashMap<String, u64>,
 }
 
 impl Starts {
+    /// `catch_up`: the checkpoint `syncbus run` handed over, for every root served.
+    pub(crate) fn new(catch_up: HashMap<String, u64>) -> Starts {
+        Starts {
+            deferred: HashMap::new(),
+            catch_up,
+            started: HashSet::new(),
+            safe: HashMap::new(),
+        }
+    }
+
     /// Like [`Starts::start_job`], without using up the catch-up.
-    pub(crate) fn peek_job(&self, root: &str) -> Job {
+    pub(crate) fn peek_job(&mut self, root: &str) -> Job {
+        self.started.insert(root.to_string());
         match self.catch_up.get(root) {
             Some(&since_us) => Job::CatchUp {
                 root: root.into(),
@@ -179,14 +204,27 @@ mod tests {
     use std::sync::mpsc;
 
     fn batch(seq: u64, epoch: u64, changes: Vec<Change>) -> Vec<u8> {
+        said(seq, epoch, changes, 0)
+    }
+
+    /// A message saying `safe_us`.
+    fn said(seq: u64, epoch: u64, changes: Vec<Change>, safe_us: u64) -> Vec<u8> {
         wire::encode(&ChangeBatch {
             version: wire::VERSION,
             epoch,
             seq,
             root: "r".into(),
             time_us: 0,
+            safe_us,
             changes,
         })
+    }
+
+    /// The jobs queued for the worker, heartbeats left out.
+    fn taken(rx: &mpsc::Receiver<Job>) -> Vec<Job> {
+        rx.try_iter()
+            .filter(|j| !matches!(j, Job::Changes { changes, .. } if changes.is_empty()))
+            .collect()
     }
 
     fn change(op: Op, path: &str) -> Change {
@@ -217,10 +255,7 @@ mod tests {
             [(wire::changes_topic("r").into_bytes(), "r".to_string())].into();
         let topic = wire::changes_topic("r").into_bytes();
         let mut trackers = HashMap::new();
-        let mut starts = Starts {
-            deferred: HashMap::new(),
-            catch_up: HashMap::new(),
-        };
+        let mut starts = Starts::new(HashMap::new());
         let mut feed = |payload: Vec<u8>| {
             handle(
                 &topic,
@@ -231,8 +266,7 @@ mod tests {
                 &routes,
             )
             .unwrap();
-            let jobs: Vec<Job> = rx.try_iter().collect();
-            (jobs, starts.deferred.contains_key("r"))
+            (taken(&rx), starts.deferred.contains_key("r"))
         };
         let (jobs, waiting) = feed(batch(1, 1, vec![]));
         assert!(
@@ -250,10 +284,7 @@ mod tests {
         );
         // Joining late (first seq above 1): the start resync may have been missed.
         let mut trackers = HashMap::new();
-        let mut starts = Starts {
-            deferred: HashMap::new(),
-            catch_up: HashMap::new(),
-        };
+        let mut starts = Starts::new(HashMap::new());
         let payload = batch(3, 2, vec![]);
         handle(
             &topic,
@@ -264,8 +295,72 @@ mod tests {
             &routes,
         )
         .unwrap();
-        let jobs: Vec<Job> = rx.try_iter().collect();
+        let jobs = taken(&rx);
         assert!(matches!(&jobs[..], [Job::Resync { .. }]), "{jobs:?}");
         assert!(starts.deferred.is_empty());
+    }
+
+    /// What the workers hear of a root's `safe_us` (the crash checkpoint): nothing
+    /// before its start compare was asked for, since the changes made while syncbus was
+    /// down are that compare's; then each message's, with the changes it carries dated
+    /// by the message before.
+    #[test]
+    fn a_roots_say_reaches_the_workers_only_once_its_start_compare_was_asked_for() {
+        let (tx, rx) = mpsc::channel();
+        let routes = HashMap::from([(
+            "r".to_string(),
+            vec![Served {
+                target: "t".into(),
+                tx,
+            }],
+        )]);
+        let topic = wire::changes_topic("r").into_bytes();
+        let topics: HashMap<Vec<u8>, String> = [(topic.clone(), "r".to_string())].into();
+        let mut trackers = HashMap::new();
+        let mut starts = Starts::new(HashMap::from([("r".to_string(), 50)]));
+        let mut feed = |payload: Vec<u8>| {
+            handle(
+                &topic,
+                &payload,
+                &topics,
+                &mut trackers,
+                &mut starts,
+                &routes,
+            )
+            .unwrap();
+            rx.try_iter()
+                .map(|j| match j {
+                    Job::Changes {
+                        changes,
+                        floor_us,
+                        safe_us,
+                        ..
+                    } => format!("changes {} floor {floor_us} safe {safe_us}", changes.len()),
+                    Job::CatchUp { since_us, .. } => format!("catch-up {since_us}"),
+                    other => format!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(feed(said(1, 1, vec![], 100)), ["changes 0 floor 0 safe 0"]);
+        assert_eq!(
+            feed(said(2, 1, vec![change(Op::Upsert, "a")], 200)),
+            ["changes 1 floor 100 safe 0"],
+            "the start compare is still waiting for the watcher's"
+        );
+        // The watcher's start resync after a clean stop: a catch-up from the
+        // checkpoint, which holds the workers' say back until it is done.
+        assert_eq!(
+            feed(said(
+                3,
+                1,
+                vec![change(Op::Resync, ""), change(Op::Upsert, "b")],
+                300
+            )),
+            ["catch-up 50", "changes 1 floor 200 safe 300"]
+        );
+        assert_eq!(
+            feed(said(4, 1, vec![], 400)),
+            ["changes 0 floor 300 safe 400"]
+        );
     }
 }

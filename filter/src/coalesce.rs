@@ -528,6 +528,26 @@ impl Coalescer {
         })
     }
 
+    /// The `since_us` of the oldest change held, per root holding any (the filter's
+    /// part of the crash checkpoint, `watermark.rs`).
+    pub(crate) fn oldest_held(&self) -> HashMap<&str, u64> {
+        let mut out: HashMap<&str, u64> = HashMap::new();
+        let held = self
+            .entries
+            .iter()
+            .map(|((root, _), e)| (root.as_str(), e.since_us))
+            .chain(
+                self.resyncs
+                    .iter()
+                    .map(|(root, c)| (root.as_str(), c.since_us)),
+            );
+        for (root, since) in held {
+            let t = out.entry(root).or_insert(since);
+            *t = (*t).min(since);
+        }
+        out
+    }
+
     /// When `pop_ready` will next have something to return.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         if !self.resyncs.is_empty() {

@@ -20,6 +20,7 @@ use protocol::PathBytes;
 
 use crate::coalesce::{Coalescer, Timing};
 use crate::two_way::TwoWay;
+use crate::watermark::Vouched;
 
 /// Watchers remembered for gap detection.
 const MAX_WATCHERS: usize = 16;
@@ -117,6 +118,7 @@ pub(crate) struct Filter {
     watchers: Vec<(u64, SeqTracker)>,
     stability: Stability,
     two_way: TwoWay,
+    vouched: Vouched,
 }
 
 /// One root's config and what the filter has learnt about its directories.
@@ -192,11 +194,14 @@ impl Filter {
             watchers: Vec::new(),
             stability: Stability::default(),
             two_way: TwoWay::default(),
+            vouched: Vouched::default(),
         }
     }
 
     /// Takes one batch from a watcher.
     pub(crate) fn push_batch(&mut self, batch: &RawBatch, now: Instant) {
+        let returning = self.watchers.iter().any(|(e, _)| *e == batch.epoch);
+        self.vouched.take(batch, returning);
         let seen = self.observe(batch.epoch, batch.seq);
         if seen.lost_something() {
             tracing::warn!(
@@ -340,6 +345,13 @@ impl Filter {
             .collect()
     }
 
+    /// What each root's next message says in `safe_us` (`watermark.rs`).
+    pub(crate) fn safe_us(&mut self) -> HashMap<String, u64> {
+        let roots = self.root_names();
+        let held = self.coalescer.oldest_held();
+        self.vouched.safe_us(&roots, &held)
+    }
+
     /// Everything held, at once (the drain at a stop).
     pub(crate) fn flush_all(&mut self) -> Vec<(String, Vec<Change>)> {
         group(self.coalescer.flush_all())
@@ -383,6 +395,7 @@ pub(crate) mod tests {
             epoch: 42,
             seq,
             time_us: 0,
+            read_to_us: 0,
             events,
         }
     }

@@ -18,6 +18,8 @@
 //! - `filter.rs`: the `Filter` (toggles, rules and their cache, the raw stream's
 //!   gaps) and `Stability`, the snapshots of `stable_ms` roots.
 //! - `coalesce.rs`: the `Coalescer`, pure, time a parameter.
+//! - `watermark.rs`: what the filter may vouch for in a batch's `safe_us` (the crash
+//!   checkpoint): the watcher's read mark, held back by the changes held here.
 //! - `two_way/`: `classify_peer` (pure: an event and what is known → a `PeerVerdict`),
 //!   the state it reads (`TwoWay`), `names.rs` (own dir, versions, conflict copies) and
 //!   `repair.rs`, which carries out a verdict on the tree.
@@ -48,5 +50,6 @@ mod coalesce;
 mod filter;
 mod stage;
 mod two_way;
+mod watermark;
 
 pub use stage::run;

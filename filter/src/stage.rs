@@ -38,12 +38,21 @@ struct Publisher {
     socket: zmq::Socket,
     epoch: u64,
     stamps: HashMap<String, Stamp>,
+    /// The `safe_us` each root's last message said.
+    safe: HashMap<String, u64>,
     /// Changes published per root, for the status file.
     board: Arc<Mutex<StageStatus>>,
 }
 
 impl Publisher {
-    fn publish(&mut self, root: &str, changes: Vec<Change>) -> Result<(), StageError> {
+    /// Publishes `changes` of `root` (a heartbeat when empty), each message saying
+    /// `safe_us` ([`ChangeBatch::safe_us`]).
+    fn publish(
+        &mut self,
+        root: &str,
+        changes: Vec<Change>,
+        safe_us: u64,
+    ) -> Result<(), StageError> {
         let chunks: Vec<Vec<Change>> = if changes.is_empty() {
             vec![Vec::new()]
         } else {
@@ -58,7 +67,15 @@ impl Publisher {
                 n.changes = Some(n.changes.unwrap_or(0) + changes.len() as u64);
             }
         }
-        for chunk in chunks {
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            // A message vouches only for what it and those before it carry: the
+            // chunks before the last say what the root's last message said.
+            let safe = if i == last {
+                safe_us
+            } else {
+                self.safe.get(root).copied().unwrap_or(0)
+            };
             let epoch = self.epoch;
             let (epoch, seq) = self
                 .stamps
@@ -84,10 +101,12 @@ impl Publisher {
                 seq,
                 root: root.to_string(),
                 time_us: protocol::now_us(),
+                safe_us: safe,
                 changes: chunk,
             };
             bus::send(&self.socket, &wire::changes_topic(root), &msg)?;
         }
+        self.safe.insert(root.to_string(), safe_us);
         Ok(())
     }
 
@@ -120,6 +139,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         socket: publisher,
         epoch: bus::new_epoch(),
         stamps: HashMap::new(),
+        safe: HashMap::new(),
         board: Arc::new(Mutex::new(StageStatus::new("filter", protocol::now_us()))),
     };
     let _status = status::Writer::shared(&config.runtime_dir, "filter", &out.board);
@@ -143,8 +163,8 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         status::beat(&out.board);
         let now = Instant::now();
         if now >= next_heartbeat {
-            for root in filter.root_names() {
-                out.publish(&root, Vec::new())?;
+            for (root, safe) in filter.safe_us() {
+                out.publish(&root, Vec::new(), safe)?;
             }
             next_heartbeat = now + HEARTBEAT;
         }
@@ -176,8 +196,14 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
                             }
                         }
                     }
-                    for (root, changes) in filter.ready(Instant::now()) {
-                        out.publish(&root, changes)?;
+                    let ready = filter.ready(Instant::now());
+                    if !ready.is_empty() {
+                        // After `ready`: what it published holds nothing back now.
+                        let safe = filter.safe_us();
+                        for (root, changes) in ready {
+                            let s = safe.get(&root).copied().unwrap_or(0);
+                            out.publish(&root, changes, s)?;
+                        }
                     }
                     out.count_echoes(filter.take_echoes());
                 }
@@ -193,9 +219,11 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         }
     }
     let held = filter.flush_all();
+    let safe = filter.safe_us();
     let n: usize = held.iter().map(|(_, c)| c.len()).sum();
     for (root, changes) in held {
-        out.publish(&root, changes)?;
+        let s = safe.get(&root).copied().unwrap_or(0);
+        out.publish(&root, changes, s)?;
     }
     tracing::info!(flushed = n, "filter draining: published every held change");
     Ok(())

@@ -368,6 +368,17 @@ impl Target {
         )
     }
 
+    /// The targets whose deliveries this one follows (an after-sync hook: `after` of a
+    /// command, webhook or tcp target); empty for a target fed by the change stream.
+    pub fn follows(&self) -> &[String] {
+        match &self.endpoint {
+            Endpoint::Command { after, .. }
+            | Endpoint::Http { after, .. }
+            | Endpoint::Tcp { after, .. } => after,
+            _ => &[],
+        }
+    }
+
     /// Where `root` lands on this target, with a trailing `/`. A target that mirrors
     /// several roots keeps each in a subdirectory named after the root.
     pub fn destination(&self, root: &str) -> String {

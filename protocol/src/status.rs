@@ -134,6 +134,11 @@ pub struct TargetStatus {
     /// the rest of the target's work goes on. Cleared when the path is sent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unsendable: BTreeMap<String, String>,
+    /// Every change before this time (µs) is on the target or in the journal
+    /// (dispatcher; 0: it cannot vouch for any time yet). `syncbus run` records the
+    /// oldest of its targets' as the crash checkpoint.
+    #[serde(default)]
+    pub safe_us: u64,
 }
 
 /// The whole-root compares of one root on one target.

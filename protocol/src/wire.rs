@@ -55,8 +55,13 @@ pub struct RawBatch {
     pub epoch: u64,
     /// Gap-free from 1 within the epoch.
     pub seq: u64,
-    /// When the watcher read these events (µs since the Unix epoch).
+    /// When the watcher read these events (µs since the Unix epoch); rises with `seq`.
     pub time_us: u64,
+    /// Every change whose ctime is before this time (µs since the Unix epoch) is in
+    /// this batch or an earlier one: the watcher found the kernel queue empty then.
+    /// 0: it cannot say. The crash checkpoint starts here (ARCHITECTURE.md).
+    #[serde(default)]
+    pub read_to_us: u64,
     /// In the order inotify gave them.
     pub events: Vec<RawEvent>,
 }
@@ -114,6 +119,12 @@ pub struct ChangeBatch {
     pub root: String,
     /// When the filter published this batch (µs since the Unix epoch).
     pub time_us: u64,
+    /// Every change of this root whose ctime is before this time (µs since the Unix
+    /// epoch) was published in this batch or an earlier one; 0: the filter cannot say.
+    /// It never goes back within an epoch. A dispatcher's crash checkpoint is built
+    /// from it.
+    #[serde(default)]
+    pub safe_us: u64,
     /// In the order they began.
     pub changes: Vec<Change>,
 }
@@ -370,6 +381,7 @@ mod tests {
             seq: 7,
             root: "www".into(),
             time_us: 1_700_000_000_000_000,
+            safe_us: 1_699_999_999_000_000,
             changes: vec![
                 Change {
                     op: Op::Upsert,
@@ -458,6 +470,7 @@ mod tests {
             epoch: 1,
             seq: 2,
             time_us: 3,
+            read_to_us: 2,
             events: vec![RawEvent {
                 root: "r".into(),
                 path: PathBytes::new(b"\xfe\n-x".to_vec()),

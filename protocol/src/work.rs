@@ -53,6 +53,15 @@ impl Touch {
     }
 }
 
+/// The lower of two crash-checkpoint floors ([`Work::floor_us`]; `None` holds nothing
+/// back).
+pub fn lower_floor(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Work owed to one target for one root.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Work {
@@ -85,6 +94,14 @@ pub struct Work {
     /// work; not on the wire.
     #[serde(skip)]
     pub keep_deletes: bool,
+    /// How far back this work holds the crash checkpoint (µs since the Unix epoch):
+    /// every change it carries happened at or after this time, so while it is owed
+    /// and not on disk, a checkpoint may not be later. `None`: it holds nothing back
+    /// (it came from the journal, which is on disk, or it is a cron sync); `Some(0)`:
+    /// nothing is vouched for until it is done (a whole-root compare). Set by the
+    /// dispatcher; not on the wire.
+    #[serde(skip)]
+    pub floor_us: Option<u64>,
 }
 
 impl Work {
@@ -112,6 +129,11 @@ impl Work {
         for t in self.paths.values_mut() {
             t.since_us = 0;
         }
+    }
+
+    /// Holds the crash checkpoint back to `floor_us` too (see [`Work::floor_us`]).
+    pub fn hold_back(&mut self, floor_us: Option<u64>) {
+        self.floor_us = lower_floor(self.floor_us, floor_us);
     }
 
     /// Asks for a catch-up since `since_us`, unless the whole root is compared anyway.
@@ -154,6 +176,7 @@ impl Work {
             Vec::new()
         };
         self.since_us = earliest_us(self.since_us, other.since_us);
+        self.hold_back(other.floor_us);
         if let Some(c) = other.catch_up {
             self.add_catch_up(c);
         }

@@ -1,10 +1,13 @@
-//! The checkpoint of a clean stop, which lets the next start compare only what changed
-//! since, and the two-way manifests kept beside it.
+//! The checkpoint, which lets the next start compare only what changed since: written
+//! at a clean stop, and every few seconds while running (so a crash costs a catch-up
+//! too); and the two-way manifests kept beside it.
 
 use super::*;
 
 /// The file in the state dir that holds the last clean stop's checkpoint.
 const CHECKPOINT_FILE: &str = "checkpoint.toml";
+/// The checkpoint's `kind` when it was kept while running (a clean stop's says `stop`).
+const RUNNING: &str = "running";
 /// Taken off a checkpoint: the kernel stamps ctimes with a coarse clock.
 const CHECKPOINT_MARGIN_US: u64 = 1_000_000;
 
@@ -61,6 +64,13 @@ fn take_checkpoint_file(config: &Config, now: &toml::Table) -> Option<u64> {
     if !same {
         tracing::info!("roots or targets changed since the last stop: comparing in full");
         return None;
+    }
+    match saved.get("kind").and_then(|k| k.as_str()) {
+        Some(RUNNING) => tracing::warn!(
+            since_us = since,
+            "the last run did not stop cleanly: catching up from the checkpoint it kept while running"
+        ),
+        _ => tracing::info!(since_us = since, "the last run stopped cleanly: catching up from its stop"),
     }
     Some((since.max(0) as u64).saturating_sub(CHECKPOINT_MARGIN_US))
 }
@@ -156,7 +166,86 @@ impl Clocks {
     }
 }
 
+/// How often, at most, the crash checkpoint is written (each write is an fsync).
+const CRASH_CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+
+/// The checkpoint kept while running, for a start after a crash (kill -9, an OOM
+/// kill): the dispatcher's say that every change before a time is on its targets or
+/// in the journal (`TargetStatus::safe_us`, built from the filter's and the watcher's).
+pub(super) struct CrashCheckpoint {
+    /// `Err(why)` when this config gets none: a crash costs a full compare.
+    allowed: Result<(), &'static str>,
+    /// The time of the last one written.
+    written_us: u64,
+    next_at: Instant,
+}
+
+impl CrashCheckpoint {
+    pub(super) fn new(config: &Config) -> CrashCheckpoint {
+        let allowed = if config.roots.iter().any(|r| r.two_way) {
+            // Its catch-up needs the manifest of the moment, which only a stop writes.
+            Err("two-way roots")
+        } else if config.targets.iter().any(|t| !t.follows().is_empty()) {
+            // A hook follows deliveries, which a crash loses on the way.
+            Err("after-sync hooks")
+        } else {
+            Ok(())
+        };
+        if let Err(why) = allowed {
+            tracing::info!(
+                "no crash checkpoint with {why}: a start after a crash compares in full"
+            );
+        }
+        CrashCheckpoint {
+            allowed,
+            written_us: 0,
+            next_at: Instant::now(),
+        }
+    }
+}
+
 impl Supervisor {
+    /// While running: records the dispatcher's say as the checkpoint a start after a
+    /// crash catches up from, when it moved on. Only the running dispatcher's (its pid
+    /// in the file, every target of the config in it) counts: an earlier one's speaks
+    /// for other roots and targets, maybe.
+    pub(super) fn record_crash_checkpoint(&mut self) {
+        let now = Instant::now();
+        if self.crash.allowed.is_err() || now < self.crash.next_at {
+            return;
+        }
+        self.crash.next_at = now + CRASH_CHECKPOINT_EVERY;
+        let Some(pid) = self
+            .stages
+            .iter()
+            .find(|s| s.name == "dispatcher")
+            .and_then(|s| s.child.as_ref())
+            .map(|c| c.id())
+        else {
+            return;
+        };
+        let Ok(files) = status::read_all(&status::dir(&self.runtime_dir)) else {
+            return;
+        };
+        let Some(said) = files.get("dispatcher").filter(|s| s.pid == pid) else {
+            return;
+        };
+        let safe = self
+            .config
+            .targets
+            .iter()
+            .map(|t| said.targets.get(&t.name).map_or(0, |s| s.safe_us))
+            .min()
+            .unwrap_or(0);
+        if safe == 0 || safe <= self.crash.written_us || safe > protocol::now_us() {
+            return;
+        }
+        if self.store_checkpoint(safe, RUNNING) {
+            self.crash.written_us = safe;
+            tracing::debug!(since_us = safe, "crash checkpoint recorded");
+        }
+    }
+
     /// After a clean stop: every change read by the watcher up to its stop time is on a
     /// target or in the journal. Records that time with the roots and targets it holds
     /// for, so the next start can compare only what changed since.
@@ -164,7 +253,7 @@ impl Supervisor {
         let stopped = self.runtime_dir.join(watcher::STOPPED_FILE);
         let Some(since) = std::fs::read_to_string(&stopped)
             .ok()
-            .and_then(|t| t.trim().parse::<i64>().ok())
+            .and_then(|t| t.trim().parse::<u64>().ok())
         else {
             return;
         };
@@ -172,8 +261,21 @@ impl Supervisor {
         // Before the checkpoint that vouches for them (a crash in between leaves new
         // manifests without a checkpoint, which the next start removes).
         keep_manifests(&self.runtime_dir, &self.state_dir);
+        if self.store_checkpoint(since, "stop") {
+            tracing::info!(
+                since_us = since,
+                "clean stop: the next start compares only what changed since"
+            );
+        }
+    }
+
+    /// Writes the checkpoint file (synced, then renamed into place): `since`, what kind
+    /// of checkpoint it is, the clocks of now and the `root` and `target` sections the
+    /// stages ran with.
+    fn store_checkpoint(&self, since: u64, kind: &str) -> bool {
         let mut table = toml::Table::new();
-        table.insert("since_us".into(), toml::Value::Integer(since));
+        table.insert("since_us".into(), toml::Value::Integer(since as i64));
+        table.insert("kind".into(), kind.into());
         let clocks = Clocks::now();
         table.insert("boot_id".into(), clocks.boot_id.into());
         table.insert(
@@ -192,7 +294,7 @@ impl Supervisor {
             }
         }
         let Ok(text) = toml::to_string(&table) else {
-            return;
+            return false;
         };
         let path = self.state_dir.join(CHECKPOINT_FILE);
         let tmp = self.state_dir.join("checkpoint.toml.tmp");
@@ -203,16 +305,12 @@ impl Supervisor {
                 f.write_all(text.as_bytes())?;
                 f.sync_all()
             })
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        match written {
-            Ok(()) => tracing::info!(
-                since_us = since,
-                "clean stop: the next start compares only what changed since"
-            ),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot write the checkpoint; the next start compares in full")
-            }
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .and_then(|_| std::fs::File::open(&self.state_dir)?.sync_all());
+        if let Err(e) = &written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the checkpoint; the next start compares in full");
         }
+        written.is_ok()
     }
 }
 

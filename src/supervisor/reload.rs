@@ -87,6 +87,7 @@ impl Supervisor {
             }
         }
         self.config = plan.config.clone();
+        self.crash = super::checkpoint::CrashCheckpoint::new(&self.config);
         let new = sections(&plan.text);
         let changed: Vec<&'static str> = self
             .stages

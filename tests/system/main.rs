@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)] // tests and their helpers spawn what they check
 
 mod cli;
+mod crash;
 mod guard;
 mod hard_links;
 mod hardening;

@@ -84,6 +84,10 @@ pub(super) struct FullState {
     /// same for the run asked for meanwhile.
     pub(super) since_us: u64,
     pub(super) again_since_us: u64,
+    /// How far back it holds the crash checkpoint ([`Work::floor_us`]); the same for
+    /// the run asked for meanwhile.
+    pub(super) floor_us: Option<u64>,
+    pub(super) again_floor_us: Option<u64>,
     /// Another run asked for while this one ran, and the jobs it covers.
     pub(super) again: Option<(FullKind, Vec<u64>)>,
 }
@@ -319,15 +323,14 @@ pub(super) fn full_lane(
 }
 
 impl Worker {
-    pub(super) fn start_full(
-        &mut self,
-        root: &str,
-        kind: FullKind,
-        covers: Vec<u64>,
-        since_us: u64,
-    ) {
+    /// Runs `kind` for `root` in the full lane, or once more after the run going on;
+    /// `work` is what asked for it (its change time and crash-checkpoint floor).
+    pub(super) fn start_full(&mut self, root: &str, kind: FullKind, covers: Vec<u64>, work: &Work) {
+        let since_us = work.since_us;
         if let Some(running) = self.full.get_mut(root) {
             running.again_since_us = protocol::earliest_us(running.again_since_us, since_us);
+            running.again_floor_us =
+                protocol::work::lower_floor(running.again_floor_us, work.floor_us);
             // This request may have come after the running one passed the part that
             // was lost: run once more when it is over. Live work keeps flowing.
             running.again = Some(match running.again.take() {
@@ -352,6 +355,8 @@ impl Worker {
                     replay: Work::default(),
                     since_us,
                     again_since_us: 0,
+                    floor_us: work.floor_us,
+                    again_floor_us: None,
                     again: None,
                 },
             );
@@ -362,6 +367,7 @@ impl Worker {
         self.reporter.run_started_us = done.started_us;
         let state = self.full.remove(&done.root);
         let since_us = state.as_ref().map_or(0, |s| s.since_us);
+        let floor_us = state.as_ref().and_then(|s| s.floor_us);
         let whole = [PathBytes::root()];
         if done.result.outcome == Outcome::Success {
             if done.ran {
@@ -389,6 +395,7 @@ impl Worker {
             );
             let mut owed = done.kind.owed();
             owed.since_us = since_us;
+            owed.floor_us = floor_us;
             if self.hand_over(
                 &done.root,
                 &owed,
@@ -426,6 +433,7 @@ impl Worker {
         if let Some((kind, covers)) = state.again {
             let mut owed = kind.owed();
             owed.since_us = state.again_since_us;
+            owed.floor_us = state.again_floor_us;
             // A cron sync's own excludes hold only if the root owes nothing else
             // (`Work`'s merge rule).
             intake

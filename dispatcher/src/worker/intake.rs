@@ -28,17 +28,28 @@ pub(super) struct Intake {
     pub(super) closed: bool,
     /// A two-way target's: where the live deletes it takes in are noted.
     pub(super) deletes: Option<Arc<Control>>,
+    /// What the last message of each root's change stream said in `safe_us`.
+    pub(super) safe: HashMap<String, u64>,
 }
 
 impl Intake {
     pub(super) fn accept(&mut self, job: Job) {
         match job {
-            Job::Changes { root, changes } => {
+            Job::Changes {
+                root,
+                changes,
+                floor_us,
+                safe_us,
+            } => {
                 // A cron sync's own excludes do not hide a live change it absorbs: the
                 // change drops them (`Work`'s merge rule).
                 for c in changes.iter() {
                     self.batcher.push(&root, c);
                 }
+                if !changes.is_empty() {
+                    self.batcher.hold_back(&root, floor_us);
+                }
+                self.safe.insert(root.to_string(), safe_us);
                 if let Some(control) = &self.deletes {
                     control.local_deletes.note(&root, &changes);
                 }
@@ -51,6 +62,8 @@ impl Intake {
             Job::CatchUp { root, since_us } => {
                 let mut w = Work::default();
                 w.catch_up(since_us);
+                // A crash before it is done: the next start catches up from there too.
+                w.hold_back(Some(since_us));
                 self.batcher.merge(&root, w);
             }
             Job::Run {
@@ -132,6 +145,7 @@ mod tests {
             stopping: false,
             closed: false,
             deletes: None,
+            safe: HashMap::new(),
         };
         (intake, tx)
     }
@@ -159,6 +173,8 @@ mod tests {
                 recursive: false,
                 since_us: 0,
             }]),
+            floor_us: 0,
+            safe_us: 0,
         }
     }
 

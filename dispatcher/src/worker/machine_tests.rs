@@ -128,6 +128,8 @@ impl Bench {
             .send(Job::Changes {
                 root: "r".into(),
                 changes: Arc::new(vec![c]),
+                floor_us: 0,
+                safe_us: 0,
             })
             .unwrap();
     }

@@ -55,9 +55,16 @@ use protocol::work::Touch;
 /// Work for every worker serving `root`, and what the retrier and the full lane say.
 #[derive(Debug, Clone)]
 pub(crate) enum Job {
+    /// A message of the change stream (a heartbeat when `changes` is empty).
     Changes {
         root: Arc<str>,
         changes: Arc<Vec<Change>>,
+        /// What the root's message before said in `safe_us`: these changes happened
+        /// at or after it ([`Work::floor_us`]).
+        floor_us: u64,
+        /// What this message says in `safe_us` (0 until the root's start compare was
+        /// asked for).
+        safe_us: u64,
     },
     /// The dispatcher cannot vouch for `root`: compare all of it.
     Resync { root: Arc<str> },
@@ -242,6 +249,7 @@ impl Worker {
             stopping: false,
             closed: false,
             deletes: self.target.two_way.then(|| self.control.clone()),
+            safe: HashMap::new(),
         };
         let mut final_pass_done = false;
         loop {
@@ -317,7 +325,9 @@ impl Worker {
             protocol::earliest_us(protocol::earliest_us(t, f.since_us), f.again_since_us)
         });
         let failures = self.failing.values().map(|f| f.attempt).max().unwrap_or(0);
+        let safe_us = self.safe_us(intake);
         self.control.post(&self.target.name, |t| {
+            t.safe_us = safe_us;
             t.backlog = (paths + resyncs + self.full.len()) as u64;
             t.oldest_us = oldest;
             t.failures = failures;
@@ -333,6 +343,30 @@ impl Worker {
                 .map(|((root, p), why)| (format!("{root}/{p}"), why.clone()))
                 .collect();
         });
+    }
+
+    /// Every change before this time (µs) is on the target or in the journal: the
+    /// oldest of what each root's change stream vouched for last and what the work
+    /// still held here holds back ([`Work::floor_us`]); 0 for a root never heard from.
+    /// Read between runs only, when no work is out of these books (a run's work is
+    /// back in the batcher, delivered, or acknowledged by the journal). Jobs not yet
+    /// taken in cannot move it wrongly: each root's say comes in order with them, and
+    /// what they carry happened at or after the say before.
+    fn safe_us(&self, intake: &Intake) -> u64 {
+        let said = self
+            .roots
+            .keys()
+            .map(|r| intake.safe.get(r).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0);
+        let held = self
+            .full
+            .values()
+            .flat_map(|f| [f.floor_us, f.again_floor_us, f.replay.floor_us])
+            .chain([intake.batcher.floor_us()])
+            .flatten()
+            .min();
+        held.map_or(said, |h| h.min(said))
     }
 
     fn run_batch(&mut self, batch: crate::batch::Batch, intake: &mut Intake) {
@@ -364,7 +398,7 @@ impl Worker {
                 // two-way target's deletes (its compares make none): those go live.
                 let excludes = std::mem::take(&mut work.excludes);
                 let covers = std::mem::take(&mut covers);
-                self.start_full(&root, FullKind::Full { excludes }, covers, work.since_us);
+                self.start_full(&root, FullKind::Full { excludes }, covers, &work);
                 if !work.keep_deletes || work.paths.is_empty() {
                     continue;
                 }
@@ -381,7 +415,7 @@ impl Worker {
                 } else {
                     Vec::new()
                 };
-                self.start_full(&root, FullKind::CatchUp { since_us }, with, work.since_us);
+                self.start_full(&root, FullKind::CatchUp { since_us }, with, &work);
                 if live_empty {
                     continue;
                 }
@@ -625,6 +659,7 @@ impl Worker {
                     paths,
                     since_us: work.since_us,
                     keep_deletes: work.keep_deletes,
+                    floor_us: work.floor_us,
                     ..Work::default()
                 };
                 return Some((rest, result));

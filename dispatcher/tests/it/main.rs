@@ -50,6 +50,7 @@ impl Publisher {
             seq: self.seq,
             root: root.into(),
             time_us: protocol::now_us(),
+            safe_us: 0,
             changes,
         };
         protocol::bus::send(&self.sock, &wire::changes_topic(root), &msg).unwrap();

@@ -110,6 +110,7 @@ impl Harness {
             epoch: WATCHER_EPOCH,
             seq,
             time_us: protocol::now_us(),
+            read_to_us: 0,
             events,
         };
         bus::send(&self.push, wire::RAW_TOPIC, &batch).unwrap();

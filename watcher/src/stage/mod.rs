@@ -83,6 +83,17 @@ fn run_inner(config: &Config, shutdown: &Shutdown) -> Result<(), WatcherError> {
     result.map(|_| ())
 }
 
+/// How far the read mark moves before an otherwise empty message tells the filter.
+const MARK_EVERY: Duration = Duration::from_secs(1);
+
+/// Bytes of events the kernel has queued on the inotify `fd` (`FIONREAD`).
+fn queued_bytes(fd: std::os::fd::RawFd) -> Option<u32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int we own.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    (rc == 0).then_some(n.max(0) as u32)
+}
+
 /// How long a stopping watcher waits for the filter to take what it still holds.
 const STOP_LINGER: Duration = Duration::from_secs(4);
 
@@ -132,6 +143,14 @@ struct Watcher<'a> {
     next_post: Instant,
     /// Something the status shows changed since it was last posted.
     status_dirty: bool,
+    /// Every change with a ctime before this (µs) has been read ([`RawBatch::read_to_us`];
+    /// 0 until the kernel queue was first found empty).
+    read_to_us: u64,
+    /// What the last batch sent said of it.
+    sent_read_to_us: u64,
+    /// The last batch's `time_us`: each batch's is later (the filter finds a held
+    /// change's batch by it).
+    last_time_us: u64,
 }
 
 impl<'a> Watcher<'a> {
@@ -175,6 +194,9 @@ impl<'a> Watcher<'a> {
             board: Arc::new(Mutex::new(StageStatus::new("watcher", protocol::now_us()))),
             next_post: now,
             status_dirty: true,
+            read_to_us: 0,
+            sent_read_to_us: 0,
+            last_time_us: 0,
         })
     }
 
@@ -192,7 +214,11 @@ impl<'a> Watcher<'a> {
                 match event {
                     Event::Stop => break 'run,
                     Event::Inotify => {
+                        let before_check = protocol::now_us();
                         self.read_and_handle()?;
+                        if queued_bytes(self.inotify.as_raw_fd()) == Some(0) {
+                            self.vouch(before_check);
+                        }
                     }
                     Event::Tick => {
                         self.check_missing_roots()?;
@@ -247,6 +273,7 @@ impl<'a> Watcher<'a> {
                 revents: 0,
             },
         ];
+        let polled_at = protocol::now_us();
         // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -260,6 +287,10 @@ impl<'a> Watcher<'a> {
             });
         }
         let [inotify, signal] = fds.map(|fd| fd.revents != 0);
+        if !inotify {
+            // poll found the queue empty when called, and nothing came since.
+            self.vouch(polled_at);
+        }
         if signal {
             self.shutdown.drain();
             if self.shutdown.take_hup() {
@@ -277,6 +308,16 @@ impl<'a> Watcher<'a> {
         Ok(events)
     }
 
+    /// Every change with a ctime before `t` has been read (the kernel queue was found
+    /// empty at `t` or later), unless a root is missing or not watched whole: its
+    /// changes are not read at all, so the mark stays where it was (and their resync,
+    /// when it comes, carries that mark as its floor).
+    fn vouch(&mut self, t: u64) {
+        if self.roots.iter().all(|r| r.alive && r.unwatched.is_none()) {
+            self.read_to_us = self.read_to_us.max(t);
+        }
+    }
+
     fn push(&mut self, root: RootIx, path: PathBytes, kind: RawKind, dir: bool, cookie: u32) {
         self.out.push(RawEvent {
             root: self.roots[root].name.clone(),
@@ -291,13 +332,26 @@ impl<'a> Watcher<'a> {
         self.push(root, PathBytes::root(), RawKind::Resync, true, 0);
     }
 
-    /// Sends everything queued, at most [`MAX_BATCH`] events per message.
+    /// Sends everything queued, at most [`MAX_BATCH`] events per message; only the last
+    /// message says how far everything was read (the others say what the last batch
+    /// sent did). With nothing queued, an empty message tells the filter once the mark
+    /// moved by [`MARK_EVERY`].
     fn flush(&mut self) -> Result<(), WatcherError> {
         self.post_status();
+        if self.out.is_empty()
+            && self.read_to_us >= self.sent_read_to_us + MARK_EVERY.as_micros() as u64
+        {
+            return self.send(Vec::new(), self.read_to_us);
+        }
         while !self.out.is_empty() {
             let n = self.out.len().min(MAX_BATCH);
             let events: Vec<RawEvent> = self.out.drain(..n).collect();
-            self.send(events)?;
+            let mark = if self.out.is_empty() {
+                self.read_to_us
+            } else {
+                self.sent_read_to_us
+            };
+            self.send(events, mark)?;
         }
         Ok(())
     }
@@ -325,16 +379,20 @@ impl<'a> Watcher<'a> {
         }
     }
 
-    fn send(&mut self, events: Vec<RawEvent>) -> Result<(), WatcherError> {
+    fn send(&mut self, events: Vec<RawEvent>, read_to_us: u64) -> Result<(), WatcherError> {
         if self.abandoned {
             return Ok(());
         }
         let (epoch, seq) = self.stamp.stamp();
+        let time_us = protocol::now_us().max(self.last_time_us + 1);
+        self.last_time_us = time_us;
+        self.sent_read_to_us = read_to_us;
         let batch = RawBatch {
             version: wire::VERSION,
             epoch,
             seq,
-            time_us: protocol::now_us(),
+            time_us,
+            read_to_us,
             events,
         };
         loop {
