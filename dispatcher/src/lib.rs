@@ -30,7 +30,11 @@
 //!   `run` jobs are the only tries, so an outage costs no rsync storm.
 //! - Whole-root resyncs run in the full lane, never in front of live changes; what the
 //!   live lane sent meanwhile is sent again afterwards.
-//! - After a clean stop (`syncbus run` hands the checkpoint in `CATCH_UP_ENV`), each
+//! - Each worker's `safe_us` (status) never passes a change it holds that is neither
+//!   delivered nor journalled, nor a root's `safe_us` from the filter, nor anything
+//!   before the root's start compare was asked for; a whole-root compare holds it at 0
+//!   until done. `syncbus run` keeps it as the checkpoint a crash catches up from.
+//! - After a clean stop or a crash (`syncbus run` hands the checkpoint in `CATCH_UP_ENV`), each
 //!   root's start compare is a catch-up ([`catchup`]), once; any later doubt, and any
 //!   start without a checkpoint, is a full compare.
 //! - The stage exits 0 only when its drain left nothing behind (all delivered or
@@ -44,7 +48,9 @@
 //! # Known problems
 //! - Work queued in a worker but neither run nor handed over is lost when the process
 //!   is killed; its restart resyncs every root it serves (first message), which covers
-//!   it at the cost of a full compare.
+//!   it at the cost of a full compare. (When everything is killed at once, `syncbus
+//!   run`'s next start catches up from the workers' last `safe_us` instead, which such
+//!   work held back.)
 //! - The resync for a first message waits up to `FIRST_RESYNC_WAIT` for a whole-root
 //!   resync in the stream (the watcher's start resync covers it, so a `syncbus run`
 //!   start compares each root once). A dispatcher restarted alone therefore repairs

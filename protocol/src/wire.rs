@@ -458,6 +458,21 @@ mod tests {
         golden("change_batch", &sample());
     }
 
+    /// A filter of an earlier build says no `safe_us`: read as 0, "cannot say".
+    #[test]
+    fn a_change_batch_without_safe_us_reads_as_vouching_for_nothing() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let old = std::fs::read(dir.join("change_batch_without_safe_us.msgpack")).unwrap();
+        let msg: ChangeBatch = decode(&old).unwrap();
+        assert_eq!(
+            msg,
+            ChangeBatch {
+                safe_us: 0,
+                ..sample()
+            }
+        );
+    }
+
     #[test]
     fn report_matches_golden_fixture() {
         golden("report", &sample_report());
