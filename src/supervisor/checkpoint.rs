@@ -182,15 +182,16 @@ pub(super) struct CrashCheckpoint {
 
 impl CrashCheckpoint {
     pub(super) fn new(config: &Config) -> CrashCheckpoint {
-        let allowed = if config.roots.iter().any(|r| r.two_way) {
-            // Its catch-up needs the manifest of the moment, which only a stop writes.
-            Err("two-way roots")
-        } else if config.targets.iter().any(|t| !t.follows().is_empty()) {
-            // A hook follows deliveries, which a crash loses on the way.
-            Err("after-sync hooks")
-        } else {
-            Ok(())
-        };
+        let allowed =
+            if config.roots.iter().any(|r| r.two_way) || config.targets.iter().any(|t| t.two_way) {
+                // Its catch-up needs the manifest of the moment, which only a stop writes.
+                Err("two-way roots")
+            } else if config.targets.iter().any(|t| !t.follows().is_empty()) {
+                // A hook follows deliveries, which a crash loses on the way.
+                Err("after-sync hooks")
+            } else {
+                Ok(())
+            };
         if let Err(why) = allowed {
             tracing::info!(
                 "no crash checkpoint with {why}: a start after a crash compares in full"
