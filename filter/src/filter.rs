@@ -345,11 +345,12 @@ impl Filter {
             .collect()
     }
 
-    /// What each root's next message says in `safe_us` (`watermark.rs`).
-    pub(crate) fn safe_us(&mut self) -> HashMap<String, u64> {
+    /// What each root's next message says in `safe_us`, at `now` (`watermark.rs`).
+    pub(crate) fn safe_us(&mut self, now: Instant) -> HashMap<String, u64> {
         let roots = self.root_names();
-        let held = self.coalescer.oldest_held();
-        self.vouched.safe_us(&roots, &held)
+        let coalescer = &self.coalescer;
+        self.vouched
+            .safe_us(now, &roots, || coalescer.oldest_held())
     }
 
     /// Everything held, at once (the drain at a stop).

@@ -163,7 +163,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         status::beat(&out.board);
         let now = Instant::now();
         if now >= next_heartbeat {
-            for (root, safe) in filter.safe_us() {
+            for (root, safe) in filter.safe_us(Instant::now()) {
                 out.publish(&root, Vec::new(), safe)?;
             }
             next_heartbeat = now + HEARTBEAT;
@@ -199,7 +199,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
                     let ready = filter.ready(Instant::now());
                     if !ready.is_empty() {
                         // After `ready`: what it published holds nothing back now.
-                        let safe = filter.safe_us();
+                        let safe = filter.safe_us(Instant::now());
                         for (root, changes) in ready {
                             let s = safe.get(&root).copied().unwrap_or(0);
                             out.publish(&root, changes, s)?;
@@ -219,7 +219,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         }
     }
     let held = filter.flush_all();
-    let safe = filter.safe_us();
+    let safe = filter.safe_us(Instant::now());
     let n: usize = held.iter().map(|(_, c)| c.len()).sum();
     for (root, changes) in held {
         let s = safe.get(&root).copied().unwrap_or(0);

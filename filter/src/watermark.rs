@@ -11,8 +11,15 @@
 //! change, its `time_us` and the `read_to_us` before it.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use protocol::wire::RawBatch;
+
+/// How long a computed say is used again: finding the oldest change held walks all of
+/// them, and in a burst the filter publishes many times a second. An older say is
+/// still true (it only claims what was published by then), and within one watcher's
+/// epoch later ones are no lower.
+const SAY_AGAIN_FOR: Duration = Duration::from_millis(50);
 
 /// What the watcher vouched for, and the floors of the batches held changes came in.
 #[derive(Debug, Default)]
@@ -27,28 +34,38 @@ pub(crate) struct Vouched {
     /// `(time_us, floor)` of each batch taken in, oldest first, pruned to the oldest
     /// change held.
     floors: VecDeque<(u64, u64)>,
+    /// The last say computed, and when (forgotten when another watcher speaks).
+    said: Option<(Instant, HashMap<String, u64>)>,
 }
 
 impl Vouched {
     /// Takes in what `batch` vouches for. `returning`: its watcher sent batches before
     /// another one's did (two watchers feed this filter).
     pub(crate) fn take(&mut self, batch: &RawBatch, returning: bool) {
-        if returning && self.epoch != Some(batch.epoch) {
-            self.several = true;
+        if self.epoch != Some(batch.epoch) {
+            self.several |= returning;
+            self.said = None;
         }
         self.epoch = Some(batch.epoch);
         self.floors.push_back((batch.time_us, self.read_to_us));
         self.read_to_us = if self.several { 0 } else { batch.read_to_us };
     }
 
-    /// What each root's next message may say in `safe_us`, given the `since_us` of the
-    /// oldest change held per root (roots holding nothing are absent). Forgets the
-    /// floors of batches newer ones make useless.
-    pub(crate) fn safe_us(
+    /// What each root's next message may say in `safe_us`, at `now`: `oldest_held`
+    /// gives the `since_us` of the oldest change held per root (roots holding nothing
+    /// are absent). Forgets the floors of batches newer ones make useless.
+    pub(crate) fn safe_us<'a>(
         &mut self,
+        now: Instant,
         roots: &[String],
-        oldest_held: &HashMap<&str, u64>,
+        oldest_held: impl FnOnce() -> HashMap<&'a str, u64>,
     ) -> HashMap<String, u64> {
+        if let Some((at, said)) = &self.said {
+            if now.duration_since(*at) < SAY_AGAIN_FOR {
+                return said.clone();
+            }
+        }
+        let oldest_held = oldest_held();
         if let Some(&oldest) = oldest_held.values().min() {
             // Keep the last batch at or before the oldest held change, and the rest.
             while self.floors.len() > 1 && self.floors[1].0 <= oldest {
@@ -58,7 +75,7 @@ impl Vouched {
             let keep = self.floors.len().min(1);
             self.floors.drain(..self.floors.len() - keep);
         }
-        roots
+        let said: HashMap<String, u64> = roots
             .iter()
             .map(|r| {
                 let safe = match oldest_held.get(r.as_str()) {
@@ -67,7 +84,9 @@ impl Vouched {
                 };
                 (r.clone(), safe)
             })
-            .collect()
+            .collect();
+        self.said = Some((now, said.clone()));
+        said
     }
 
     /// The floor of a change first seen in the batch of `time_us` == `since_us`: that
@@ -105,8 +124,14 @@ mod tests {
     fn a_held_change_holds_its_root_back_to_the_read_mark_before_its_batch() {
         let roots = vec!["a".to_string(), "b".to_string()];
         let mut v = Vouched::default();
+        // Each call a moment later than the last: no say is used again.
+        let mut clock = Instant::now();
+        let mut at = || {
+            clock += SAY_AGAIN_FOR;
+            clock
+        };
         assert_eq!(
-            v.safe_us(&roots, &HashMap::new())["a"],
+            v.safe_us(at(), &roots, HashMap::new)["a"],
             0,
             "nothing read yet"
         );
@@ -114,16 +139,18 @@ mod tests {
         v.take(&batch(1, 200, 190), false);
         v.take(&batch(1, 300, 290), false);
         // Nothing held: the last read mark.
-        assert_eq!(v.safe_us(&roots, &HashMap::new())["a"], 290);
+        assert_eq!(v.safe_us(at(), &roots, HashMap::new)["a"], 290);
         v.take(&batch(1, 400, 390), false);
         v.take(&batch(1, 500, 490), false);
         // `a` holds a change first seen in the batch of time 400: its ctime is at or
         // after 290, the mark before that batch. `b` holds nothing.
-        let held = HashMap::from([("a", 400)]);
-        let safe = v.safe_us(&roots, &held);
+        let safe = v.safe_us(at(), &roots, || HashMap::from([("a", 400)]));
         assert_eq!((safe["a"], safe["b"]), (290, 490));
         // A time between batches (a resync the filter made): the batch before it.
-        assert_eq!(v.safe_us(&roots, &HashMap::from([("a", 450)]))["a"], 290);
+        assert_eq!(
+            v.safe_us(at(), &roots, || HashMap::from([("a", 450)]))["a"],
+            290
+        );
         // Older floors were forgotten only up to the oldest held change.
         assert_eq!(v.floor_of(400), 290);
         assert_eq!(v.floor_of(500), 390);
@@ -133,13 +160,33 @@ mod tests {
     fn two_watchers_interleaved_vouch_for_nothing() {
         let roots = vec!["a".to_string()];
         let mut v = Vouched::default();
+        let now = Instant::now();
         v.take(&batch(1, 100, 90), false);
-        // A restarted watcher (a new epoch, never seen before) is believed.
+        assert_eq!(v.safe_us(now, &roots, HashMap::new)["a"], 90);
+        // A restarted watcher (a new epoch, never seen before) is believed, at once.
         v.take(&batch(2, 200, 190), false);
-        assert_eq!(v.safe_us(&roots, &HashMap::new())["a"], 190);
+        assert_eq!(v.safe_us(now, &roots, HashMap::new)["a"], 190);
         // The first one again: two watchers feed this filter.
         v.take(&batch(1, 300, 290), true);
         v.take(&batch(2, 400, 390), true);
-        assert_eq!(v.safe_us(&roots, &HashMap::new())["a"], 0);
+        assert_eq!(v.safe_us(now, &roots, HashMap::new)["a"], 0);
+    }
+
+    #[test]
+    fn a_say_is_used_again_for_a_moment_and_then_computed_anew() {
+        let roots = vec!["a".to_string()];
+        let mut v = Vouched::default();
+        let t0 = Instant::now();
+        v.take(&batch(1, 100, 90), false);
+        assert_eq!(v.safe_us(t0, &roots, HashMap::new)["a"], 90);
+        v.take(&batch(1, 200, 190), false);
+        assert_eq!(
+            v.safe_us(t0 + SAY_AGAIN_FOR / 2, &roots, HashMap::new)["a"],
+            90
+        );
+        assert_eq!(
+            v.safe_us(t0 + SAY_AGAIN_FOR, &roots, HashMap::new)["a"],
+            190
+        );
     }
 }
