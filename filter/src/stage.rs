@@ -18,6 +18,11 @@ use crate::filter::Filter;
 
 /// Changes per published message (keeps single messages small for slow subscribers).
 const MAX_CHANGES_PER_MESSAGE: usize = 1000;
+/// Heartbeats wait for the first raw batch, or this long: a dispatcher started just
+/// after the filter then finds the watcher's start resync in message 1 and compares
+/// each root once, rather than once at once (it joined late: it may have missed that
+/// resync) and again when the resync comes.
+const FIRST_HEARTBEAT_WAIT: Duration = Duration::from_secs(5);
 /// Raw messages taken in per wake-up before what is ready is published.
 const RAW_PER_WAKE: usize = 1024;
 
@@ -158,7 +163,8 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
         roots = filter.root_names().len(),
         "filter ready"
     );
-    let mut next_heartbeat = Instant::now();
+    let mut next_heartbeat = Instant::now() + FIRST_HEARTBEAT_WAIT;
+    let mut heard = false;
     'run: loop {
         status::beat(&out.board);
         let now = Instant::now();
@@ -188,6 +194,10 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), StageError> {
                         let Some((_, payload)) = bus::try_recv(&pull)? else {
                             break;
                         };
+                        if !heard {
+                            heard = true;
+                            next_heartbeat = next_heartbeat.min(Instant::now());
+                        }
                         match wire::decode::<RawBatch>(&payload) {
                             Ok(batch) => filter.push_batch(&batch, Instant::now()),
                             Err(e) => {
