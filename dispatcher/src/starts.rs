@@ -94,6 +94,7 @@ pub(crate) fn handle(
         // A fresh compare of the whole root is on its way: it covers a waiting one.
         starts.deferred.remove(root);
         starts.started.insert(root.clone());
+        starts.expire_catch_up(root);
         if starts.catch_up.contains_key(root) {
             // The watcher's start resync after a clean stop: a catch-up will do.
             batch.changes.retain(|c| !whole(c));
@@ -139,6 +140,8 @@ pub(crate) struct Starts {
     pub(crate) started: HashSet<String>,
     /// The `safe_us` of each root's last message.
     pub(crate) safe: HashMap<String, u64>,
+    /// When a root's catch-up was run without being used up (we joined late).
+    peeked: HashMap<String, Instant>,
 }
 
 impl Starts {
@@ -149,12 +152,33 @@ impl Starts {
             catch_up,
             started: HashSet::new(),
             safe: HashMap::new(),
+            peeked: HashMap::new(),
+        }
+    }
+
+    /// A catch-up kept for the watcher's start resync is kept only as long as a
+    /// deferred start waits for it: a whole-root resync later than that is about
+    /// something else (an overflow, a root back, a stage restarted), which the
+    /// checkpoint knows nothing of, and compares in full.
+    fn expire_catch_up(&mut self, root: &str) {
+        if self
+            .peeked
+            .get(root)
+            .is_some_and(|at| at.elapsed() >= FIRST_RESYNC_WAIT)
+        {
+            self.peeked.remove(root);
+            self.catch_up.remove(root);
         }
     }
 
     /// Like [`Starts::start_job`], without using up the catch-up.
     pub(crate) fn peek_job(&mut self, root: &str) -> Job {
         self.started.insert(root.to_string());
+        if self.catch_up.contains_key(root) {
+            self.peeked
+                .entry(root.to_string())
+                .or_insert_with(Instant::now);
+        }
         match self.catch_up.get(root) {
             Some(&since_us) => Job::CatchUp {
                 root: root.into(),
@@ -169,6 +193,7 @@ impl Starts {
     pub(crate) fn start_job(&mut self, root: &str) -> Job {
         let job = self.peek_job(root);
         self.catch_up.remove(root);
+        self.peeked.remove(root);
         job
     }
 }

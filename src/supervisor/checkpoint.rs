@@ -8,8 +8,12 @@ use super::*;
 const CHECKPOINT_FILE: &str = "checkpoint.toml";
 /// The checkpoint's `kind` when it was kept while running (a clean stop's says `stop`).
 const RUNNING: &str = "running";
-/// Taken off a checkpoint: the kernel stamps ctimes with a coarse clock.
-const CHECKPOINT_MARGIN_US: u64 = 1_000_000;
+/// Taken off a checkpoint. The kernel stamps ctimes with a coarse clock, and stamps a
+/// write's ctime when the `write()` begins but reports it when the call returns: a
+/// single call slowed down (one huge buffer, dirty-page throttling on a slow disk) can
+/// be reported seconds after its ctime, after the watcher vouched for that time. What
+/// changed in this margin before the checkpoint is sent again, a small price.
+const CHECKPOINT_MARGIN_US: u64 = 30_000_000;
 
 /// Reads and removes the checkpoint of the last clean stop (so a crash after this start
 /// can never reuse it). Usable only if the roots and targets are the ones it was taken
@@ -58,11 +62,13 @@ fn take_checkpoint_file(config: &Config, now: &toml::Table) -> Option<u64> {
         realtime_us: saved.get("realtime_us")?.as_integer()?.max(0) as u64,
     };
     if let Err(why) = at_stop.still_trusted(&Clocks::now()) {
-        tracing::warn!("{why}: the file times since the stop cannot be trusted; comparing in full");
+        tracing::warn!(
+            "{why} since the checkpoint: file times cannot be compared with it; comparing in full"
+        );
         return None;
     }
     if !same {
-        tracing::info!("roots or targets changed since the last stop: comparing in full");
+        tracing::info!("roots or targets changed since the checkpoint: comparing in full");
         return None;
     }
     match saved.get("kind").and_then(|k| k.as_str()) {
@@ -155,12 +161,12 @@ impl Clocks {
     /// what NTP may slew (500 ppm) and half a second.
     fn still_trusted(&self, now: &Clocks) -> Result<(), &'static str> {
         if self.boot_id.is_empty() || self.boot_id != now.boot_id {
-            return Err("the machine restarted since the last stop");
+            return Err("the machine restarted");
         }
         let elapsed = now.boottime_us.saturating_sub(self.boottime_us);
         let slack = 500_000 + elapsed / 2_000;
         if now.realtime_us + slack < self.realtime_us + elapsed {
-            return Err("the clock was set back since the last stop");
+            return Err("the wall clock was set back");
         }
         Ok(())
     }
@@ -178,6 +184,9 @@ pub(super) struct CrashCheckpoint {
     /// The time of the last one written.
     written_us: u64,
     next_at: Instant,
+    /// The clocks when it began: a wall clock set back since makes changes older
+    /// than times already vouched for.
+    began: Clocks,
 }
 
 impl CrashCheckpoint {
@@ -189,6 +198,11 @@ impl CrashCheckpoint {
             } else if config.targets.iter().any(|t| !t.follows().is_empty()) {
                 // A hook follows deliveries, which a crash loses on the way.
                 Err("after-sync hooks")
+            } else if config.roots.iter().any(|r| !r.events.modify) {
+                // A write then travels only with its close, which may come any time
+                // after its ctime: the watcher vouches for times whose writes it has
+                // not passed on.
+                Err("`modify = false` roots")
             } else {
                 Ok(())
             };
@@ -201,6 +215,7 @@ impl CrashCheckpoint {
             allowed,
             written_us: 0,
             next_at: Instant::now(),
+            began: Clocks::now(),
         }
     }
 }
@@ -216,6 +231,14 @@ impl Supervisor {
             return;
         }
         self.crash.next_at = now + CRASH_CHECKPOINT_EVERY;
+        if let Err(why) = self.crash.began.still_trusted(&Clocks::now()) {
+            // Changes made since carry ctimes before times already vouched for: the
+            // checkpoint written before would skip them.
+            tracing::warn!("{why} while running: no crash checkpoint for the rest of this run; a start after a crash compares in full");
+            let _ = std::fs::remove_file(self.state_dir.join(CHECKPOINT_FILE));
+            self.crash.allowed = Err("the clock set back");
+            return;
+        }
         let Some(pid) = self
             .stages
             .iter()

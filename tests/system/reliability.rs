@@ -292,7 +292,12 @@ fn a_clock_set_back_across_a_clean_stop_means_a_full_compare() {
     });
     m.start();
     m.converge();
-    assert!(m.log().contains("the clock was set back"), "{}", m.log());
+    assert!(
+        m.log()
+            .contains("the wall clock was set back since the checkpoint"),
+        "{}",
+        m.log()
+    );
 }
 
 /// A directory that became a file while the target was down: the journalled deletes of

@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,6 +34,8 @@ struct Harness {
     /// Index in `seen` after the last event `wait_for` matched.
     cursor: usize,
     markers: u32,
+    /// The last batch's read mark, and how many events had been received with it.
+    read_to: (u64, usize),
 }
 
 fn toml_str(p: &Path) -> String {
@@ -89,6 +92,7 @@ impl Harness {
             seen: Vec::new(),
             cursor: 0,
             markers: 0,
+            read_to: (0, 0),
         }
     }
 
@@ -110,7 +114,20 @@ impl Harness {
         assert_eq!(parts.len(), 2, "multipart [topic, payload]");
         assert_eq!(parts[0], wire::RAW_TOPIC.as_bytes());
         let batch: RawBatch = wire::decode(&parts[1]).unwrap();
-        assert!(!batch.events.is_empty(), "empty batch");
+        assert!(
+            batch.read_to_us >= self.read_to.0,
+            "the read mark went back: {} after {}",
+            batch.read_to_us,
+            self.read_to.0
+        );
+        assert!(
+            batch.read_to_us <= protocol::now_us(),
+            "a read mark in the future"
+        );
+        assert!(
+            !batch.events.is_empty() || batch.read_to_us > self.read_to.0,
+            "an empty batch that does not move the read mark"
+        );
         assert!(batch.events.len() <= watcher::MAX_BATCH);
         match self.epoch {
             None => self.epoch = Some(batch.epoch),
@@ -120,6 +137,7 @@ impl Harness {
         self.seq = batch.seq;
         let now = Instant::now();
         self.seen.extend(batch.events.into_iter().map(|e| (now, e)));
+        self.read_to = (batch.read_to_us, self.seen.len());
         true
     }
 
@@ -234,6 +252,36 @@ fn startup_resync_is_sent_once_the_whole_tree_is_watched() {
     // Right after the resync, the deepest pre-existing directory already reports.
     fs::write(h.root().join("pre/deep/er/f"), b"x").unwrap();
     h.wait_event("r", RawKind::CloseWrite, "pre/deep/er/f");
+    let status = h.stop();
+    assert!(status.success(), "{status}");
+}
+
+/// The read mark (the crash checkpoint's start) passes a change's ctime only in or
+/// after the batch that carries its event (a write's is the modify; the close comes
+/// later and does not change the ctime); and it moves on while nothing happens.
+#[test]
+fn the_read_mark_passes_a_change_only_with_or_after_its_event() {
+    let mut h = Harness::start(&["r"], |_| {});
+    h.wait_event("r", RawKind::Resync, "");
+    // A few: when nothing else happens the mark moves about once a second.
+    for i in 0..3 {
+        let name = format!("f{i}");
+        let path = h.root().join(&name);
+        fs::write(&path, b"x").unwrap();
+        let m = fs::metadata(&path).unwrap();
+        let ctime = m.ctime() as u64 * 1_000_000 + m.ctime_nsec() as u64 / 1000;
+        // ctimes come from the kernel's coarse clock, a tick or so behind the one the
+        // mark is read from (the checkpoint's margin covers that): past it by 50 ms.
+        h.wait_until("a read mark past the write", |h| {
+            h.read_to.0 > ctime + 50_000
+        });
+        let carried = h.seen[..h.read_to.1]
+            .iter()
+            .any(|(_, e)| e.kind == RawKind::Modify && e.path == p(&name));
+        assert!(carried, "the mark passed {name} before its event was sent");
+    }
+    let idle = h.read_to.0;
+    h.wait_until("the mark moving on while idle", |h| h.read_to.0 > idle);
     let status = h.stop();
     assert!(status.success(), "{status}");
 }
