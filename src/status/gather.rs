@@ -86,6 +86,10 @@ pub(crate) struct TargetView {
     pub ignored_failures: u64,
     /// Seconds until the retrier tries again (while failing).
     pub next_retry_s: Option<f64>,
+    /// Age of the dispatcher's say that every change before it is on the target or in
+    /// the journal: how far back a start after a crash would catch up (absent while it
+    /// cannot vouch: starting, comparing the whole root).
+    pub checkpoint_age_s: Option<f64>,
     /// Roots whose whole-root compare to this target the root guard refused, and why
     /// (an empty root, or one on another file system): critical until one succeeds.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -240,6 +244,9 @@ pub(crate) fn gather(
             v.ignored_failures += t.ignored_failures;
             if t.next_retry_us > 0 {
                 v.next_retry_s = Some(t.next_retry_us.saturating_sub(now_us) as f64 / 1e6);
+            }
+            if t.safe_us > 0 {
+                v.checkpoint_age_s = Some(age_s(now_us, t.safe_us));
             }
             let o = oldest.entry(name.clone()).or_default();
             *o = protocol::earliest_us(*o, t.oldest_us);

@@ -75,12 +75,18 @@ const ROOT_FAMILIES: [Family<RootView>; 6] = [
     ),
 ];
 
-const TARGET_FAMILIES: [Family<TargetView>; 10] = [
+const TARGET_FAMILIES: [Family<TargetView>; 11] = [
     (
         "syncbus_target_lag_seconds",
         "gauge",
         "Age of the oldest change not yet on the target (0 when none is owed).",
         |v| Some(v.lag_s),
+    ),
+    (
+        "syncbus_target_checkpoint_age_seconds",
+        "gauge",
+        "How far back a start after a crash catches up: every change before is on the target or in the journal (absent while nothing is vouched for).",
+        |v| v.checkpoint_age_s,
     ),
     (
         "syncbus_target_backlog",

@@ -96,6 +96,15 @@ fn lag_is_the_age_of_the_oldest_owed_change_on_either_side() {
     let r = at(&files, &[]);
     assert_eq!(r.targets["t"].lag_s, 45.0);
     assert_eq!(r.targets["t"].backlog, 7);
+    assert_eq!(r.targets["t"].checkpoint_age_s, None, "nothing vouched for");
+    files
+        .get_mut("dispatcher")
+        .unwrap()
+        .targets
+        .get_mut("t")
+        .unwrap()
+        .safe_us = NOW - 6_000_000;
+    assert_eq!(at(&files, &[]).targets["t"].checkpoint_age_s, Some(6.0));
     assert_eq!(r.health, Health::Warning, "{:?}", r.problems);
     files
         .get_mut("retrier")
