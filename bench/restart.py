@@ -46,12 +46,15 @@ def duration(line):
 class Run:
     """One `syncbus run` (or lsyncd) in a session of its own, logging into `log`."""
 
+    live = []  # started and not yet stopped: killed if the script fails
+
     def __init__(self, argv, log):
         self.log = log
         self.offset = os.path.getsize(log) if os.path.exists(log) else 0
         self.t0 = time.monotonic()
         with open(log, "a") as logf:
             self.p = subprocess.Popen(argv, stdout=logf, stderr=logf, start_new_session=True)
+        Run.live.append(self)
 
     def done(self, pattern, settle=2.0):
         """Waits for `pattern`; if the run starts the same work again within `settle`
@@ -82,6 +85,7 @@ class Run:
         """SIGTERM, a clean stop."""
         self.p.send_signal(signal.SIGTERM)
         self.p.wait(timeout=60)
+        Run.live.remove(self)
 
     def crash(self):
         """SIGKILL to every process of the run, the stages before the supervisor (whose
@@ -91,6 +95,7 @@ class Run:
                 os.kill(pid, signal.SIGKILL)
         self.p.kill()
         self.p.wait(timeout=60)
+        Run.live.remove(self)
 
 
 def running_checkpoint(state):
@@ -189,6 +194,8 @@ def main():
                   f"{cpu:.2f} CPU-s", flush=True)
             run.stop()
     finally:
+        for run in list(Run.live):
+            run.crash()
         daemon.terminate()
         daemon.wait()
         shutil.rmtree(work, ignore_errors=True)
