@@ -11,16 +11,19 @@
 //! produced.
 //!
 //! # Invariants
-//! - A read that follows a quiet spell (more than [`STREAM_GAP`] since the previous one)
-//!   is never delayed, so a single write, or a few, is read as soon as the kernel has it.
-//! - A delayed read waits at most [`PACE`] after the previous one, and a read that finds
-//!   nothing ends the pacing, so the stream's last events wait at most [`PACE`] too.
+//! - A read that follows a quiet spell (no events for more than [`STREAM_GAP`]) is
+//!   never delayed, so a single write, or a few, is read as soon as the kernel has it.
+//! - A delayed read waits at most [`PACE`] after the previous one, so the events of a
+//!   stream wait at most [`PACE`] in the kernel queue.
+//! - A read that finds nothing (the writer paused, say descheduled on a busy machine)
+//!   makes the next read wait for inotify again, without delay; the stream goes on
+//!   being paced after that read unless it came after a quiet spell.
 
 use std::time::{Duration, Instant};
 
 /// The time between two reads while events stream in.
 pub(crate) const PACE: Duration = Duration::from_millis(1);
-/// A read this soon after the previous one continues a stream.
+/// Events this soon after the previous ones continue a stream.
 pub(crate) const STREAM_GAP: Duration = Duration::from_millis(5);
 /// Events read in one stream before the reads are paced: a file written whole is three
 /// (create, modify, close_write), a few files and a rename or two stay below it.
@@ -28,33 +31,37 @@ pub(crate) const STREAM_EVENTS: usize = 64;
 
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Pacer {
-    last_read: Option<Instant>,
+    /// The last read that found events.
+    last_events: Option<Instant>,
     /// Events read since the stream began.
     streamed: usize,
+    /// The last read found nothing.
+    drained: bool,
 }
 
 impl Pacer {
     /// A read at `now` returned `events` events.
     pub(crate) fn read(&mut self, now: Instant, events: usize) {
         let continues = self
-            .last_read
+            .last_events
             .is_some_and(|t| now.saturating_duration_since(t) <= STREAM_GAP);
-        self.streamed = match (events, continues) {
-            // Nothing was queued: the stream is over.
-            (0, _) => 0,
-            (n, true) => self.streamed.saturating_add(n),
-            (n, false) => n,
-        };
-        self.last_read = Some(now);
+        self.drained = events == 0;
+        if !continues {
+            self.streamed = 0;
+        }
+        if events > 0 {
+            self.streamed = self.streamed.saturating_add(events);
+            self.last_events = Some(now);
+        }
     }
 
     /// When the next read may happen: `None` as soon as inotify is readable, or the
     /// moment to read whatever has been queued by then.
     pub(crate) fn next_read(&self) -> Option<Instant> {
-        if self.streamed < STREAM_EVENTS {
+        if self.drained || self.streamed < STREAM_EVENTS {
             return None;
         }
-        self.last_read.map(|t| t + PACE)
+        self.last_events.map(|t| t + PACE)
     }
 }
 
@@ -79,7 +86,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_is_read_once_per_pace_until_a_read_finds_nothing() {
+    fn a_stream_is_read_once_per_pace() {
         let t0 = Instant::now();
         let mut p = Pacer::default();
         let mut t = t0;
@@ -87,10 +94,27 @@ mod tests {
             p.read(t, 2);
             t += Duration::from_micros(30);
         }
-        assert_eq!(p.next_read(), Some(t - Duration::from_micros(30) + PACE));
-        p.read(t + PACE, 100);
-        assert_eq!(p.next_read(), Some(t + PACE + PACE));
-        p.read(t + PACE + PACE, 0);
+        let last = t - Duration::from_micros(30);
+        assert_eq!(p.next_read(), Some(last + PACE));
+        p.read(last + PACE, 100);
+        assert_eq!(p.next_read(), Some(last + PACE + PACE));
+    }
+
+    #[test]
+    fn a_read_that_finds_nothing_waits_for_inotify_and_the_stream_goes_on_paced() {
+        let t0 = Instant::now();
+        let mut p = Pacer::default();
+        p.read(t0, STREAM_EVENTS);
+        assert_eq!(p.next_read(), Some(t0 + PACE));
+        // The writer was descheduled: nothing queued at the paced read.
+        p.read(t0 + PACE, 0);
+        assert_eq!(p.next_read(), None);
+        // It writes again 3 ms later: read at once, then paced again.
+        p.read(t0 + ms(4), 1);
+        assert_eq!(p.next_read(), Some(t0 + ms(4) + PACE));
+        // After a quiet spell, a new stream is not paced before its own events add up.
+        p.read(t0 + ms(4) + PACE, 0);
+        p.read(t0 + ms(4) + STREAM_GAP + ms(1), 3);
         assert_eq!(p.next_read(), None);
     }
 
