@@ -3,10 +3,10 @@
 //! In: the kernel's inotify events for every directory under each `[[root]]` of the
 //! config (one inotify instance, a 64 KiB read buffer). Out: [`RawBatch`](protocol::wire::RawBatch)es on a PUSH
 //! socket connected to the `raw` endpoint, one batch per inotify read (split at
-//! [`MAX_BATCH`] events; while events stream in, a read at most once per millisecond,
-//! see `pace.rs`), paths relative to their root as bytes. The watcher decides
-//! nothing about what to sync: every directory is watched and every event is passed on;
-//! exclusion and coalescing are the filter's job.
+//! [`MAX_BATCH`] events; while events stream in, one read per millisecond unless a read
+//! nearly filled the buffer, see `pace.rs`), paths relative to their root as bytes. The
+//! watcher decides nothing about what to sync: every directory is watched and every
+//! event is passed on; exclusion and coalescing are the filter's job.
 //!
 //! [`run`] is the one seam; `main.rs`, `syncbus watcher` and the tests all call it.
 //!

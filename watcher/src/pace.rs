@@ -18,6 +18,9 @@
 //! - A read that finds nothing (the writer paused, say descheduled on a busy machine)
 //!   makes the next read wait for inotify again, without delay; the stream goes on
 //!   being paced after that read unless it came after a quiet spell.
+//! - A read that brought [`FULL_READ`] events or more is followed by the next at once:
+//!   events come faster than a paced read takes them, and the kernel queue (16,384
+//!   events by default) must not overflow while the watcher waits.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,10 @@ pub(crate) const STREAM_GAP: Duration = Duration::from_millis(5);
 /// Events read in one stream before the reads are paced: a file written whole is three
 /// (create, modify, close_write), a few files and a rename or two stay below it.
 pub(crate) const STREAM_EVENTS: usize = 64;
+/// A read this large may have left events queued: the buffer holds `READ_BUFFER / 32`
+/// events that name an entry (32 bytes or more each), and half of that is a read that
+/// came close to filling it.
+pub(crate) const FULL_READ: usize = crate::READ_BUFFER / 32 / 2;
 
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Pacer {
@@ -37,6 +44,8 @@ pub(crate) struct Pacer {
     streamed: usize,
     /// The last read found nothing.
     drained: bool,
+    /// The last read brought [`FULL_READ`] events or more.
+    full: bool,
 }
 
 impl Pacer {
@@ -46,6 +55,7 @@ impl Pacer {
             .last_events
             .is_some_and(|t| now.saturating_duration_since(t) <= STREAM_GAP);
         self.drained = events == 0;
+        self.full = events >= FULL_READ;
         if !continues {
             self.streamed = 0;
         }
@@ -58,7 +68,7 @@ impl Pacer {
     /// When the next read may happen: `None` as soon as inotify is readable, or the
     /// moment to read whatever has been queued by then.
     pub(crate) fn next_read(&self) -> Option<Instant> {
-        if self.drained || self.streamed < STREAM_EVENTS {
+        if self.drained || self.full || self.streamed < STREAM_EVENTS {
             return None;
         }
         self.last_events.map(|t| t + PACE)
@@ -116,6 +126,17 @@ mod tests {
         p.read(t0 + ms(4) + PACE, 0);
         p.read(t0 + ms(4) + STREAM_GAP + ms(1), 3);
         assert_eq!(p.next_read(), None);
+    }
+
+    #[test]
+    fn a_read_that_nearly_filled_the_buffer_is_followed_at_once() {
+        let t0 = Instant::now();
+        let mut p = Pacer::default();
+        p.read(t0, STREAM_EVENTS);
+        p.read(t0 + PACE, FULL_READ);
+        assert_eq!(p.next_read(), None);
+        p.read(t0 + PACE, 10);
+        assert_eq!(p.next_read(), Some(t0 + PACE + PACE));
     }
 
     #[test]
