@@ -3,9 +3,10 @@
 //! In: the kernel's inotify events for every directory under each `[[root]]` of the
 //! config (one inotify instance, a 64 KiB read buffer). Out: [`RawBatch`](protocol::wire::RawBatch)es on a PUSH
 //! socket connected to the `raw` endpoint, one batch per inotify read (split at
-//! [`MAX_BATCH`] events), paths relative to their root as bytes. The watcher decides
-//! nothing about what to sync: every directory is watched and every event is passed on;
-//! exclusion and coalescing are the filter's job.
+//! [`MAX_BATCH`] events; while events stream in, one read per millisecond unless a read
+//! nearly filled the buffer, see `pace.rs`), paths relative to their root as bytes. The
+//! watcher decides nothing about what to sync: every directory is watched and every
+//! event is passed on; exclusion and coalescing are the filter's job.
 //!
 //! [`run`] is the one seam; `main.rs`, `syncbus watcher` and the tests all call it.
 //!
@@ -17,6 +18,8 @@
 //! - `stage/watches.rs`: the walk that watches a subtree, the rebuild of every root at
 //!   start and after an overflow, roots gone and back.
 //! - `stage/limit.rs`: the watch limit reached: a root watched in part, walked again.
+//! - `pace.rs`: `Pacer`, pure: while events stream in, one read per millisecond
+//!   instead of one per wake-up.
 //! - `watch_map.rs`: `WatchMap`, pure: which wd is which directory, kept right across
 //!   renames.
 //! - `manifest.rs`: each two-way root's manifest at a clean stop.
@@ -66,6 +69,7 @@
 
 mod error;
 mod manifest;
+mod pace;
 mod stage;
 mod watch_map;
 

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{inotify_sysctl, WatcherError};
 use crate::manifest;
+use crate::pace::Pacer;
 use crate::watch_map::{RootIx, WatchMap};
 use crate::{MAX_BATCH, READ_BUFFER, STOPPED_FILE};
 
@@ -151,6 +152,8 @@ struct Watcher<'a> {
     /// The last batch's `time_us`: each batch's is later (the filter finds a held
     /// change's batch by it).
     last_time_us: u64,
+    /// When to read next while events stream in (see `pace.rs`).
+    pacer: Pacer,
 }
 
 impl<'a> Watcher<'a> {
@@ -197,6 +200,7 @@ impl<'a> Watcher<'a> {
             read_to_us: 0,
             sent_read_to_us: 0,
             last_time_us: 0,
+            pacer: Pacer::default(),
         })
     }
 
@@ -243,9 +247,11 @@ impl<'a> Watcher<'a> {
 
     /// Blocks until inotify or the shutdown fd is readable, or a missing root or a
     /// re-walk is due, and says why it woke up: a stop alone, or inotify (when events
-    /// are queued) and then the tick.
+    /// are queued) and then the tick. While events stream in, inotify is not watched:
+    /// the wait ends when the pacer's next read is due, whatever is queued by then.
     fn wait(&mut self) -> Result<Vec<Event>, WatcherError> {
         let now = Instant::now();
+        let paced = self.pacer.next_read();
         let timeout = self
             .roots
             .iter()
@@ -256,14 +262,20 @@ impl<'a> Watcher<'a> {
                     .iter()
                     .filter_map(|r| Some(r.unwatched.as_ref()?.1)),
             )
+            .chain(paced)
             .map(|t| t.saturating_duration_since(now))
             .min()
             // Awake at least once per status interval, to keep the status file current.
-            .map_or(status::EVERY, |d| d.min(status::EVERY))
-            .as_millis() as i32;
+            .map_or(status::EVERY, |d| d.min(status::EVERY));
         let mut fds = [
             libc::pollfd {
-                fd: self.inotify.as_raw_fd(),
+                // A negative fd is ignored by poll: while paced, events wait in the
+                // kernel queue until the read is due.
+                fd: if paced.is_some() {
+                    -1
+                } else {
+                    self.inotify.as_raw_fd()
+                },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -274,8 +286,22 @@ impl<'a> Watcher<'a> {
             },
         ];
         let polled_at = protocol::now_us();
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        // ppoll rather than poll: a pace is a fraction of a millisecond away, which
+        // poll's milliseconds would round to a busy loop or to twice the pace.
+        let timeout = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `fds` is a valid array of two pollfd and `timeout` a valid timespec for
+        // the duration of the call; a null signal mask leaves the mask as it is.
+        let n = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &timeout,
+                std::ptr::null(),
+            )
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -286,9 +312,14 @@ impl<'a> Watcher<'a> {
                 source: e,
             });
         }
-        let [inotify, signal] = fds.map(|fd| fd.revents != 0);
-        if !inotify {
-            // poll found the queue empty when called, and nothing came since.
+        let [readable, signal] = fds.map(|fd| fd.revents != 0);
+        let inotify = match paced {
+            Some(due) => Instant::now() >= due,
+            None => readable,
+        };
+        if paced.is_none() && !readable {
+            // poll found the queue empty when called, and nothing came since (while
+            // paced, inotify is left out of the wait: that says nothing).
             self.vouch(polled_at);
         }
         if signal {

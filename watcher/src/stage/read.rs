@@ -69,7 +69,9 @@ impl Watcher<'_> {
     /// `false` when the kernel had nothing queued.
     pub(super) fn read_and_handle(&mut self) -> Result<bool, WatcherError> {
         let mut evs = Vec::new();
-        if !self.read_into(&mut evs)? {
+        let read = self.read_into(&mut evs)?;
+        self.pacer.read(Instant::now(), evs.len());
+        if !read {
             return Ok(false);
         }
         let deadline = Instant::now() + MOVE_PAIR_WAIT;
