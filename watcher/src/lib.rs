@@ -35,7 +35,12 @@
 //! - After a directory moves inside a root, every watch below it reports the new path;
 //!   a directory moved out of the tree is unwatched and reports nothing more.
 //! - Symlinks are never followed; paths are never decoded as UTF-8.
-//! - `seq` starts at 1 and has no gaps for one `epoch` (one epoch per process).
+//! - `seq` starts at 1 and has no gaps for one `epoch` (one epoch per process); `time_us`
+//!   rises with it.
+//! - A batch's `read_to_us` (the crash checkpoint's start) is a time the kernel queue was
+//!   found empty at (by `FIONREAD` after a read, or by a wait that had inotify in it and
+//!   found nothing), said only by the last batch of what was read by then; it never goes
+//!   back, and stays put while a root is missing or not watched whole.
 //! - The instance limit (`EMFILE`) ends the stage with [`StageError::Environment`](protocol::stage::StageError)
 //!   naming the sysctl; sysctls are never written.
 //! - The watch limit (`ENOSPC`) ends nothing: the root it hit is watched in part, says
