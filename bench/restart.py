@@ -128,6 +128,7 @@ def main():
         for i in range(a.files):
             with open(os.path.join(p, f"f{i:04}"), "w") as f:
                 f.write(f"{d} {i}\n")
+    made = time.monotonic()
     daemon, url = benchlib.start_daemon(work, dst, nodelay=True)
     config = os.path.join(work, "syncbus.toml")
     with open(config, "w") as f:
@@ -155,6 +156,9 @@ def main():
     try:
         run = Run(syncbus, log)
         report(f"initial full sync ({a.dirs * a.files} files)", run.done(r"full sync finished"))
+        # A long-running mirror, not one stopped right after the tree was made: a
+        # catch-up also sends what changed in the 30 s before its checkpoint.
+        time.sleep(max(0.0, made + 31 - time.monotonic()))
         run.stop()
         change()
         run = Run(syncbus, log)
