@@ -144,6 +144,20 @@ impl Mirror {
     pub fn s(&self, rel: &str) -> PathBuf {
         self.src.join(rel)
     }
+
+    /// A crash of everything at once, as by the OOM killer: SIGKILL to `syncbus run`
+    /// and to every stage it started (their rsyncs get their parent-death signal), so
+    /// nothing drains and nothing is handed over.
+    pub fn crash(&mut self) {
+        let log = self.log();
+        let mut pids = vec![self.proc.as_ref().unwrap().pid()];
+        pids.extend(protocol::stage::STAGES.map(|stage| stage_pid(&log, stage)));
+        for pid in pids {
+            // SAFETY: kill(2) with pids of our child and its children.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        self.proc.as_mut().unwrap().wait_exit(CONVERGE);
+    }
 }
 
 /// The pid of the newest start of `stage` in a supervisor log.

@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
-use crate::{stage_pid, Mirror, CONVERGE};
+use crate::{Mirror, CONVERGE};
 
 /// The checkpoint kept while running: its time (µs), once it says `running`.
 fn running_checkpoint(m: &Mirror) -> Option<u64> {
@@ -29,28 +29,6 @@ fn wait_checkpoint_after(m: &Mirror, t: u64) -> u64 {
 fn ctime_us(path: &std::path::Path) -> u64 {
     let m = fs::symlink_metadata(path).unwrap();
     m.ctime() as u64 * 1_000_000 + m.ctime_nsec() as u64 / 1000
-}
-
-/// SIGKILL to `syncbus run` and to every stage at once: nothing drains, nothing is
-/// handed over (each stage's rsync gets its parent-death signal).
-fn crash(m: &mut Mirror) {
-    let log = m.log();
-    let mut pids = vec![m.proc.as_ref().unwrap().pid()];
-    for stage in [
-        "watcher",
-        "filter",
-        "dispatcher",
-        "retrier",
-        "scheduler",
-        "metrics",
-    ] {
-        pids.push(stage_pid(&log, stage));
-    }
-    for pid in pids {
-        // SAFETY: kill(2) with pids of our child and its children.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    m.proc.as_mut().unwrap().wait_exit(CONVERGE);
 }
 
 /// After the restart: a catch-up from the checkpoint kept while running, no full
@@ -93,7 +71,7 @@ fn a_crash_while_the_filter_holds_a_change_costs_a_catch_up_that_brings_it() {
         since <= ctime_us(&m.s("held")),
         "the checkpoint ({since}) passed a change the filter held"
     );
-    crash(&mut m);
+    m.crash();
     m.start();
     assert_caught_up(&m);
     m.converge();
@@ -139,7 +117,7 @@ fn a_crash_during_a_run_costs_a_catch_up_that_brings_what_was_on_its_way() {
         since <= ctime_us(&m.s("big")),
         "the checkpoint ({since}) passed a change still being sent"
     );
-    crash(&mut m);
+    m.crash();
     fs::write(m.s("while-down"), "written while nothing ran").unwrap();
     fs::remove_file(m.s("old")).unwrap();
     m.start();

@@ -124,17 +124,7 @@ fn a_killed_syncbus_run_resumes_pending_work_from_the_journal() {
         // owed (the initial sync may have been cut short by the outage).
         ((has(b"pending-1") && has(b"pending-dir")) || has(b"'--delete'")).then_some(())
     });
-    // A crash of everything at once: every stage and the supervisor, SIGKILL.
-    let log = m.log();
-    let mut pids = vec![m.proc.as_ref().unwrap().pid()];
-    for stage in ["watcher", "filter", "dispatcher", "retrier"] {
-        pids.push(stage_pid(&log, stage));
-    }
-    for pid in pids {
-        // SAFETY: kill(2) with pids of our child and its children.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    m.proc.as_mut().unwrap().wait_exit(CONVERGE);
+    m.crash();
     m.daemons[0].restart();
     m.start();
     m.wait_for("the journal resumed", CONVERGE, || {
