@@ -245,9 +245,48 @@ mod tests {
         })
     }
 
-    /// The jobs queued for the worker, heartbeats left out.
-    fn taken(rx: &mpsc::Receiver<Job>) -> Vec<Job> {
-        rx.try_iter()
+    /// One root `r` served by one worker: the stage loop's books for it, and what the
+    /// worker is sent.
+    struct OneRoot {
+        rx: mpsc::Receiver<Job>,
+        routes: HashMap<String, Vec<Served>>,
+        topic: Vec<u8>,
+        topics: HashMap<Vec<u8>, String>,
+        trackers: HashMap<String, SeqTracker>,
+    }
+
+    impl OneRoot {
+        fn new() -> OneRoot {
+            let (tx, rx) = mpsc::channel();
+            let routes = HashMap::from([(
+                "r".to_string(),
+                vec![Served {
+                    target: "t".into(),
+                    tx,
+                }],
+            )]);
+            let topic = wire::changes_topic("r").into_bytes();
+            let topics = HashMap::from([(topic.clone(), "r".to_string())]);
+            OneRoot {
+                rx,
+                routes,
+                topic,
+                topics,
+                trackers: HashMap::new(),
+            }
+        }
+
+        /// Takes in one message; the jobs it sent the worker.
+        fn feed(&mut self, starts: &mut Starts, payload: Vec<u8>) -> Vec<Job> {
+            let (topic, topics, routes) = (&self.topic, &self.topics, &self.routes);
+            handle(topic, &payload, topics, &mut self.trackers, starts, routes).unwrap();
+            self.rx.try_iter().collect()
+        }
+    }
+
+    /// The jobs, heartbeats left out.
+    fn taken(jobs: Vec<Job>) -> Vec<Job> {
+        jobs.into_iter()
             .filter(|j| !matches!(j, Job::Changes { changes, .. } if changes.is_empty()))
             .collect()
     }
@@ -267,31 +306,11 @@ mod tests {
     /// resync both ask for a full compare; one is enough. A gap never waits.
     #[test]
     fn a_first_message_resync_waits_for_the_watchers_and_a_gap_does_not() {
-        let (tx, rx) = mpsc::channel();
-        let mut routes = HashMap::new();
-        routes.insert(
-            "r".to_string(),
-            vec![Served {
-                target: "t".into(),
-                tx,
-            }],
-        );
-        let topics: HashMap<Vec<u8>, String> =
-            [(wire::changes_topic("r").into_bytes(), "r".to_string())].into();
-        let topic = wire::changes_topic("r").into_bytes();
-        let mut trackers = HashMap::new();
+        let mut r = OneRoot::new();
         let mut starts = Starts::new(HashMap::new());
         let mut feed = |payload: Vec<u8>| {
-            handle(
-                &topic,
-                &payload,
-                &topics,
-                &mut trackers,
-                &mut starts,
-                &routes,
-            )
-            .unwrap();
-            (taken(&rx), starts.deferred.contains_key("r"))
+            let jobs = taken(r.feed(&mut starts, payload));
+            (jobs, starts.deferred.contains_key("r"))
         };
         let (jobs, waiting) = feed(batch(1, 1, vec![]));
         assert!(
@@ -308,19 +327,9 @@ mod tests {
             "a gap resyncs at once: {jobs:?}"
         );
         // Joining late (first seq above 1): the start resync may have been missed.
-        let mut trackers = HashMap::new();
+        let mut r = OneRoot::new();
         let mut starts = Starts::new(HashMap::new());
-        let payload = batch(3, 2, vec![]);
-        handle(
-            &topic,
-            &payload,
-            &topics,
-            &mut trackers,
-            &mut starts,
-            &routes,
-        )
-        .unwrap();
-        let jobs = taken(&rx);
+        let jobs = taken(r.feed(&mut starts, batch(3, 2, vec![])));
         assert!(matches!(&jobs[..], [Job::Resync { .. }]), "{jobs:?}");
         assert!(starts.deferred.is_empty());
     }
@@ -331,29 +340,11 @@ mod tests {
     /// by the message before.
     #[test]
     fn a_roots_say_reaches_the_workers_only_once_its_start_compare_was_asked_for() {
-        let (tx, rx) = mpsc::channel();
-        let routes = HashMap::from([(
-            "r".to_string(),
-            vec![Served {
-                target: "t".into(),
-                tx,
-            }],
-        )]);
-        let topic = wire::changes_topic("r").into_bytes();
-        let topics: HashMap<Vec<u8>, String> = [(topic.clone(), "r".to_string())].into();
-        let mut trackers = HashMap::new();
+        let mut r = OneRoot::new();
         let mut starts = Starts::new(HashMap::from([("r".to_string(), 50)]));
         let mut feed = |payload: Vec<u8>| {
-            handle(
-                &topic,
-                &payload,
-                &topics,
-                &mut trackers,
-                &mut starts,
-                &routes,
-            )
-            .unwrap();
-            rx.try_iter()
+            r.feed(&mut starts, payload)
+                .into_iter()
                 .map(|j| match j {
                     Job::Changes {
                         changes,

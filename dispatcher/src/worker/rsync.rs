@@ -520,6 +520,19 @@ mod tests {
         m.ctime() as u64 * 1_000_000 + m.ctime_nsec() as u64 / 1000
     }
 
+    /// A checkpoint time later than `before`, by the ctime clock (the kernel's coarse
+    /// one: a file in `dir` is written until its ctime moves past, never a fixed wait).
+    fn ctime_after(dir: &Path, before: u64) -> u64 {
+        let marker = dir.join("marker");
+        loop {
+            std::fs::write(&marker, "m").unwrap();
+            let t = ctime_us(&marker);
+            if t > before {
+                return t;
+            }
+        }
+    }
+
     /// Everything users do to a tree while syncbus is stopped reaches the target
     /// through the catch-up, and nothing it did not need to look at is compared (an
     /// extra file on the target in an untouched directory survives: no full compare).
@@ -589,14 +602,7 @@ mod tests {
         .map(|r| ctime_us(&src.join(r)))
         .max()
         .unwrap();
-        let marker = d.path().join("marker");
-        let since = loop {
-            std::fs::write(&marker, "m").unwrap();
-            let t = ctime_us(&marker);
-            if t > before {
-                break t;
-            }
-        };
+        let since = ctime_after(d.path(), before);
         w("a/f1", "changed");
         std::fs::remove_file(src.join("c/h")).unwrap();
         std::fs::rename(src.join("site"), src.join("site.old")).unwrap();
@@ -635,14 +641,7 @@ mod tests {
         std::fs::write(dst.join("keep/extra"), "only on the target").unwrap();
         // The checkpoint: after `keep` last changed (the coarse ctime clock moved on).
         let before = ctime_us(&src.join("keep"));
-        let marker = d.path().join("marker");
-        let since = loop {
-            std::fs::write(&marker, "m").unwrap();
-            let t = ctime_us(&marker);
-            if t > before {
-                break t;
-            }
-        };
+        let since = ctime_after(d.path(), before);
         std::fs::create_dir_all(src.join("many")).unwrap();
         for i in 0..(CATCH_UP_MIN + 10) {
             std::fs::write(src.join(format!("many/f{i}")), "new").unwrap();
@@ -683,14 +682,7 @@ mod tests {
         let before = ctime_us(&stage.join("old"))
             .max(ctime_us(&src))
             .max(ctime_us(&src.join("m")));
-        let marker = d.path().join("marker");
-        let since = loop {
-            std::fs::write(&marker, "m").unwrap();
-            let t = ctime_us(&marker);
-            if t > before {
-                break t;
-            }
-        };
+        let since = ctime_after(d.path(), before);
         let moved = Command::new("mount")
             .arg("--move")
             .arg(&stage)
