@@ -57,24 +57,14 @@ impl Batcher {
                     work.touch(change.path.clone(), Touch::upsert(change.since_us));
                 }
             }
-            Op::Resync => {
-                if change.path.is_root() {
-                    // The watcher (or filter) could not vouch for the root.
-                    work.hold_back(Some(0));
-                }
-                work.resync(change.path.clone())
-            }
+            // The watcher (or filter) could not vouch for it.
+            Op::Resync => resync(work, change.path.clone()),
         }
     }
 
-    /// Asks for a full comparison of `subtree` of `root` (the root when empty); a
-    /// whole-root one vouches for nothing until it is done ([`Work::floor_us`]).
+    /// Asks for a full comparison of `subtree` of `root` (the root when empty).
     pub(crate) fn resync(&mut self, root: &str, subtree: PathBytes) {
-        let work = self.work(root);
-        if subtree.is_root() {
-            work.hold_back(Some(0));
-        }
-        work.resync(subtree);
+        resync(self.work(root), subtree);
     }
 
     /// Holds the crash checkpoint back to `floor_us` while `root`'s work is pending.
@@ -150,6 +140,15 @@ impl Batcher {
         }
         (!batch.roots.is_empty()).then_some(batch)
     }
+}
+
+/// Owes a full comparison of `subtree`; a whole-root one vouches for nothing until it
+/// is done ([`Work::floor_us`]).
+fn resync(work: &mut Work, subtree: PathBytes) {
+    if subtree.is_root() {
+        work.hold_back(Some(0));
+    }
+    work.resync(subtree);
 }
 
 #[cfg(test)]

@@ -119,6 +119,8 @@ pub(crate) struct Filter {
     stability: Stability,
     two_way: TwoWay,
     vouched: Vouched,
+    /// The roots' names, sorted.
+    names: Vec<String>,
 }
 
 /// One root's config and what the filter has learnt about its directories.
@@ -195,6 +197,11 @@ impl Filter {
             stability: Stability::default(),
             two_way: TwoWay::default(),
             vouched: Vouched::default(),
+            names: {
+                let mut v: Vec<String> = config.roots.iter().map(|r| r.name.clone()).collect();
+                v.sort();
+                v
+            },
         }
     }
 
@@ -347,10 +354,9 @@ impl Filter {
 
     /// What each root's next message says in `safe_us`, at `now` (`watermark.rs`).
     pub(crate) fn safe_us(&mut self, now: Instant) -> HashMap<String, u64> {
-        let roots = self.root_names();
         let coalescer = &self.coalescer;
         self.vouched
-            .safe_us(now, &roots, || coalescer.oldest_held())
+            .safe_us(now, &self.names, || coalescer.oldest_held())
     }
 
     /// Everything held, at once (the drain at a stop).
@@ -358,10 +364,8 @@ impl Filter {
         group(self.coalescer.flush_all())
     }
 
-    pub(crate) fn root_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.roots.keys().cloned().collect();
-        v.sort();
-        v
+    pub(crate) fn root_names(&self) -> &[String] {
+        &self.names
     }
 }
 

@@ -659,14 +659,7 @@ fn a_bad_command_line_exits_64_and_help_exits_0_on_stdout() {
         assert_eq!(out.status.code(), Some(78), "{args:?}: {err}");
         assert!(err.contains("speed"), "{args:?}: {err}");
     }
-    for stage in [
-        "watcher",
-        "filter",
-        "dispatcher",
-        "retrier",
-        "scheduler",
-        "metrics",
-    ] {
+    for stage in protocol::stage::STAGES {
         let out = run(&[stage, "--help"]);
         let help = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "{stage}: {help}");

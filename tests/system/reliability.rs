@@ -66,14 +66,7 @@ fn a_target_down_for_30s_during_a_burst_converges_soon_after_its_return_without_
 fn kill_9_of_each_stage_during_a_burst_loses_nothing() {
     let mut m = Mirror::new(1, "");
     m.start().wait_ready();
-    for stage in [
-        "watcher",
-        "filter",
-        "dispatcher",
-        "retrier",
-        "scheduler",
-        "metrics",
-    ] {
+    for stage in protocol::stage::STAGES {
         let dir = m.s(stage);
         let writer = std::thread::spawn(move || {
             write_stream(&dir, "k", 20, 25, Duration::from_millis(50));
